@@ -1,0 +1,48 @@
+//! The kernel crate's errors: one variant per way a call can be wrong.
+
+use crate::Tier;
+
+/// What went wrong in a kernel call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The block size cannot be used.
+    #[error("block size {block_size} is not supported: use an even block size >= 2 (16, 32, 64, 128 are usual), or -1 for per-channel")]
+    BadBlockSize {
+        /// The block size asked for.
+        block_size: i64,
+    },
+    /// The quantization axis is not 0 or 1.
+    #[error("quantize axis {axis} is not supported: use 0 (MatMul weights, blocks along K) or 1 (Gather tables, transB=1 Gemm weights)")]
+    BadAxis {
+        /// The axis asked for.
+        axis: usize,
+    },
+    /// Two buffers that must agree in length do not.
+    #[error("{what}: expected {expected} elements, got {actual}")]
+    LengthMismatch {
+        /// Which buffer.
+        what: &'static str,
+        /// Its required length.
+        expected: usize,
+        /// Its actual length.
+        actual: usize,
+    },
+    /// A forced tier is not supported by this CPU.
+    #[error("SIMD tier {} is not available on this CPU", .0.name())]
+    TierUnavailable(Tier),
+    /// A block holds NaN or infinity.
+    #[error("non-finite value (NaN or Inf) in block {block} (elements {start}..{end} along the quantized axis) of column {column}")]
+    NonFinite {
+        /// Block index along the quantized axis.
+        block: usize,
+        /// Index across the other axis.
+        column: usize,
+        /// First element of the block along the quantized axis.
+        start: usize,
+        /// One past the block's last element.
+        end: usize,
+    },
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

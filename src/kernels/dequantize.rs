@@ -1,0 +1,95 @@
+//! Dequantize code bytes of a slab with per-column scales (and zero points).
+//!
+//! ```text
+//! symmetric:  dq = rnd(q * s)            q the signed byte (-8..=7)
+//! zero point: dq = rnd((q - zp) * s)     q in 0..=15; q - zp is exact
+//! ```
+
+use super::{check_len, check_tier, slab_rows};
+use crate::float::{Precision, BF16, F16, F32};
+use crate::simd::{for_each_chunk, from_int, load_bytes, load_f32, store_f32};
+use crate::{FloatFormat, Result, Tier};
+use pulp::{Simd, WithSimd};
+
+/// Dequantizes `codes[rows * cols]` into `out[rows * cols]`. Without zero points the codes are
+/// signed bytes (as written by [`quantize`](super::quantize)); with them, unsigned.
+pub fn dequantize(
+    format: FloatFormat,
+    codes: &[u8],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    dequantize_with(Tier::best(), format, codes, cols, scale, zero_point, out)
+}
+
+/// [`dequantize`] on a chosen tier.
+pub fn dequantize_with(
+    tier: Tier,
+    format: FloatFormat,
+    codes: &[u8],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    check_tier(tier)?;
+    slab_rows("dequantize codes", codes.len(), cols)?;
+    check_len("dequantize scale", cols, scale.len())?;
+    if let Some(zp) = zero_point {
+        check_len("dequantize zero point", cols, zp.len())?;
+    }
+    check_len("dequantize output", codes.len(), out.len())?;
+    if cols == 0 {
+        return Ok(());
+    }
+    macro_rules! run {
+        ($p:expr) => {
+            tier.dispatch(Dequantize { codes, cols, scale, zero_point, out, _p: $p })
+        };
+    }
+    match format {
+        FloatFormat::F32 => run!(F32),
+        FloatFormat::F16 => run!(F16),
+        FloatFormat::BF16 => run!(BF16),
+    }
+    Ok(())
+}
+
+struct Dequantize<'a, P> {
+    codes: &'a [u8],
+    cols: usize,
+    scale: &'a [f32],
+    zero_point: Option<&'a [f32]>,
+    out: &'a mut [f32],
+    _p: P,
+}
+
+impl<P: Precision> WithSimd for Dequantize<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { codes, cols, scale, zero_point, out, _p: _ } = self;
+        let sign_bit = simd.splat_u32s(0x80);
+        for (row, out) in codes.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+            for_each_chunk::<S>(cols, |j, n| {
+                let raw = load_bytes(simd, &row[j..j + n]);
+                let s = load_f32(simd, &scale[j..j + n]);
+                let dq = match zero_point {
+                    None => {
+                        // Sign-extend the byte: (b ^ 0x80) - 0x80.
+                        let v = simd.sub_u32s(simd.xor_u32s(raw, sign_bit), sign_bit);
+                        simd.mul_f32s(from_int(simd, v), s)
+                    }
+                    Some(zp) => {
+                        let zp = load_f32(simd, &zp[j..j + n]);
+                        simd.mul_f32s(simd.sub_f32s(from_int(simd, raw), zp), s)
+                    }
+                };
+                store_f32(simd, &mut out[j..j + n], P::round_simd(simd, dq));
+            });
+        }
+    }
+}

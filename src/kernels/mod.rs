@@ -1,0 +1,49 @@
+//! The kernels, one operation per file. Each works on a *slab*: `rows` consecutive rows of a row-major
+//! matrix of `cols` columns, that is one block along the quantized axis, and vectorizes across the
+//! columns (no horizontal reductions). Each has a safe entry point that checks lengths once and runs
+//! on [`Tier::best`](crate::Tier::best), and a `_with` variant that takes the tier.
+
+pub mod block_absmax;
+pub mod block_minmax;
+pub mod dequantize;
+pub mod pack;
+pub mod qdq_error;
+pub mod quantize;
+pub mod scales;
+
+pub use block_absmax::{block_absmax, block_absmax_with};
+pub use block_minmax::{block_minmax, block_minmax_with};
+pub use dequantize::{dequantize, dequantize_with};
+pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};
+pub use qdq_error::{qdq_error, qdq_error_with};
+pub use quantize::{quantize, quantize_with};
+pub use scales::{scales_symmetric, scales_symmetric_with, scales_zero_point, scales_zero_point_with};
+
+use crate::{Error, Result, Tier};
+
+pub(crate) fn check_tier(tier: Tier) -> Result<()> {
+    if tier.is_available() {
+        Ok(())
+    } else {
+        Err(Error::TierUnavailable(tier))
+    }
+}
+
+pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch { what, expected, actual })
+    }
+}
+
+/// Checks that `len` elements form whole rows of `cols` and returns the row count.
+pub(crate) fn slab_rows(what: &'static str, len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 {
+        return check_len(what, 0, len).map(|_| 0);
+    }
+    if len % cols != 0 {
+        return Err(Error::LengthMismatch { what, expected: len.div_ceil(cols) * cols, actual: len });
+    }
+    Ok(len / cols)
+}

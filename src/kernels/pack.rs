@@ -1,0 +1,78 @@
+//! INT4/UINT4 nibble packing in ONNX order: element `2i` goes to the low nibble of byte `i`,
+//! element `2i + 1` to its high nibble; an odd count leaves the last high nibble 0.
+//!
+//! Vectorized as SWAR on u32 lanes, each holding four codes `b0 b1 b2 b3`:
+//! `x &= 0x0f0f_0f0f; x = (x | x >> 4) & 0x00ff_00ff; x = (x | x >> 8) & 0xffff` leaves the two
+//! output bytes `b0 | b1 << 4` and `b2 | b3 << 4` in the low half of the lane.
+
+use super::{check_len, check_tier};
+use crate::simd::lanes_u32;
+use crate::{Result, Tier};
+use pulp::{Simd, WithSimd};
+
+/// Packs the low nibble of each code byte; `out.len() == codes.len().div_ceil(2)`.
+pub fn pack_nibbles(codes: &[u8], out: &mut [u8]) -> Result<()> {
+    pack_nibbles_with(Tier::best(), codes, out)
+}
+
+/// [`pack_nibbles`] on a chosen tier.
+pub fn pack_nibbles_with(tier: Tier, codes: &[u8], out: &mut [u8]) -> Result<()> {
+    check_tier(tier)?;
+    check_len("pack output", codes.len().div_ceil(2), out.len())?;
+    tier.dispatch(Pack { codes, out });
+    Ok(())
+}
+
+/// Unpacks `count` nibbles, sign-extending them when `signed` (INT4) — the inverse of
+/// [`pack_nibbles`], for checks and inspection.
+pub fn unpack_nibbles(packed: &[u8], count: usize, signed: bool) -> Result<Vec<i8>> {
+    check_len("unpack input", count.div_ceil(2), packed.len())?;
+    Ok((0..count)
+        .map(|i| {
+            let nib = (packed[i / 2] >> (4 * (i % 2))) & 0xf;
+            if signed {
+                ((nib << 4) as i8) >> 4
+            } else {
+                nib as i8
+            }
+        })
+        .collect())
+}
+
+struct Pack<'a> {
+    codes: &'a [u8],
+    out: &'a mut [u8],
+}
+
+impl WithSimd for Pack<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { codes, out } = self;
+        // Whole vectors: LANES u32 words = 4 * LANES codes = 2 * LANES output bytes.
+        let step = 4 * S::U32_LANES;
+        let whole = codes.len() / step * step;
+        let (m0, m1, m2) = (
+            simd.splat_u32s(0x0f0f_0f0f),
+            simd.splat_u32s(0x00ff_00ff),
+            simd.splat_u32s(0xffff),
+        );
+        let (four, eight) = (simd.splat_u32s(4), simd.splat_u32s(8));
+        for (chunk, dst) in codes[..whole].chunks_exact(step).zip(out.chunks_exact_mut(step / 2)) {
+            let mut buf = simd.splat_u32s(0);
+            bytemuck::bytes_of_mut(&mut buf).copy_from_slice(chunk);
+            let x = simd.and_u32s(buf, m0);
+            let x = simd.and_u32s(simd.or_u32s(x, simd.wrapping_dyn_shr_u32s(x, four)), m1);
+            let x = simd.and_u32s(simd.or_u32s(x, simd.wrapping_dyn_shr_u32s(x, eight)), m2);
+            for (pair, &lane) in dst.chunks_exact_mut(2).zip(lanes_u32::<S>(&x)) {
+                pair.copy_from_slice(&(lane as u16).to_le_bytes());
+            }
+        }
+        for (i, o) in out[whole / 2..].iter_mut().enumerate() {
+            let lo = codes[whole + 2 * i] & 0xf;
+            let hi = codes.get(whole + 2 * i + 1).map_or(0, |b| b & 0xf);
+            *o = lo | (hi << 4);
+        }
+    }
+}

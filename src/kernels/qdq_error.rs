@@ -1,0 +1,116 @@
+//! Fused quantize-dequantize ("fake quantization") of a slab, for the AWQ searches, without
+//! materializing the codes:
+//!
+//! ```text
+//! symmetric:  dq = rnd(clip(rint(rnd(w / s)), -8, 7) * s)
+//! zero point: dq = rnd((clip(rint(rnd(w / s)) + zp, 0, 15) - zp) * s)
+//! out = dq                    (QdqOutput::Dequantized, what ModelOpt's dq_tensor(rtn(w)) gives)
+//! out = w - dq  (in f32)      (QdqOutput::Error, the per-element quantization error)
+//! ```
+//!
+//! Bit-exact with [`quantize`](super::quantize) followed by [`dequantize`](super::dequantize).
+
+use super::{check_len, check_tier, slab_rows};
+use crate::float::{Precision, BF16, F16, F32};
+use crate::simd::{for_each_chunk, load_f32, rint_clamped, store_f32};
+use crate::{FloatFormat, Result, Tier};
+use pulp::{Simd, WithSimd};
+
+/// What [`qdq_error`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QdqOutput {
+    /// The dequantized weight `dq`.
+    Dequantized,
+    /// The error `w - dq`, computed in f32.
+    Error,
+}
+
+/// Fake-quantizes the slab `w` (`rows * cols`) with `scale[cols]` (and `zero_point[cols]`).
+pub fn qdq_error(
+    format: FloatFormat,
+    w: &[f32],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    output: QdqOutput,
+    out: &mut [f32],
+) -> Result<()> {
+    qdq_error_with(Tier::best(), format, w, cols, scale, zero_point, output, out)
+}
+
+/// [`qdq_error`] on a chosen tier.
+#[allow(clippy::too_many_arguments)]
+pub fn qdq_error_with(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    output: QdqOutput,
+    out: &mut [f32],
+) -> Result<()> {
+    check_tier(tier)?;
+    slab_rows("qdq weight", w.len(), cols)?;
+    check_len("qdq scale", cols, scale.len())?;
+    if let Some(zp) = zero_point {
+        check_len("qdq zero point", cols, zp.len())?;
+    }
+    check_len("qdq output", w.len(), out.len())?;
+    if cols == 0 {
+        return Ok(());
+    }
+    let error = output == QdqOutput::Error;
+    macro_rules! run {
+        ($p:expr) => {
+            tier.dispatch(Qdq { w, cols, scale, zero_point, error, out, _p: $p })
+        };
+    }
+    match format {
+        FloatFormat::F32 => run!(F32),
+        FloatFormat::F16 => run!(F16),
+        FloatFormat::BF16 => run!(BF16),
+    }
+    Ok(())
+}
+
+struct Qdq<'a, P> {
+    w: &'a [f32],
+    cols: usize,
+    scale: &'a [f32],
+    zero_point: Option<&'a [f32]>,
+    error: bool,
+    out: &'a mut [f32],
+    _p: P,
+}
+
+impl<P: Precision> WithSimd for Qdq<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { w, cols, scale, zero_point, error, out, _p: _ } = self;
+        let (lo8, hi7) = (simd.splat_f32s(-8.0), simd.splat_f32s(7.0));
+        let (lo16, hi16) = (simd.splat_f32s(-16.0), simd.splat_f32s(16.0));
+        let (qmin, qmax) = (simd.splat_f32s(0.0), simd.splat_f32s(15.0));
+        for (row, out) in w.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+            for_each_chunk::<S>(cols, |j, n| {
+                let x = load_f32(simd, &row[j..j + n]);
+                let s = load_f32(simd, &scale[j..j + n]);
+                let y = P::round_simd(simd, simd.div_f32s(x, s));
+                let dq = match zero_point {
+                    None => simd.mul_f32s(rint_clamped(simd, y, lo8, hi7), s),
+                    Some(zp) => {
+                        let zp = load_f32(simd, &zp[j..j + n]);
+                        let q = simd.add_f32s(rint_clamped(simd, y, lo16, hi16), zp);
+                        let q = simd.min_f32s(simd.max_f32s(q, qmin), qmax);
+                        simd.mul_f32s(simd.sub_f32s(q, zp), s)
+                    }
+                };
+                let dq = P::round_simd(simd, dq);
+                let v = if error { simd.sub_f32s(x, dq) } else { dq };
+                store_f32(simd, &mut out[j..j + n], v);
+            });
+        }
+    }
+}

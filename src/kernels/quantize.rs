@@ -1,0 +1,110 @@
+//! Quantize a slab with per-column scales (and zero points), one code byte per element.
+//!
+//! ```text
+//! symmetric:  q = clip(rint(rnd(w / s)), -8, 7)          stored as the i8 byte (two's complement)
+//! zero point: q = clip(rint(rnd(w / s)) + zp, 0, 15)     stored as 0..=15
+//! ```
+//!
+//! `rint` is round half to even. The zero-point form clamps `rnd(w / s)` to [-16, 16] before
+//! rounding, which changes nothing after the final clip (zp is in 0..=15) and keeps the
+//! magic-number rounding in range.
+
+use super::{check_len, check_tier, slab_rows};
+use crate::float::{Precision, BF16, F16, F32};
+use crate::simd::{for_each_chunk, load_f32, rint_clamped, store_low_bytes, to_int};
+use crate::{FloatFormat, Result, Tier};
+use pulp::{Simd, WithSimd};
+
+/// Quantizes the slab `w` (`rows * cols`, row-major) with `scale[cols]` and optional
+/// `zero_point[cols]` into `codes[rows * cols]`.
+pub fn quantize(
+    format: FloatFormat,
+    w: &[f32],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    codes: &mut [u8],
+) -> Result<()> {
+    quantize_with(Tier::best(), format, w, cols, scale, zero_point, codes)
+}
+
+/// [`quantize`] on a chosen tier.
+pub fn quantize_with(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    codes: &mut [u8],
+) -> Result<()> {
+    check_tier(tier)?;
+    slab_rows("quantize weight", w.len(), cols)?;
+    check_len("quantize scale", cols, scale.len())?;
+    if let Some(zp) = zero_point {
+        check_len("quantize zero point", cols, zp.len())?;
+    }
+    check_len("quantize output", w.len(), codes.len())?;
+    if cols == 0 {
+        return Ok(());
+    }
+    macro_rules! run {
+        ($p:expr) => {
+            tier.dispatch(Quantize { w, cols, scale, zero_point, codes, _p: $p })
+        };
+    }
+    match format {
+        FloatFormat::F32 => run!(F32),
+        FloatFormat::F16 => run!(F16),
+        FloatFormat::BF16 => run!(BF16),
+    }
+    Ok(())
+}
+
+struct Quantize<'a, P> {
+    w: &'a [f32],
+    cols: usize,
+    scale: &'a [f32],
+    zero_point: Option<&'a [f32]>,
+    codes: &'a mut [u8],
+    _p: P,
+}
+
+impl<P: Precision> WithSimd for Quantize<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { w, cols, scale, zero_point, codes, _p: _ } = self;
+        let rows = w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols));
+        match zero_point {
+            None => {
+                let (lo, hi) = (simd.splat_f32s(-8.0), simd.splat_f32s(7.0));
+                for (row, out) in rows {
+                    for_each_chunk::<S>(cols, |j, n| {
+                        let x = load_f32(simd, &row[j..j + n]);
+                        let s = load_f32(simd, &scale[j..j + n]);
+                        let y = P::round_simd(simd, simd.div_f32s(x, s));
+                        let q = rint_clamped(simd, y, lo, hi);
+                        store_low_bytes::<S>(to_int(simd, q), &mut out[j..j + n]);
+                    });
+                }
+            }
+            Some(zero_point) => {
+                let (lo, hi) = (simd.splat_f32s(-16.0), simd.splat_f32s(16.0));
+                let (qmin, qmax) = (simd.splat_f32s(0.0), simd.splat_f32s(15.0));
+                for (row, out) in rows {
+                    for_each_chunk::<S>(cols, |j, n| {
+                        let x = load_f32(simd, &row[j..j + n]);
+                        let s = load_f32(simd, &scale[j..j + n]);
+                        let zp = load_f32(simd, &zero_point[j..j + n]);
+                        let y = P::round_simd(simd, simd.div_f32s(x, s));
+                        let q = simd.add_f32s(rint_clamped(simd, y, lo, hi), zp);
+                        let q = simd.min_f32s(simd.max_f32s(q, qmin), qmax);
+                        store_low_bytes::<S>(to_int(simd, q), &mut out[j..j + n]);
+                    });
+                }
+            }
+        }
+    }
+}

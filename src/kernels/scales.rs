@@ -1,0 +1,147 @@
+//! Scales and zero points from block statistics, rounded to the weight dtype after every step.
+//!
+//! ```text
+//! symmetric:  s  = max(rnd(rnd(amax * alpha) / 7), c)                       c = rnd(1e-5)
+//! zero point: hi = rnd(max * alpha), lo = rnd(min * alpha)
+//!             s  = rnd(max(rnd(hi - lo), c) / 15)
+//!             zp = clip(-rint(rnd(lo / s)), 0, 15)
+//! ```
+//!
+//! ModelOpt applies no alpha in the zero-point form (its AWQ-clip then silently ignores the clip
+//! ratio); with alpha = 1 the formulas above are exactly ModelOpt's, and with alpha < 1 they apply the
+//! clip as intended. `alpha` is given as the Python float it stands for and converted to the dtype.
+
+use super::{check_len, check_tier};
+use crate::float::{Precision, BF16, F16, F32};
+use crate::simd::{for_each_chunk, load_f32, rint_clamped, store_f32};
+use crate::{FloatFormat, Result, Tier};
+use pulp::{Simd, WithSimd};
+
+/// ModelOpt's `CLIP_MIN`.
+pub const CLIP_MIN: f64 = 1e-5;
+
+/// Symmetric INT4 scales from block absmax values.
+pub fn scales_symmetric(format: FloatFormat, amax: &[f32], alpha: f64, scale: &mut [f32]) -> Result<()> {
+    scales_symmetric_with(Tier::best(), format, amax, alpha, scale)
+}
+
+/// [`scales_symmetric`] on a chosen tier.
+pub fn scales_symmetric_with(
+    tier: Tier,
+    format: FloatFormat,
+    amax: &[f32],
+    alpha: f64,
+    scale: &mut [f32],
+) -> Result<()> {
+    check_tier(tier)?;
+    check_len("scales_symmetric output", amax.len(), scale.len())?;
+    let alpha = format.constant(alpha);
+    let clip_min = format.constant(CLIP_MIN);
+    match format {
+        FloatFormat::F32 => tier.dispatch(Symmetric::<F32> { amax, alpha, clip_min, scale, _p: F32 }),
+        FloatFormat::F16 => tier.dispatch(Symmetric::<F16> { amax, alpha, clip_min, scale, _p: F16 }),
+        FloatFormat::BF16 => tier.dispatch(Symmetric::<BF16> { amax, alpha, clip_min, scale, _p: BF16 }),
+    }
+    Ok(())
+}
+
+/// UINT4 scales and zero points (as integer-valued floats in 0..=15) from block min and max.
+pub fn scales_zero_point(
+    format: FloatFormat,
+    min: &[f32],
+    max: &[f32],
+    alpha: f64,
+    scale: &mut [f32],
+    zero_point: &mut [f32],
+) -> Result<()> {
+    scales_zero_point_with(Tier::best(), format, min, max, alpha, scale, zero_point)
+}
+
+/// [`scales_zero_point`] on a chosen tier.
+pub fn scales_zero_point_with(
+    tier: Tier,
+    format: FloatFormat,
+    min: &[f32],
+    max: &[f32],
+    alpha: f64,
+    scale: &mut [f32],
+    zero_point: &mut [f32],
+) -> Result<()> {
+    check_tier(tier)?;
+    check_len("scales_zero_point max", min.len(), max.len())?;
+    check_len("scales_zero_point scale output", min.len(), scale.len())?;
+    check_len("scales_zero_point zero-point output", min.len(), zero_point.len())?;
+    let alpha = format.constant(alpha);
+    let clip_min = format.constant(CLIP_MIN);
+    macro_rules! run {
+        ($p:expr) => {
+            tier.dispatch(ZeroPoint { min, max, alpha, clip_min, scale, zero_point, _p: $p })
+        };
+    }
+    match format {
+        FloatFormat::F32 => run!(F32),
+        FloatFormat::F16 => run!(F16),
+        FloatFormat::BF16 => run!(BF16),
+    }
+    Ok(())
+}
+
+struct Symmetric<'a, P> {
+    amax: &'a [f32],
+    alpha: f32,
+    clip_min: f32,
+    scale: &'a mut [f32],
+    _p: P,
+}
+
+impl<P: Precision> WithSimd for Symmetric<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { amax, alpha, clip_min, scale, _p: _ } = self;
+        let alpha = simd.splat_f32s(alpha);
+        let seven = simd.splat_f32s(7.0);
+        let clip_min = simd.splat_f32s(clip_min);
+        for_each_chunk::<S>(amax.len(), |j, n| {
+            let a = load_f32(simd, &amax[j..j + n]);
+            let s = P::round_simd(simd, simd.mul_f32s(a, alpha));
+            let s = P::round_simd(simd, simd.div_f32s(s, seven));
+            store_f32(simd, &mut scale[j..j + n], simd.max_f32s(s, clip_min));
+        });
+    }
+}
+
+struct ZeroPoint<'a, P> {
+    min: &'a [f32],
+    max: &'a [f32],
+    alpha: f32,
+    clip_min: f32,
+    scale: &'a mut [f32],
+    zero_point: &'a mut [f32],
+    _p: P,
+}
+
+impl<P: Precision> WithSimd for ZeroPoint<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { min, max, alpha, clip_min, scale, zero_point, _p: _ } = self;
+        let alpha = simd.splat_f32s(alpha);
+        let fifteen = simd.splat_f32s(15.0);
+        let clip_min = simd.splat_f32s(clip_min);
+        let (lo_q, hi_q) = (simd.splat_f32s(-15.0), simd.splat_f32s(0.0));
+        for_each_chunk::<S>(min.len(), |j, n| {
+            let hi = P::round_simd(simd, simd.mul_f32s(load_f32(simd, &max[j..j + n]), alpha));
+            let lo = P::round_simd(simd, simd.mul_f32s(load_f32(simd, &min[j..j + n]), alpha));
+            let range = simd.max_f32s(P::round_simd(simd, simd.sub_f32s(hi, lo)), clip_min);
+            let s = P::round_simd(simd, simd.div_f32s(range, fifteen));
+            // clip(-rint(t), 0, 15) == -rint(clip(t, -15, 0)); adding +0.0 turns -0.0 into +0.0.
+            let t = P::round_simd(simd, simd.div_f32s(lo, s));
+            let zp = simd.sub_f32s(hi_q, rint_clamped(simd, t, lo_q, hi_q));
+            store_f32(simd, &mut scale[j..j + n], s);
+            store_f32(simd, &mut zero_point[j..j + n], zp);
+        });
+    }
+}

@@ -1,0 +1,276 @@
+//! A whole 2-D weight through the kernels: the fast equivalent of ModelOpt's
+//! `find_scales` + `rtn` + 4-bit packing.
+//!
+//! Axis 0 (`[K, N]`, blocks of B rows along K) runs block by block, in parallel (rayon): each
+//! block's rows are widened to f32 if needed, reduced to per-column statistics, turned into scales
+//! (and zero points), quantized and packed straight into the block's part of the output (a block is
+//! `B * N` codes, an even count since B is even, so blocks never share a byte). Axis 1 (blocks along
+//! the contiguous axis: Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch,
+//! runs the same kernels, and transposes the codes back before packing.
+
+use crate::kernels;
+use crate::{Error, FloatFormat, Result, Tier};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// Block size along the quantized axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockSize {
+    /// Blocks of this many elements (even, >= 2).
+    Blocked(usize),
+    /// One block spanning the whole axis (ModelOpt's `block_size = -1`).
+    PerChannel,
+}
+
+impl BlockSize {
+    /// From ModelOpt's integer convention (-1 = per channel).
+    pub fn from_i64(b: i64) -> Result<BlockSize> {
+        match b {
+            -1 => Ok(BlockSize::PerChannel),
+            b if b >= 2 && b % 2 == 0 => Ok(BlockSize::Blocked(b as usize)),
+            b => Err(Error::BadBlockSize { block_size: b }),
+        }
+    }
+
+    /// The block length for an axis of `len` elements.
+    pub fn resolve(self, len: usize) -> usize {
+        match self {
+            BlockSize::Blocked(b) => b,
+            BlockSize::PerChannel => len.max(1),
+        }
+    }
+}
+
+/// How to quantize.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuantParams {
+    /// Block size along `axis`.
+    pub block_size: BlockSize,
+    /// 0: blocks along the rows (MatMul `[K, N]`); 1: along the columns.
+    pub axis: usize,
+    /// UINT4 with a zero point per block instead of symmetric INT4.
+    pub zero_point: bool,
+    /// Clip ratio applied to the block range (1.0 for RTN; AWQ-clip searches it).
+    pub alpha: f64,
+}
+
+impl QuantParams {
+    /// Symmetric INT4 along axis 0, alpha 1: ModelOpt's RTN.
+    pub fn rtn(block_size: BlockSize) -> QuantParams {
+        QuantParams { block_size, axis: 0, zero_point: false, alpha: 1.0 }
+    }
+}
+
+/// The elements of a weight, in its own format, row-major.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightData<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// f16 values.
+    F16(&'a [half::f16]),
+    /// bf16 values.
+    BF16(&'a [half::bf16]),
+}
+
+impl WeightData<'_> {
+    /// The element format.
+    pub fn format(&self) -> FloatFormat {
+        match self {
+            WeightData::F32(_) => FloatFormat::F32,
+            WeightData::F16(_) => FloatFormat::F16,
+            WeightData::BF16(_) => FloatFormat::BF16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(v) => v.len(),
+            WeightData::F16(v) => v.len(),
+            WeightData::BF16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `range` as f32 (borrowed for f32 data; the conversion is exact).
+    pub fn to_f32(&self, range: std::ops::Range<usize>) -> Cow<'_, [f32]> {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            WeightData::F32(v) => Cow::Borrowed(&v[range]),
+            WeightData::F16(v) => {
+                let src = &v[range];
+                let mut out = vec![0.0f32; src.len()];
+                src.convert_to_f32_slice(&mut out);
+                Cow::Owned(out)
+            }
+            WeightData::BF16(v) => {
+                let src = &v[range];
+                let mut out = vec![0.0f32; src.len()];
+                src.convert_to_f32_slice(&mut out);
+                Cow::Owned(out)
+            }
+        }
+    }
+}
+
+/// A quantized weight, ready to be written as ONNX tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedWeight {
+    /// The codes packed two per byte in the weight's own row-major order (`ceil(R*C/2)` bytes).
+    pub packed: Vec<u8>,
+    /// Scales, exactly representable in the weight format, row-major in `scale_shape`.
+    pub scale: Vec<f32>,
+    /// `[ceil(K/B), N]` for axis 0, `[R, ceil(C/B)]` for axis 1.
+    pub scale_shape: [usize; 2],
+    /// Zero points (0..=15), one per scale, unpacked.
+    pub zero_point: Option<Vec<u8>>,
+    /// The block length used (K, or C, for per-channel).
+    pub block: usize,
+}
+
+/// Quantizes a row-major weight of `shape` on the best tier.
+pub fn quantize_weight(data: WeightData<'_>, shape: [usize; 2], params: &QuantParams) -> Result<QuantizedWeight> {
+    quantize_weight_with(Tier::best(), data, shape, params)
+}
+
+/// [`quantize_weight`] on a chosen tier.
+pub fn quantize_weight_with(
+    tier: Tier,
+    data: WeightData<'_>,
+    shape: [usize; 2],
+    params: &QuantParams,
+) -> Result<QuantizedWeight> {
+    kernels::check_tier(tier)?;
+    let [r, c] = shape;
+    kernels::check_len("weight", r * c, data.len())?;
+    match params.axis {
+        0 => {
+            let block = params.block_size.resolve(r);
+            axis0(tier, data.format(), &|range| data.to_f32(range), [r, c], block, params, true)
+        }
+        1 => {
+            let block = params.block_size.resolve(c);
+            // Transpose to [C, R] in f32, quantize along its rows, transpose codes and scales back.
+            let w = data.to_f32(0..r * c);
+            let mut t = vec![0.0f32; r * c];
+            for (i, row) in w.chunks_exact(c.max(1)).enumerate() {
+                for (j, &x) in row.iter().enumerate() {
+                    t[j * r + i] = x;
+                }
+            }
+            let t_source = |range: std::ops::Range<usize>| Cow::Borrowed(&t[range]);
+            let q = axis0(tier, data.format(), &t_source, [c, r], block, params, false)?;
+            let codes_t = q.packed; // unpacked codes [C, R]
+            let mut codes = vec![0u8; r * c];
+            for j in 0..c {
+                for i in 0..r {
+                    codes[i * c + j] = codes_t[j * r + i];
+                }
+            }
+            let mut packed = vec![0u8; (r * c).div_ceil(2)];
+            kernels::pack_nibbles_with(tier, &codes, &mut packed)?;
+            let nb = q.scale_shape[0];
+            let tr = |v: &[f32]| -> Vec<f32> { (0..r * nb).map(|e| v[(e % nb) * r + e / nb]).collect() };
+            let scale = tr(&q.scale);
+            let zero_point = q.zero_point.map(|z| (0..r * nb).map(|e| z[(e % nb) * r + e / nb]).collect());
+            Ok(QuantizedWeight { packed, scale, scale_shape: [r, nb], zero_point, block })
+        }
+        axis => Err(Error::BadAxis { axis }),
+    }
+}
+
+type Source<'s> = dyn Fn(std::ops::Range<usize>) -> Cow<'s, [f32]> + Sync + 's;
+
+/// Blocks along the rows of a `[k, n]` matrix. With `pack`, `packed` holds packed codes;
+/// without, one code per byte.
+fn axis0(
+    tier: Tier,
+    format: FloatFormat,
+    source: &Source<'_>,
+    [k, n]: [usize; 2],
+    block: usize,
+    params: &QuantParams,
+    pack: bool,
+) -> Result<QuantizedWeight> {
+    let nb = k.div_ceil(block);
+    let mut scale = vec![0.0f32; nb * n];
+    let mut zero_point = params.zero_point.then(|| vec![0u8; nb * n]);
+    let code_bytes = if pack { (k * n).div_ceil(2) } else { k * n };
+    let mut out = vec![0u8; code_bytes];
+    if k == 0 || n == 0 {
+        return Ok(QuantizedWeight { packed: out, scale, scale_shape: [nb, n], zero_point, block });
+    }
+    // Output bytes per block (the last may be shorter).
+    let per_block = if pack { block * n / 2 } else { block * n };
+    let mut zp_chunks: Vec<Option<&mut [u8]>> = match zero_point.as_mut() {
+        Some(z) => z.chunks_mut(n).map(Some).collect(),
+        None => (0..nb).map(|_| None).collect(),
+    };
+    let results: Vec<Result<()>> = out
+        .par_chunks_mut(per_block.max(1))
+        .zip(scale.par_chunks_mut(n))
+        .zip(zp_chunks.par_iter_mut())
+        .enumerate()
+        .map(|(b, ((out, scale), zp))| {
+            let rows = block.min(k - b * block);
+            let w = source(b * block * n..(b * block + rows) * n);
+            one_block(tier, format, &w, n, rows < block, params, b, block, scale, zp.as_deref_mut(), out, pack)
+        })
+        .collect();
+    results.into_iter().collect::<Result<()>>()?;
+    Ok(QuantizedWeight { packed: out, scale, scale_shape: [nb, n], zero_point, block })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn one_block(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    n: usize,
+    padded: bool,
+    params: &QuantParams,
+    b: usize,
+    block: usize,
+    scale: &mut [f32],
+    zp_out: Option<&mut [u8]>,
+    out: &mut [u8],
+    pack: bool,
+) -> Result<()> {
+    let rows = w.len() / n;
+    let non_finite = |column: usize| Error::NonFinite { block: b, column, start: b * block, end: b * block + rows };
+    let mut zp = vec![0.0f32; if params.zero_point { n } else { 0 }];
+    if params.zero_point {
+        let mut lo = vec![0.0f32; n];
+        let mut hi = vec![0.0f32; n];
+        kernels::block_minmax_with(tier, w, n, padded, &mut lo, &mut hi)?;
+        if let Some(c) = (0..n).find(|&c| !lo[c].is_finite() || !hi[c].is_finite()) {
+            return Err(non_finite(c));
+        }
+        kernels::scales_zero_point_with(tier, format, &lo, &hi, params.alpha, scale, &mut zp)?;
+        if let Some(zp_out) = zp_out {
+            for (o, &z) in zp_out.iter_mut().zip(&zp) {
+                *o = z as u8;
+            }
+        }
+    } else {
+        let mut amax = vec![0.0f32; n];
+        kernels::block_absmax_with(tier, w, n, &mut amax)?;
+        if let Some(c) = amax.iter().position(|a| !a.is_finite()) {
+            return Err(non_finite(c));
+        }
+        kernels::scales_symmetric_with(tier, format, &amax, params.alpha, scale)?;
+    }
+    let zp = params.zero_point.then_some(&zp[..]);
+    if pack {
+        let mut codes = vec![0u8; w.len()];
+        kernels::quantize_with(tier, format, w, n, scale, zp, &mut codes)?;
+        kernels::pack_nibbles_with(tier, &codes, out)?;
+    } else {
+        kernels::quantize_with(tier, format, w, n, scale, zp, out)?;
+    }
+    Ok(())
+}

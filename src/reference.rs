@@ -1,0 +1,242 @@
+//! The scalar oracle: ModelOpt's numpy code (`modelopt/onnx/quantization/quant_utils.py`:
+//! `find_scales`, `rtn`, `dq_tensor`, and ONNX's 4-bit packing), written out operation by operation
+//! with the same dtype for every intermediate. Rounding to f16/bf16 goes through the `half` crate,
+//! independently of the kernels' integer rounding.
+//!
+//! Slab-level functions (one block of rows, per-column results) are the per-element formulas; the
+//! tensor-level functions add numpy's padding, transposes and `repeat`s around them. Min and max use
+//! `f32::total_cmp` (numpy's choice between -0.0 and +0.0 changes no output: the range is clipped to
+//! 1e-5 and a zero-valued zero point is stored as the integer 0 either way).
+
+use crate::FloatFormat;
+
+/// Python's `1e-5` in the weight dtype.
+fn clip_min(format: FloatFormat) -> f32 {
+    format.constant(crate::kernels::scales::CLIP_MIN)
+}
+
+/// round half to even (`np.rint`).
+fn rint(x: f32) -> f32 {
+    x.round_ties_even()
+}
+
+/// `np.abs(w).max(axis)` over the rows of a slab, per column (NaN propagates).
+pub fn block_absmax(w: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; cols];
+    for (k, &x) in w.iter().enumerate() {
+        let a = x.abs();
+        let o = &mut out[k % cols];
+        if a.is_nan() || a > *o {
+            *o = if o.is_nan() { *o } else { a };
+        }
+    }
+    out
+}
+
+/// Per-column minimum and maximum of a slab, with an extra 0.0 row when `include_zero`.
+pub fn block_minmax(w: &[f32], cols: usize, include_zero: bool) -> (Vec<f32>, Vec<f32>) {
+    let start = if include_zero { (0.0, 0.0) } else { (f32::INFINITY, f32::NEG_INFINITY) };
+    let mut lo = vec![start.0; cols];
+    let mut hi = vec![start.1; cols];
+    for (k, &x) in w.iter().enumerate() {
+        let c = k % cols;
+        lo[c] = lo[c].min_total(x);
+        hi[c] = hi[c].max_total(x);
+    }
+    (lo, hi)
+}
+
+trait TotalOrd {
+    fn min_total(self, other: Self) -> Self;
+    fn max_total(self, other: Self) -> Self;
+}
+impl TotalOrd for f32 {
+    fn min_total(self, other: f32) -> f32 {
+        if other.total_cmp(&self).is_lt() {
+            other
+        } else {
+            self
+        }
+    }
+    fn max_total(self, other: f32) -> f32 {
+        if other.total_cmp(&self).is_gt() {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// `s = (w_amax * alpha) / 7; s = np.clip(s, CLIP_MIN, None)`, in the weight dtype.
+pub fn scales_symmetric(format: FloatFormat, amax: &[f32], alpha: f64) -> Vec<f32> {
+    let alpha = format.constant(alpha);
+    let seven = format.constant(7.0);
+    amax.iter()
+        .map(|&a| {
+            let s = format.round(a * alpha);
+            let s = format.round(s / seven);
+            s.max(clip_min(format))
+        })
+        .collect()
+}
+
+/// `s = (max - min).clip(min=CLIP_MIN) / 15; z = (-np.round(min / s)).clip(0, 15)`, with `max` and
+/// `min` first multiplied by alpha (a no-op at ModelOpt's alpha = 1).
+pub fn scales_zero_point(format: FloatFormat, min: &[f32], max: &[f32], alpha: f64) -> (Vec<f32>, Vec<f32>) {
+    let alpha = format.constant(alpha);
+    let fifteen = format.constant(15.0);
+    min.iter()
+        .zip(max)
+        .map(|(&lo, &hi)| {
+            let hi = format.round(hi * alpha);
+            let lo = format.round(lo * alpha);
+            let range = format.round(hi - lo).max(clip_min(format));
+            let s = format.round(range / fifteen);
+            let temp = format.round(lo / s);
+            let temp = rint(temp);
+            let temp = -temp;
+            let z = temp.clamp(0.0, 15.0) + 0.0;
+            (s, z)
+        })
+        .unzip()
+}
+
+/// `np.rint(w / s).clip(-8, 7).astype(np.int8)`, or with `+ zp` before `.clip(0, 15)`, per element
+/// of a slab; returns the int8 values as bytes.
+pub fn quantize(format: FloatFormat, w: &[f32], cols: usize, scale: &[f32], zp: Option<&[f32]>) -> Vec<u8> {
+    w.iter()
+        .enumerate()
+        .map(|(k, &x)| {
+            let c = k % cols;
+            let y = rint(format.round(x / scale[c]));
+            let q = match zp {
+                None => y.clamp(-8.0, 7.0),
+                Some(zp) => format.round(y + zp[c]).clamp(0.0, 15.0),
+            };
+            q as i8 as u8
+        })
+        .collect()
+}
+
+/// `q * s`, or `(q - zp) * s`, in the weight dtype, per element of a slab.
+pub fn dequantize(format: FloatFormat, codes: &[u8], cols: usize, scale: &[f32], zp: Option<&[f32]>) -> Vec<f32> {
+    codes
+        .iter()
+        .enumerate()
+        .map(|(k, &b)| {
+            let c = k % cols;
+            match zp {
+                None => format.round((b as i8 as f32) * scale[c]),
+                Some(zp) => format.round(format.round(b as f32 - zp[c]) * scale[c]),
+            }
+        })
+        .collect()
+}
+
+/// Packs int4 values in ONNX order (element `2i` low nibble of byte `i`, odd tail high nibble 0).
+pub fn pack(values: &[u8]) -> Vec<u8> {
+    values
+        .chunks(2)
+        .map(|p| (p[0] & 0xf) | (p.get(1).map_or(0, |h| h & 0xf) << 4))
+        .collect()
+}
+
+/// Scales (and zero points) of a whole 2-D tensor, shaped as numpy returns them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scales {
+    /// Row-major values; `[ceil(K/B), N]` for axis 0, `[R, ceil(C/B)]` for axis 1.
+    pub scale: Vec<f32>,
+    /// Zero points (integer-valued) in the same shape, if asked for.
+    pub zero_point: Option<Vec<f32>>,
+    /// The shape of `scale`.
+    pub shape: [usize; 2],
+}
+
+/// Zero-pads the quantized axis to a multiple of `block`, and makes it the row axis (numpy's
+/// `_pad` followed by the transposes in `find_scales`): returns the `[padded_len, others]` matrix.
+fn blocked_rows(w: &[f32], shape: [usize; 2], block: usize, axis: usize) -> (Vec<f32>, usize, usize) {
+    let [r, c] = shape;
+    let (len, others) = if axis == 0 { (r, c) } else { (c, r) };
+    let padded = len.div_ceil(block) * block;
+    let mut m = vec![0.0f32; padded * others];
+    for i in 0..r {
+        for j in 0..c {
+            let (k, n) = if axis == 0 { (i, j) } else { (j, i) };
+            m[k * others + n] = w[i * c + j];
+        }
+    }
+    (m, padded, others)
+}
+
+/// `find_scales(w, block_size, quantize_axis, alpha, use_zero_point)` for a 2-D `w` of `shape`.
+pub fn find_scales(
+    format: FloatFormat,
+    w: &[f32],
+    shape: [usize; 2],
+    block: usize,
+    axis: usize,
+    alpha: f64,
+    zero_point: bool,
+) -> Scales {
+    let (m, padded, others) = blocked_rows(w, shape, block, axis);
+    let nb = padded / block;
+    let mut scale = Vec::with_capacity(nb * others);
+    let mut zps = Vec::with_capacity(nb * others);
+    for slab in m.chunks_exact(block * others) {
+        if zero_point {
+            // The padded rows are part of `slab` already (they are zeros).
+            let (lo, hi) = block_minmax(slab, others, false);
+            let (s, z) = scales_zero_point(format, &lo, &hi, alpha);
+            scale.extend(s);
+            zps.extend(z);
+        } else {
+            scale.extend(scales_symmetric(format, &block_absmax(slab, others), alpha));
+        }
+    }
+    // `scale` is [nb, others]; numpy's axis-1 result is its transpose [R, nb].
+    let transpose = |v: Vec<f32>| -> Vec<f32> {
+        if axis == 0 {
+            v
+        } else {
+            (0..others).flat_map(|n| (0..nb).map(move |b| (b, n))).map(|(b, n)| v[b * others + n]).collect()
+        }
+    };
+    let shape_out = if axis == 0 { [nb, others] } else { [others, nb] };
+    Scales { scale: transpose(scale), zero_point: zero_point.then(|| transpose(zps)), shape: shape_out }
+}
+
+/// Scale index of element `(i, j)`.
+fn scale_index(scales: &Scales, i: usize, j: usize, block: usize, axis: usize) -> usize {
+    if axis == 0 {
+        (i / block) * scales.shape[1] + j
+    } else {
+        i * scales.shape[1] + j / block
+    }
+}
+
+/// `rtn(w, s, block_size, quantize_axis, zp)`: the int8 codes of the whole tensor.
+pub fn rtn(format: FloatFormat, w: &[f32], shape: [usize; 2], scales: &Scales, block: usize, axis: usize) -> Vec<u8> {
+    let c = shape[1];
+    w.iter()
+        .enumerate()
+        .map(|(e, &x)| {
+            let si = scale_index(scales, e / c, e % c, block, axis);
+            let zp = scales.zero_point.as_ref().map(|z| std::slice::from_ref(&z[si]));
+            quantize(format, &[x], 1, &scales.scale[si..=si], zp)[0]
+        })
+        .collect()
+}
+
+/// `dq_tensor(q, s, block_size, quantize_axis, zp)`.
+pub fn dq_tensor(format: FloatFormat, codes: &[u8], shape: [usize; 2], scales: &Scales, block: usize, axis: usize) -> Vec<f32> {
+    let c = shape[1];
+    codes
+        .iter()
+        .enumerate()
+        .map(|(e, &q)| {
+            let si = scale_index(scales, e / c, e % c, block, axis);
+            let zp = scales.zero_point.as_ref().map(|z| std::slice::from_ref(&z[si]));
+            dequantize(format, &[q], 1, &scales.scale[si..=si], zp)[0]
+        })
+        .collect()
+}

@@ -1,0 +1,118 @@
+//! Small generic building blocks shared by the kernels.
+//!
+//! Round half to even without a rounding instruction: for |x| < 2^22, `(x + M) - M` with
+//! `M = 1.5 * 2^23` rounds x to an integer in the FPU's default mode (ties to even), and the bit
+//! pattern of `x + M` is `bits(M) + x` (two's complement), which gives the integer itself. Every
+//! caller clamps x to a small range first, so the precondition always holds; since rint is monotone,
+//! `clip(rint(x), lo, hi) == rint(clip(x, lo, hi))` for integer bounds.
+
+use pulp::Simd;
+
+/// `1.5 * 2^23`.
+pub(crate) const MAGIC: f32 = 12_582_912.0;
+/// `MAGIC.to_bits()`.
+pub(crate) const MAGIC_BITS: u32 = 0x4B40_0000;
+
+/// `rint(clamp(x, lo, hi))` as a float; `lo`, `hi` integers with |lo|, |hi| < 2^22.
+#[inline(always)]
+pub(crate) fn rint_clamped<S: Simd>(simd: S, x: S::f32s, lo: S::f32s, hi: S::f32s) -> S::f32s {
+    let x = simd.min_f32s(simd.max_f32s(x, lo), hi);
+    let m = simd.splat_f32s(MAGIC);
+    simd.sub_f32s(simd.add_f32s(x, m), m)
+}
+
+/// The two's complement integer of an integer-valued float with |x| < 2^22.
+#[inline(always)]
+pub(crate) fn to_int<S: Simd>(simd: S, x: S::f32s) -> S::u32s {
+    let biased: S::u32s = pulp::cast(simd.add_f32s(x, simd.splat_f32s(MAGIC)));
+    simd.sub_u32s(biased, simd.splat_u32s(MAGIC_BITS))
+}
+
+/// The float of a two's complement integer with |v| < 2^22.
+#[inline(always)]
+pub(crate) fn from_int<S: Simd>(simd: S, v: S::u32s) -> S::f32s {
+    let biased: S::f32s = pulp::cast(simd.add_u32s(v, simd.splat_u32s(MAGIC_BITS)));
+    simd.sub_f32s(biased, simd.splat_f32s(MAGIC))
+}
+
+/// The lanes of a vector as a slice.
+#[inline(always)]
+pub(crate) fn lanes_u32<S: Simd>(v: &S::u32s) -> &[u32] {
+    bytemuck::cast_slice(core::slice::from_ref(v))
+}
+
+/// The lanes of a vector as a mutable slice.
+#[inline(always)]
+pub(crate) fn lanes_u32_mut<S: Simd>(v: &mut S::u32s) -> &mut [u32] {
+    bytemuck::cast_slice_mut(core::slice::from_mut(v))
+}
+
+/// Loads `min(len, LANES)` bytes, each widened to one u32 lane (the rest zero).
+#[inline(always)]
+pub(crate) fn load_bytes<S: Simd>(simd: S, bytes: &[u8]) -> S::u32s {
+    let mut v = simd.splat_u32s(0);
+    for (lane, &b) in lanes_u32_mut::<S>(&mut v).iter_mut().zip(bytes) {
+        *lane = b as u32;
+    }
+    v
+}
+
+/// Stores the low byte of the first `out.len()` lanes.
+#[inline(always)]
+pub(crate) fn store_low_bytes<S: Simd>(v: S::u32s, out: &mut [u8]) {
+    for (o, &lane) in out.iter_mut().zip(lanes_u32::<S>(&v)) {
+        *o = lane as u8;
+    }
+}
+
+/// Loads `s.len() <= LANES` floats (a full vector when `s.len() == LANES`, else masked).
+#[inline(always)]
+pub(crate) fn load_f32<S: Simd>(simd: S, s: &[f32]) -> S::f32s {
+    if s.len() == S::F32_LANES {
+        bytemuck::cast_slice::<f32, S::f32s>(s)[0]
+    } else {
+        simd.partial_load_f32s(s)
+    }
+}
+
+/// Stores the first `s.len() <= LANES` lanes.
+#[inline(always)]
+pub(crate) fn store_f32<S: Simd>(simd: S, s: &mut [f32], v: S::f32s) {
+    if s.len() == S::F32_LANES {
+        bytemuck::cast_slice_mut::<f32, S::f32s>(s)[0] = v;
+    } else {
+        simd.partial_store_f32s(s, v)
+    }
+}
+
+/// Loads `s.len() <= LANES` u32s.
+#[inline(always)]
+pub(crate) fn load_u32<S: Simd>(simd: S, s: &[u32]) -> S::u32s {
+    if s.len() == S::U32_LANES {
+        bytemuck::cast_slice::<u32, S::u32s>(s)[0]
+    } else {
+        simd.partial_load_u32s(s)
+    }
+}
+
+/// Stores the first `s.len() <= LANES` u32 lanes.
+#[inline(always)]
+pub(crate) fn store_u32<S: Simd>(simd: S, s: &mut [u32], v: S::u32s) {
+    if s.len() == S::U32_LANES {
+        bytemuck::cast_slice_mut::<u32, S::u32s>(s)[0] = v;
+    } else {
+        simd.partial_store_u32s(s, v)
+    }
+}
+
+/// Calls `f(start, len)` for each run of at most LANES columns of `0..cols`.
+#[inline(always)]
+pub(crate) fn for_each_chunk<S: Simd>(cols: usize, mut f: impl FnMut(usize, usize)) {
+    let lanes = S::F32_LANES;
+    let mut j = 0;
+    while j < cols {
+        let n = lanes.min(cols - j);
+        f(j, n);
+        j += lanes;
+    }
+}

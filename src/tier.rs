@@ -1,0 +1,96 @@
+//! Instruction-set tiers and run-time dispatch.
+//!
+//! Every kernel is written once, generic over [`pulp::Simd`], and compiled for each tier by
+//! `pulp`'s `vectorize` (which enables the tier's target features around the inlined kernel).
+//! [`Tier::best`] detects the best tier once per process; the `_with` variants of the kernels let
+//! tests and benches force any tier that [`Tier::is_available`].
+
+use std::sync::OnceLock;
+
+/// One instruction set a kernel can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// Portable scalar code (one lane).
+    Scalar,
+    /// x86-64-v3: AVX2 + FMA, 8 lanes of f32.
+    Avx2,
+    /// x86-64-v4: AVX-512 F/BW/CD/DQ/VL, 16 lanes of f32.
+    Avx512,
+    /// AArch64 Advanced SIMD, 4 lanes of f32.
+    Neon,
+}
+
+impl Tier {
+    /// Every tier, best last.
+    pub const ALL: [Tier; 4] = [Tier::Scalar, Tier::Neon, Tier::Avx2, Tier::Avx512];
+
+    /// The tier's short name (`scalar`, `avx2`, `avx512`, `neon`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Scalar => "scalar",
+            Tier::Avx2 => "avx2",
+            Tier::Avx512 => "avx512",
+            Tier::Neon => "neon",
+        }
+    }
+
+    /// Parses [`Tier::name`].
+    pub fn from_name(name: &str) -> Option<Tier> {
+        Tier::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// Whether this CPU runs the tier.
+    pub fn is_available(self) -> bool {
+        match self {
+            Tier::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx2 => pulp::x86::V3::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx512 => pulp::x86::V4::try_new().is_some(),
+            #[cfg(target_arch = "aarch64")]
+            Tier::Neon => pulp::aarch64::Neon::try_new().is_some(),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The tiers this CPU runs, scalar first.
+    pub fn available() -> Vec<Tier> {
+        Tier::ALL.into_iter().filter(|t| t.is_available()).collect()
+    }
+
+    /// The best tier of this CPU, detected once. `NIBBLE_TIER=scalar|avx2|avx512|neon` caps it
+    /// (for benchmarks and for checking a slower path end to end); an unavailable or unknown name
+    /// is ignored.
+    pub fn best() -> Tier {
+        static BEST: OnceLock<Tier> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let detected = *Tier::available().last().unwrap_or(&Tier::Scalar);
+            match std::env::var("NIBBLE_TIER").ok().and_then(|n| Tier::from_name(&n)) {
+                Some(t) if t.is_available() => t,
+                _ => detected,
+            }
+        })
+    }
+
+    /// Runs `op` on this tier.
+    ///
+    /// # Panics
+    /// If the tier is not available; callers check [`Tier::is_available`] first (the public kernel
+    /// functions return [`crate::Error::TierUnavailable`] instead).
+    #[inline]
+    pub(crate) fn dispatch<Op: pulp::WithSimd>(self, op: Op) -> Op::Output {
+        use pulp::Simd;
+        match self {
+            Tier::Scalar => Simd::vectorize(pulp::Scalar::new(), op),
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx2 => Simd::vectorize(pulp::x86::V3::try_new().expect("avx2 tier unavailable"), op),
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx512 => Simd::vectorize(pulp::x86::V4::try_new().expect("avx512 tier unavailable"), op),
+            #[cfg(target_arch = "aarch64")]
+            Tier::Neon => Simd::vectorize(pulp::aarch64::Neon::try_new().expect("neon tier unavailable"), op),
+            #[allow(unreachable_patterns)]
+            _ => panic!("tier {} is not compiled for this target", self.name()),
+        }
+    }
+}
