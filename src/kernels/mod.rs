@@ -9,14 +9,16 @@ pub mod dequantize;
 pub mod pack;
 pub mod qdq_error;
 pub mod quantize;
+pub mod round;
 pub mod scales;
 
 pub use block_absmax::{block_absmax, block_absmax_with};
 pub use block_minmax::{block_minmax, block_minmax_with};
 pub use dequantize::{dequantize, dequantize_with};
 pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};
-pub use qdq_error::{qdq_error, qdq_error_with};
+pub use qdq_error::{qdq_error, qdq_error_with, QdqOutput};
 pub use quantize::{quantize, quantize_with};
+pub use round::{round_to_format, round_to_format_with};
 pub use scales::{scales_symmetric, scales_symmetric_with, scales_zero_point, scales_zero_point_with};
 
 use crate::{Error, Result, Tier};

@@ -1,0 +1,231 @@
+//! Every kernel on every SIMD tier this CPU has, against the scalar reference, bit for bit
+//! (`to_bits`), over random slabs: all column counts 0..=3*16+1 (so every vector body and masked
+//! tail of every tier), 0..=5 rows, every start offset within a vector, and values drawn to hit ties
+//! at .5, -0.0, subnormals, huge and tiny magnitudes, and all-zero columns.
+
+use nibble::kernels::*;
+use nibble::{reference, FloatFormat, Tier};
+use proptest::prelude::*;
+
+const FORMATS: [FloatFormat; 3] = [FloatFormat::F32, FloatFormat::F16, FloatFormat::BF16];
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// One element: a mix of ordinary values, exact ties, signed zeros, subnormals and extremes.
+fn element() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        4 => -8.0f32..8.0,
+        2 => (-40i32..40).prop_map(|k| k as f32 * 0.5),
+        1 => Just(0.0f32),
+        1 => Just(-0.0f32),
+        1 => (1u32..0x0080_0000).prop_map(|b| f32::from_bits(b) * if b % 2 == 0 { 1.0 } else { -1.0 }),
+        1 => (-1.0e30f32..1.0e30),
+        1 => (-1.0e-30f32..1.0e-30),
+        1 => (-70000.0f32..70000.0),
+        1 => (-1.0e-4f32..1.0e-4),
+    ]
+}
+
+/// A slab `rows x cols` placed at `offset` inside a larger buffer, with values representable in
+/// `format`; some columns forced to all zeros.
+#[derive(Debug, Clone)]
+struct Slab {
+    buf: Vec<f32>,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl Slab {
+    fn w(&self) -> &[f32] {
+        &self.buf[self.offset..self.offset + self.rows * self.cols]
+    }
+}
+
+fn slab(format: FloatFormat, max_rows: usize) -> impl Strategy<Value = Slab> {
+    (0usize..=49, 0usize..=max_rows, 0usize..16).prop_flat_map(move |(cols, rows, offset)| {
+        let n = offset + rows * cols;
+        (proptest::collection::vec(element(), n), proptest::collection::vec(any::<bool>(), cols.max(1))).prop_map(
+            move |(mut buf, zero_cols)| {
+                for (i, x) in buf.iter_mut().enumerate() {
+                    *x = format.round(*x);
+                    if i >= offset && cols > 0 && zero_cols[(i - offset) % cols] && (i - offset) % 7 == 0 {
+                        *x = 0.0;
+                    }
+                }
+                Slab { buf, offset, rows, cols }
+            },
+        )
+    })
+}
+
+fn alpha() -> impl Strategy<Value = f64> {
+    prop_oneof![Just(1.0), (10u32..=20).prop_map(|k| k as f64 * 0.05), 0.01f64..1.5]
+}
+
+fn finite(v: &[f32]) -> bool {
+    v.iter().all(|x| x.is_finite())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn block_absmax_matches_reference(s in slab(FloatFormat::F32, 5)) {
+        let want = reference::block_absmax(s.w(), s.cols);
+        for tier in Tier::available() {
+            let mut got = vec![1.0; s.cols];
+            block_absmax_with(tier, s.w(), s.cols, &mut got).unwrap();
+            prop_assert_eq!(bits(&got), bits(&want), "{:?}", tier);
+        }
+    }
+
+    #[test]
+    fn block_minmax_matches_reference(s in slab(FloatFormat::F32, 5), include_zero: bool) {
+        let (lo, hi) = reference::block_minmax(s.w(), s.cols, include_zero);
+        for tier in Tier::available() {
+            let (mut a, mut b) = (vec![1.0; s.cols], vec![1.0; s.cols]);
+            block_minmax_with(tier, s.w(), s.cols, include_zero, &mut a, &mut b).unwrap();
+            prop_assert_eq!(bits(&a), bits(&lo), "min {:?}", tier);
+            prop_assert_eq!(bits(&b), bits(&hi), "max {:?}", tier);
+        }
+    }
+
+    #[test]
+    fn scales_match_reference(s in slab(FloatFormat::F32, 4), a in alpha(), fi in 0usize..3) {
+        let format = FORMATS[fi];
+        let rows: Vec<f32> = s.w().iter().map(|&x| format.round(x)).collect();
+        prop_assume!(finite(&rows));
+        let amax = reference::block_absmax(&rows, s.cols);
+        let (lo, hi) = reference::block_minmax(&rows, s.cols, true);
+        let want = reference::scales_symmetric(format, &amax, a);
+        let (want_s, want_z) = reference::scales_zero_point(format, &lo, &hi, a);
+        for tier in Tier::available() {
+            let mut got = vec![0.0; s.cols];
+            scales_symmetric_with(tier, format, &amax, a, &mut got).unwrap();
+            prop_assert_eq!(bits(&got), bits(&want), "symmetric {:?} {:?}", tier, format);
+            let (mut gs, mut gz) = (vec![0.0; s.cols], vec![0.0; s.cols]);
+            scales_zero_point_with(tier, format, &lo, &hi, a, &mut gs, &mut gz).unwrap();
+            prop_assert_eq!(bits(&gs), bits(&want_s), "zp scale {:?} {:?}", tier, format);
+            prop_assert_eq!(bits(&gz), bits(&want_z), "zp {:?} {:?}", tier, format);
+        }
+    }
+
+    #[test]
+    fn quantize_dequantize_qdq_match_reference(fi in 0usize..3, s0 in slab(FloatFormat::F32, 5), a in alpha(), zp: bool) {
+        let format = FORMATS[fi];
+        let w: Vec<f32> = s0.w().iter().map(|&x| format.round(x)).collect();
+        prop_assume!(finite(&w));
+        let cols = s0.cols;
+        // Realistic scales from the slab itself, and (alpha < 1) clipped ones.
+        let (scale, zero) = if zp {
+            let (lo, hi) = reference::block_minmax(&w, cols, false);
+            let lo: Vec<f32> = lo.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect();
+            let hi: Vec<f32> = hi.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect();
+            let (s, z) = reference::scales_zero_point(format, &lo, &hi, a);
+            (s, Some(z))
+        } else {
+            (reference::scales_symmetric(format, &reference::block_absmax(&w, cols), a), None)
+        };
+        let zref = zero.as_deref();
+        let want_q = reference::quantize(format, &w, cols, &scale, zref);
+        let want_dq = reference::dequantize(format, &want_q, cols, &scale, zref);
+        let want_err: Vec<f32> = w.iter().zip(&want_dq).map(|(x, d)| x - d).collect();
+        for tier in Tier::available() {
+            let mut q = vec![0xAAu8; w.len()];
+            quantize_with(tier, format, &w, cols, &scale, zref, &mut q).unwrap();
+            prop_assert_eq!(&q, &want_q, "quantize {:?} {:?}", tier, format);
+            let mut dq = vec![0.0; w.len()];
+            dequantize_with(tier, format, &q, cols, &scale, zref, &mut dq).unwrap();
+            prop_assert_eq!(bits(&dq), bits(&want_dq), "dequantize {:?} {:?}", tier, format);
+            let mut fused = vec![0.0; w.len()];
+            qdq_error_with(tier, format, &w, cols, &scale, zref, QdqOutput::Dequantized, &mut fused).unwrap();
+            prop_assert_eq!(bits(&fused), bits(&want_dq), "qdq {:?} {:?}", tier, format);
+            qdq_error_with(tier, format, &w, cols, &scale, zref, QdqOutput::Error, &mut fused).unwrap();
+            prop_assert_eq!(bits(&fused), bits(&want_err), "qdq error {:?} {:?}", tier, format);
+        }
+    }
+
+    #[test]
+    fn pack_matches_reference(codes in proptest::collection::vec(any::<u8>(), 0..300), offset in 0usize..64) {
+        let offset = offset.min(codes.len());
+        let codes = &codes[offset..];
+        let want = reference::pack(codes);
+        for tier in Tier::available() {
+            let mut out = vec![0x55; codes.len().div_ceil(2)];
+            pack_nibbles_with(tier, codes, &mut out).unwrap();
+            prop_assert_eq!(&out, &want, "{:?}", tier);
+        }
+        let signed: Vec<i8> = codes.iter().map(|&b| ((b << 4) as i8) >> 4).collect();
+        prop_assert_eq!(unpack_nibbles(&want, codes.len(), true).unwrap(), signed);
+    }
+
+    #[test]
+    fn rounding_matches_half(raw in proptest::collection::vec(any::<u32>(), 0..70), fi in 0usize..3) {
+        let format = FORMATS[fi];
+        let mut values: Vec<f32> = raw.iter().map(|&b| f32::from_bits(b)).filter(|x| !x.is_nan()).collect();
+        let want: Vec<f32> = values.iter().map(|&x| format.round(x)).collect();
+        for tier in Tier::available() {
+            let mut got = values.clone();
+            round_to_format_with(tier, format, &mut got).unwrap();
+            prop_assert_eq!(bits(&got), bits(&want), "{:?} {:?}", tier, format);
+        }
+        values.clear();
+    }
+}
+
+/// The rounding boundaries that random bit patterns rarely hit.
+#[test]
+fn rounding_edges_match_half() {
+    let mut edges = vec![65504.0f32, 65519.99, 65520.0, 65536.0, f32::MAX, f32::INFINITY, 6.1035156e-5, 5.9604645e-8, 2.9802322e-8, 2.9802326e-8, 1.0e-5, 1.0, 1.5, 2049.0, 3.3895314e38, 3.3961776e38];
+    edges.extend((0..2000).map(|i| f32::from_bits(0x3870_0000 + i * 0x1000)));
+    edges.extend((0..1216).map(|i| f32::from_bits(0x3380_0000 + i * 0x0010_0000)));
+    let all: Vec<f32> = edges.iter().flat_map(|&x| [x, -x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().saturating_sub(1))]).filter(|x| !x.is_nan()).collect();
+    for format in FORMATS {
+        let want: Vec<f32> = all.iter().map(|&x| format.round(x)).collect();
+        for tier in Tier::available() {
+            let mut got = all.clone();
+            round_to_format_with(tier, format, &mut got).unwrap();
+            assert_eq!(bits(&got), bits(&want), "{tier:?} {format:?}");
+        }
+    }
+}
+
+/// A NaN or infinity anywhere in a column makes that column's statistics non-finite on every tier.
+#[test]
+fn non_finite_values_show_in_statistics() {
+    for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for cols in [1usize, 7, 16, 17, 33] {
+            for row in 0..3 {
+                let mut w = vec![0.5f32; 3 * cols];
+                let col = cols / 2;
+                w[row * cols + col] = bad;
+                for tier in Tier::available() {
+                    let mut amax = vec![0.0; cols];
+                    block_absmax_with(tier, &w, cols, &mut amax).unwrap();
+                    assert!(!amax[col].is_finite(), "{tier:?} {bad} absmax");
+                    assert!(amax.iter().enumerate().all(|(c, a)| c == col || *a == 0.5));
+                    let (mut lo, mut hi) = (vec![0.0; cols], vec![0.0; cols]);
+                    block_minmax_with(tier, &w, cols, false, &mut lo, &mut hi).unwrap();
+                    assert!(!lo[col].is_finite() || !hi[col].is_finite(), "{tier:?} {bad} minmax");
+                }
+            }
+        }
+    }
+}
+
+/// Wrong lengths are errors naming the buffer, not panics.
+#[test]
+fn length_mismatches_are_errors() {
+    let w = vec![1.0f32; 10];
+    let mut out = vec![0.0f32; 3];
+    assert!(matches!(block_absmax(&w, 3, &mut out), Err(nibble::Error::LengthMismatch { .. })));
+    let mut out4 = vec![0.0f32; 4];
+    assert!(block_absmax(&w[..8], 2, &mut out4).is_err());
+    let mut codes = vec![0u8; 9];
+    assert!(quantize(FloatFormat::F32, &w, 5, &[1.0; 5], None, &mut codes).is_err());
+    let mut packed = vec![0u8; 4];
+    assert!(pack_nibbles(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &mut packed).is_err());
+}
