@@ -47,22 +47,37 @@ impl Slab {
 fn slab(format: FloatFormat, max_rows: usize) -> impl Strategy<Value = Slab> {
     (0usize..=49, 0usize..=max_rows, 0usize..16).prop_flat_map(move |(cols, rows, offset)| {
         let n = offset + rows * cols;
-        (proptest::collection::vec(element(), n), proptest::collection::vec(any::<bool>(), cols.max(1))).prop_map(
-            move |(mut buf, zero_cols)| {
+        (
+            proptest::collection::vec(element(), n),
+            proptest::collection::vec(any::<bool>(), cols.max(1)),
+        )
+            .prop_map(move |(mut buf, zero_cols)| {
                 for (i, x) in buf.iter_mut().enumerate() {
                     *x = format.round(*x);
-                    if i >= offset && cols > 0 && zero_cols[(i - offset) % cols] && (i - offset) % 7 == 0 {
+                    if i >= offset
+                        && cols > 0
+                        && zero_cols[(i - offset) % cols]
+                        && (i - offset) % 7 == 0
+                    {
                         *x = 0.0;
                     }
                 }
-                Slab { buf, offset, rows, cols }
-            },
-        )
+                Slab {
+                    buf,
+                    offset,
+                    rows,
+                    cols,
+                }
+            })
     })
 }
 
 fn alpha() -> impl Strategy<Value = f64> {
-    prop_oneof![Just(1.0), (10u32..=20).prop_map(|k| k as f64 * 0.05), 0.01f64..1.5]
+    prop_oneof![
+        Just(1.0),
+        (10u32..=20).prop_map(|k| k as f64 * 0.05),
+        0.01f64..1.5
+    ]
 }
 
 fn finite(v: &[f32]) -> bool {
@@ -179,10 +194,38 @@ proptest! {
 /// The rounding boundaries that random bit patterns rarely hit.
 #[test]
 fn rounding_edges_match_half() {
-    let mut edges = vec![65504.0f32, 65519.99, 65520.0, 65536.0, f32::MAX, f32::INFINITY, 6.1035156e-5, 5.9604645e-8, 2.9802322e-8, 2.9802326e-8, 1.0e-5, 1.0, 1.5, 2049.0, 3.3895314e38, 3.3961776e38];
+    let mut edges = vec![
+        65504.0f32,
+        65519.99,
+        65520.0,
+        65536.0,
+        f32::MAX,
+        f32::INFINITY,
+        6.1035156e-5,
+        5.9604645e-8,
+        2.9802322e-8,
+        2.9802326e-8,
+        1.0e-5,
+        1.0,
+        1.5,
+        2049.0,
+        3.3895314e38,
+        3.3961776e38,
+    ];
     edges.extend((0..2000).map(|i| f32::from_bits(0x3870_0000 + i * 0x1000)));
     edges.extend((0..1216).map(|i| f32::from_bits(0x3380_0000 + i * 0x0010_0000)));
-    let all: Vec<f32> = edges.iter().flat_map(|&x| [x, -x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().saturating_sub(1))]).filter(|x| !x.is_nan()).collect();
+    let all: Vec<f32> = edges
+        .iter()
+        .flat_map(|&x| {
+            [
+                x,
+                -x,
+                f32::from_bits(x.to_bits() + 1),
+                f32::from_bits(x.to_bits().saturating_sub(1)),
+            ]
+        })
+        .filter(|x| !x.is_nan())
+        .collect();
     for format in FORMATS {
         let want: Vec<f32> = all.iter().map(|&x| format.round(x)).collect();
         for tier in Tier::available() {
@@ -209,7 +252,10 @@ fn non_finite_values_show_in_statistics() {
                     assert!(amax.iter().enumerate().all(|(c, a)| c == col || *a == 0.5));
                     let (mut lo, mut hi) = (vec![0.0; cols], vec![0.0; cols]);
                     block_minmax_with(tier, &w, cols, false, &mut lo, &mut hi).unwrap();
-                    assert!(!lo[col].is_finite() || !hi[col].is_finite(), "{tier:?} {bad} minmax");
+                    assert!(
+                        !lo[col].is_finite() || !hi[col].is_finite(),
+                        "{tier:?} {bad} minmax"
+                    );
                 }
             }
         }
@@ -221,7 +267,10 @@ fn non_finite_values_show_in_statistics() {
 fn length_mismatches_are_errors() {
     let w = vec![1.0f32; 10];
     let mut out = vec![0.0f32; 3];
-    assert!(matches!(block_absmax(&w, 3, &mut out), Err(nibble::Error::LengthMismatch { .. })));
+    assert!(matches!(
+        block_absmax(&w, 3, &mut out),
+        Err(nibble::Error::LengthMismatch { .. })
+    ));
     let mut out4 = vec![0.0f32; 4];
     assert!(block_absmax(&w[..8], 2, &mut out4).is_err());
     let mut codes = vec![0u8; 9];

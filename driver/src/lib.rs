@@ -1,3 +1,16 @@
 //! The nibble driver: ONNX model I/O, graph rewriting and the pipeline behind the `nibble` CLI.
 
+pub mod cleanup;
+pub mod error;
+pub mod model;
 pub mod npy;
+#[rustfmt::skip]
+pub mod onnx;
+
+pub use error::{Error, Result};
+pub mod inspect;
+pub mod opset;
+pub mod plan;
+pub mod quantize;
+pub mod runtime;
+pub mod synth;

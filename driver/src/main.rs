@@ -1,1 +1,209 @@
-fn main(){}
+//! The `nibble` command line.
+
+use clap::{Parser, Subcommand};
+use nibble_driver::model::ExternalData;
+use nibble_driver::quantize::{default_output, quantize_file, Method, Options};
+use nibble_driver::synth::{transformer, TransformerConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Quantize the weights of ONNX models to 4 bits (INT4/UINT4, block-wise) on a CPU,
+/// bit-exact with NVIDIA ModelOpt's modelopt.onnx.quantization.int4.
+#[derive(Parser)]
+#[command(name = "nibble", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Quantize MatMul/Gemm weights of MODEL and write the result.
+    Quantize {
+        /// The input model (.onnx, with its external data next to it).
+        model: PathBuf,
+        /// Output model; default MODEL_int4.onnx next to the input.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Algorithm.
+        #[arg(long, value_enum, default_value = "rtn_dq")]
+        method: Method,
+        /// Block size along K (even, >= 2), or -1 for per-channel.
+        #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+        block_size: i64,
+        /// UINT4 with a zero point per block instead of symmetric INT4.
+        #[arg(long)]
+        zero_point: bool,
+        /// Leave nodes whose name matches this regular expression (anchored at the start) unquantized;
+        /// repeatable. Default: /lm_head. Give --exclude '' ... to replace the default.
+        #[arg(long = "exclude", value_name = "REGEX")]
+        exclude: Vec<String>,
+        /// Quantize every weight, including /lm_head.
+        #[arg(long, conflicts_with = "exclude")]
+        no_default_exclude: bool,
+        /// Where tensor data goes: OUT.onnx_data when needed (auto), always, or never.
+        #[arg(long, value_enum, default_value = "auto")]
+        external_data: ExternalData,
+        /// Overwrite an existing output.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the model's opset and each MatMul/Gemm weight with what quantize would do.
+    Inspect {
+        /// The model.
+        model: PathBuf,
+        /// As for quantize.
+        #[arg(long = "exclude", value_name = "REGEX")]
+        exclude: Vec<String>,
+    },
+    /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out.
+    Example {
+        /// Output model.
+        output: PathBuf,
+        /// Hidden size.
+        #[arg(long, default_value_t = 256)]
+        hidden: usize,
+        /// MLP size.
+        #[arg(long, default_value_t = 704)]
+        intermediate: usize,
+        /// Decoder layers.
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// lm_head output size.
+        #[arg(long, default_value_t = 1000)]
+        vocab: usize,
+        /// Weight type: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Default-domain opset.
+        #[arg(long, default_value_t = 17)]
+        opset: i64,
+        /// Where tensor data goes.
+        #[arg(long, value_enum, default_value = "auto")]
+        external_data: ExternalData,
+        /// Overwrite an existing output.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Quantize {
+            model,
+            output,
+            method,
+            block_size,
+            zero_point,
+            exclude,
+            no_default_exclude,
+            external_data,
+            force,
+        } => {
+            let output = output.unwrap_or_else(|| default_output(&model));
+            let exclude = if no_default_exclude {
+                vec![]
+            } else if exclude.is_empty() {
+                vec!["/lm_head".to_string()]
+            } else {
+                exclude.into_iter().filter(|p| !p.is_empty()).collect()
+            };
+            let opts = Options {
+                method,
+                block_size,
+                zero_point,
+                exclude,
+                external_data,
+                force,
+            };
+            let s = quantize_file(&model, &output, &opts)?;
+            println!(
+                "quantized {} of {} weights ({} -> {}); model {} -> {}{}; {:.2} s ({} tier) -> {}",
+                s.quantized,
+                s.candidates,
+                mb(s.weight_bytes_before),
+                mb(s.weight_bytes_after),
+                mb(s.model_bytes_before),
+                mb(s.model_bytes_after),
+                if s.opset_raised {
+                    "; opset raised to 21"
+                } else {
+                    ""
+                },
+                s.seconds,
+                nibble::Tier::best().name(),
+                output.display()
+            );
+        }
+        Command::Inspect { model, exclude } => {
+            let exclude = if exclude.is_empty() {
+                vec!["/lm_head".to_string()]
+            } else {
+                exclude
+            };
+            print!("{}", nibble_driver::inspect::inspect(&model, &exclude)?);
+        }
+        Command::Example {
+            output,
+            hidden,
+            intermediate,
+            layers,
+            vocab,
+            dtype,
+            opset,
+            external_data,
+            force,
+        } => {
+            let format = match dtype.as_str() {
+                "f32" | "float32" => nibble::FloatFormat::F32,
+                "f16" | "float16" => nibble::FloatFormat::F16,
+                "bf16" | "bfloat16" => nibble::FloatFormat::BF16,
+                d => anyhow::bail!("--dtype {d}: use f32, f16 or bf16"),
+            };
+            if output.exists() && !force {
+                anyhow::bail!(
+                    "output {}: already exists; pass --force to overwrite it",
+                    output.display()
+                );
+            }
+            let cfg = TransformerConfig {
+                hidden,
+                intermediate,
+                layers,
+                vocab,
+                format,
+                opset,
+                seed: 1,
+            };
+            let written = nibble_driver::model::save(transformer(&cfg), &output, external_data)?;
+            println!(
+                "wrote {} ({} parameters in MatMul weights, {})",
+                output.display(),
+                cfg.parameters(),
+                mb(written)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Ctrl-C / SIGTERM: remove temporary outputs, exit 130.
+    let _ = ctrlc::set_handler(|| {
+        nibble_driver::cleanup::remove_all();
+        eprintln!("nibble: interrupted; no output written");
+        std::process::exit(130);
+    });
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nibble: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -59,7 +59,10 @@ impl WithSimd for Pack<'_> {
             simd.splat_u32s(0xffff),
         );
         let (four, eight) = (simd.splat_u32s(4), simd.splat_u32s(8));
-        for (chunk, dst) in codes[..whole].chunks_exact(step).zip(out.chunks_exact_mut(step / 2)) {
+        for (chunk, dst) in codes[..whole]
+            .chunks_exact(step)
+            .zip(out.chunks_exact_mut(step / 2))
+        {
             let mut buf = simd.splat_u32s(0);
             bytemuck::bytes_of_mut(&mut buf).copy_from_slice(chunk);
             let x = simd.and_u32s(buf, m0);

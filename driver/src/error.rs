@@ -1,0 +1,137 @@
+//! The driver's errors: one variant per failure, each naming the file, node or tensor and the fix.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong between reading a model and writing its quantized form.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The bytes are not an ONNX model.
+    #[error("{} is not a valid ONNX model ({why}); check that it is a complete .onnx file", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's complaint.
+        why: String,
+    },
+    /// A tensor's external data is missing, unsafe or inconsistent.
+    #[error("tensor '{tensor}': external data {why}")]
+    ExternalData {
+        /// The tensor.
+        tensor: String,
+        /// What is wrong, with the fix.
+        why: String,
+    },
+    /// A tensor's contents do not match its declaration.
+    #[error("tensor '{tensor}': {why}")]
+    BadTensor {
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A weight of a type that cannot be quantized.
+    #[error("weight '{tensor}' of node '{node}' has data type {dtype}; only float32, float16 and bfloat16 weights can be quantized (exclude the node with --exclude '{node}')")]
+    UnsupportedDtype {
+        /// The weight.
+        tensor: String,
+        /// Its consumer.
+        node: String,
+        /// ONNX's name of the type.
+        dtype: String,
+    },
+    /// NaN or infinity in a weight.
+    #[error("weight '{tensor}' holds NaN or Inf in block {block} (rows {start}..{end} along the quantized axis, column {column}); fix the weight, or leave the node unquantized with --exclude")]
+    NonFinite {
+        /// The weight.
+        tensor: String,
+        /// Block index.
+        block: usize,
+        /// Column index.
+        column: usize,
+        /// First element of the block.
+        start: usize,
+        /// One past its last.
+        end: usize,
+    },
+    /// A kernel refused its input.
+    #[error("weight '{tensor}': {source}")]
+    Kernel {
+        /// The weight.
+        tensor: String,
+        /// The kernel's error.
+        source: nibble::Error,
+    },
+    /// An invalid option value.
+    #[error("{0}")]
+    Usage(String),
+    /// An operator whose semantics changed before opset 21, which this version cannot convert.
+    #[error("node '{node}' ({op}, opset {version}) changed incompatibly before opset 21, which INT4 DequantizeLinear needs; converting it is not supported yet, so the output would be invalid (exclude nothing helps here: the whole graph moves to opset 21)")]
+    OpsetUpgrade {
+        /// The node.
+        node: String,
+        /// Its operator.
+        op: String,
+        /// The model's opset.
+        version: i64,
+    },
+    /// The model's opset is too old to upgrade.
+    #[error("the model uses default-domain opset {version}; nibble upgrades opsets 13 and later to 21 (re-export the model with opset >= 13)")]
+    OpsetTooOld {
+        /// The model's opset.
+        version: i64,
+    },
+    /// The output path is unusable.
+    #[error("output {}: {why}", path.display())]
+    Output {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong, with the fix.
+        why: String,
+    },
+    /// Writing the output failed.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// ONNX Runtime could not be found, loaded or run.
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+}
+
+impl Error {
+    /// Wraps a kernel error for `tensor`, turning its NaN report into [`Error::NonFinite`].
+    pub fn kernel(tensor: &str, source: nibble::Error) -> Error {
+        match source {
+            nibble::Error::NonFinite {
+                block,
+                column,
+                start,
+                end,
+            } => Error::NonFinite {
+                tensor: tensor.to_string(),
+                block,
+                column,
+                start,
+                end,
+            },
+            source => Error::Kernel {
+                tensor: tensor.to_string(),
+                source,
+            },
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,61 @@
+//! `nibble inspect`: the model's opset and every MatMul/Gemm weight with what `quantize` would do.
+
+use crate::model::{dtype_name, Model};
+use crate::plan::{compile_patterns, plan, Decision};
+use crate::{opset, Result};
+use std::fmt::Write;
+use std::path::Path;
+
+/// The report as text.
+pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
+    let model = Model::load(path)?;
+    let patterns = compile_patterns(exclude)?;
+    let candidates = plan(&model, &patterns);
+    let mut s = String::new();
+    let version = opset::default_opset(&model.proto);
+    let upgrade = match opset::check_upgrade(&model.proto) {
+        Ok(true) => format!("quantizing raises it to {}", opset::TARGET),
+        Ok(false) => "no upgrade needed".to_string(),
+        Err(e) => format!("cannot be upgraded: {e}"),
+    };
+    let _ = writeln!(s, "model: {}", path.display());
+    let _ = writeln!(
+        s,
+        "ir_version {}, default-domain opset {version} ({upgrade})",
+        model.proto.ir_version.unwrap_or(0)
+    );
+    let _ = writeln!(
+        s,
+        "{:<48} {:<6} {:<14} {:<9} {:>12}  decision",
+        "node / weight", "op", "shape", "dtype", "bytes"
+    );
+    let mut total = 0usize;
+    let mut quantized = 0usize;
+    for c in &candidates {
+        let decision = match &c.decision {
+            Decision::Quantize { axis } => {
+                quantized += 1;
+                total += c.bytes;
+                format!("quantize (blocks along axis {axis})")
+            }
+            Decision::Excluded { pattern } => format!("excluded by '{pattern}'"),
+            Decision::Skipped { reason } => format!("skipped: {reason}"),
+        };
+        let _ = writeln!(
+            s,
+            "{:<48} {:<6} {:<14} {:<9} {:>12}  {decision}\n  {}",
+            c.node,
+            c.op,
+            format!("{:?}", c.dims),
+            dtype_name(c.dtype).to_lowercase(),
+            c.bytes,
+            c.weight
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{quantized} of {} weights would be quantized ({total} bytes)",
+        candidates.len()
+    );
+    Ok(s)
+}

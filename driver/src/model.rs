@@ -1,0 +1,459 @@
+//! Loading and saving ONNX models.
+//!
+//! Loading maps the `.onnx` file and decodes it with prost straight from the mapping
+//! (`Bytes::from_owner`), so `raw_data` fields point into the file; external data files are mapped
+//! too, and every external reference is checked (relative location inside the model's folder, no
+//! `..`, offset + length inside the file, length equal to the tensor's size) before any byte is read.
+//!
+//! Saving writes `OUT.onnx` (and `OUT.onnx_data` when external data is used) to temporary files in
+//! the output folder, syncs them, and renames them into place, so an error never leaves a partial
+//! model behind. The input is only ever read.
+
+use crate::onnx::{
+    tensor_proto::DataLocation, tensor_proto::DataType, ModelProto, StringStringEntryProto,
+    TensorProto,
+};
+use crate::{Error, Result};
+use bytes::Bytes;
+use prost::Message;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+/// A loaded model and the folder its external data is resolved against.
+pub struct Model {
+    /// The decoded model (raw data borrowed from the mapped file).
+    pub proto: ModelProto,
+    /// Where it was read from.
+    pub path: PathBuf,
+    dir: PathBuf,
+    /// Mapped external data files, by canonical path.
+    external: std::sync::Mutex<HashMap<PathBuf, Bytes>>,
+}
+
+/// ONNX's name for a data type number.
+pub fn dtype_name(dtype: i32) -> String {
+    DataType::try_from(dtype)
+        .map_or_else(|_| format!("type {dtype}"), |d| d.as_str_name().to_string())
+}
+
+/// Bytes per element for fixed-size types (`None` for strings, 4-bit types, unknown).
+pub fn dtype_size(dtype: i32) -> Option<usize> {
+    use DataType::*;
+    Some(match DataType::try_from(dtype).ok()? {
+        Float | Int32 | Uint32 => 4,
+        Uint8 | Int8 | Bool | Float8e4m3fn | Float8e4m3fnuz | Float8e5m2 | Float8e5m2fnuz
+        | Float8e8m0 => 1,
+        Uint16 | Int16 | Float16 | Bfloat16 => 2,
+        Int64 | Double | Uint64 | Complex64 => 8,
+        Complex128 => 16,
+        _ => return None,
+    })
+}
+
+/// Number of elements of a tensor, checked against overflow and negative dims.
+pub fn element_count(t: &TensorProto) -> Option<usize> {
+    t.dims.iter().try_fold(1usize, |acc, &d| {
+        usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+    })
+}
+
+/// The byte size of a tensor's data.
+pub fn byte_size(t: &TensorProto) -> Option<usize> {
+    let n = element_count(t)?;
+    let dtype = t.data_type.unwrap_or(0);
+    if dtype == DataType::Int4 as i32 || dtype == DataType::Uint4 as i32 {
+        return Some(n.div_ceil(2));
+    }
+    n.checked_mul(dtype_size(dtype)?)
+}
+
+impl Model {
+    /// Maps and decodes `path`.
+    pub fn load(path: &Path) -> Result<Model> {
+        let read_err = |source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let len = file.metadata().map_err(read_err)?.len();
+        let bytes = if len == 0 {
+            Bytes::new()
+        } else {
+            // SAFETY: the mapping is read-only and private; nibble never writes to its input, and the
+            // model file is not expected to change while it is read (as for every mmap-based reader).
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
+            Bytes::from_owner(map)
+        };
+        let proto = ModelProto::decode(bytes).map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        if proto.graph.is_none() {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                why: "it has no graph".into(),
+            });
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        Ok(Model {
+            proto,
+            path: path.to_path_buf(),
+            dir,
+            external: Default::default(),
+        })
+    }
+
+    /// Canonical paths of the external data files the model refers to (for output checks).
+    pub fn external_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let Some(g) = &self.proto.graph {
+            for t in &g.initializer {
+                if let Some(loc) = external_entry(t, "location") {
+                    if let Ok(p) = self.dir.join(loc).canonicalize() {
+                        if !files.contains(&p) {
+                            files.push(p);
+                        }
+                    }
+                }
+            }
+        }
+        files
+    }
+
+    /// The little-endian bytes of a tensor, from `raw_data`, the typed fields, or external data,
+    /// checked against the size its dims and type declare.
+    pub fn tensor_bytes(&self, t: &TensorProto) -> Result<Bytes> {
+        let name = t.name.clone().unwrap_or_default();
+        let bad = |why: String| Error::BadTensor {
+            tensor: name.clone(),
+            why,
+        };
+        let expected = byte_size(t).ok_or_else(|| {
+            bad(format!(
+                "dims {:?} of type {} have no fixed byte size",
+                t.dims,
+                dtype_name(t.data_type.unwrap_or(0))
+            ))
+        })?;
+        if t.data_location == Some(DataLocation::External as i32) {
+            return self.external_bytes(t, expected);
+        }
+        if let Some(raw) = &t.raw_data {
+            if raw.len() != expected {
+                return Err(bad(format!(
+                    "raw_data has {} bytes, dims {:?} need {expected}",
+                    raw.len(),
+                    t.dims
+                )));
+            }
+            return Ok(raw.clone());
+        }
+        let dtype = DataType::try_from(t.data_type.unwrap_or(0)).ok();
+        let n = element_count(t).unwrap_or(0);
+        let out: Vec<u8> = match dtype {
+            Some(DataType::Float) if t.float_data.len() == n => {
+                t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Some(DataType::Double) if t.double_data.len() == n => {
+                t.double_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Some(DataType::Int64) if t.int64_data.len() == n => {
+                t.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Some(DataType::Float16 | DataType::Bfloat16 | DataType::Uint16 | DataType::Int16)
+                if t.int32_data.len() == n =>
+            {
+                t.int32_data
+                    .iter()
+                    .flat_map(|&v| (v as u16).to_le_bytes())
+                    .collect()
+            }
+            Some(DataType::Int32) if t.int32_data.len() == n => {
+                t.int32_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Some(DataType::Int8 | DataType::Uint8 | DataType::Bool) if t.int32_data.len() == n => {
+                t.int32_data.iter().map(|&v| v as u8).collect()
+            }
+            _ if n == 0 => Vec::new(),
+            _ => {
+                return Err(bad(format!(
+                    "holds no data matching dims {:?} and type {}",
+                    t.dims,
+                    dtype_name(t.data_type.unwrap_or(0))
+                )))
+            }
+        };
+        Ok(Bytes::from(out))
+    }
+
+    fn external_bytes(&self, t: &TensorProto, expected: usize) -> Result<Bytes> {
+        let name = t.name.clone().unwrap_or_default();
+        let err = |why: String| Error::ExternalData {
+            tensor: name.clone(),
+            why,
+        };
+        let location =
+            external_entry(t, "location").ok_or_else(|| err("has no 'location' entry".into()))?;
+        let rel = Path::new(location);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(err(format!("location '{location}' must be a plain relative path inside the model's folder (no '..', not absolute)")));
+        }
+        let dir = self
+            .dir
+            .canonicalize()
+            .map_err(|e| err(format!("model folder {}: {e}", self.dir.display())))?;
+        let path = dir.join(rel);
+        let real = path
+            .canonicalize()
+            .map_err(|e| err(format!("file '{location}' next to the model: {e}")))?;
+        if !real.starts_with(&dir) {
+            return Err(err(format!(
+                "location '{location}' resolves to {} outside the model's folder",
+                real.display()
+            )));
+        }
+        let parse = |key: &str| -> Result<Option<usize>> {
+            external_entry(t, key)
+                .map(|v| {
+                    v.parse::<usize>()
+                        .map_err(|_| err(format!("{key} '{v}' is not a number")))
+                })
+                .transpose()
+        };
+        let offset = parse("offset")?.unwrap_or(0);
+        let length = parse("length")?;
+        let file = self
+            .map_external(&real)
+            .map_err(|e| err(format!("file '{location}': {e}")))?;
+        let length = length.unwrap_or(file.len().saturating_sub(offset));
+        if length != expected {
+            return Err(err(format!(
+                "length {length} does not match the {expected} bytes of dims {:?}",
+                t.dims
+            )));
+        }
+        let end = offset.checked_add(length).filter(|&e| e <= file.len()).ok_or_else(|| {
+            err(format!("range {offset}..{} lies past the end of '{location}' ({} bytes): the file is truncated or the offset is wrong", offset as u128 + length as u128, file.len()))
+        })?;
+        Ok(file.slice(offset..end))
+    }
+
+    fn map_external(&self, real: &Path) -> std::io::Result<Bytes> {
+        let mut cache = self.external.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = cache.get(real) {
+            return Ok(b.clone());
+        }
+        let file = std::fs::File::open(real)?;
+        let bytes = if file.metadata()?.len() == 0 {
+            Bytes::new()
+        } else {
+            // SAFETY: read-only private mapping of an input file nibble never writes (see `load`).
+            Bytes::from_owner(unsafe { memmap2::Mmap::map(&file) }?)
+        };
+        cache.insert(real.to_path_buf(), bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Replaces every external reference in the top-level initializers by `raw_data` borrowed from
+    /// the mapped files, so the model no longer depends on the input's folder.
+    pub fn inline_external_data(&mut self) -> Result<()> {
+        let mut graph = self.proto.graph.take().expect("checked at load");
+        let result = graph.initializer.iter_mut().try_for_each(|t| {
+            if t.data_location == Some(DataLocation::External as i32) {
+                let bytes = self.tensor_bytes(t)?;
+                t.raw_data = Some(bytes);
+                t.external_data.clear();
+                t.data_location = None;
+            }
+            Ok(())
+        });
+        self.proto.graph = Some(graph);
+        result
+    }
+}
+
+fn external_entry<'a>(t: &'a TensorProto, key: &str) -> Option<&'a str> {
+    t.external_data
+        .iter()
+        .find(|e| e.key.as_deref() == Some(key))
+        .and_then(|e| e.value.as_deref())
+}
+
+/// Where tensor data goes when saving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalData {
+    /// External data when the model would exceed protobuf's 2 GiB limit.
+    Auto,
+    /// Always `OUT.onnx_data` next to `OUT.onnx`.
+    Always,
+    /// Everything inside the `.onnx` file (fails above 2 GiB).
+    Never,
+}
+
+/// The largest model ONNX Runtime and protobuf accept in one file.
+pub const PROTOBUF_LIMIT: usize = (1 << 31) - 1;
+/// Tensors smaller than this stay inline even with external data (ONNX's default threshold).
+const EXTERNAL_THRESHOLD: usize = 1024;
+/// External tensors start at multiples of this.
+const EXTERNAL_ALIGN: u64 = 64;
+
+/// The external data file name for an output path: `OUT.onnx` -> `OUT.onnx_data`.
+pub fn external_data_path(out: &Path) -> PathBuf {
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push("_data");
+    out.with_file_name(name)
+}
+
+/// A temporary file next to the output that is removed unless committed.
+struct TempFile {
+    path: PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl TempFile {
+    fn create(target: &Path) -> Result<TempFile> {
+        let mut name = std::ffi::OsString::from(".");
+        name.push(target.file_name().unwrap_or_default());
+        name.push(format!(".nibble-tmp-{}", std::process::id()));
+        let path = target.with_file_name(name);
+        let file = std::fs::File::create(&path).map_err(|source| Error::Write {
+            path: path.clone(),
+            source,
+        })?;
+        crate::cleanup::register(&path);
+        Ok(TempFile {
+            path,
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+        })
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let path = &self.path;
+        self.file
+            .as_mut()
+            .expect("open")
+            .write_all(bytes)
+            .map_err(|source| Error::Write {
+                path: path.clone(),
+                source,
+            })
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let w = |source| Error::Write {
+            path: path.clone(),
+            source,
+        };
+        let file = self
+            .file
+            .take()
+            .expect("open")
+            .into_inner()
+            .map_err(|e| w(e.into_error()))?;
+        file.sync_all().map_err(w)
+    }
+
+    fn commit(mut self, target: &Path) -> Result<()> {
+        std::fs::rename(&self.path, target).map_err(|source| Error::Write {
+            path: target.to_path_buf(),
+            source,
+        })?;
+        crate::cleanup::unregister(&self.path);
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+            crate::cleanup::unregister(&self.path);
+        }
+    }
+}
+
+/// Writes `proto` to `out` atomically; with external data, large initializers go to
+/// `OUT.onnx_data`. Every tensor must hold its data inline (see [`Model::inline_external_data`]).
+/// Returns the total bytes written.
+pub fn save(mut proto: ModelProto, out: &Path, mode: ExternalData) -> Result<u64> {
+    let external = match mode {
+        ExternalData::Always => true,
+        ExternalData::Never => false,
+        ExternalData::Auto => proto.encoded_len() > PROTOBUF_LIMIT - (16 << 20),
+    };
+    let data_path = external_data_path(out);
+    let mut written = 0u64;
+    let mut data_tmp = None;
+    if external {
+        let location = data_path
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .into_owned();
+        let mut tmp = TempFile::create(&data_path)?;
+        let mut offset = 0u64;
+        let graph = proto.graph.as_mut().expect("graph");
+        for t in graph.initializer.iter_mut() {
+            let Some(raw) = t
+                .raw_data
+                .as_ref()
+                .filter(|r| r.len() >= EXTERNAL_THRESHOLD)
+            else {
+                continue;
+            };
+            let pad = (EXTERNAL_ALIGN - offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
+            tmp.write_all(&vec![0u8; pad as usize])?;
+            offset += pad;
+            tmp.write_all(raw)?;
+            let entry = |k: &str, v: String| StringStringEntryProto {
+                key: Some(k.into()),
+                value: Some(v),
+            };
+            t.external_data = vec![
+                entry("location", location.clone()),
+                entry("offset", offset.to_string()),
+                entry("length", raw.len().to_string()),
+            ];
+            offset += raw.len() as u64;
+            t.data_location = Some(DataLocation::External as i32);
+            t.raw_data = None;
+        }
+        tmp.finish()?;
+        written += offset;
+        data_tmp = Some(tmp);
+    }
+    let encoded = proto.encoded_len();
+    if encoded > PROTOBUF_LIMIT {
+        return Err(Error::Output {
+            path: out.to_path_buf(),
+            why: format!("the model is {encoded} bytes, over protobuf's 2 GiB limit; use --external-data auto or always"),
+        });
+    }
+    let mut tmp = TempFile::create(out)?;
+    tmp.write_all(&proto.encode_to_vec())?;
+    tmp.finish()?;
+    written += encoded as u64;
+    if let Some(d) = data_tmp {
+        d.commit(&data_path)?;
+    } else if data_path.exists() {
+        // A stale data file from an earlier run would be misleading next to an inline model.
+        let _ = std::fs::remove_file(&data_path);
+    }
+    tmp.commit(out)?;
+    Ok(written)
+}

@@ -1,0 +1,207 @@
+//! Which constants get quantized: every rank-2 float constant (initializer or Constant node) that is
+//! the weight input (B) of a MatMul or Gemm not excluded by a `--exclude` pattern. Patterns are
+//! regular expressions anchored at the start of the node name, like Python's `re.match` in
+//! ModelOpt (default `/lm_head`).
+
+use crate::model::{byte_size, dtype_name, Model};
+use crate::onnx::{tensor_proto::DataType, NodeProto, TensorProto};
+use crate::{Error, Result};
+use nibble::FloatFormat;
+use regex::Regex;
+
+/// Where a constant lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `graph.initializer[index]`.
+    Initializer(usize),
+    /// The `value` attribute of Constant node `graph.node[index]`.
+    ConstantNode(usize),
+}
+
+/// What happens to one candidate weight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Quantized with blocks along this axis of the stored tensor.
+    Quantize {
+        /// 0 for `[K, N]` weights, 1 for `transB=1` Gemm weights stored `[N, K]`.
+        axis: usize,
+    },
+    /// Left as is because its node matched a pattern.
+    Excluded {
+        /// The pattern.
+        pattern: String,
+    },
+    /// Left as is for another reason.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One weight input of a MatMul/Gemm.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// The constant's name.
+    pub weight: String,
+    /// The first consuming node's name.
+    pub node: String,
+    /// Its operator.
+    pub op: String,
+    /// The tensor's dims.
+    pub dims: Vec<i64>,
+    /// The ONNX data type.
+    pub dtype: i32,
+    /// Size in bytes.
+    pub bytes: usize,
+    /// Where it lives.
+    pub source: Source,
+    /// What happens to it.
+    pub decision: Decision,
+}
+
+impl Candidate {
+    /// The element format, for float weights.
+    pub fn format(&self) -> Option<FloatFormat> {
+        match DataType::try_from(self.dtype).ok()? {
+            DataType::Float => Some(FloatFormat::F32),
+            DataType::Float16 => Some(FloatFormat::F16),
+            DataType::Bfloat16 => Some(FloatFormat::BF16),
+            _ => None,
+        }
+    }
+
+    /// Whether it will be quantized.
+    pub fn quantized(&self) -> bool {
+        matches!(self.decision, Decision::Quantize { .. })
+    }
+}
+
+/// Compiles `--exclude` patterns, anchored at the start like `re.match`.
+pub fn compile_patterns(patterns: &[String]) -> Result<Vec<(String, Regex)>> {
+    patterns
+        .iter()
+        .map(|p| {
+            Regex::new(&format!("^(?:{p})"))
+                .map(|r| (p.clone(), r))
+                .map_err(|e| Error::Usage(format!("invalid --exclude pattern '{p}': {e}")))
+        })
+        .collect()
+}
+
+fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
+    node.attribute
+        .iter()
+        .find(|a| a.name.as_deref() == Some(name))
+        .and_then(|a| a.i)
+}
+
+/// The constant tensors of the top-level graph by name.
+pub fn constants(model: &Model) -> std::collections::HashMap<String, (Source, &TensorProto)> {
+    let g = model.proto.graph.as_ref().expect("graph");
+    let mut map = std::collections::HashMap::new();
+    for (i, t) in g.initializer.iter().enumerate() {
+        map.insert(
+            t.name.clone().unwrap_or_default(),
+            (Source::Initializer(i), t),
+        );
+    }
+    for (i, n) in g.node.iter().enumerate() {
+        if n.op_type.as_deref() == Some("Constant")
+            && matches!(n.domain.as_deref(), None | Some(""))
+        {
+            if let (Some(out), Some(t)) = (
+                n.output.first(),
+                n.attribute
+                    .iter()
+                    .find(|a| a.name.as_deref() == Some("value"))
+                    .and_then(|a| a.t.as_ref()),
+            ) {
+                map.insert(out.clone(), (Source::ConstantNode(i), t));
+            }
+        }
+    }
+    map
+}
+
+/// Lists every MatMul/Gemm weight and decides its fate.
+pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
+    let g = model.proto.graph.as_ref().expect("graph");
+    let consts = constants(model);
+    let mut out: Vec<Candidate> = Vec::new();
+    for node in &g.node {
+        let op = node.op_type.as_deref().unwrap_or("");
+        if !matches!(op, "MatMul" | "Gemm")
+            || !matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx"))
+        {
+            continue;
+        }
+        let Some(wname) = node.input.get(1) else {
+            continue;
+        };
+        let Some((source, t)) = consts.get(wname) else {
+            continue;
+        };
+        let name = node.name.clone().unwrap_or_default();
+        let dtype = t.data_type.unwrap_or(0);
+        let axis = if op == "Gemm" && attr_i(node, "transB") == Some(1) {
+            1
+        } else {
+            0
+        };
+        let mut decision = if let Some((p, _)) = exclude.iter().find(|(_, r)| r.is_match(&name)) {
+            Decision::Excluded { pattern: p.clone() }
+        } else if t.dims.len() != 2 {
+            Decision::Skipped {
+                reason: format!("rank {} (only 2-D weights are quantized)", t.dims.len()),
+            }
+        } else if !matches!(
+            DataType::try_from(dtype),
+            Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16)
+        ) {
+            Decision::Skipped {
+                reason: format!(
+                    "data type {} (only float32/float16/bfloat16)",
+                    dtype_name(dtype)
+                ),
+            }
+        } else {
+            Decision::Quantize { axis }
+        };
+        if let Some(prev) = out.iter_mut().find(|c| &c.weight == wname) {
+            // A weight shared by several nodes: quantized if any consumer quantizes it, with one layout.
+            match (&prev.decision, &decision) {
+                (Decision::Quantize { axis: a }, Decision::Quantize { axis: b }) if a != b => {
+                    prev.decision = Decision::Skipped {
+                        reason: "used both transposed and not by different Gemm/MatMul nodes"
+                            .into(),
+                    };
+                }
+                (Decision::Quantize { .. }, _) | (Decision::Skipped { .. }, _) => {}
+                (Decision::Excluded { .. }, Decision::Quantize { .. }) => {
+                    prev.decision = decision.clone();
+                    prev.node = name.clone();
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if let Decision::Quantize { .. } = decision {
+            if byte_size(t).is_none() {
+                decision = Decision::Skipped {
+                    reason: "invalid dims".into(),
+                };
+            }
+        }
+        out.push(Candidate {
+            weight: wname.clone(),
+            node: name,
+            op: op.to_string(),
+            dims: t.dims.clone(),
+            dtype,
+            bytes: byte_size(t).unwrap_or(0),
+            source: source.clone(),
+            decision,
+        });
+    }
+    out
+}

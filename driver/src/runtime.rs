@@ -1,0 +1,165 @@
+//! ONNX Runtime through the `ort` crate, loaded at run time (`load-dynamic`) from the shared library
+//! that the PyPI `onnxruntime` wheel ships (`onnxruntime/capi/libonnxruntime.so.*`). Nothing is
+//! downloaded. Lookup order: `--ort-lib`, `$ORT_DYLIB_PATH`, `.ort/onnxruntime/capi/` in the current
+//! folder or any parent (where the README's `pip install --target .ort onnxruntime` puts it) or next to
+//! the executable's ancestors, then Python's installed `onnxruntime` package (found with
+//! `importlib.util.find_spec`, which needs no numpy). One environment per process, ever.
+
+use crate::{Error, Result};
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+const INSTALL_HINT: &str = "install it with `pip install --no-deps --target .ort onnxruntime` in the repository \
+(or anywhere, then pass --ort-lib PATH/onnxruntime/capi/libonnxruntime.so.<version> or set ORT_DYLIB_PATH)";
+
+fn newest_lib_in(capi: &Path) -> Option<PathBuf> {
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(capi)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so."))
+        })
+        .collect();
+    libs.sort();
+    libs.pop()
+}
+
+fn search_ancestors(start: &Path) -> Option<PathBuf> {
+    start
+        .ancestors()
+        .find_map(|dir| newest_lib_in(&dir.join(".ort/onnxruntime/capi")))
+}
+
+fn from_python() -> Option<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import importlib.util as u, os; s = u.find_spec('onnxruntime'); print(os.path.dirname(s.origin) if s else '')"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let dir = String::from_utf8(out.stdout).ok()?;
+    let dir = dir.trim();
+    (!dir.is_empty())
+        .then(|| newest_lib_in(&Path::new(dir).join("capi")))
+        .flatten()
+}
+
+/// Finds the ONNX Runtime shared library.
+pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(Error::Runtime(format!(
+                "--ort-lib {} is not a file; {INSTALL_HINT}",
+                p.display()
+            )))
+        };
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::Runtime(format!(
+                "ORT_DYLIB_PATH={} is not a file; {INSTALL_HINT}",
+                p.display()
+            )))
+        };
+    }
+    let cwd = std::env::current_dir().ok();
+    let exe = std::env::current_exe().ok();
+    cwd.as_deref()
+        .and_then(search_ancestors)
+        .or_else(|| exe.as_deref().and_then(search_ancestors))
+        .or_else(from_python)
+        .ok_or_else(|| {
+            Error::Runtime(format!(
+                "the ONNX Runtime library was not found; {INSTALL_HINT}"
+            ))
+        })
+}
+
+static ENVIRONMENT: OnceLock<std::result::Result<ort::environment::Environment, String>> =
+    OnceLock::new();
+
+/// The process's ONNX Runtime environment, created on first use from `lib` (or the lookup order).
+pub fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Environment> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            let path = find_library(lib).map_err(|e| e.to_string())?;
+            ort::init_from(&path)
+                .map_err(|e| format!("cannot load {}: {e}", path.display()))?
+                .with_name("nibble")
+                .build()
+                .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", path.display()))
+        })
+        .as_ref()
+        .map_err(|e| Error::Runtime(e.trim_start_matches("ONNX Runtime: ").to_string()))
+}
+
+/// How a session is built.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionOptions {
+    /// Disable all graph optimizations (the plainest execution of the graph as written).
+    pub no_optimization: bool,
+}
+
+/// Opens a model file in ONNX Runtime, with MatMulNBits (if ORT fuses DQ+MatMul) computing in fp32
+/// (`accuracy_level` 1) so that results compare tightly with the unfused graph.
+pub fn open(model: &Path, opts: SessionOptions) -> Result<Session> {
+    let env = environment(None)?;
+    let err = |e: ort::Error| Error::Runtime(format!("{}: {e}", model.display()));
+    let mut b = Session::builder(env).map_err(err)?;
+    b = b
+        .with_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        .map_err(|e| err(e.into()))?;
+    if opts.no_optimization {
+        b = b
+            .with_optimization_level(GraphOptimizationLevel::Disable)
+            .map_err(|e| err(e.into()))?;
+    }
+    b.commit_from_file(model).map_err(err)
+}
+
+/// A named f32 tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    /// Input or output name.
+    pub name: String,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// Runs a session on f32 inputs and returns every output as f32.
+pub fn run_f32(session: &mut Session, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
+    let err = |e: ort::Error| Error::Runtime(e.to_string());
+    let mut values = Vec::with_capacity(inputs.len());
+    for t in inputs {
+        let v = ort::value::Tensor::from_array((t.shape.clone(), t.data.clone())).map_err(err)?;
+        values.push((t.name.clone(), ort::session::SessionInputValue::from(v)));
+    }
+    let names: Vec<String> = session
+        .outputs()
+        .iter()
+        .map(|o| o.name().to_string())
+        .collect();
+    let outputs = session.run(values).map_err(err)?;
+    names
+        .into_iter()
+        .map(|name| {
+            let (shape, data) = outputs[name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(err)?;
+            Ok(NamedTensor {
+                name,
+                shape: shape.iter().map(|&d| d as usize).collect(),
+                data: data.to_vec(),
+            })
+        })
+        .collect()
+}
