@@ -93,14 +93,9 @@ impl Precision for F16 {
         let sign = simd.and_u32s(bits, simd.splat_u32s(0x8000_0000));
         let abs = simd.and_u32s(bits, simd.splat_u32s(0x7fff_ffff));
         // Normal range: round the 23-bit significand to 10 bits, ties to even.
-        let lsb = simd.and_u32s(
-            simd.wrapping_dyn_shr_u32s(abs, simd.splat_u32s(13)),
-            simd.splat_u32s(1),
-        );
-        let normal = simd.and_u32s(
-            simd.add_u32s(simd.add_u32s(abs, simd.splat_u32s(0xfff)), lsb),
-            simd.splat_u32s(0xffff_e000),
-        );
+        let lsb = simd.and_u32s(simd.wrapping_dyn_shr_u32s(abs, simd.splat_u32s(13)), simd.splat_u32s(1));
+        let normal =
+            simd.and_u32s(simd.add_u32s(simd.add_u32s(abs, simd.splat_u32s(0xfff)), lsb), simd.splat_u32s(0xffff_e000));
         let overflow = simd.greater_than_or_equal_u32s(normal, simd.splat_u32s(0x4780_0000));
         let normal = simd.select_u32s(overflow, simd.splat_u32s(0x7f80_0000), normal);
         // Subnormal range: the FPU rounds |x| + 0.5 to a multiple of 2^-24.
@@ -122,14 +117,9 @@ impl Precision for BF16 {
         let bits: S::u32s = pulp::cast(x);
         let sign = simd.and_u32s(bits, simd.splat_u32s(0x8000_0000));
         let abs = simd.and_u32s(bits, simd.splat_u32s(0x7fff_ffff));
-        let lsb = simd.and_u32s(
-            simd.wrapping_dyn_shr_u32s(abs, simd.splat_u32s(16)),
-            simd.splat_u32s(1),
-        );
-        let rounded = simd.and_u32s(
-            simd.add_u32s(simd.add_u32s(abs, simd.splat_u32s(0x7fff)), lsb),
-            simd.splat_u32s(0xffff_0000),
-        );
+        let lsb = simd.and_u32s(simd.wrapping_dyn_shr_u32s(abs, simd.splat_u32s(16)), simd.splat_u32s(1));
+        let rounded = simd
+            .and_u32s(simd.add_u32s(simd.add_u32s(abs, simd.splat_u32s(0x7fff)), lsb), simd.splat_u32s(0xffff_0000));
         let is_nan = simd.greater_than_u32s(abs, simd.splat_u32s(0x7f80_0000));
         let rounded = simd.select_u32s(is_nan, abs, rounded);
         pulp::cast(simd.or_u32s(rounded, sign))

@@ -57,12 +57,7 @@ pub struct QuantParams {
 impl QuantParams {
     /// Symmetric INT4 along axis 0, alpha 1: ModelOpt's RTN.
     pub fn rtn(block_size: BlockSize) -> QuantParams {
-        QuantParams {
-            block_size,
-            axis: 0,
-            zero_point: false,
-            alpha: 1.0,
-        }
+        QuantParams { block_size, axis: 0, zero_point: false, alpha: 1.0 }
     }
 }
 
@@ -138,11 +133,7 @@ pub struct QuantizedWeight {
 }
 
 /// Quantizes a row-major weight of `shape` on the best tier.
-pub fn quantize_weight(
-    data: WeightData<'_>,
-    shape: [usize; 2],
-    params: &QuantParams,
-) -> Result<QuantizedWeight> {
+pub fn quantize_weight(data: WeightData<'_>, shape: [usize; 2], params: &QuantParams) -> Result<QuantizedWeight> {
     quantize_weight_with(Tier::best(), data, shape, params)
 }
 
@@ -159,15 +150,7 @@ pub fn quantize_weight_with(
     match params.axis {
         0 => {
             let block = params.block_size.resolve(r);
-            axis0(
-                tier,
-                data.format(),
-                &|range| data.to_f32(range),
-                [r, c],
-                block,
-                params,
-                true,
-            )
+            axis0(tier, data.format(), &|range| data.to_f32(range), [r, c], block, params, true)
         }
         1 => {
             let block = params.block_size.resolve(c);
@@ -191,19 +174,10 @@ pub fn quantize_weight_with(
             let mut packed = vec![0u8; (r * c).div_ceil(2)];
             kernels::pack_nibbles_with(tier, &codes, &mut packed)?;
             let nb = q.scale_shape[0];
-            let tr =
-                |v: &[f32]| -> Vec<f32> { (0..r * nb).map(|e| v[(e % nb) * r + e / nb]).collect() };
+            let tr = |v: &[f32]| -> Vec<f32> { (0..r * nb).map(|e| v[(e % nb) * r + e / nb]).collect() };
             let scale = tr(&q.scale);
-            let zero_point = q
-                .zero_point
-                .map(|z| (0..r * nb).map(|e| z[(e % nb) * r + e / nb]).collect());
-            Ok(QuantizedWeight {
-                packed,
-                scale,
-                scale_shape: [r, nb],
-                zero_point,
-                block,
-            })
+            let zero_point = q.zero_point.map(|z| (0..r * nb).map(|e| z[(e % nb) * r + e / nb]).collect());
+            Ok(QuantizedWeight { packed, scale, scale_shape: [r, nb], zero_point, block })
         }
         axis => Err(Error::BadAxis { axis }),
     }
@@ -228,13 +202,7 @@ fn axis0(
     let code_bytes = if pack { (k * n).div_ceil(2) } else { k * n };
     let mut out = vec![0u8; code_bytes];
     if k == 0 || n == 0 {
-        return Ok(QuantizedWeight {
-            packed: out,
-            scale,
-            scale_shape: [nb, n],
-            zero_point,
-            block,
-        });
+        return Ok(QuantizedWeight { packed: out, scale, scale_shape: [nb, n], zero_point, block });
     }
     // Output bytes per block (the last may be shorter).
     let per_block = if pack { block * n / 2 } else { block * n };
@@ -250,30 +218,11 @@ fn axis0(
         .map(|(b, ((out, scale), zp))| {
             let rows = block.min(k - b * block);
             let w = source(b * block * n..(b * block + rows) * n);
-            one_block(
-                tier,
-                format,
-                &w,
-                n,
-                rows < block,
-                params,
-                b,
-                block,
-                scale,
-                zp.as_deref_mut(),
-                out,
-                pack,
-            )
+            one_block(tier, format, &w, n, rows < block, params, b, block, scale, zp.as_deref_mut(), out, pack)
         })
         .collect();
     results.into_iter().collect::<Result<()>>()?;
-    Ok(QuantizedWeight {
-        packed: out,
-        scale,
-        scale_shape: [nb, n],
-        zero_point,
-        block,
-    })
+    Ok(QuantizedWeight { packed: out, scale, scale_shape: [nb, n], zero_point, block })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -292,12 +241,7 @@ fn one_block(
     pack: bool,
 ) -> Result<()> {
     let rows = w.len() / n;
-    let non_finite = |column: usize| Error::NonFinite {
-        block: b,
-        column,
-        start: b * block,
-        end: b * block + rows,
-    };
+    let non_finite = |column: usize| Error::NonFinite { block: b, column, start: b * block, end: b * block + rows };
     let mut zp = vec![0.0f32; if params.zero_point { n } else { 0 }];
     if params.zero_point {
         let mut lo = vec![0.0f32; n];

@@ -35,11 +35,7 @@ pub fn block_absmax(w: &[f32], cols: usize) -> Vec<f32> {
 
 /// Per-column minimum and maximum of a slab, with an extra 0.0 row when `include_zero`.
 pub fn block_minmax(w: &[f32], cols: usize, include_zero: bool) -> (Vec<f32>, Vec<f32>) {
-    let start = if include_zero {
-        (0.0, 0.0)
-    } else {
-        (f32::INFINITY, f32::NEG_INFINITY)
-    };
+    let start = if include_zero { (0.0, 0.0) } else { (f32::INFINITY, f32::NEG_INFINITY) };
     let mut lo = vec![start.0; cols];
     let mut hi = vec![start.1; cols];
     for (k, &x) in w.iter().enumerate() {
@@ -86,12 +82,7 @@ pub fn scales_symmetric(format: FloatFormat, amax: &[f32], alpha: f64) -> Vec<f3
 
 /// `s = (max - min).clip(min=CLIP_MIN) / 15; z = (-np.round(min / s)).clip(0, 15)`, with `max` and
 /// `min` first multiplied by alpha (a no-op at ModelOpt's alpha = 1).
-pub fn scales_zero_point(
-    format: FloatFormat,
-    min: &[f32],
-    max: &[f32],
-    alpha: f64,
-) -> (Vec<f32>, Vec<f32>) {
+pub fn scales_zero_point(format: FloatFormat, min: &[f32], max: &[f32], alpha: f64) -> (Vec<f32>, Vec<f32>) {
     let alpha = format.constant(alpha);
     let fifteen = format.constant(15.0);
     min.iter()
@@ -112,13 +103,7 @@ pub fn scales_zero_point(
 
 /// `np.rint(w / s).clip(-8, 7).astype(np.int8)`, or with `+ zp` before `.clip(0, 15)`, per element
 /// of a slab; returns the int8 values as bytes.
-pub fn quantize(
-    format: FloatFormat,
-    w: &[f32],
-    cols: usize,
-    scale: &[f32],
-    zp: Option<&[f32]>,
-) -> Vec<u8> {
+pub fn quantize(format: FloatFormat, w: &[f32], cols: usize, scale: &[f32], zp: Option<&[f32]>) -> Vec<u8> {
     w.iter()
         .enumerate()
         .map(|(k, &x)| {
@@ -134,13 +119,7 @@ pub fn quantize(
 }
 
 /// `q * s`, or `(q - zp) * s`, in the weight dtype, per element of a slab.
-pub fn dequantize(
-    format: FloatFormat,
-    codes: &[u8],
-    cols: usize,
-    scale: &[f32],
-    zp: Option<&[f32]>,
-) -> Vec<f32> {
+pub fn dequantize(format: FloatFormat, codes: &[u8], cols: usize, scale: &[f32], zp: Option<&[f32]>) -> Vec<f32> {
     codes
         .iter()
         .enumerate()
@@ -156,10 +135,7 @@ pub fn dequantize(
 
 /// Packs int4 values in ONNX order (element `2i` low nibble of byte `i`, odd tail high nibble 0).
 pub fn pack(values: &[u8]) -> Vec<u8> {
-    values
-        .chunks(2)
-        .map(|p| (p[0] & 0xf) | (p.get(1).map_or(0, |h| h & 0xf) << 4))
-        .collect()
+    values.chunks(2).map(|p| (p[0] & 0xf) | (p.get(1).map_or(0, |h| h & 0xf) << 4)).collect()
 }
 
 /// Scales (and zero points) of a whole 2-D tensor, shaped as numpy returns them.
@@ -175,12 +151,7 @@ pub struct Scales {
 
 /// Zero-pads the quantized axis to a multiple of `block`, and makes it the row axis (numpy's
 /// `_pad` followed by the transposes in `find_scales`): returns the `[padded_len, others]` matrix.
-fn blocked_rows(
-    w: &[f32],
-    shape: [usize; 2],
-    block: usize,
-    axis: usize,
-) -> (Vec<f32>, usize, usize) {
+fn blocked_rows(w: &[f32], shape: [usize; 2], block: usize, axis: usize) -> (Vec<f32>, usize, usize) {
     let [r, c] = shape;
     let (len, others) = if axis == 0 { (r, c) } else { (c, r) };
     let padded = len.div_ceil(block) * block;
@@ -224,22 +195,11 @@ pub fn find_scales(
         if axis == 0 {
             v
         } else {
-            (0..others)
-                .flat_map(|n| (0..nb).map(move |b| (b, n)))
-                .map(|(b, n)| v[b * others + n])
-                .collect()
+            (0..others).flat_map(|n| (0..nb).map(move |b| (b, n))).map(|(b, n)| v[b * others + n]).collect()
         }
     };
-    let shape_out = if axis == 0 {
-        [nb, others]
-    } else {
-        [others, nb]
-    };
-    Scales {
-        scale: transpose(scale),
-        zero_point: zero_point.then(|| transpose(zps)),
-        shape: shape_out,
-    }
+    let shape_out = if axis == 0 { [nb, others] } else { [others, nb] };
+    Scales { scale: transpose(scale), zero_point: zero_point.then(|| transpose(zps)), shape: shape_out }
 }
 
 /// Scale index of element `(i, j)`.
@@ -252,23 +212,13 @@ fn scale_index(scales: &Scales, i: usize, j: usize, block: usize, axis: usize) -
 }
 
 /// `rtn(w, s, block_size, quantize_axis, zp)`: the int8 codes of the whole tensor.
-pub fn rtn(
-    format: FloatFormat,
-    w: &[f32],
-    shape: [usize; 2],
-    scales: &Scales,
-    block: usize,
-    axis: usize,
-) -> Vec<u8> {
+pub fn rtn(format: FloatFormat, w: &[f32], shape: [usize; 2], scales: &Scales, block: usize, axis: usize) -> Vec<u8> {
     let c = shape[1];
     w.iter()
         .enumerate()
         .map(|(e, &x)| {
             let si = scale_index(scales, e / c, e % c, block, axis);
-            let zp = scales
-                .zero_point
-                .as_ref()
-                .map(|z| std::slice::from_ref(&z[si]));
+            let zp = scales.zero_point.as_ref().map(|z| std::slice::from_ref(&z[si]));
             quantize(format, &[x], 1, &scales.scale[si..=si], zp)[0]
         })
         .collect()
@@ -289,10 +239,7 @@ pub fn dq_tensor(
         .enumerate()
         .map(|(e, &q)| {
             let si = scale_index(scales, e / c, e % c, block, axis);
-            let zp = scales
-                .zero_point
-                .as_ref()
-                .map(|z| std::slice::from_ref(&z[si]));
+            let zp = scales.zero_point.as_ref().map(|z| std::slice::from_ref(&z[si]));
             dequantize(format, &[q], 1, &scales.scale[si..=si], zp)[0]
         })
         .collect()

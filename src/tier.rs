@@ -66,10 +66,7 @@ impl Tier {
         static BEST: OnceLock<Tier> = OnceLock::new();
         *BEST.get_or_init(|| {
             let detected = *Tier::available().last().unwrap_or(&Tier::Scalar);
-            match std::env::var("NIBBLE_TIER")
-                .ok()
-                .and_then(|n| Tier::from_name(&n))
-            {
+            match std::env::var("NIBBLE_TIER").ok().and_then(|n| Tier::from_name(&n)) {
                 Some(t) if t.is_available() => t,
                 _ => detected,
             }
@@ -87,19 +84,11 @@ impl Tier {
         match self {
             Tier::Scalar => Simd::vectorize(pulp::Scalar::new(), op),
             #[cfg(target_arch = "x86_64")]
-            Tier::Avx2 => {
-                Simd::vectorize(pulp::x86::V3::try_new().expect("avx2 tier unavailable"), op)
-            }
+            Tier::Avx2 => Simd::vectorize(pulp::x86::V3::try_new().expect("avx2 tier unavailable"), op),
             #[cfg(target_arch = "x86_64")]
-            Tier::Avx512 => Simd::vectorize(
-                pulp::x86::V4::try_new().expect("avx512 tier unavailable"),
-                op,
-            ),
+            Tier::Avx512 => Simd::vectorize(pulp::x86::V4::try_new().expect("avx512 tier unavailable"), op),
             #[cfg(target_arch = "aarch64")]
-            Tier::Neon => Simd::vectorize(
-                pulp::aarch64::Neon::try_new().expect("neon tier unavailable"),
-                op,
-            ),
+            Tier::Neon => Simd::vectorize(pulp::aarch64::Neon::try_new().expect("neon tier unavailable"), op),
             #[allow(unreachable_patterns)]
             _ => panic!("tier {} is not compiled for this target", self.name()),
         }

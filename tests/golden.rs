@@ -14,10 +14,7 @@ fn golden_dir() -> PathBuf {
 }
 
 fn load(case: &str) -> HashMap<String, Array> {
-    read_arrays(&golden_dir().join(format!("{case}.npz")))
-        .unwrap()
-        .into_iter()
-        .collect()
+    read_arrays(&golden_dir().join(format!("{case}.npz"))).unwrap().into_iter().collect()
 }
 
 fn cases(prefix: &str) -> Vec<String> {
@@ -25,9 +22,7 @@ fn cases(prefix: &str) -> Vec<String> {
         .unwrap()
         .filter_map(|e| {
             let name = e.unwrap().file_name().into_string().unwrap();
-            name.strip_suffix(".npz")
-                .filter(|n| n.starts_with(prefix))
-                .map(str::to_string)
+            name.strip_suffix(".npz").filter(|n| n.starts_with(prefix)).map(str::to_string)
         })
         .collect();
     v.sort();
@@ -43,7 +38,6 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 struct Case {
-    name: String,
     format: FloatFormat,
     w: Vec<f32>,
     w16: Option<Vec<u16>>,
@@ -64,19 +58,14 @@ fn case(name: &str) -> Case {
         d => panic!("{name}: unexpected weight dtype {d:?}"),
     };
     Case {
-        name: name.to_string(),
         format,
         w: w.as_f32().unwrap(),
         w16: (format == FloatFormat::F16).then(|| w.as_u16().unwrap()),
         shape: [w.shape[0], w.shape[1]],
         block: scalar(&arrays["in_block_size"]) as usize,
-        axis: arrays
-            .get("in_quantize_axis")
-            .map_or(0, |a| scalar(a) as usize),
+        axis: arrays.get("in_quantize_axis").map_or(0, |a| scalar(a) as usize),
         alpha: arrays.get("in_alpha").map_or(1.0, scalar),
-        zero_point: arrays
-            .get("in_use_zero_point")
-            .is_some_and(|a| scalar(a) != 0.0),
+        zero_point: arrays.get("in_use_zero_point").is_some_and(|a| scalar(a) != 0.0),
         arrays,
     }
 }
@@ -95,51 +84,21 @@ fn reference_matches_modelopt_q_cases() {
         if is_nonfinite_case(&c) {
             continue;
         }
-        let s = reference::find_scales(
-            c.format,
-            &c.w,
-            c.shape,
-            c.block,
-            c.axis,
-            c.alpha,
-            c.zero_point,
-        );
+        let s = reference::find_scales(c.format, &c.w, c.shape, c.block, c.axis, c.alpha, c.zero_point);
         let out_scale = c.arrays["out_scale"].as_f32().unwrap();
-        assert_eq!(
-            s.shape.to_vec(),
-            c.arrays["out_scale"].shape,
-            "{name}: scale shape"
-        );
+        assert_eq!(s.shape.to_vec(), c.arrays["out_scale"].shape, "{name}: scale shape");
         assert_eq!(bits(&s.scale), bits(&out_scale), "{name}: scales");
         if c.zero_point {
-            let want: Vec<i64> = c.arrays["out_zp"]
-                .to_f64()
-                .iter()
-                .map(|&z| z as i64)
-                .collect();
-            let got: Vec<i64> = s
-                .zero_point
-                .as_ref()
-                .unwrap()
-                .iter()
-                .map(|&z| z as i64)
-                .collect();
+            let want: Vec<i64> = c.arrays["out_zp"].to_f64().iter().map(|&z| z as i64).collect();
+            let got: Vec<i64> = s.zero_point.as_ref().unwrap().iter().map(|&z| z as i64).collect();
             assert_eq!(got, want, "{name}: zero points");
         }
         let q = reference::rtn(c.format, &c.w, c.shape, &s, c.block, c.axis);
         let want_q: Vec<u8> = c.arrays["out_q"].data.clone();
         assert_eq!(q, want_q, "{name}: codes");
         let dq = reference::dq_tensor(c.format, &q, c.shape, &s, c.block, c.axis);
-        assert_eq!(
-            bits(&dq),
-            bits(&c.arrays["out_dq"].as_f32().unwrap()),
-            "{name}: dequantized"
-        );
-        assert_eq!(
-            reference::pack(&q),
-            c.arrays["out_packed"].data,
-            "{name}: packed"
-        );
+        assert_eq!(bits(&dq), bits(&c.arrays["out_dq"].as_f32().unwrap()), "{name}: dequantized");
+        assert_eq!(reference::pack(&q), c.arrays["out_packed"].data, "{name}: packed");
         checked += 1;
     }
     assert!(checked >= 24, "only {checked} cases checked");
@@ -170,26 +129,11 @@ fn every_tier_matches_modelopt_q_cases() {
             }
             let qw = result.unwrap();
             let out_scale = c.arrays["out_scale"].as_f32().unwrap();
-            assert_eq!(
-                bits(&qw.scale),
-                bits(&out_scale),
-                "{name} on {tier:?}: scales"
-            );
-            assert_eq!(
-                qw.packed, c.arrays["out_packed"].data,
-                "{name} on {tier:?}: packed codes"
-            );
+            assert_eq!(bits(&qw.scale), bits(&out_scale), "{name} on {tier:?}: scales");
+            assert_eq!(qw.packed, c.arrays["out_packed"].data, "{name} on {tier:?}: packed codes");
             if c.zero_point {
-                let want: Vec<u8> = c.arrays["out_zp"]
-                    .to_f64()
-                    .iter()
-                    .map(|&z| z as u8)
-                    .collect();
-                assert_eq!(
-                    qw.zero_point.as_ref().unwrap(),
-                    &want,
-                    "{name} on {tier:?}: zero points"
-                );
+                let want: Vec<u8> = c.arrays["out_zp"].to_f64().iter().map(|&z| z as u8).collect();
+                assert_eq!(qw.zero_point.as_ref().unwrap(), &want, "{name} on {tier:?}: zero points");
             } else {
                 assert!(qw.zero_point.is_none());
             }
@@ -216,11 +160,7 @@ fn packing_matches_modelopt() {
     for name in ["pack_int4_signed", "pack_uint4"] {
         let a = load(name);
         let values = &a["in_values"].data;
-        assert_eq!(
-            reference::pack(values),
-            a["out_packed"].data,
-            "{name}: reference"
-        );
+        assert_eq!(reference::pack(values), a["out_packed"].data, "{name}: reference");
         for tier in Tier::available() {
             let mut out = vec![0u8; values.len().div_ceil(2)];
             nibble::kernels::pack_nibbles_with(tier, values, &mut out).unwrap();
@@ -231,11 +171,7 @@ fn packing_matches_modelopt() {
     let values: Vec<i8> = a["in_values"].data.iter().map(|&b| b as i8).collect();
     let packed = reference::pack(&a["in_values"].data);
     let back = unpack_nibbles(&packed, values.len(), true).unwrap();
-    let want: Vec<i8> = a["out_onnx_to_array"]
-        .data
-        .iter()
-        .map(|&b| b as i8)
-        .collect();
+    let want: Vec<i8> = a["out_onnx_to_array"].data.iter().map(|&b| b as i8).collect();
     assert_eq!(back, want);
     assert_eq!(back, values);
 }

@@ -21,10 +21,10 @@ fn element() -> impl Strategy<Value = f32> {
         1 => Just(0.0f32),
         1 => Just(-0.0f32),
         1 => (1u32..0x0080_0000).prop_map(|b| f32::from_bits(b) * if b % 2 == 0 { 1.0 } else { -1.0 }),
-        1 => (-1.0e30f32..1.0e30),
-        1 => (-1.0e-30f32..1.0e-30),
-        1 => (-70000.0f32..70000.0),
-        1 => (-1.0e-4f32..1.0e-4),
+        1 => -1.0e30f32..1.0e30,
+        1 => -1.0e-30f32..1.0e-30,
+        1 => -70000.0f32..70000.0,
+        1 => -1.0e-4f32..1.0e-4,
     ]
 }
 
@@ -47,37 +47,22 @@ impl Slab {
 fn slab(format: FloatFormat, max_rows: usize) -> impl Strategy<Value = Slab> {
     (0usize..=49, 0usize..=max_rows, 0usize..16).prop_flat_map(move |(cols, rows, offset)| {
         let n = offset + rows * cols;
-        (
-            proptest::collection::vec(element(), n),
-            proptest::collection::vec(any::<bool>(), cols.max(1)),
-        )
-            .prop_map(move |(mut buf, zero_cols)| {
+        (proptest::collection::vec(element(), n), proptest::collection::vec(any::<bool>(), cols.max(1))).prop_map(
+            move |(mut buf, zero_cols)| {
                 for (i, x) in buf.iter_mut().enumerate() {
                     *x = format.round(*x);
-                    if i >= offset
-                        && cols > 0
-                        && zero_cols[(i - offset) % cols]
-                        && (i - offset) % 7 == 0
-                    {
+                    if i >= offset && cols > 0 && zero_cols[(i - offset) % cols] && (i - offset) % 7 == 0 {
                         *x = 0.0;
                     }
                 }
-                Slab {
-                    buf,
-                    offset,
-                    rows,
-                    cols,
-                }
-            })
+                Slab { buf, offset, rows, cols }
+            },
+        )
     })
 }
 
 fn alpha() -> impl Strategy<Value = f64> {
-    prop_oneof![
-        Just(1.0),
-        (10u32..=20).prop_map(|k| k as f64 * 0.05),
-        0.01f64..1.5
-    ]
+    prop_oneof![Just(1.0), (10u32..=20).prop_map(|k| k as f64 * 0.05), 0.01f64..1.5]
 }
 
 fn finite(v: &[f32]) -> bool {
@@ -216,14 +201,7 @@ fn rounding_edges_match_half() {
     edges.extend((0..1216).map(|i| f32::from_bits(0x3380_0000 + i * 0x0010_0000)));
     let all: Vec<f32> = edges
         .iter()
-        .flat_map(|&x| {
-            [
-                x,
-                -x,
-                f32::from_bits(x.to_bits() + 1),
-                f32::from_bits(x.to_bits().saturating_sub(1)),
-            ]
-        })
+        .flat_map(|&x| [x, -x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().saturating_sub(1))])
         .filter(|x| !x.is_nan())
         .collect();
     for format in FORMATS {
@@ -252,10 +230,7 @@ fn non_finite_values_show_in_statistics() {
                     assert!(amax.iter().enumerate().all(|(c, a)| c == col || *a == 0.5));
                     let (mut lo, mut hi) = (vec![0.0; cols], vec![0.0; cols]);
                     block_minmax_with(tier, &w, cols, false, &mut lo, &mut hi).unwrap();
-                    assert!(
-                        !lo[col].is_finite() || !hi[col].is_finite(),
-                        "{tier:?} {bad} minmax"
-                    );
+                    assert!(!lo[col].is_finite() || !hi[col].is_finite(), "{tier:?} {bad} minmax");
                 }
             }
         }
@@ -267,10 +242,7 @@ fn non_finite_values_show_in_statistics() {
 fn length_mismatches_are_errors() {
     let w = vec![1.0f32; 10];
     let mut out = vec![0.0f32; 3];
-    assert!(matches!(
-        block_absmax(&w, 3, &mut out),
-        Err(nibble::Error::LengthMismatch { .. })
-    ));
+    assert!(matches!(block_absmax(&w, 3, &mut out), Err(nibble::Error::LengthMismatch { .. })));
     let mut out4 = vec![0.0f32; 4];
     assert!(block_absmax(&w[..8], 2, &mut out4).is_err());
     let mut codes = vec![0u8; 9];

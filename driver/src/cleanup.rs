@@ -8,18 +8,12 @@ static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Remembers a temporary file.
 pub fn register(path: &Path) {
-    PENDING
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(path.to_path_buf());
+    PENDING.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
 }
 
 /// Forgets a temporary file (renamed or removed).
 pub fn unregister(path: &Path) {
-    PENDING
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|p| p != path);
+    PENDING.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != path);
 }
 
 /// Removes every registered temporary file (called from the signal handler's thread).

@@ -113,22 +113,10 @@ impl Error {
     /// Wraps a kernel error for `tensor`, turning its NaN report into [`Error::NonFinite`].
     pub fn kernel(tensor: &str, source: nibble::Error) -> Error {
         match source {
-            nibble::Error::NonFinite {
-                block,
-                column,
-                start,
-                end,
-            } => Error::NonFinite {
-                tensor: tensor.to_string(),
-                block,
-                column,
-                start,
-                end,
-            },
-            source => Error::Kernel {
-                tensor: tensor.to_string(),
-                source,
-            },
+            nibble::Error::NonFinite { block, column, start, end } => {
+                Error::NonFinite { tensor: tensor.to_string(), block, column, start, end }
+            }
+            source => Error::Kernel { tensor: tensor.to_string(), source },
         }
     }
 }

@@ -19,16 +19,9 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
         Err(e) => format!("cannot be upgraded: {e}"),
     };
     let _ = writeln!(s, "model: {}", path.display());
-    let _ = writeln!(
-        s,
-        "ir_version {}, default-domain opset {version} ({upgrade})",
-        model.proto.ir_version.unwrap_or(0)
-    );
-    let _ = writeln!(
-        s,
-        "{:<48} {:<6} {:<14} {:<9} {:>12}  decision",
-        "node / weight", "op", "shape", "dtype", "bytes"
-    );
+    let _ =
+        writeln!(s, "ir_version {}, default-domain opset {version} ({upgrade})", model.proto.ir_version.unwrap_or(0));
+    let _ = writeln!(s, "{:<48} {:<6} {:<14} {:<9} {:>12}  decision", "node / weight", "op", "shape", "dtype", "bytes");
     let mut total = 0usize;
     let mut quantized = 0usize;
     for c in &candidates {
@@ -40,6 +33,7 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
             }
             Decision::Excluded { pattern } => format!("excluded by '{pattern}'"),
             Decision::Skipped { reason } => format!("skipped: {reason}"),
+            Decision::Unsupported { reason } => format!("error: {reason} cannot be quantized (--exclude the node)"),
         };
         let _ = writeln!(
             s,
@@ -52,10 +46,6 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
             c.weight
         );
     }
-    let _ = writeln!(
-        s,
-        "{quantized} of {} weights would be quantized ({total} bytes)",
-        candidates.len()
-    );
+    let _ = writeln!(s, "{quantized} of {} weights would be quantized ({total} bytes)", candidates.len());
     Ok(s)
 }

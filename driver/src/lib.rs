@@ -8,6 +8,7 @@ pub mod npy;
 pub mod onnx;
 
 pub use error::{Error, Result};
+pub mod compare;
 pub mod inspect;
 pub mod opset;
 pub mod plan;

@@ -56,6 +56,20 @@ enum Command {
         #[arg(long = "exclude", value_name = "REGEX")]
         exclude: Vec<String>,
     },
+    /// Run ORIGINAL and QUANTIZED in ONNX Runtime on the same seeded inputs and report the error
+    /// of every output.
+    Compare {
+        /// The float model.
+        original: PathBuf,
+        /// Its quantized form.
+        quantized: PathBuf,
+        /// Input seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out.
     Example {
         /// Output model.
@@ -112,14 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 exclude.into_iter().filter(|p| !p.is_empty()).collect()
             };
-            let opts = Options {
-                method,
-                block_size,
-                zero_point,
-                exclude,
-                external_data,
-                force,
-            };
+            let opts = Options { method, block_size, zero_point, exclude, external_data, force };
             let s = quantize_file(&model, &output, &opts)?;
             println!(
                 "quantized {} of {} weights ({} -> {}); model {} -> {}{}; {:.2} s ({} tier) -> {}",
@@ -129,35 +136,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mb(s.weight_bytes_after),
                 mb(s.model_bytes_before),
                 mb(s.model_bytes_after),
-                if s.opset_raised {
-                    "; opset raised to 21"
-                } else {
-                    ""
-                },
+                if s.opset_raised { "; opset raised to 21" } else { "" },
                 s.seconds,
                 nibble::Tier::best().name(),
                 output.display()
             );
         }
         Command::Inspect { model, exclude } => {
-            let exclude = if exclude.is_empty() {
-                vec!["/lm_head".to_string()]
-            } else {
-                exclude
-            };
+            let exclude = if exclude.is_empty() { vec!["/lm_head".to_string()] } else { exclude };
             print!("{}", nibble_driver::inspect::inspect(&model, &exclude)?);
         }
-        Command::Example {
-            output,
-            hidden,
-            intermediate,
-            layers,
-            vocab,
-            dtype,
-            opset,
-            external_data,
-            force,
-        } => {
+        Command::Compare { original, quantized, seed, json } => {
+            let reports = nibble_driver::compare::compare(&original, &quantized, seed)?;
+            if json {
+                let items: Vec<String> = reports
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{{\"output\":{:?},\"relative_error\":{},\"max_abs_error\":{},\"cosine\":{},\"top1_agreement\":{}}}",
+                            r.name,
+                            r.relative_error,
+                            r.max_abs_error,
+                            r.cosine,
+                            r.top1_agreement.map_or("null".to_string(), |v| v.to_string())
+                        )
+                    })
+                    .collect();
+                println!("[{}]", items.join(","));
+            } else {
+                println!("{:<24} {:>12} {:>12} {:>10} {:>8}", "output", "rel. error", "max |diff|", "cosine", "top-1");
+                for r in reports {
+                    let top1 = r.top1_agreement.map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0));
+                    println!(
+                        "{:<24} {:>12.3e} {:>12.3e} {:>10.6} {:>8}",
+                        r.name, r.relative_error, r.max_abs_error, r.cosine, top1
+                    );
+                }
+            }
+        }
+        Command::Example { output, hidden, intermediate, layers, vocab, dtype, opset, external_data, force } => {
             let format = match dtype.as_str() {
                 "f32" | "float32" => nibble::FloatFormat::F32,
                 "f16" | "float16" => nibble::FloatFormat::F16,
@@ -165,27 +182,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 d => anyhow::bail!("--dtype {d}: use f32, f16 or bf16"),
             };
             if output.exists() && !force {
-                anyhow::bail!(
-                    "output {}: already exists; pass --force to overwrite it",
-                    output.display()
-                );
+                anyhow::bail!("output {}: already exists; pass --force to overwrite it", output.display());
             }
-            let cfg = TransformerConfig {
-                hidden,
-                intermediate,
-                layers,
-                vocab,
-                format,
-                opset,
-                seed: 1,
-            };
+            let cfg = TransformerConfig { hidden, intermediate, layers, vocab, format, opset, seed: 1 };
             let written = nibble_driver::model::save(transformer(&cfg), &output, external_data)?;
-            println!(
-                "wrote {} ({} parameters in MatMul weights, {})",
-                output.display(),
-                cfg.parameters(),
-                mb(written)
-            );
+            println!("wrote {} ({} parameters in MatMul weights, {})", output.display(), cfg.parameters(), mb(written));
         }
     }
     Ok(())

@@ -10,8 +10,7 @@
 //! model behind. The input is only ever read.
 
 use crate::onnx::{
-    tensor_proto::DataLocation, tensor_proto::DataType, ModelProto, StringStringEntryProto,
-    TensorProto,
+    tensor_proto::DataLocation, tensor_proto::DataType, ModelProto, StringStringEntryProto, TensorProto,
 };
 use crate::{Error, Result};
 use bytes::Bytes;
@@ -33,8 +32,7 @@ pub struct Model {
 
 /// ONNX's name for a data type number.
 pub fn dtype_name(dtype: i32) -> String {
-    DataType::try_from(dtype)
-        .map_or_else(|_| format!("type {dtype}"), |d| d.as_str_name().to_string())
+    DataType::try_from(dtype).map_or_else(|_| format!("type {dtype}"), |d| d.as_str_name().to_string())
 }
 
 /// Bytes per element for fixed-size types (`None` for strings, 4-bit types, unknown).
@@ -42,8 +40,7 @@ pub fn dtype_size(dtype: i32) -> Option<usize> {
     use DataType::*;
     Some(match DataType::try_from(dtype).ok()? {
         Float | Int32 | Uint32 => 4,
-        Uint8 | Int8 | Bool | Float8e4m3fn | Float8e4m3fnuz | Float8e5m2 | Float8e5m2fnuz
-        | Float8e8m0 => 1,
+        Uint8 | Int8 | Bool | Float8e4m3fn | Float8e4m3fnuz | Float8e5m2 | Float8e5m2fnuz | Float8e8m0 => 1,
         Uint16 | Int16 | Float16 | Bfloat16 => 2,
         Int64 | Double | Uint64 | Complex64 => 8,
         Complex128 => 16,
@@ -53,9 +50,7 @@ pub fn dtype_size(dtype: i32) -> Option<usize> {
 
 /// Number of elements of a tensor, checked against overflow and negative dims.
 pub fn element_count(t: &TensorProto) -> Option<usize> {
-    t.dims.iter().try_fold(1usize, |acc, &d| {
-        usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-    })
+    t.dims.iter().try_fold(1usize, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
 }
 
 /// The byte size of a tensor's data.
@@ -71,10 +66,7 @@ pub fn byte_size(t: &TensorProto) -> Option<usize> {
 impl Model {
     /// Maps and decodes `path`.
     pub fn load(path: &Path) -> Result<Model> {
-        let read_err = |source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        };
+        let read_err = |source| Error::Read { path: path.to_path_buf(), source };
         let file = std::fs::File::open(path).map_err(read_err)?;
         let len = file.metadata().map_err(read_err)?.len();
         let bytes = if len == 0 {
@@ -85,28 +77,14 @@ impl Model {
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
             Bytes::from_owner(map)
         };
-        let proto = ModelProto::decode(bytes).map_err(|e| Error::Parse {
-            path: path.to_path_buf(),
-            why: e.to_string(),
-        })?;
+        let proto =
+            ModelProto::decode(bytes).map_err(|e| Error::Parse { path: path.to_path_buf(), why: e.to_string() })?;
         if proto.graph.is_none() {
-            return Err(Error::Parse {
-                path: path.to_path_buf(),
-                why: "it has no graph".into(),
-            });
+            return Err(Error::Parse { path: path.to_path_buf(), why: "it has no graph".into() });
         }
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            dir
-        };
-        Ok(Model {
-            proto,
-            path: path.to_path_buf(),
-            dir,
-            external: Default::default(),
-        })
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        Ok(Model { proto, path: path.to_path_buf(), dir, external: Default::default() })
     }
 
     /// Canonical paths of the external data files the model refers to (for output checks).
@@ -130,27 +108,16 @@ impl Model {
     /// checked against the size its dims and type declare.
     pub fn tensor_bytes(&self, t: &TensorProto) -> Result<Bytes> {
         let name = t.name.clone().unwrap_or_default();
-        let bad = |why: String| Error::BadTensor {
-            tensor: name.clone(),
-            why,
-        };
+        let bad = |why: String| Error::BadTensor { tensor: name.clone(), why };
         let expected = byte_size(t).ok_or_else(|| {
-            bad(format!(
-                "dims {:?} of type {} have no fixed byte size",
-                t.dims,
-                dtype_name(t.data_type.unwrap_or(0))
-            ))
+            bad(format!("dims {:?} of type {} have no fixed byte size", t.dims, dtype_name(t.data_type.unwrap_or(0))))
         })?;
         if t.data_location == Some(DataLocation::External as i32) {
             return self.external_bytes(t, expected);
         }
         if let Some(raw) = &t.raw_data {
             if raw.len() != expected {
-                return Err(bad(format!(
-                    "raw_data has {} bytes, dims {:?} need {expected}",
-                    raw.len(),
-                    t.dims
-                )));
+                return Err(bad(format!("raw_data has {} bytes, dims {:?} need {expected}", raw.len(), t.dims)));
             }
             return Ok(raw.clone());
         }
@@ -169,10 +136,7 @@ impl Model {
             Some(DataType::Float16 | DataType::Bfloat16 | DataType::Uint16 | DataType::Int16)
                 if t.int32_data.len() == n =>
             {
-                t.int32_data
-                    .iter()
-                    .flat_map(|&v| (v as u16).to_le_bytes())
-                    .collect()
+                t.int32_data.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect()
             }
             Some(DataType::Int32) if t.int32_data.len() == n => {
                 t.int32_data.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -194,28 +158,17 @@ impl Model {
 
     fn external_bytes(&self, t: &TensorProto, expected: usize) -> Result<Bytes> {
         let name = t.name.clone().unwrap_or_default();
-        let err = |why: String| Error::ExternalData {
-            tensor: name.clone(),
-            why,
-        };
-        let location =
-            external_entry(t, "location").ok_or_else(|| err("has no 'location' entry".into()))?;
+        let err = |why: String| Error::ExternalData { tensor: name.clone(), why };
+        let location = external_entry(t, "location").ok_or_else(|| err("has no 'location' entry".into()))?;
         let rel = Path::new(location);
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-        {
-            return Err(err(format!("location '{location}' must be a plain relative path inside the model's folder (no '..', not absolute)")));
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+            return Err(err(format!(
+                "location '{location}' must be a plain relative path inside the model's folder (no '..', not absolute)"
+            )));
         }
-        let dir = self
-            .dir
-            .canonicalize()
-            .map_err(|e| err(format!("model folder {}: {e}", self.dir.display())))?;
+        let dir = self.dir.canonicalize().map_err(|e| err(format!("model folder {}: {e}", self.dir.display())))?;
         let path = dir.join(rel);
-        let real = path
-            .canonicalize()
-            .map_err(|e| err(format!("file '{location}' next to the model: {e}")))?;
+        let real = path.canonicalize().map_err(|e| err(format!("file '{location}' next to the model: {e}")))?;
         if !real.starts_with(&dir) {
             return Err(err(format!(
                 "location '{location}' resolves to {} outside the model's folder",
@@ -224,23 +177,15 @@ impl Model {
         }
         let parse = |key: &str| -> Result<Option<usize>> {
             external_entry(t, key)
-                .map(|v| {
-                    v.parse::<usize>()
-                        .map_err(|_| err(format!("{key} '{v}' is not a number")))
-                })
+                .map(|v| v.parse::<usize>().map_err(|_| err(format!("{key} '{v}' is not a number"))))
                 .transpose()
         };
         let offset = parse("offset")?.unwrap_or(0);
         let length = parse("length")?;
-        let file = self
-            .map_external(&real)
-            .map_err(|e| err(format!("file '{location}': {e}")))?;
+        let file = self.map_external(&real).map_err(|e| err(format!("file '{location}': {e}")))?;
         let length = length.unwrap_or(file.len().saturating_sub(offset));
         if length != expected {
-            return Err(err(format!(
-                "length {length} does not match the {expected} bytes of dims {:?}",
-                t.dims
-            )));
+            return Err(err(format!("length {length} does not match the {expected} bytes of dims {:?}", t.dims)));
         }
         let end = offset.checked_add(length).filter(|&e| e <= file.len()).ok_or_else(|| {
             err(format!("range {offset}..{} lies past the end of '{location}' ({} bytes): the file is truncated or the offset is wrong", offset as u128 + length as u128, file.len()))
@@ -283,10 +228,7 @@ impl Model {
 }
 
 fn external_entry<'a>(t: &'a TensorProto, key: &str) -> Option<&'a str> {
-    t.external_data
-        .iter()
-        .find(|e| e.key.as_deref() == Some(key))
-        .and_then(|e| e.value.as_deref())
+    t.external_data.iter().find(|e| e.key.as_deref() == Some(key)).and_then(|e| e.value.as_deref())
 }
 
 /// Where tensor data goes when saving.
@@ -309,10 +251,7 @@ const EXTERNAL_ALIGN: u64 = 64;
 
 /// The external data file name for an output path: `OUT.onnx` -> `OUT.onnx_data`.
 pub fn external_data_path(out: &Path) -> PathBuf {
-    let mut name = out
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push("_data");
     out.with_file_name(name)
 }
@@ -329,49 +268,25 @@ impl TempFile {
         name.push(target.file_name().unwrap_or_default());
         name.push(format!(".nibble-tmp-{}", std::process::id()));
         let path = target.with_file_name(name);
-        let file = std::fs::File::create(&path).map_err(|source| Error::Write {
-            path: path.clone(),
-            source,
-        })?;
+        let file = std::fs::File::create(&path).map_err(|source| Error::Write { path: path.clone(), source })?;
         crate::cleanup::register(&path);
-        Ok(TempFile {
-            path,
-            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
-        })
+        Ok(TempFile { path, file: Some(std::io::BufWriter::with_capacity(1 << 20, file)) })
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
         let path = &self.path;
-        self.file
-            .as_mut()
-            .expect("open")
-            .write_all(bytes)
-            .map_err(|source| Error::Write {
-                path: path.clone(),
-                source,
-            })
+        self.file.as_mut().expect("open").write_all(bytes).map_err(|source| Error::Write { path: path.clone(), source })
     }
 
     fn finish(&mut self) -> Result<()> {
         let path = self.path.clone();
-        let w = |source| Error::Write {
-            path: path.clone(),
-            source,
-        };
-        let file = self
-            .file
-            .take()
-            .expect("open")
-            .into_inner()
-            .map_err(|e| w(e.into_error()))?;
+        let w = |source| Error::Write { path: path.clone(), source };
+        let file = self.file.take().expect("open").into_inner().map_err(|e| w(e.into_error()))?;
         file.sync_all().map_err(w)
     }
 
     fn commit(mut self, target: &Path) -> Result<()> {
-        std::fs::rename(&self.path, target).map_err(|source| Error::Write {
-            path: target.to_path_buf(),
-            source,
-        })?;
+        std::fs::rename(&self.path, target).map_err(|source| Error::Write { path: target.to_path_buf(), source })?;
         crate::cleanup::unregister(&self.path);
         self.path = PathBuf::new();
         Ok(())
@@ -400,30 +315,19 @@ pub fn save(mut proto: ModelProto, out: &Path, mode: ExternalData) -> Result<u64
     let mut written = 0u64;
     let mut data_tmp = None;
     if external {
-        let location = data_path
-            .file_name()
-            .expect("file name")
-            .to_string_lossy()
-            .into_owned();
+        let location = data_path.file_name().expect("file name").to_string_lossy().into_owned();
         let mut tmp = TempFile::create(&data_path)?;
         let mut offset = 0u64;
         let graph = proto.graph.as_mut().expect("graph");
         for t in graph.initializer.iter_mut() {
-            let Some(raw) = t
-                .raw_data
-                .as_ref()
-                .filter(|r| r.len() >= EXTERNAL_THRESHOLD)
-            else {
+            let Some(raw) = t.raw_data.as_ref().filter(|r| r.len() >= EXTERNAL_THRESHOLD) else {
                 continue;
             };
             let pad = (EXTERNAL_ALIGN - offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
             tmp.write_all(&vec![0u8; pad as usize])?;
             offset += pad;
             tmp.write_all(raw)?;
-            let entry = |k: &str, v: String| StringStringEntryProto {
-                key: Some(k.into()),
-                value: Some(v),
-            };
+            let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
             t.external_data = vec![
                 entry("location", location.clone()),
                 entry("offset", offset.to_string()),
@@ -441,7 +345,9 @@ pub fn save(mut proto: ModelProto, out: &Path, mode: ExternalData) -> Result<u64
     if encoded > PROTOBUF_LIMIT {
         return Err(Error::Output {
             path: out.to_path_buf(),
-            why: format!("the model is {encoded} bytes, over protobuf's 2 GiB limit; use --external-data auto or always"),
+            why: format!(
+                "the model is {encoded} bytes, over protobuf's 2 GiB limit; use --external-data auto or always"
+            ),
         });
     }
     let mut tmp = TempFile::create(out)?;

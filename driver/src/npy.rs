@@ -20,7 +20,9 @@ pub enum NpyError {
         why: String,
     },
     /// A dtype this reader does not handle.
-    #[error("{name}: unsupported dtype {descr:?} (use float32, float16, float64, an integer type or bool, little-endian)")]
+    #[error(
+        "{name}: unsupported dtype {descr:?} (use float32, float16, float64, an integer type or bool, little-endian)"
+    )]
     UnsupportedDtype {
         /// The array name.
         name: String,
@@ -137,49 +139,23 @@ impl Array {
     }
 
     fn chunks<const N: usize>(&self) -> impl Iterator<Item = [u8; N]> + '_ {
-        self.data
-            .chunks_exact(N)
-            .map(|c| c.try_into().expect("chunk of N bytes"))
+        self.data.chunks_exact(N).map(|c| c.try_into().expect("chunk of N bytes"))
     }
 
     /// The elements converted to f64 (exact for every dtype but 64-bit integers beyond 2^53).
     pub fn to_f64(&self) -> Vec<f64> {
         match self.dtype {
-            DType::F16 => self
-                .chunks::<2>()
-                .map(|b| half::f16::from_le_bytes(b).to_f64())
-                .collect(),
-            DType::F32 => self
-                .chunks::<4>()
-                .map(|b| f32::from_le_bytes(b) as f64)
-                .collect(),
+            DType::F16 => self.chunks::<2>().map(|b| half::f16::from_le_bytes(b).to_f64()).collect(),
+            DType::F32 => self.chunks::<4>().map(|b| f32::from_le_bytes(b) as f64).collect(),
             DType::F64 => self.chunks::<8>().map(f64::from_le_bytes).collect(),
             DType::I8 => self.data.iter().map(|&b| b as i8 as f64).collect(),
             DType::U8 | DType::Bool => self.data.iter().map(|&b| b as f64).collect(),
-            DType::I16 => self
-                .chunks::<2>()
-                .map(|b| i16::from_le_bytes(b) as f64)
-                .collect(),
-            DType::U16 => self
-                .chunks::<2>()
-                .map(|b| u16::from_le_bytes(b) as f64)
-                .collect(),
-            DType::I32 => self
-                .chunks::<4>()
-                .map(|b| i32::from_le_bytes(b) as f64)
-                .collect(),
-            DType::U32 => self
-                .chunks::<4>()
-                .map(|b| u32::from_le_bytes(b) as f64)
-                .collect(),
-            DType::I64 => self
-                .chunks::<8>()
-                .map(|b| i64::from_le_bytes(b) as f64)
-                .collect(),
-            DType::U64 => self
-                .chunks::<8>()
-                .map(|b| u64::from_le_bytes(b) as f64)
-                .collect(),
+            DType::I16 => self.chunks::<2>().map(|b| i16::from_le_bytes(b) as f64).collect(),
+            DType::U16 => self.chunks::<2>().map(|b| u16::from_le_bytes(b) as f64).collect(),
+            DType::I32 => self.chunks::<4>().map(|b| i32::from_le_bytes(b) as f64).collect(),
+            DType::U32 => self.chunks::<4>().map(|b| u32::from_le_bytes(b) as f64).collect(),
+            DType::I64 => self.chunks::<8>().map(|b| i64::from_le_bytes(b) as f64).collect(),
+            DType::U64 => self.chunks::<8>().map(|b| u64::from_le_bytes(b) as f64).collect(),
         }
     }
 
@@ -187,11 +163,7 @@ impl Array {
     pub fn as_f32(&self) -> Option<Vec<f32>> {
         match self.dtype {
             DType::F32 => Some(self.chunks::<4>().map(f32::from_le_bytes).collect()),
-            DType::F16 => Some(
-                self.chunks::<2>()
-                    .map(|b| half::f16::from_le_bytes(b).to_f32())
-                    .collect(),
-            ),
+            DType::F16 => Some(self.chunks::<2>().map(|b| half::f16::from_le_bytes(b).to_f32()).collect()),
             _ => None,
         }
     }
@@ -205,21 +177,14 @@ impl Array {
     pub fn as_i64(&self) -> Option<Vec<i64>> {
         match self.dtype {
             DType::F16 | DType::F32 | DType::F64 => None,
-            DType::U64 => Some(
-                self.chunks::<8>()
-                    .map(|b| u64::from_le_bytes(b) as i64)
-                    .collect(),
-            ),
+            DType::U64 => Some(self.chunks::<8>().map(|b| u64::from_le_bytes(b) as i64).collect()),
             _ => Some(self.to_f64().into_iter().map(|v| v as i64).collect()),
         }
     }
 }
 
 fn malformed(name: &str, why: impl Into<String>) -> NpyError {
-    NpyError::Malformed {
-        name: name.to_string(),
-        why: why.into(),
-    }
+    NpyError::Malformed { name: name.to_string(), why: why.into() }
 }
 
 /// Parses one `.npy` file's bytes; `name` is used in errors.
@@ -231,36 +196,22 @@ pub fn parse_npy(name: &str, bytes: &[u8]) -> Result<Array, NpyError> {
     let (header_len, start): (usize, usize) = match major {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         2 | 3 => {
-            let b = bytes
-                .get(8..12)
-                .ok_or_else(|| malformed(name, "truncated header length"))?;
-            (
-                u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize,
-                12,
-            )
+            let b = bytes.get(8..12).ok_or_else(|| malformed(name, "truncated header length"))?;
+            (u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize, 12)
         }
         v => return Err(malformed(name, format!("unsupported format version {v}"))),
     };
-    let end = start
-        .checked_add(header_len)
-        .ok_or_else(|| malformed(name, "header length overflows"))?;
-    let header = bytes
-        .get(start..end)
-        .ok_or_else(|| malformed(name, "truncated header"))?;
+    let end = start.checked_add(header_len).ok_or_else(|| malformed(name, "header length overflows"))?;
+    let header = bytes.get(start..end).ok_or_else(|| malformed(name, "truncated header"))?;
     let header = std::str::from_utf8(header).map_err(|_| malformed(name, "header is not text"))?;
-    let descr =
-        dict_value(header, "descr").ok_or_else(|| malformed(name, "header has no 'descr'"))?;
-    let descr = descr
-        .trim()
-        .trim_matches(|c| c == '\'' || c == '"')
-        .to_string();
+    let descr = dict_value(header, "descr").ok_or_else(|| malformed(name, "header has no 'descr'"))?;
+    let descr = descr.trim().trim_matches(|c| c == '\'' || c == '"').to_string();
     let fortran = match dict_value(header, "fortran_order").map(str::trim) {
         Some("True") => true,
         Some("False") => false,
         _ => return Err(malformed(name, "header has no valid 'fortran_order'")),
     };
-    let shape_text =
-        dict_value(header, "shape").ok_or_else(|| malformed(name, "header has no 'shape'"))?;
+    let shape_text = dict_value(header, "shape").ok_or_else(|| malformed(name, "header has no 'shape'"))?;
     let shape_text = shape_text.trim();
     let inner = shape_text
         .strip_prefix('(')
@@ -270,31 +221,17 @@ pub fn parse_npy(name: &str, bytes: &[u8]) -> Result<Array, NpyError> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| malformed(name, format!("bad dimension {s:?}")))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| malformed(name, format!("bad dimension {s:?}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let dtype = DType::parse(&descr).ok_or_else(|| NpyError::UnsupportedDtype {
-        name: name.to_string(),
-        descr,
-    })?;
+    let dtype = DType::parse(&descr).ok_or_else(|| NpyError::UnsupportedDtype { name: name.to_string(), descr })?;
     let count = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| malformed(name, "element count overflows"))?;
-    let nbytes = count
-        .checked_mul(dtype.size())
-        .ok_or_else(|| malformed(name, "byte size overflows"))?;
+    let nbytes = count.checked_mul(dtype.size()).ok_or_else(|| malformed(name, "byte size overflows"))?;
     let data = bytes.get(end..).unwrap_or(&[]);
     if data.len() < nbytes {
-        return Err(malformed(
-            name,
-            format!(
-                "data has {} bytes, the header declares {nbytes}",
-                data.len()
-            ),
-        ));
+        return Err(malformed(name, format!("data has {} bytes, the header declares {nbytes}", data.len())));
     }
     let mut data = data[..nbytes].to_vec();
     if fortran && shape.len() > 1 {
@@ -316,8 +253,7 @@ fn fortran_to_c(data: &[u8], shape: &[usize], size: usize) -> Vec<u8> {
             f_pos += i * stride;
             stride *= d;
         }
-        out[c_pos * size..(c_pos + 1) * size]
-            .copy_from_slice(&data[f_pos * size..(f_pos + 1) * size]);
+        out[c_pos * size..(c_pos + 1) * size].copy_from_slice(&data[f_pos * size..(f_pos + 1) * size]);
         for axis in (0..shape.len()).rev() {
             index[axis] += 1;
             if index[axis] < shape[axis] {
@@ -331,9 +267,7 @@ fn fortran_to_c(data: &[u8], shape: &[usize], size: usize) -> Vec<u8> {
 
 /// The text of `'key': value` in a Python dict literal, up to the next top-level comma.
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let pos = header
-        .find(&format!("'{key}'"))
-        .or_else(|| header.find(&format!("\"{key}\"")))?;
+    let pos = header.find(&format!("'{key}'")).or_else(|| header.find(&format!("\"{key}\"")))?;
     let rest = &header[pos + key.len() + 2..];
     let rest = rest.trim_start().strip_prefix(':')?;
     let mut depth = 0i32;
@@ -352,26 +286,16 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 
 /// Reads a `.npz` archive from bytes: `(name, array)` pairs in archive order, names without `.npy`.
 pub fn parse_npz(path: &str, bytes: &[u8]) -> Result<Vec<(String, Array)>, NpyError> {
-    let archive_err = |why: String| NpyError::Archive {
-        path: path.to_string(),
-        why,
-    };
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| archive_err(e.to_string()))?;
+    let archive_err = |why: String| NpyError::Archive { path: path.to_string(), why };
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| archive_err(e.to_string()))?;
     let mut out = Vec::with_capacity(zip.len());
     for i in 0..zip.len() {
         let mut file = zip.by_index(i).map_err(|e| archive_err(e.to_string()))?;
         let name = file.name().trim_end_matches(".npy").to_string();
         // Never trust the declared size beyond the archive's own size.
-        let limit = (bytes.len() as u64)
-            .saturating_mul(1100)
-            .min(file.size())
-            .saturating_add(1);
+        let limit = (bytes.len() as u64).saturating_mul(1100).min(file.size()).saturating_add(1);
         let mut buf = Vec::new();
-        (&mut file)
-            .take(limit)
-            .read_to_end(&mut buf)
-            .map_err(|e| archive_err(format!("member {name}: {e}")))?;
+        (&mut file).take(limit).read_to_end(&mut buf).map_err(|e| archive_err(format!("member {name}: {e}")))?;
         out.push((name.clone(), parse_npy(&name, &buf)?));
     }
     Ok(out)
@@ -380,15 +304,9 @@ pub fn parse_npz(path: &str, bytes: &[u8]) -> Result<Vec<(String, Array)>, NpyEr
 /// Reads a `.npz` (all members) or `.npy` (one member named after the file stem) from disk.
 pub fn read_arrays(path: &Path) -> Result<Vec<(String, Array)>, NpyError> {
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| NpyError::Io {
-        path: shown.clone(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| NpyError::Io { path: shown.clone(), source })?;
     if bytes.starts_with(b"\x93NUMPY") {
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(vec![(stem.clone(), parse_npy(&shown, &bytes)?)])
     } else {
         parse_npz(&shown, &bytes)

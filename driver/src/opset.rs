@@ -85,10 +85,7 @@ pub fn check_upgrade(model: &ModelProto) -> Result<bool> {
         check_graph(g, version)?;
     }
     for f in &model.functions {
-        let g = GraphProto {
-            node: f.node.clone(),
-            ..Default::default()
-        };
+        let g = GraphProto { node: f.node.clone(), ..Default::default() };
         check_graph(&g, version)?;
     }
     Ok(true)
@@ -96,15 +93,8 @@ pub fn check_upgrade(model: &ModelProto) -> Result<bool> {
 
 /// Sets the default-domain opset to at least 21 (after [`check_upgrade`]).
 pub fn raise(model: &mut ModelProto) {
-    match model
-        .opset_import
-        .iter_mut()
-        .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
-    {
+    match model.opset_import.iter_mut().find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx"))) {
         Some(o) => o.version = Some(o.version.unwrap_or(1).max(TARGET)),
-        None => model.opset_import.push(OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(TARGET),
-        }),
+        None => model.opset_import.push(OperatorSetIdProto { domain: Some(String::new()), version: Some(TARGET) }),
     }
 }

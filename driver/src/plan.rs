@@ -31,6 +31,11 @@ pub enum Decision {
         /// The pattern.
         pattern: String,
     },
+    /// A float weight of a type that cannot be quantized: an error for `quantize`.
+    Unsupported {
+        /// Why.
+        reason: String,
+    },
     /// Left as is for another reason.
     Skipped {
         /// Why.
@@ -89,10 +94,7 @@ pub fn compile_patterns(patterns: &[String]) -> Result<Vec<(String, Regex)>> {
 }
 
 fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
-    node.attribute
-        .iter()
-        .find(|a| a.name.as_deref() == Some(name))
-        .and_then(|a| a.i)
+    node.attribute.iter().find(|a| a.name.as_deref() == Some(name)).and_then(|a| a.i)
 }
 
 /// The constant tensors of the top-level graph by name.
@@ -100,21 +102,13 @@ pub fn constants(model: &Model) -> std::collections::HashMap<String, (Source, &T
     let g = model.proto.graph.as_ref().expect("graph");
     let mut map = std::collections::HashMap::new();
     for (i, t) in g.initializer.iter().enumerate() {
-        map.insert(
-            t.name.clone().unwrap_or_default(),
-            (Source::Initializer(i), t),
-        );
+        map.insert(t.name.clone().unwrap_or_default(), (Source::Initializer(i), t));
     }
     for (i, n) in g.node.iter().enumerate() {
-        if n.op_type.as_deref() == Some("Constant")
-            && matches!(n.domain.as_deref(), None | Some(""))
-        {
+        if n.op_type.as_deref() == Some("Constant") && matches!(n.domain.as_deref(), None | Some("")) {
             if let (Some(out), Some(t)) = (
                 n.output.first(),
-                n.attribute
-                    .iter()
-                    .find(|a| a.name.as_deref() == Some("value"))
-                    .and_then(|a| a.t.as_ref()),
+                n.attribute.iter().find(|a| a.name.as_deref() == Some("value")).and_then(|a| a.t.as_ref()),
             ) {
                 map.insert(out.clone(), (Source::ConstantNode(i), t));
             }
@@ -130,9 +124,7 @@ pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = Vec::new();
     for node in &g.node {
         let op = node.op_type.as_deref().unwrap_or("");
-        if !matches!(op, "MatMul" | "Gemm")
-            || !matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx"))
-        {
+        if !matches!(op, "MatMul" | "Gemm") || !matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx")) {
             continue;
         }
         let Some(wname) = node.input.get(1) else {
@@ -143,24 +135,17 @@ pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
         };
         let name = node.name.clone().unwrap_or_default();
         let dtype = t.data_type.unwrap_or(0);
-        let axis = if op == "Gemm" && attr_i(node, "transB") == Some(1) {
-            1
-        } else {
-            0
-        };
+        let axis = if op == "Gemm" && attr_i(node, "transB") == Some(1) { 1 } else { 0 };
         let mut decision = if let Some((p, _)) = exclude.iter().find(|(_, r)| r.is_match(&name)) {
             Decision::Excluded { pattern: p.clone() }
         } else if t.dims.len() != 2 {
-            Decision::Skipped {
-                reason: format!("rank {} (only 2-D weights are quantized)", t.dims.len()),
-            }
-        } else if !matches!(
-            DataType::try_from(dtype),
-            Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16)
-        ) {
+            Decision::Skipped { reason: format!("rank {} (only 2-D weights are quantized)", t.dims.len()) }
+        } else if matches!(DataType::try_from(dtype), Ok(DataType::Double)) {
+            Decision::Unsupported { reason: format!("data type {}", dtype_name(dtype)) }
+        } else if !matches!(DataType::try_from(dtype), Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16)) {
             Decision::Skipped {
                 reason: format!(
-                    "data type {} (only float32/float16/bfloat16)",
+                    "data type {} (only float32/float16/bfloat16 weights are quantized)",
                     dtype_name(dtype)
                 ),
             }
@@ -172,8 +157,7 @@ pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
             match (&prev.decision, &decision) {
                 (Decision::Quantize { axis: a }, Decision::Quantize { axis: b }) if a != b => {
                     prev.decision = Decision::Skipped {
-                        reason: "used both transposed and not by different Gemm/MatMul nodes"
-                            .into(),
+                        reason: "used both transposed and not by different Gemm/MatMul nodes".into(),
                     };
                 }
                 (Decision::Quantize { .. }, _) | (Decision::Skipped { .. }, _) => {}
@@ -187,9 +171,7 @@ pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
         }
         if let Decision::Quantize { .. } = decision {
             if byte_size(t).is_none() {
-                decision = Decision::Skipped {
-                    reason: "invalid dims".into(),
-                };
+                decision = Decision::Skipped { reason: "invalid dims".into() };
             }
         }
         out.push(Candidate {

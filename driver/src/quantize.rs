@@ -10,8 +10,8 @@
 
 use crate::model::{external_data_path, save, ExternalData, Model};
 use crate::onnx::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, NodeProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use crate::plan::{compile_patterns, plan, Candidate, Decision, Source};
 use crate::{opset, Error, Result};
@@ -93,15 +93,10 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// Refuses output paths that would overwrite the input or its data, or an existing file without
 /// `force`.
 pub fn check_output(model: &Model, out: &Path, force: bool) -> Result<()> {
-    let err = |why: String| Error::Output {
-        path: out.to_path_buf(),
-        why,
-    };
+    let err = |why: String| Error::Output { path: out.to_path_buf(), why };
     let data = external_data_path(out);
     if same_file(out, &model.path) || same_file(&data, &model.path) {
-        return Err(err(
-            "is the input model; write the quantized model to another path".into(),
-        ));
+        return Err(err("is the input model; write the quantized model to another path".into()));
     }
     for ext in model.external_files() {
         if same_file(out, &ext) || same_file(&data, &ext) {
@@ -112,9 +107,7 @@ pub fn check_output(model: &Model, out: &Path, force: bool) -> Result<()> {
         }
     }
     if out.is_dir() {
-        return Err(err(
-            "is a directory; give a file name such as model_int4.onnx".into(),
-        ));
+        return Err(err("is a directory; give a file name such as model_int4.onnx".into()));
     }
     if out.exists() && !force {
         return Err(err("already exists; pass --force to overwrite it".into()));
@@ -133,21 +126,13 @@ enum Elements {
     Borrowed,
 }
 
-fn weight_data<'a>(
-    format: FloatFormat,
-    bytes: &'a Bytes,
-    copy: &'a mut Elements,
-) -> WeightData<'a> {
+fn weight_data<'a>(format: FloatFormat, bytes: &'a Bytes, copy: &'a mut Elements) -> WeightData<'a> {
     match format {
         FloatFormat::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
             Ok(v) => WeightData::F32(v),
             Err(_) => {
-                *copy = Elements::F32(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                );
+                *copy =
+                    Elements::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect());
                 match copy {
                     Elements::F32(v) => WeightData::F32(v),
                     _ => unreachable!(),
@@ -157,12 +142,7 @@ fn weight_data<'a>(
         FloatFormat::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
             Ok(v) => WeightData::F16(v),
             Err(_) => {
-                *copy = Elements::F16(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                        .collect(),
-                );
+                *copy = Elements::F16(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect());
                 match copy {
                     Elements::F16(v) => WeightData::F16(v),
                     _ => unreachable!(),
@@ -172,12 +152,8 @@ fn weight_data<'a>(
         FloatFormat::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
             Ok(v) => WeightData::BF16(v),
             Err(_) => {
-                *copy = Elements::BF16(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                        .collect(),
-                );
+                *copy =
+                    Elements::BF16(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect());
                 match copy {
                     Elements::BF16(v) => WeightData::BF16(v),
                     _ => unreachable!(),
@@ -188,15 +164,8 @@ fn weight_data<'a>(
 }
 
 /// Quantizes one candidate weight.
-pub fn quantize_candidate(
-    model: &Model,
-    c: &Candidate,
-    block: BlockSize,
-    zero_point: bool,
-) -> Result<QuantizedWeight> {
-    let Decision::Quantize { axis } = c.decision else {
-        unreachable!("only planned weights")
-    };
+pub fn quantize_candidate(model: &Model, c: &Candidate, block: BlockSize, zero_point: bool) -> Result<QuantizedWeight> {
+    let Decision::Quantize { axis } = c.decision else { unreachable!("only planned weights") };
     let consts = crate::plan::constants(model);
     let (_, t) = consts.get(&c.weight).expect("planned from the same model");
     let format = c.format().ok_or_else(|| Error::UnsupportedDtype {
@@ -208,12 +177,7 @@ pub fn quantize_candidate(
     let mut copy = Elements::Borrowed;
     let data = weight_data(format, &bytes, &mut copy);
     let shape = [c.dims[0] as usize, c.dims[1] as usize];
-    let params = QuantParams {
-        block_size: block,
-        axis,
-        zero_point,
-        alpha: 1.0,
-    };
+    let params = QuantParams { block_size: block, axis, zero_point, alpha: 1.0 };
     nibble::quantize_weight(data, shape, &params).map_err(|e| Error::kernel(&c.weight, e))
 }
 
@@ -221,14 +185,8 @@ pub fn quantize_candidate(
 pub fn encode_floats(format: FloatFormat, values: &[f32]) -> Vec<u8> {
     match format {
         FloatFormat::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        FloatFormat::F16 => values
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-            .collect(),
-        FloatFormat::BF16 => values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-            .collect(),
+        FloatFormat::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        FloatFormat::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
     }
 }
 
@@ -294,16 +252,10 @@ struct Replacement {
 }
 
 fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, method: Method) -> Replacement {
-    let Decision::Quantize { axis } = c.decision else {
-        unreachable!()
-    };
+    let Decision::Quantize { axis } = c.decision else { unreachable!() };
     let format = c.format().expect("float weight");
     let w = &c.weight;
-    let code_type = if q.zero_point.is_some() {
-        DataType::Uint4
-    } else {
-        DataType::Int4
-    } as i32;
+    let code_type = if q.zero_point.is_some() { DataType::Uint4 } else { DataType::Int4 } as i32;
     let scale_dims: Vec<i64> = match block {
         BlockSize::PerChannel => vec![q.scale.len() as i64],
         BlockSize::Blocked(_) => q.scale_shape.iter().map(|&d| d as i64).collect(),
@@ -319,12 +271,8 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, method: Meth
     let scale_name = format!("{w}_scale");
     let zp_name = format!("{w}_zp");
     let dq_out = format!("{w}_DequantizeLinear_Output");
-    let mut initializers = vec![tensor(
-        scale_name.clone(),
-        scale_dims.clone(),
-        onnx_dtype(format),
-        encode_floats(format, &q.scale),
-    )];
+    let mut initializers =
+        vec![tensor(scale_name.clone(), scale_dims.clone(), onnx_dtype(format), encode_floats(format, &q.scale))];
     let zp_bytes = match &q.zero_point {
         Some(z) => Some(nibble::reference::pack(z)),
         None if method == Method::Rtn => Some(vec![0u8; q.scale.len().div_ceil(2)]),
@@ -342,10 +290,7 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, method: Meth
     match method {
         Method::RtnDq => {
             let codes = format!("{w}_i4");
-            initializers.insert(
-                0,
-                tensor(codes.clone(), c.dims.clone(), code_type, q.packed),
-            );
+            initializers.insert(0, tensor(codes.clone(), c.dims.clone(), code_type, q.packed));
             dq_inputs[0] = codes;
         }
         Method::Rtn => {
@@ -373,10 +318,7 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, method: Meth
         ..Default::default()
     });
     value_infos.push(value_info(dq_out.clone(), onnx_dtype(format), &c.dims));
-    let bytes = initializers
-        .iter()
-        .map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64))
-        .sum();
+    let bytes = initializers.iter().map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64)).sum();
     Replacement {
         weight: w.clone(),
         nodes,
@@ -391,19 +333,14 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, method: Meth
 /// Applies the replacements to the top-level graph.
 fn rewrite(model: &mut Model, replacements: Vec<Replacement>, sources: &[(String, Source)]) {
     let g = model.proto.graph.as_mut().expect("graph");
-    let by_weight: std::collections::HashMap<&str, &Replacement> = replacements
-        .iter()
-        .map(|r| (r.weight.as_str(), r))
-        .collect();
+    let by_weight: std::collections::HashMap<&str, &Replacement> =
+        replacements.iter().map(|r| (r.weight.as_str(), r)).collect();
     // Names still needed elsewhere (graph outputs, subgraphs) keep their original tensor.
     let mut outer_refs = std::collections::HashSet::new();
     for o in &g.output {
         outer_refs.insert(o.name.clone().unwrap_or_default());
     }
-    fn collect_subgraph_inputs(
-        g: &crate::onnx::GraphProto,
-        acc: &mut std::collections::HashSet<String>,
-    ) {
+    fn collect_subgraph_inputs(g: &crate::onnx::GraphProto, acc: &mut std::collections::HashSet<String>) {
         for n in &g.node {
             acc.extend(n.input.iter().cloned());
             for a in &n.attribute {
@@ -423,20 +360,12 @@ fn rewrite(model: &mut Model, replacements: Vec<Replacement>, sources: &[(String
     let removed_constant_nodes: std::collections::HashSet<usize> = sources
         .iter()
         .filter(|(w, _)| !by_weight[w.as_str()].keep_original && !outer_refs.contains(w))
-        .filter_map(|(_, s)| {
-            if let Source::ConstantNode(i) = s {
-                Some(*i)
-            } else {
-                None
-            }
-        })
+        .filter_map(|(_, s)| if let Source::ConstantNode(i) = s { Some(*i) } else { None })
         .collect();
     let removed_initializers: std::collections::HashSet<String> = sources
         .iter()
         .filter(|(w, s)| {
-            matches!(s, Source::Initializer(_))
-                && !by_weight[w.as_str()].keep_original
-                && !outer_refs.contains(w)
+            matches!(s, Source::Initializer(_)) && !by_weight[w.as_str()].keep_original && !outer_refs.contains(w)
         })
         .map(|(w, _)| w.clone())
         .collect();
@@ -456,8 +385,7 @@ fn rewrite(model: &mut Model, replacements: Vec<Replacement>, sources: &[(String
         }
         g.node.push(node);
     }
-    g.initializer
-        .retain(|t| !removed_initializers.contains(t.name.as_deref().unwrap_or("")));
+    g.initializer.retain(|t| !removed_initializers.contains(t.name.as_deref().unwrap_or("")));
     for r in replacements {
         g.initializer.extend(r.initializers);
         g.value_info.extend(r.value_info);
@@ -467,24 +395,24 @@ fn rewrite(model: &mut Model, replacements: Vec<Replacement>, sources: &[(String
 /// Quantizes the model at `input` into `output`.
 pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summary> {
     let start = Instant::now();
-    let block = BlockSize::from_i64(opts.block_size)
-        .map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
+    let block = BlockSize::from_i64(opts.block_size).map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
     let patterns = compile_patterns(&opts.exclude)?;
     let mut model = Model::load(input)?;
     check_output(&model, output, opts.force)?;
     let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
-        + model
-            .external_files()
-            .iter()
-            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-            .sum::<u64>();
+        + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
     let candidates = plan(&model, &patterns);
+    if let Some(c) = candidates.iter().find(|c| matches!(c.decision, Decision::Unsupported { .. })) {
+        return Err(Error::UnsupportedDtype {
+            tensor: c.weight.clone(),
+            node: c.node.clone(),
+            dtype: crate::model::dtype_name(c.dtype),
+        });
+    }
     let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
     let opset_raised = !chosen.is_empty() && opset::check_upgrade(&model.proto)?;
-    let quantized: Vec<Result<QuantizedWeight>> = chosen
-        .par_iter()
-        .map(|c| quantize_candidate(&model, c, block, opts.zero_point))
-        .collect();
+    let quantized: Vec<Result<QuantizedWeight>> =
+        chosen.par_iter().map(|c| quantize_candidate(&model, c, block, opts.zero_point)).collect();
     let mut replacements = Vec::with_capacity(chosen.len());
     let mut weight_bytes_before = 0;
     for (c, q) in chosen.iter().zip(quantized) {
@@ -492,10 +420,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
         replacements.push(replacement(c, q?, block, opts.method));
     }
     let weight_bytes_after = replacements.iter().map(|r| r.bytes).sum();
-    let sources: Vec<(String, Source)> = chosen
-        .iter()
-        .map(|c| (c.weight.clone(), c.source.clone()))
-        .collect();
+    let sources: Vec<(String, Source)> = chosen.iter().map(|c| (c.weight.clone(), c.source.clone())).collect();
     model.inline_external_data()?;
     rewrite(&mut model, replacements, &sources);
     if !chosen.is_empty() {
@@ -518,9 +443,6 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
 
 /// The path the CLI suggests when no `-o` is given: `MODEL_int4.onnx`.
 pub fn default_output(input: &Path) -> PathBuf {
-    let stem = input
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     input.with_file_name(format!("{stem}_int4.onnx"))
 }

@@ -17,20 +17,14 @@ fn newest_lib_in(capi: &Path) -> Option<PathBuf> {
     let mut libs: Vec<PathBuf> = std::fs::read_dir(capi)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so."))
-        })
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so.")))
         .collect();
     libs.sort();
     libs.pop()
 }
 
 fn search_ancestors(start: &Path) -> Option<PathBuf> {
-    start
-        .ancestors()
-        .find_map(|dir| newest_lib_in(&dir.join(".ort/onnxruntime/capi")))
+    start.ancestors().find_map(|dir| newest_lib_in(&dir.join(".ort/onnxruntime/capi")))
 }
 
 fn from_python() -> Option<PathBuf> {
@@ -41,9 +35,7 @@ fn from_python() -> Option<PathBuf> {
         .ok()?;
     let dir = String::from_utf8(out.stdout).ok()?;
     let dir = dir.trim();
-    (!dir.is_empty())
-        .then(|| newest_lib_in(&Path::new(dir).join("capi")))
-        .flatten()
+    (!dir.is_empty()).then(|| newest_lib_in(&Path::new(dir).join("capi"))).flatten()
 }
 
 /// Finds the ONNX Runtime shared library.
@@ -52,10 +44,7 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
         return if p.is_file() {
             Ok(p.to_path_buf())
         } else {
-            Err(Error::Runtime(format!(
-                "--ort-lib {} is not a file; {INSTALL_HINT}",
-                p.display()
-            )))
+            Err(Error::Runtime(format!("--ort-lib {} is not a file; {INSTALL_HINT}", p.display())))
         };
     }
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
@@ -63,10 +52,7 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(Error::Runtime(format!(
-                "ORT_DYLIB_PATH={} is not a file; {INSTALL_HINT}",
-                p.display()
-            )))
+            Err(Error::Runtime(format!("ORT_DYLIB_PATH={} is not a file; {INSTALL_HINT}", p.display())))
         };
     }
     let cwd = std::env::current_dir().ok();
@@ -75,15 +61,10 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
         .and_then(search_ancestors)
         .or_else(|| exe.as_deref().and_then(search_ancestors))
         .or_else(from_python)
-        .ok_or_else(|| {
-            Error::Runtime(format!(
-                "the ONNX Runtime library was not found; {INSTALL_HINT}"
-            ))
-        })
+        .ok_or_else(|| Error::Runtime(format!("the ONNX Runtime library was not found; {INSTALL_HINT}")))
 }
 
-static ENVIRONMENT: OnceLock<std::result::Result<ort::environment::Environment, String>> =
-    OnceLock::new();
+static ENVIRONMENT: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
 
 /// The process's ONNX Runtime environment, created on first use from `lib` (or the lookup order).
 pub fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Environment> {
@@ -113,13 +94,9 @@ pub fn open(model: &Path, opts: SessionOptions) -> Result<Session> {
     let env = environment(None)?;
     let err = |e: ort::Error| Error::Runtime(format!("{}: {e}", model.display()));
     let mut b = Session::builder(env).map_err(err)?;
-    b = b
-        .with_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-        .map_err(|e| err(e.into()))?;
+    b = b.with_config_entry("session.qdq_matmulnbits_accuracy_level", "1").map_err(|e| err(e.into()))?;
     if opts.no_optimization {
-        b = b
-            .with_optimization_level(GraphOptimizationLevel::Disable)
-            .map_err(|e| err(e.into()))?;
+        b = b.with_optimization_level(GraphOptimizationLevel::Disable).map_err(|e| err(e.into()))?;
     }
     b.commit_from_file(model).map_err(err)
 }
@@ -135,31 +112,56 @@ pub struct NamedTensor {
     pub data: Vec<f32>,
 }
 
+/// Input values of any supported element type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InputData {
+    /// float32.
+    F32(Vec<f32>),
+    /// int64 (token ids, positions).
+    I64(Vec<i64>),
+    /// int32.
+    I32(Vec<i32>),
+}
+
+/// A named input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Input {
+    /// Input name.
+    pub name: String,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub data: InputData,
+}
+
 /// Runs a session on f32 inputs and returns every output as f32.
 pub fn run_f32(session: &mut Session, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
+    let inputs: Vec<Input> = inputs
+        .iter()
+        .map(|t| Input { name: t.name.clone(), shape: t.shape.clone(), data: InputData::F32(t.data.clone()) })
+        .collect();
+    run(session, &inputs)
+}
+
+/// Runs a session and returns every float output as f32 (f16 outputs are widened).
+pub fn run(session: &mut Session, inputs: &[Input]) -> Result<Vec<NamedTensor>> {
     let err = |e: ort::Error| Error::Runtime(e.to_string());
     let mut values = Vec::with_capacity(inputs.len());
     for t in inputs {
-        let v = ort::value::Tensor::from_array((t.shape.clone(), t.data.clone())).map_err(err)?;
-        values.push((t.name.clone(), ort::session::SessionInputValue::from(v)));
+        let v: ort::session::SessionInputValue = match &t.data {
+            InputData::F32(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
+            InputData::I64(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
+            InputData::I32(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
+        };
+        values.push((t.name.clone(), v));
     }
-    let names: Vec<String> = session
-        .outputs()
-        .iter()
-        .map(|o| o.name().to_string())
-        .collect();
+    let names: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
     let outputs = session.run(values).map_err(err)?;
     names
         .into_iter()
         .map(|name| {
-            let (shape, data) = outputs[name.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(err)?;
-            Ok(NamedTensor {
-                name,
-                shape: shape.iter().map(|&d| d as usize).collect(),
-                data: data.to_vec(),
-            })
+            let (shape, data) = outputs[name.as_str()].try_extract_tensor::<f32>().map_err(err)?;
+            Ok(NamedTensor { name, shape: shape.iter().map(|&d| d as usize).collect(), data: data.to_vec() })
         })
         .collect()
 }

@@ -3,9 +3,8 @@
 //! README, the tests and the benchmarks, plus small builders for hand-made test graphs.
 
 use crate::onnx::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
+    ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use bytes::Bytes;
 use nibble::FloatFormat;
@@ -62,12 +61,7 @@ pub fn init_i64(name: &str, dims: &[usize], values: &[i64]) -> TensorProto {
         name: Some(name.into()),
         dims: dims.iter().map(|&d| d as i64).collect(),
         data_type: Some(DataType::Int64 as i32),
-        raw_data: Some(Bytes::from(
-            values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        )),
+        raw_data: Some(Bytes::from(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())),
         ..Default::default()
     }
 }
@@ -103,13 +97,7 @@ pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
 }
 
 /// A node.
-pub fn node(
-    op: &str,
-    name: &str,
-    inputs: &[&str],
-    outputs: &[&str],
-    attrs: Vec<AttributeProto>,
-) -> NodeProto {
+pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<AttributeProto>) -> NodeProto {
     NodeProto {
         op_type: Some(op.into()),
         name: Some(name.into()),
@@ -150,10 +138,7 @@ pub fn io(name: &str, elem: i32, dims: &[Option<usize>]) -> ValueInfoProto {
 pub fn model(graph: GraphProto, opset: i64) -> ModelProto {
     ModelProto {
         ir_version: Some(if opset >= 21 { 10 } else { 8 }),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(opset),
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
         producer_name: Some("nibble-synth".into()),
         graph: Some(graph),
         ..Default::default()
@@ -221,11 +206,7 @@ pub fn transformer(cfg: &TransformerConfig) -> ModelProto {
     }
     let ones = vec![1.0f32; h];
     let zeros = vec![0.0f32; h];
-    let ln = |nodes: &mut Vec<NodeProto>,
-              inits: &mut Vec<TensorProto>,
-              name: &str,
-              x: &str,
-              out: &str| {
+    let ln = |nodes: &mut Vec<NodeProto>, inits: &mut Vec<TensorProto>, name: &str, x: &str, out: &str| {
         inits.push(init(&format!("{name}.weight"), &[h], &ones, f));
         inits.push(init(&format!("{name}.bias"), &[h], &zeros, f));
         let p = format!("/model/{name}/LayerNormalization");
@@ -245,31 +226,14 @@ pub fn transformer(cfg: &TransformerConfig) -> ModelProto {
                       out: &str,
                       k: usize,
                       n: usize| {
-        inits.push(init(
-            w,
-            &[k, n],
-            &rng.normals(k * n, 1.0 / (k as f32).sqrt()),
-            f,
-        ));
-        nodes.push(node(
-            "MatMul",
-            &format!("{path}/MatMul"),
-            &[x, w],
-            &[out],
-            vec![],
-        ));
+        inits.push(init(w, &[k, n], &rng.normals(k * n, 1.0 / (k as f32).sqrt()), f));
+        nodes.push(node("MatMul", &format!("{path}/MatMul"), &[x, w], &[out], vec![]));
     };
     for l in 0..cfg.layers {
         let p = format!("/model/layers.{l}");
         let w = format!("model.layers.{l}");
         let t = |s: &str| format!("{p}/{s}");
-        ln(
-            &mut nodes,
-            &mut inits,
-            &format!("layers.{l}.input_layernorm"),
-            &x,
-            &t("ln1"),
-        );
+        ln(&mut nodes, &mut inits, &format!("layers.{l}.input_layernorm"), &x, &t("ln1"));
         for proj in ["q", "k", "v"] {
             linear(
                 &mut nodes,
@@ -289,64 +253,14 @@ pub fn transformer(cfg: &TransformerConfig) -> ModelProto {
             &[&t("kt")],
             vec![attr_ints("perm", &[0, 2, 1])],
         ));
-        nodes.push(node(
-            "MatMul",
-            &t("attn/scores/MatMul"),
-            &[&t("q"), &t("kt")],
-            &[&t("scores")],
-            vec![],
-        ));
-        inits.push(init(
-            &format!("{w}.attn.scale"),
-            &[],
-            &[1.0 / (h as f32).sqrt()],
-            f,
-        ));
-        nodes.push(node(
-            "Mul",
-            &t("attn/Mul"),
-            &[&t("scores"), &format!("{w}.attn.scale")],
-            &[&t("scaled")],
-            vec![],
-        ));
-        nodes.push(node(
-            "Softmax",
-            &t("attn/Softmax"),
-            &[&t("scaled")],
-            &[&t("probs")],
-            vec![attr_i("axis", -1)],
-        ));
-        nodes.push(node(
-            "MatMul",
-            &t("attn/context/MatMul"),
-            &[&t("probs"), &t("v")],
-            &[&t("ctx")],
-            vec![],
-        ));
-        linear(
-            &mut nodes,
-            &mut inits,
-            &t("attn/o_proj"),
-            &format!("{w}.attn.o_proj.weight"),
-            &t("ctx"),
-            &t("o"),
-            h,
-            h,
-        );
-        nodes.push(node(
-            "Add",
-            &t("attn/residual/Add"),
-            &[&x, &t("o")],
-            &[&t("x2")],
-            vec![],
-        ));
-        ln(
-            &mut nodes,
-            &mut inits,
-            &format!("layers.{l}.post_attention_layernorm"),
-            &t("x2"),
-            &t("ln2"),
-        );
+        nodes.push(node("MatMul", &t("attn/scores/MatMul"), &[&t("q"), &t("kt")], &[&t("scores")], vec![]));
+        inits.push(init(&format!("{w}.attn.scale"), &[], &[1.0 / (h as f32).sqrt()], f));
+        nodes.push(node("Mul", &t("attn/Mul"), &[&t("scores"), &format!("{w}.attn.scale")], &[&t("scaled")], vec![]));
+        nodes.push(node("Softmax", &t("attn/Softmax"), &[&t("scaled")], &[&t("probs")], vec![attr_i("axis", -1)]));
+        nodes.push(node("MatMul", &t("attn/context/MatMul"), &[&t("probs"), &t("v")], &[&t("ctx")], vec![]));
+        linear(&mut nodes, &mut inits, &t("attn/o_proj"), &format!("{w}.attn.o_proj.weight"), &t("ctx"), &t("o"), h, h);
+        nodes.push(node("Add", &t("attn/residual/Add"), &[&x, &t("o")], &[&t("x2")], vec![]));
+        ln(&mut nodes, &mut inits, &format!("layers.{l}.post_attention_layernorm"), &t("x2"), &t("ln2"));
         linear(
             &mut nodes,
             &mut inits,
@@ -357,20 +271,8 @@ pub fn transformer(cfg: &TransformerConfig) -> ModelProto {
             h,
             m,
         );
-        nodes.push(node(
-            "Sigmoid",
-            &t("mlp/Sigmoid"),
-            &[&t("up")],
-            &[&t("gate")],
-            vec![],
-        ));
-        nodes.push(node(
-            "Mul",
-            &t("mlp/Mul"),
-            &[&t("up"), &t("gate")],
-            &[&t("act")],
-            vec![],
-        ));
+        nodes.push(node("Sigmoid", &t("mlp/Sigmoid"), &[&t("up")], &[&t("gate")], vec![]));
+        nodes.push(node("Mul", &t("mlp/Mul"), &[&t("up"), &t("gate")], &[&t("act")], vec![]));
         linear(
             &mut nodes,
             &mut inits,
@@ -381,31 +283,12 @@ pub fn transformer(cfg: &TransformerConfig) -> ModelProto {
             m,
             h,
         );
-        nodes.push(node(
-            "Add",
-            &t("mlp/residual/Add"),
-            &[&t("x2"), &t("down")],
-            &[&t("x3")],
-            vec![],
-        ));
+        nodes.push(node("Add", &t("mlp/residual/Add"), &[&t("x2"), &t("down")], &[&t("x3")], vec![]));
         x = t("x3");
     }
     ln(&mut nodes, &mut inits, "norm", &x, "final_norm");
-    let logits = if f == FloatFormat::F32 {
-        "logits"
-    } else {
-        "logits_narrow"
-    };
-    linear(
-        &mut nodes,
-        &mut inits,
-        "/lm_head",
-        "lm_head.weight",
-        "final_norm",
-        logits,
-        h,
-        cfg.vocab,
-    );
+    let logits = if f == FloatFormat::F32 { "logits" } else { "logits_narrow" };
+    linear(&mut nodes, &mut inits, "/lm_head", "lm_head.weight", "final_norm", logits, h, cfg.vocab);
     if f != FloatFormat::F32 {
         nodes.push(node(
             "Cast",
@@ -420,11 +303,7 @@ pub fn transformer(cfg: &TransformerConfig) -> ModelProto {
         node: nodes,
         initializer: inits,
         input: vec![io("input", DataType::Float as i32, &[None, None, Some(h)])],
-        output: vec![io(
-            "logits",
-            DataType::Float as i32,
-            &[None, None, Some(cfg.vocab)],
-        )],
+        output: vec![io("logits", DataType::Float as i32, &[None, None, Some(cfg.vocab)])],
         ..Default::default()
     };
     model(graph, cfg.opset)

@@ -14,13 +14,7 @@ use pulp::{Simd, WithSimd};
 /// Writes the minimum and maximum of each column of the slab `w` (`w.len()` a multiple of `cols`).
 /// With `include_zero`, `+0.0` takes part as if one more row of zeros were present. An empty slab
 /// without `include_zero` gives `+Inf` / `-Inf`.
-pub fn block_minmax(
-    w: &[f32],
-    cols: usize,
-    include_zero: bool,
-    min: &mut [f32],
-    max: &mut [f32],
-) -> Result<()> {
+pub fn block_minmax(w: &[f32], cols: usize, include_zero: bool, min: &mut [f32], max: &mut [f32]) -> Result<()> {
     block_minmax_with(Tier::best(), w, cols, include_zero, min, max)
 }
 
@@ -37,13 +31,7 @@ pub fn block_minmax_with(
     slab_rows("block_minmax weight", w.len(), cols)?;
     check_len("block_minmax min output", cols, min.len())?;
     check_len("block_minmax max output", cols, max.len())?;
-    tier.dispatch(BlockMinMax {
-        w,
-        cols,
-        include_zero,
-        min,
-        max,
-    });
+    tier.dispatch(BlockMinMax { w, cols, include_zero, min, max });
     Ok(())
 }
 
@@ -56,8 +44,7 @@ pub(crate) fn key(bits: u32) -> u32 {
 #[inline(always)]
 fn key_simd<S: Simd>(simd: S, bits: S::u32s) -> S::i32s {
     let sign = simd.wrapping_dyn_shr_u32s(bits, simd.splat_u32s(31));
-    let flip =
-        simd.wrapping_dyn_shr_u32s(simd.sub_u32s(simd.splat_u32s(0), sign), simd.splat_u32s(1));
+    let flip = simd.wrapping_dyn_shr_u32s(simd.sub_u32s(simd.splat_u32s(0), sign), simd.splat_u32s(1));
     pulp::cast(simd.xor_u32s(bits, flip))
 }
 
@@ -74,24 +61,12 @@ impl WithSimd for BlockMinMax<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self {
-            w,
-            cols,
-            include_zero,
-            min,
-            max,
-        } = self;
+        let Self { w, cols, include_zero, min, max } = self;
         let lo: &mut [u32] = bytemuck::cast_slice_mut(min);
         let hi: &mut [u32] = bytemuck::cast_slice_mut(max);
         // Keys of the start values: +0.0 with padding, else +Inf for min and -Inf for max.
-        let (lo0, hi0) = if include_zero {
-            (0u32, 0u32)
-        } else {
-            (
-                key(f32::INFINITY.to_bits()),
-                key(f32::NEG_INFINITY.to_bits()),
-            )
-        };
+        let (lo0, hi0) =
+            if include_zero { (0u32, 0u32) } else { (key(f32::INFINITY.to_bits()), key(f32::NEG_INFINITY.to_bits())) };
         lo.fill(lo0);
         hi.fill(hi0);
         if cols > 0 {

@@ -46,14 +46,7 @@ pub fn dequantize_with(
     }
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(Dequantize {
-                codes,
-                cols,
-                scale,
-                zero_point,
-                out,
-                _p: $p,
-            })
+            tier.dispatch(Dequantize { codes, cols, scale, zero_point, out, _p: $p })
         };
     }
     match format {
@@ -78,14 +71,7 @@ impl<P: Precision> WithSimd for Dequantize<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self {
-            codes,
-            cols,
-            scale,
-            zero_point,
-            out,
-            _p: _,
-        } = self;
+        let Self { codes, cols, scale, zero_point, out, _p: _ } = self;
         let sign_bit = simd.splat_u32s(0x80);
         for (row, out) in codes.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
             for_each_chunk::<S>(cols, |j, n| {

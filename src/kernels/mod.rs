@@ -19,9 +19,7 @@ pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};
 pub use qdq_error::{qdq_error, qdq_error_with, QdqOutput};
 pub use quantize::{quantize, quantize_with};
 pub use round::{round_to_format, round_to_format_with};
-pub use scales::{
-    scales_symmetric, scales_symmetric_with, scales_zero_point, scales_zero_point_with,
-};
+pub use scales::{scales_symmetric, scales_symmetric_with, scales_zero_point, scales_zero_point_with};
 
 use crate::{Error, Result, Tier};
 
@@ -37,11 +35,7 @@ pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> R
     if expected == actual {
         Ok(())
     } else {
-        Err(Error::LengthMismatch {
-            what,
-            expected,
-            actual,
-        })
+        Err(Error::LengthMismatch { what, expected, actual })
     }
 }
 
@@ -51,11 +45,7 @@ pub(crate) fn slab_rows(what: &'static str, len: usize, cols: usize) -> Result<u
         return check_len(what, 0, len).map(|_| 0);
     }
     if len % cols != 0 {
-        return Err(Error::LengthMismatch {
-            what,
-            expected: len.div_ceil(cols) * cols,
-            actual: len,
-        });
+        return Err(Error::LengthMismatch { what, expected: len.div_ceil(cols) * cols, actual: len });
     }
     Ok(len / cols)
 }

@@ -53,16 +53,9 @@ impl WithSimd for Pack<'_> {
         // Whole vectors: LANES u32 words = 4 * LANES codes = 2 * LANES output bytes.
         let step = 4 * S::U32_LANES;
         let whole = codes.len() / step * step;
-        let (m0, m1, m2) = (
-            simd.splat_u32s(0x0f0f_0f0f),
-            simd.splat_u32s(0x00ff_00ff),
-            simd.splat_u32s(0xffff),
-        );
+        let (m0, m1, m2) = (simd.splat_u32s(0x0f0f_0f0f), simd.splat_u32s(0x00ff_00ff), simd.splat_u32s(0xffff));
         let (four, eight) = (simd.splat_u32s(4), simd.splat_u32s(8));
-        for (chunk, dst) in codes[..whole]
-            .chunks_exact(step)
-            .zip(out.chunks_exact_mut(step / 2))
-        {
+        for (chunk, dst) in codes[..whole].chunks_exact(step).zip(out.chunks_exact_mut(step / 2)) {
             let mut buf = simd.splat_u32s(0);
             bytemuck::bytes_of_mut(&mut buf).copy_from_slice(chunk);
             let x = simd.and_u32s(buf, m0);

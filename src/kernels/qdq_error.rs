@@ -35,16 +35,7 @@ pub fn qdq_error(
     output: QdqOutput,
     out: &mut [f32],
 ) -> Result<()> {
-    qdq_error_with(
-        Tier::best(),
-        format,
-        w,
-        cols,
-        scale,
-        zero_point,
-        output,
-        out,
-    )
+    qdq_error_with(Tier::best(), format, w, cols, scale, zero_point, output, out)
 }
 
 /// [`qdq_error`] on a chosen tier.
@@ -72,15 +63,7 @@ pub fn qdq_error_with(
     let error = output == QdqOutput::Error;
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(Qdq {
-                w,
-                cols,
-                scale,
-                zero_point,
-                error,
-                out,
-                _p: $p,
-            })
+            tier.dispatch(Qdq { w, cols, scale, zero_point, error, out, _p: $p })
         };
     }
     match format {
@@ -106,15 +89,7 @@ impl<P: Precision> WithSimd for Qdq<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self {
-            w,
-            cols,
-            scale,
-            zero_point,
-            error,
-            out,
-            _p: _,
-        } = self;
+        let Self { w, cols, scale, zero_point, error, out, _p: _ } = self;
         let (lo8, hi7) = (simd.splat_f32s(-8.0), simd.splat_f32s(7.0));
         let (lo16, hi16) = (simd.splat_f32s(-16.0), simd.splat_f32s(16.0));
         let (qmin, qmax) = (simd.splat_f32s(0.0), simd.splat_f32s(15.0));

@@ -50,14 +50,7 @@ pub fn quantize_with(
     }
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(Quantize {
-                w,
-                cols,
-                scale,
-                zero_point,
-                codes,
-                _p: $p,
-            })
+            tier.dispatch(Quantize { w, cols, scale, zero_point, codes, _p: $p })
         };
     }
     match format {
@@ -82,14 +75,7 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self {
-            w,
-            cols,
-            scale,
-            zero_point,
-            codes,
-            _p: _,
-        } = self;
+        let Self { w, cols, scale, zero_point, codes, _p: _ } = self;
         let rows = w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols));
         match zero_point {
             None => {

@@ -21,12 +21,7 @@ use pulp::{Simd, WithSimd};
 pub const CLIP_MIN: f64 = 1e-5;
 
 /// Symmetric INT4 scales from block absmax values.
-pub fn scales_symmetric(
-    format: FloatFormat,
-    amax: &[f32],
-    alpha: f64,
-    scale: &mut [f32],
-) -> Result<()> {
+pub fn scales_symmetric(format: FloatFormat, amax: &[f32], alpha: f64, scale: &mut [f32]) -> Result<()> {
     scales_symmetric_with(Tier::best(), format, amax, alpha, scale)
 }
 
@@ -43,27 +38,9 @@ pub fn scales_symmetric_with(
     let alpha = format.constant(alpha);
     let clip_min = format.constant(CLIP_MIN);
     match format {
-        FloatFormat::F32 => tier.dispatch(Symmetric::<F32> {
-            amax,
-            alpha,
-            clip_min,
-            scale,
-            _p: F32,
-        }),
-        FloatFormat::F16 => tier.dispatch(Symmetric::<F16> {
-            amax,
-            alpha,
-            clip_min,
-            scale,
-            _p: F16,
-        }),
-        FloatFormat::BF16 => tier.dispatch(Symmetric::<BF16> {
-            amax,
-            alpha,
-            clip_min,
-            scale,
-            _p: BF16,
-        }),
+        FloatFormat::F32 => tier.dispatch(Symmetric::<F32> { amax, alpha, clip_min, scale, _p: F32 }),
+        FloatFormat::F16 => tier.dispatch(Symmetric::<F16> { amax, alpha, clip_min, scale, _p: F16 }),
+        FloatFormat::BF16 => tier.dispatch(Symmetric::<BF16> { amax, alpha, clip_min, scale, _p: BF16 }),
     }
     Ok(())
 }
@@ -93,24 +70,12 @@ pub fn scales_zero_point_with(
     check_tier(tier)?;
     check_len("scales_zero_point max", min.len(), max.len())?;
     check_len("scales_zero_point scale output", min.len(), scale.len())?;
-    check_len(
-        "scales_zero_point zero-point output",
-        min.len(),
-        zero_point.len(),
-    )?;
+    check_len("scales_zero_point zero-point output", min.len(), zero_point.len())?;
     let alpha = format.constant(alpha);
     let clip_min = format.constant(CLIP_MIN);
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(ZeroPoint {
-                min,
-                max,
-                alpha,
-                clip_min,
-                scale,
-                zero_point,
-                _p: $p,
-            })
+            tier.dispatch(ZeroPoint { min, max, alpha, clip_min, scale, zero_point, _p: $p })
         };
     }
     match format {
@@ -134,13 +99,7 @@ impl<P: Precision> WithSimd for Symmetric<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self {
-            amax,
-            alpha,
-            clip_min,
-            scale,
-            _p: _,
-        } = self;
+        let Self { amax, alpha, clip_min, scale, _p: _ } = self;
         let alpha = simd.splat_f32s(alpha);
         let seven = simd.splat_f32s(7.0);
         let clip_min = simd.splat_f32s(clip_min);
@@ -168,15 +127,7 @@ impl<P: Precision> WithSimd for ZeroPoint<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self {
-            min,
-            max,
-            alpha,
-            clip_min,
-            scale,
-            zero_point,
-            _p: _,
-        } = self;
+        let Self { min, max, alpha, clip_min, scale, zero_point, _p: _ } = self;
         let alpha = simd.splat_f32s(alpha);
         let fifteen = simd.splat_f32s(15.0);
         let clip_min = simd.splat_f32s(clip_min);

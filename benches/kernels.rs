@@ -1,0 +1,93 @@
+//! Every kernel on every available tier, beside a plain memory-read baseline, with
+//! `Throughput::Bytes` of the weight bytes read, so results read as a fraction of bandwidth.
+//! `cargo bench --bench kernels -- --warm-up-time 1 --measurement-time 3`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use nibble::kernels::*;
+use nibble::quantize_weight::quantize_weight_with;
+use nibble::{BlockSize, FloatFormat, QuantParams, Tier, WeightData};
+use std::hint::black_box;
+
+fn data(n: usize) -> Vec<f32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+        })
+        .collect()
+}
+
+fn kernels(c: &mut Criterion) {
+    // One block slab: 128 rows x 4096 columns of f32 (2 MiB, as a 4096-wide layer's block).
+    let (rows, cols) = (128usize, 4096usize);
+    let w = data(rows * cols);
+    let bytes = (w.len() * 4) as u64;
+    let mut g = c.benchmark_group("slab_128x4096_f32");
+    g.throughput(Throughput::Bytes(bytes));
+    g.bench_function("memory_read_baseline", |b| b.iter(|| black_box(w.iter().fold(0u32, |a, x| a ^ x.to_bits()))));
+    for tier in Tier::available() {
+        let mut amax = vec![0.0f32; cols];
+        block_absmax_with(tier, &w, cols, &mut amax).unwrap();
+        let mut scale = vec![0.0f32; cols];
+        scales_symmetric_with(tier, FloatFormat::F32, &amax, 1.0, &mut scale).unwrap();
+        let mut codes = vec![0u8; w.len()];
+        let mut packed = vec![0u8; w.len() / 2];
+        let mut out = vec![0.0f32; w.len()];
+        g.bench_with_input(BenchmarkId::new("block_absmax", tier.name()), &tier, |b, &t| {
+            b.iter(|| block_absmax_with(t, black_box(&w), cols, &mut amax).unwrap())
+        });
+        let (mut lo, mut hi) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+        g.bench_with_input(BenchmarkId::new("block_minmax", tier.name()), &tier, |b, &t| {
+            b.iter(|| block_minmax_with(t, black_box(&w), cols, false, &mut lo, &mut hi).unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("quantize", tier.name()), &tier, |b, &t| {
+            b.iter(|| quantize_with(t, FloatFormat::F32, black_box(&w), cols, &scale, None, &mut codes).unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("quantize_f16_rounding", tier.name()), &tier, |b, &t| {
+            b.iter(|| quantize_with(t, FloatFormat::F16, black_box(&w), cols, &scale, None, &mut codes).unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("pack_nibbles", tier.name()), &tier, |b, &t| {
+            b.iter(|| pack_nibbles_with(t, black_box(&codes), &mut packed).unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("dequantize", tier.name()), &tier, |b, &t| {
+            b.iter(|| dequantize_with(t, FloatFormat::F32, black_box(&codes), cols, &scale, None, &mut out).unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("qdq_error", tier.name()), &tier, |b, &t| {
+            b.iter(|| {
+                qdq_error_with(t, FloatFormat::F32, black_box(&w), cols, &scale, None, QdqOutput::Error, &mut out)
+                    .unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn whole_weight(c: &mut Criterion) {
+    // A 4096 x 4096 weight (64 MiB f32, 32 MiB f16), block 128, all cores.
+    let (k, n) = (4096usize, 4096usize);
+    let w = data(k * n);
+    let w16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let params = QuantParams::rtn(BlockSize::Blocked(128));
+    let mut g = c.benchmark_group("quantize_weight_4096x4096");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes((w.len() * 4) as u64));
+    g.bench_function("memory_read_baseline_f32", |b| b.iter(|| black_box(w.iter().fold(0u32, |a, x| a ^ x.to_bits()))));
+    for tier in Tier::available() {
+        g.bench_with_input(BenchmarkId::new("f32", tier.name()), &tier, |b, &t| {
+            b.iter(|| quantize_weight_with(t, WeightData::F32(black_box(&w)), [k, n], &params).unwrap())
+        });
+    }
+    g.throughput(Throughput::Bytes((w16.len() * 2) as u64));
+    for tier in Tier::available() {
+        g.bench_with_input(BenchmarkId::new("f16", tier.name()), &tier, |b, &t| {
+            b.iter(|| quantize_weight_with(t, WeightData::F16(black_box(&w16)), [k, n], &params).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, kernels, whole_weight);
+criterion_main!(benches);

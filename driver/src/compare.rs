@@ -1,0 +1,126 @@
+//! `nibble compare ORIGINAL QUANTIZED`: runs both models in ONNX Runtime on the same inputs and
+//! reports, per graph output, the relative L2 error `||q - o|| / ||o||`, the largest absolute
+//! difference, the cosine similarity, and (for outputs with a last axis wider than 1, such as
+//! logits) how often the arg-max along the last axis agrees.
+//!
+//! Inputs: seeded random values for float inputs (normal) and integer inputs (ids in `0..10`),
+//! symbolic dimensions set to 1 (the first) and 16 (the others).
+
+use crate::model::Model;
+use crate::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto};
+use crate::runtime::{open, run, Input, InputData, NamedTensor, SessionOptions};
+use crate::synth::Rng;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// Agreement of one output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputReport {
+    /// Output name.
+    pub name: String,
+    /// `||q - o|| / ||o||`.
+    pub relative_error: f64,
+    /// `max |q - o|`.
+    pub max_abs_error: f64,
+    /// `q . o / (||q|| ||o||)`.
+    pub cosine: f64,
+    /// Fraction of rows whose arg-max along the last axis agrees (None for width-1 outputs).
+    pub top1_agreement: Option<f64>,
+}
+
+/// Metrics of two equally shaped outputs.
+pub fn metrics(name: &str, q: &NamedTensor, o: &NamedTensor) -> OutputReport {
+    let (mut diff2, mut o2, mut q2, mut dot, mut maxabs) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for (&a, &b) in q.data.iter().zip(&o.data) {
+        let (a, b) = (a as f64, b as f64);
+        diff2 += (a - b) * (a - b);
+        o2 += b * b;
+        q2 += a * a;
+        dot += a * b;
+        maxabs = maxabs.max((a - b).abs());
+    }
+    let width = *o.shape.last().unwrap_or(&1);
+    let top1 = (width > 1 && !o.data.is_empty()).then(|| {
+        let argmax = |v: &[f32]| {
+            v.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0
+        };
+        let rows = o.data.len() / width;
+        let same = q.data.chunks(width).zip(o.data.chunks(width)).filter(|(a, b)| argmax(a) == argmax(b)).count();
+        same as f64 / rows as f64
+    });
+    OutputReport {
+        name: name.to_string(),
+        relative_error: if o2 > 0.0 { (diff2 / o2).sqrt() } else { diff2.sqrt() },
+        max_abs_error: maxabs,
+        cosine: if o2 > 0.0 && q2 > 0.0 { dot / (o2.sqrt() * q2.sqrt()) } else { f64::NAN },
+        top1_agreement: top1,
+    }
+}
+
+/// Seeded inputs for every graph input of `model` (initializers excluded).
+pub fn random_inputs(model: &Model, seed: u64) -> Result<Vec<Input>> {
+    let g = model.proto.graph.as_ref().expect("graph");
+    let inits: std::collections::HashSet<&str> = g.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    for vi in g.input.iter().filter(|v| !inits.contains(v.name.as_deref().unwrap_or(""))) {
+        let name = vi.name.clone().unwrap_or_default();
+        let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+            return Err(Error::Usage(format!("input '{name}' is not a tensor; nibble compare needs tensor inputs")));
+        };
+        let shape: Vec<usize> = t
+            .shape
+            .as_ref()
+            .map(|s| {
+                s.dim
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| match d.value {
+                        Some(Value::DimValue(v)) if v > 0 => v as usize,
+                        _ if i == 0 => 1,
+                        _ => 16,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let n: usize = shape.iter().product();
+        let data = match DataType::try_from(t.elem_type.unwrap_or(0)) {
+            Ok(DataType::Float) => InputData::F32(rng.normals(n, 1.0)),
+            Ok(DataType::Int64) => InputData::I64((0..n).map(|_| (rng.uniform() * 10.0) as i64).collect()),
+            Ok(DataType::Int32) => InputData::I32((0..n).map(|_| (rng.uniform() * 10.0) as i32).collect()),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "input '{name}' has element type {}; nibble compare feeds float32, int64 and int32 inputs",
+                    crate::model::dtype_name(t.elem_type.unwrap_or(0))
+                )))
+            }
+        };
+        out.push(Input { name, shape, data });
+    }
+    Ok(out)
+}
+
+/// Runs both models on the same seeded inputs and compares every output.
+pub fn compare(original: &Path, quantized: &Path, seed: u64) -> Result<Vec<OutputReport>> {
+    let inputs = random_inputs(&Model::load(original)?, seed)?;
+    let mut a = open(original, SessionOptions::default())?;
+    let mut b = open(quantized, SessionOptions::default())?;
+    let o = run(&mut a, &inputs)?;
+    let q = run(&mut b, &inputs)?;
+    o.iter()
+        .map(|o| {
+            let q = q.iter().find(|q| q.name == o.name).ok_or_else(|| {
+                Error::Usage(format!(
+                    "output '{}' of {} is missing from {}",
+                    o.name,
+                    original.display(),
+                    quantized.display()
+                ))
+            })?;
+            if q.shape != o.shape {
+                return Err(Error::Usage(format!("output '{}' has shape {:?} vs {:?}", o.name, q.shape, o.shape)));
+            }
+            Ok(metrics(&o.name, q, o))
+        })
+        .collect()
+}

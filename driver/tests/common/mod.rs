@@ -1,0 +1,113 @@
+//! Helpers shared by the driver's integration tests: temporary folders, running the `nibble`
+//! binary, building reference models with dequantized weights, and running models in ONNX Runtime.
+
+#![allow(dead_code)]
+
+use nibble::{reference, FloatFormat};
+use nibble_driver::model::{save, ExternalData, Model};
+use nibble_driver::onnx::{ModelProto, TensorProto};
+use nibble_driver::runtime::{open, run_f32, NamedTensor, SessionOptions};
+use nibble_driver::synth::{init, Rng};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+pub fn nibble(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nibble")).args(args).output().unwrap()
+}
+
+pub fn nibble_ok(args: &[&str]) -> String {
+    let out = nibble(args);
+    assert!(
+        out.status.success(),
+        "nibble {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn write(model: ModelProto, path: &Path, external: ExternalData) -> PathBuf {
+    save(model, path, external).unwrap();
+    path.to_path_buf()
+}
+
+pub fn format_of(t: &TensorProto) -> FloatFormat {
+    match t.data_type.unwrap() {
+        1 => FloatFormat::F32,
+        10 => FloatFormat::F16,
+        16 => FloatFormat::BF16,
+        d => panic!("not a float tensor: {d}"),
+    }
+}
+
+pub fn floats(model: &Model, t: &TensorProto) -> Vec<f32> {
+    let b = model.tensor_bytes(t).unwrap();
+    match format_of(t) {
+        FloatFormat::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+        FloatFormat::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        FloatFormat::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    }
+}
+
+/// The model with each named weight replaced by the scalar reference's dequantized values
+/// (what the quantized model must compute), saved at `out`.
+pub fn dequantized_reference(
+    src: &Path,
+    weights: &[(&str, usize)],
+    block: i64,
+    zero_point: bool,
+    out: &Path,
+) -> PathBuf {
+    let mut model = Model::load(src).unwrap();
+    model.inline_external_data().unwrap();
+    let g = model.proto.graph.clone().unwrap();
+    let mut g2 = g.clone();
+    for t in g2.initializer.iter_mut() {
+        let name = t.name.clone().unwrap();
+        let Some(&(_, axis)) = weights.iter().find(|(w, _)| *w == name) else { continue };
+        let format = format_of(t);
+        let w = floats(&model, t);
+        let shape = [t.dims[0] as usize, t.dims[1] as usize];
+        let b = if block == -1 { shape[axis] } else { block as usize };
+        let s = reference::find_scales(format, &w, shape, b, axis, 1.0, zero_point);
+        let q = reference::rtn(format, &w, shape, &s, b, axis);
+        let dq = reference::dq_tensor(format, &q, shape, &s, b, axis);
+        *t = init(&name, &shape, &dq, format);
+    }
+    model.proto.graph = Some(g2);
+    write(model.proto, out, ExternalData::Never)
+}
+
+pub fn random_input(name: &str, shape: &[usize], seed: u64) -> NamedTensor {
+    let mut rng = Rng::new(seed);
+    NamedTensor { name: name.into(), shape: shape.to_vec(), data: rng.normals(shape.iter().product(), 1.0) }
+}
+
+pub fn run(path: &Path, inputs: &[NamedTensor]) -> Vec<NamedTensor> {
+    let mut s = open(path, SessionOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    run_f32(&mut s, inputs).unwrap()
+}
+
+/// max |a - b| / max |b|.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-30);
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Snapshot of every file in a folder (name -> bytes), to prove nothing changed.
+pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap_or_default())
+        })
+        .collect();
+    v.sort();
+    v
+}

@@ -1,0 +1,340 @@
+//! End to end: models built by the tests are quantized with the `nibble` binary, loaded and run in
+//! ONNX Runtime, and compared with (a) the same model carrying the scalar reference's dequantized
+//! weights (tight tolerance: the graph computes exactly that) and (b) the original (INT4-sized error).
+
+mod common;
+
+use common::*;
+use nibble::FloatFormat;
+use nibble_driver::model::{ExternalData, Model};
+use nibble_driver::onnx::{tensor_proto::DataType, GraphProto, TensorProto};
+use nibble_driver::synth::{attr_i, init, io, model, node, transformer, Rng, TransformerConfig};
+use std::path::Path;
+
+fn small_transformer(format: FloatFormat) -> TransformerConfig {
+    TransformerConfig { hidden: 64, intermediate: 96, layers: 2, vocab: 80, format, opset: 17, seed: 7 }
+}
+
+fn weights_of(path: &Path, skip_lm_head: bool) -> Vec<(String, usize)> {
+    let m = Model::load(path).unwrap();
+    let g = m.proto.graph.unwrap();
+    g.initializer
+        .iter()
+        .filter(|t| t.dims.len() == 2)
+        .filter(|t| !(skip_lm_head && t.name.as_deref() == Some("lm_head.weight")))
+        .map(|t| (t.name.clone().unwrap(), 0))
+        .collect()
+}
+
+fn initializer<'a>(g: &'a GraphProto, name: &str) -> &'a TensorProto {
+    g.initializer.iter().find(|t| t.name.as_deref() == Some(name)).unwrap_or_else(|| panic!("no initializer {name}"))
+}
+
+/// Quantizes `src`, runs original, quantized and reference in ORT, checks both tolerances.
+#[allow(clippy::too_many_arguments)]
+fn check_model(
+    src: &Path,
+    input: &[nibble_driver::runtime::NamedTensor],
+    args: &[&str],
+    weights: &[(String, usize)],
+    block: i64,
+    zp: bool,
+    tight: f32,
+    loose: f32,
+) {
+    let dir = src.parent().unwrap();
+    let out = dir.join("q.onnx");
+    let mut full = vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--force"];
+    full.extend_from_slice(args);
+    nibble_ok(&full);
+    let w: Vec<(&str, usize)> = weights.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    let reference = dequantized_reference(src, &w, block, zp, &dir.join("ref.onnx"));
+    let original = run(src, input);
+    let quantized = run(&out, input);
+    let expected = run(&reference, input);
+    for ((q, e), o) in quantized.iter().zip(&expected).zip(&original) {
+        let tight_err = rel_err(&q.data, &e.data);
+        let loose_err = rel_err(&q.data, &o.data);
+        assert!(
+            tight_err <= tight,
+            "{}: output {} differs from the dequantized reference by {tight_err}",
+            src.display(),
+            q.name
+        );
+        assert!(loose_err <= loose, "{}: output {} differs from the original by {loose_err}", src.display(), q.name);
+        assert!(loose_err > 0.0, "{}: quantization changed nothing", src.display());
+    }
+}
+
+#[test]
+fn transformer_f32_runs_and_matches_structure() {
+    let d = tmp();
+    let src = write(transformer(&small_transformer(FloatFormat::F32)), &d.path().join("m.onnx"), ExternalData::Never);
+    let input = [random_input("input", &[2, 5, 64], 1)];
+    check_model(&src, &input, &["--block-size", "32"], &weights_of(&src, true), 32, false, 2e-5, 0.2);
+    // The structure ModelOpt writes.
+    let q = Model::load(&d.path().join("q.onnx")).unwrap();
+    assert_eq!(q.proto.ir_version, Some(10));
+    assert_eq!(nibble_driver::opset::default_opset(&q.proto), 21);
+    let g = q.proto.graph.as_ref().unwrap();
+    let w = "model.layers.0.attn.q_proj.weight";
+    let codes = initializer(g, &format!("{w}_i4"));
+    assert_eq!((codes.data_type, codes.dims.clone()), (Some(DataType::Int4 as i32), vec![64, 64]));
+    let scale = initializer(g, &format!("{w}_scale"));
+    assert_eq!((scale.data_type, scale.dims.clone()), (Some(DataType::Float as i32), vec![2, 64]));
+    assert!(g.initializer.iter().all(|t| t.name.as_deref() != Some(w)), "the float weight must be removed");
+    let dq = g.node.iter().find(|n| n.name.as_deref() == Some(&format!("{w}_DequantizeLinear"))).unwrap();
+    assert_eq!(dq.op_type.as_deref(), Some("DequantizeLinear"));
+    assert_eq!(dq.input, vec![format!("{w}_i4"), format!("{w}_scale")]);
+    assert_eq!(dq.output, vec![format!("{w}_DequantizeLinear_Output")]);
+    let attrs: Vec<(String, i64)> = dq.attribute.iter().map(|a| (a.name.clone().unwrap(), a.i.unwrap())).collect();
+    assert_eq!(attrs, vec![("axis".to_string(), 0), ("block_size".to_string(), 32)]);
+    assert!(g.value_info.iter().any(|v| v.name.as_deref() == Some(&format!("{w}_DequantizeLinear_Output"))));
+    // /lm_head is excluded by default.
+    assert!(g.initializer.iter().any(|t| t.name.as_deref() == Some("lm_head.weight")));
+}
+
+#[test]
+fn transformer_f16_weights_f32_io() {
+    let d = tmp();
+    let src = write(transformer(&small_transformer(FloatFormat::F16)), &d.path().join("m.onnx"), ExternalData::Never);
+    let input = [random_input("input", &[1, 7, 64], 2)];
+    check_model(&src, &input, &["--block-size", "32"], &weights_of(&src, true), 32, false, 2e-3, 0.2);
+    let q = Model::load(&d.path().join("q.onnx")).unwrap();
+    let scale = initializer(q.proto.graph.as_ref().unwrap(), "model.layers.1.mlp.down_proj.weight_scale");
+    assert_eq!(scale.data_type, Some(DataType::Float16 as i32));
+}
+
+#[test]
+fn transformer_bf16_weights() {
+    let d = tmp();
+    let src = write(transformer(&small_transformer(FloatFormat::BF16)), &d.path().join("m.onnx"), ExternalData::Never);
+    let out = d.path().join("q.onnx");
+    nibble_ok(&["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32"]);
+    let q = Model::load(&out).unwrap();
+    let g = q.proto.graph.as_ref().unwrap();
+    assert_eq!(initializer(g, "model.layers.0.attn.q_proj.weight_scale").data_type, Some(DataType::Bfloat16 as i32));
+    // The codes equal the scalar reference's, for bf16 arithmetic.
+    let m = Model::load(&src).unwrap();
+    let t = initializer(m.proto.graph.as_ref().unwrap(), "model.layers.0.attn.q_proj.weight");
+    let w = floats(&m, t);
+    let s = nibble::reference::find_scales(FloatFormat::BF16, &w, [64, 64], 32, 0, 1.0, false);
+    let codes = nibble::reference::rtn(FloatFormat::BF16, &w, [64, 64], &s, 32, 0);
+    let packed = initializer(g, "model.layers.0.attn.q_proj.weight_i4");
+    assert_eq!(q.tensor_bytes(packed).unwrap().to_vec(), nibble::reference::pack(&codes));
+}
+
+/// x[batch, K] -> MatMul(K x N) -> Relu -> MatMul(N x M), weights as initializers.
+fn matmul_chain(k: usize, n: usize, m: usize, seed: u64) -> nibble_driver::onnx::ModelProto {
+    let mut rng = Rng::new(seed);
+    let g = GraphProto {
+        node: vec![
+            node("MatMul", "/fc1/MatMul", &["x", "fc1.weight"], &["h"], vec![]),
+            node("Relu", "/relu", &["h"], &["a"], vec![]),
+            node("MatMul", "/fc2/MatMul", &["a", "fc2.weight"], &["y"], vec![]),
+        ],
+        initializer: vec![
+            init("fc1.weight", &[k, n], &rng.normals(k * n, 0.1), FloatFormat::F32),
+            init("fc2.weight", &[n, m], &rng.normals(n * m, 0.1), FloatFormat::F32),
+        ],
+        input: vec![io("x", 1, &[None, Some(k)])],
+        output: vec![io("y", 1, &[None, Some(m)])],
+        ..Default::default()
+    };
+    model(g, 17)
+}
+
+#[test]
+fn k_not_a_multiple_of_the_block() {
+    let d = tmp();
+    let src = write(matmul_chain(200, 72, 40, 3), &d.path().join("m.onnx"), ExternalData::Never);
+    let input = [random_input("x", &[3, 200], 4)];
+    let w = vec![("fc1.weight".to_string(), 0), ("fc2.weight".to_string(), 0)];
+    check_model(&src, &input, &["--block-size", "128"], &w, 128, false, 2e-5, 0.2);
+    let q = Model::load(&d.path().join("q.onnx")).unwrap();
+    assert_eq!(initializer(q.proto.graph.as_ref().unwrap(), "fc1.weight_scale").dims, vec![2, 72]);
+}
+
+#[test]
+fn per_channel() {
+    let d = tmp();
+    let src = write(matmul_chain(96, 48, 24, 5), &d.path().join("m.onnx"), ExternalData::Never);
+    let input = [random_input("x", &[2, 96], 6)];
+    let w = vec![("fc1.weight".to_string(), 0), ("fc2.weight".to_string(), 0)];
+    check_model(&src, &input, &["--block-size", "-1"], &w, -1, false, 2e-5, 0.3);
+    let q = Model::load(&d.path().join("q.onnx")).unwrap();
+    let g = q.proto.graph.as_ref().unwrap();
+    assert_eq!(initializer(g, "fc1.weight_scale").dims, vec![48]);
+    let dq = g.node.iter().find(|n| n.name.as_deref() == Some("fc1.weight_DequantizeLinear")).unwrap();
+    let attrs: Vec<&str> = dq.attribute.iter().map(|a| a.name.as_deref().unwrap()).collect();
+    assert_eq!(attrs, vec!["axis"]);
+    assert_eq!(dq.attribute[0].i, Some(1));
+}
+
+#[test]
+fn zero_point() {
+    let d = tmp();
+    let src = write(matmul_chain(128, 64, 32, 8), &d.path().join("m.onnx"), ExternalData::Never);
+    let input = [random_input("x", &[2, 128], 9)];
+    let w = vec![("fc1.weight".to_string(), 0), ("fc2.weight".to_string(), 0)];
+    check_model(&src, &input, &["--block-size", "32", "--zero-point"], &w, 32, true, 2e-5, 0.2);
+    let q = Model::load(&d.path().join("q.onnx")).unwrap();
+    let g = q.proto.graph.as_ref().unwrap();
+    assert_eq!(initializer(g, "fc1.weight_i4").data_type, Some(DataType::Uint4 as i32));
+    let zp = initializer(g, "fc1.weight_zp");
+    assert_eq!((zp.data_type, zp.dims.clone()), (Some(DataType::Uint4 as i32), vec![4, 64]));
+}
+
+/// y = Gemm(x, W, b) with W stored [K, N] (transB=0) or [N, K] (transB=1).
+fn gemm(trans_b: bool, k: usize, n: usize) -> nibble_driver::onnx::ModelProto {
+    let mut rng = Rng::new(11);
+    let wdims = if trans_b { [n, k] } else { [k, n] };
+    let g = GraphProto {
+        node: vec![node("Gemm", "/gemm/Gemm", &["x", "W", "b"], &["y"], vec![attr_i("transB", trans_b as i64)])],
+        initializer: vec![
+            init("W", &wdims, &rng.normals(k * n, 0.1), FloatFormat::F32),
+            init("b", &[n], &rng.normals(n, 0.1), FloatFormat::F32),
+        ],
+        input: vec![io("x", 1, &[None, Some(k)])],
+        output: vec![io("y", 1, &[None, Some(n)])],
+        ..Default::default()
+    };
+    model(g, 17)
+}
+
+#[test]
+fn gemm_trans_b_0_and_1_block_along_k() {
+    for trans_b in [false, true] {
+        let d = tmp();
+        let src = write(gemm(trans_b, 96, 40), &d.path().join("m.onnx"), ExternalData::Never);
+        let input = [random_input("x", &[3, 96], 12)];
+        let axis = trans_b as usize;
+        check_model(&src, &input, &["--block-size", "32"], &[("W".to_string(), axis)], 32, false, 2e-5, 0.2);
+        let q = Model::load(&d.path().join("q.onnx")).unwrap();
+        let g = q.proto.graph.as_ref().unwrap();
+        let want = if trans_b { vec![40, 3] } else { vec![3, 40] };
+        assert_eq!(initializer(g, "W_scale").dims, want, "transB={trans_b}");
+        let dq = g.node.iter().find(|n| n.name.as_deref() == Some("W_DequantizeLinear")).unwrap();
+        assert_eq!(dq.attribute[0].i, Some(axis as i64));
+    }
+}
+
+#[test]
+fn constant_node_weights_are_quantized() {
+    let d = tmp();
+    let mut rng = Rng::new(13);
+    let weight = init("Wc", &[64, 32], &rng.normals(64 * 32, 0.1), FloatFormat::F32);
+    let mut constant = node("Constant", "/const", &[], &["Wc"], vec![]);
+    constant.attribute.push(nibble_driver::onnx::AttributeProto {
+        name: Some("value".into()),
+        t: Some(weight.clone()),
+        r#type: Some(4),
+        ..Default::default()
+    });
+    let g = GraphProto {
+        node: vec![constant, node("MatMul", "/mm/MatMul", &["x", "Wc"], &["y"], vec![])],
+        input: vec![io("x", 1, &[None, Some(64)])],
+        output: vec![io("y", 1, &[None, Some(32)])],
+        ..Default::default()
+    };
+    let src = write(model(g, 17), &d.path().join("m.onnx"), ExternalData::Never);
+    let out = d.path().join("q.onnx");
+    nibble_ok(&["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32"]);
+    let q = Model::load(&out).unwrap();
+    let g = q.proto.graph.as_ref().unwrap();
+    assert!(g.node.iter().all(|n| n.op_type.as_deref() != Some("Constant")));
+    assert!(g.initializer.iter().any(|t| t.name.as_deref() == Some("Wc_i4")));
+    let input = [random_input("x", &[2, 64], 14)];
+    let err = rel_err(&run(&out, &input)[0].data, &run(&src, &input)[0].data);
+    assert!(err > 0.0 && err < 0.2, "{err}");
+}
+
+#[test]
+fn rtn_qdq_mode_is_valid_and_runs() {
+    let d = tmp();
+    let src = write(matmul_chain(64, 32, 16, 15), &d.path().join("m.onnx"), ExternalData::Never);
+    let input = [random_input("x", &[2, 64], 16)];
+    let w = vec![("fc1.weight".to_string(), 0), ("fc2.weight".to_string(), 0)];
+    check_model(&src, &input, &["--method", "rtn", "--block-size", "32"], &w, 32, false, 2e-5, 0.2);
+    let q = Model::load(&d.path().join("q.onnx")).unwrap();
+    let g = q.proto.graph.as_ref().unwrap();
+    let qn = g.node.iter().find(|n| n.name.as_deref() == Some("fc1.weight_QuantizeLinear")).unwrap();
+    assert_eq!(qn.input, vec!["fc1.weight", "fc1.weight_scale", "fc1.weight_zp"]);
+    assert!(qn.attribute.iter().any(|a| a.name.as_deref() == Some("block_size") && a.i == Some(32)));
+    assert_eq!(initializer(g, "fc1.weight_zp").data_type, Some(DataType::Int4 as i32));
+}
+
+#[test]
+fn external_data_in_and_out() {
+    let d = tmp();
+    let src = write(transformer(&small_transformer(FloatFormat::F32)), &d.path().join("m.onnx"), ExternalData::Always);
+    assert!(d.path().join("m.onnx_data").exists());
+    let input = [random_input("input", &[1, 4, 64], 17)];
+    let out = d.path().join("q.onnx");
+    let before = snapshot(d.path());
+    nibble_ok(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--external-data",
+        "always",
+        "--block-size",
+        "32",
+    ]);
+    assert!(d.path().join("q.onnx_data").exists());
+    // The input files are untouched.
+    let after = snapshot(d.path());
+    for (name, bytes) in &before {
+        assert_eq!(after.iter().find(|(n, _)| n == name).map(|(_, b)| b), Some(bytes), "{name} changed");
+    }
+    let err = rel_err(&run(&out, &input)[0].data, &run(&src, &input)[0].data);
+    assert!(err > 0.0 && err < 0.2, "{err}");
+    // Inline output from an external-data input.
+    let out2 = d.path().join("q2.onnx");
+    nibble_ok(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        out2.to_str().unwrap(),
+        "--external-data",
+        "never",
+        "--block-size",
+        "32",
+    ]);
+    assert!(!d.path().join("q2.onnx_data").exists());
+    assert_eq!(run(&out2, &input)[0].data, run(&out, &input)[0].data);
+}
+
+#[test]
+fn exclude_patterns_are_anchored_regexes() {
+    let d = tmp();
+    let src = write(transformer(&small_transformer(FloatFormat::F32)), &d.path().join("m.onnx"), ExternalData::Never);
+    let out = d.path().join("q.onnx");
+    nibble_ok(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--exclude",
+        "/model/layers\\.1/",
+        "--exclude",
+        "mlp",
+    ]);
+    let g = Model::load(&out).unwrap().proto.graph.unwrap();
+    let has = |n: &str| g.initializer.iter().any(|t| t.name.as_deref() == Some(n));
+    assert!(has("model.layers.1.attn.q_proj.weight"), "layer 1 excluded");
+    assert!(has("model.layers.0.attn.q_proj.weight_i4"));
+    assert!(has("model.layers.0.mlp.up_proj.weight_i4"), "'mlp' is anchored at the start: matches nothing");
+    assert!(has("lm_head.weight_i4"), "an explicit --exclude replaces the default /lm_head");
+}
+
+#[test]
+fn inspect_lists_weights_and_opset() {
+    let d = tmp();
+    let src = write(transformer(&small_transformer(FloatFormat::F32)), &d.path().join("m.onnx"), ExternalData::Never);
+    let text = nibble_ok(&["inspect", src.to_str().unwrap()]);
+    assert!(text.contains("opset 17 (quantizing raises it to 21)"), "{text}");
+    assert!(text.contains("excluded by '/lm_head'"), "{text}");
+    assert!(text.contains("12 of 13 weights would be quantized"), "{text}");
+}
