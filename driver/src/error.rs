@@ -72,8 +72,8 @@ pub enum Error {
     /// An invalid option value.
     #[error("{0}")]
     Usage(String),
-    /// An operator whose semantics changed before opset 21, which this version cannot convert.
-    #[error("node '{node}' ({op}, opset {version}) changed incompatibly before opset 21, which INT4 DequantizeLinear needs; converting it is not supported yet, so the output would be invalid (exclude nothing helps here: the whole graph moves to opset 21)")]
+    /// An operator that changed incompatibly before opset 21 and cannot be converted.
+    #[error("node '{node}' ({op} at opset {version}) cannot be upgraded to opset 21, which INT4 DequantizeLinear needs: {why}")]
     OpsetUpgrade {
         /// The node.
         node: String,
@@ -81,6 +81,8 @@ pub enum Error {
         op: String,
         /// The model's opset.
         version: i64,
+        /// Why it cannot be converted.
+        why: String,
     },
     /// The model's opset is too old to upgrade.
     #[error("the model uses default-domain opset {version}; nibble upgrades opsets 13 and later to 21 (re-export the model with opset >= 13)")]

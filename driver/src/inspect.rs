@@ -13,9 +13,10 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
     let candidates = plan(&model, &patterns);
     let mut s = String::new();
     let version = opset::default_opset(&model.proto);
-    let upgrade = match opset::check_upgrade(&model.proto) {
-        Ok(true) => format!("quantizing raises it to {}", opset::TARGET),
-        Ok(false) => "no upgrade needed".to_string(),
+    let mut copy = model.proto.clone();
+    let upgrade = match opset::upgrade(&mut copy) {
+        Ok(Some(r)) => format!("quantizing raises it to {}, converting {} node(s)", opset::TARGET, r.converted),
+        Ok(None) => "no upgrade needed".to_string(),
         Err(e) => format!("cannot be upgraded: {e}"),
     };
     let _ = writeln!(s, "model: {}", path.display());

@@ -1,100 +1,347 @@
-//! The default-domain opset of the output: INT4 DequantizeLinear with `block_size` needs opset 21.
+//! Upgrading the default-domain opset to 21, which INT4 DequantizeLinear with `block_size` needs.
 //!
-//! Raising the number alone is only valid when no operator in the graph changed incompatibly
-//! between the model's opset and 21. Those changes (from ONNX's operator changelog) are listed in
-//! [`BREAKING`]; a model that uses one is refused with an error naming the node until a converter
-//! for it exists. Every other operator revision in 14..=21 only added types or optional
-//! attributes/inputs with defaults that keep the old behaviour.
+//! Relabelling the opset is only valid for operators whose schema did not change incompatibly
+//! between the model's opset and 21. From ONNX's operator changelog, versions 14 to 21:
+//!
+//! | operator | version | change | conversion here |
+//! |---|---|---|---|
+//! | ReduceMax, ReduceMin, ReduceMean, ReduceProd, ReduceL1, ReduceL2, ReduceLogSum, ReduceLogSumExp, ReduceSumSquare | 18 | `axes` attribute became the second input | a Constant node with the axes feeds the new input |
+//! | BatchNormalization | 14 | training-mode outputs 2-5 removed | extra outputs must be unused; they are dropped |
+//! | RoiAlign | 16 | default `coordinate_transformation_mode` became `half_pixel` | the old default `output_half_pixel` is written explicitly |
+//! | GridSample | 20 | modes renamed `bilinear` -> `linear`, `bicubic` -> `cubic` | renamed |
+//! | DFT | 20 | `axis` attribute (default 1) became the third input (default -2) | a Constant node with the axis feeds the new input |
+//! | GroupNormalization | 21 | `scale` and `bias` per group became per channel | each is expanded to `[C]` by nodes (`Expand` of the per-group value to `[G, C/G]`, then `Reshape`) |
+//!
+//! Every other revision in that range only widened type constraints or added attributes or inputs
+//! whose defaults keep the old behaviour (checked, among others: Split 18 `num_outputs`, Pad 18/19
+//! `axes` and `wrap`, Resize 18/19, ScatterElements/ScatterND 16/18 `reduction`, Shape 15
+//! `start`/`end`, Reshape 14 `allowzero`, Cast/CastLike 19 `saturate` (float8 only), AveragePool 19
+//! `dilations`, LpPool 18 `ceil_mode`, GRU/LSTM/RNN 14 `layout`, ReduceMax/ReduceMin 20 bool types,
+//! If/Loop/Scan/Identity/Constant/ConstantOfShape/Flatten/Squeeze/Unsqueeze/Transpose/Size and
+//! QuantizeLinear/DequantizeLinear 19/21 types). Subgraphs (If/Loop/Scan bodies) and model-local
+//! functions are converted too; other domains (`com.microsoft`, ...) are kept as they are.
 
-use crate::onnx::{GraphProto, ModelProto, OperatorSetIdProto};
+use crate::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto,
+    OperatorSetIdProto, TensorProto,
+};
 use crate::{Error, Result};
+use bytes::Bytes;
+use std::collections::HashSet;
 
 /// The opset the DQ form needs.
 pub const TARGET: i64 = 21;
+/// The oldest opset this pass upgrades from.
+pub const OLDEST: i64 = 13;
 
-/// `(operator, version that changed it)`: models below that version using the operator cannot
-/// simply be relabelled.
-pub const BREAKING: &[(&str, i64)] = &[
-    // opset 18: `axes` moved from attribute to input.
-    ("ReduceMax", 18),
-    ("ReduceMin", 18),
-    ("ReduceMean", 18),
-    ("ReduceProd", 18),
-    ("ReduceL1", 18),
-    ("ReduceL2", 18),
-    ("ReduceLogSum", 18),
-    ("ReduceLogSumExp", 18),
-    ("ReduceSumSquare", 18),
-    // opset 18: Split got `num_outputs`; the old form stays valid. Kept out of this list.
-    // opset 16: RoiAlign's default coordinate_transformation_mode became half_pixel.
-    ("RoiAlign", 16),
-    // opset 20: GridSample's modes renamed (bilinear -> linear, bicubic -> cubic).
-    ("GridSample", 20),
-    // opset 20: DFT's `axis` attribute became an input.
-    ("DFT", 20),
-    // opset 21: GroupNormalization's scale and bias became per channel.
-    ("GroupNormalization", 21),
-    // opset 14: BatchNormalization dropped the training-mode outputs (4 and 5).
-    ("BatchNormalization", 14),
+const REDUCE_18: &[&str] = &[
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceMean",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
 ];
+
+fn is_default_domain(d: Option<&str>) -> bool {
+    matches!(d, None | Some("") | Some("ai.onnx"))
+}
 
 /// The default-domain opset of a model (1 when not imported).
 pub fn default_opset(model: &ModelProto) -> i64 {
-    model
-        .opset_import
-        .iter()
-        .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
-        .and_then(|o| o.version)
-        .unwrap_or(1)
+    opset_of(&model.opset_import)
 }
 
-fn check_graph(g: &GraphProto, version: i64) -> Result<()> {
-    for n in &g.node {
-        let default_domain = matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx"));
-        let op = n.op_type.as_deref().unwrap_or("");
-        if default_domain {
-            if let Some(&(_, changed)) = BREAKING.iter().find(|(name, _)| *name == op) {
-                if version < changed {
-                    return Err(Error::OpsetUpgrade {
-                        node: n.name.clone().unwrap_or_default(),
-                        op: op.to_string(),
-                        version,
-                    });
+fn opset_of(imports: &[OperatorSetIdProto]) -> i64 {
+    imports.iter().find(|o| is_default_domain(o.domain.as_deref())).and_then(|o| o.version).unwrap_or(1)
+}
+
+fn set_opset(imports: &mut Vec<OperatorSetIdProto>) {
+    match imports.iter_mut().find(|o| is_default_domain(o.domain.as_deref())) {
+        Some(o) => o.version = Some(o.version.unwrap_or(1).max(TARGET)),
+        None => imports.push(OperatorSetIdProto { domain: Some(String::new()), version: Some(TARGET) }),
+    }
+}
+
+/// What the upgrade changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The model's default-domain opset before.
+    pub from: i64,
+    /// Nodes rewritten (not counting added Constant/shape nodes).
+    pub converted: usize,
+}
+
+fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    n.attribute.iter().find(|a| a.name.as_deref() == Some(name))
+}
+
+fn take_attr(n: &mut NodeProto, name: &str) -> Option<AttributeProto> {
+    let i = n.attribute.iter().position(|a| a.name.as_deref() == Some(name))?;
+    Some(n.attribute.remove(i))
+}
+
+fn node_label(n: &NodeProto) -> String {
+    n.name.clone().filter(|s| !s.is_empty()).or_else(|| n.output.first().cloned()).unwrap_or_default()
+}
+
+fn constant_i64(output: &str, dims: &[i64], values: &[i64]) -> NodeProto {
+    let t = TensorProto {
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Int64 as i32),
+        raw_data: Some(Bytes::from(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())),
+        ..Default::default()
+    };
+    NodeProto {
+        op_type: Some("Constant".into()),
+        name: Some(format!("{output}_Constant")),
+        output: vec![output.to_string()],
+        attribute: vec![AttributeProto {
+            name: Some("value".into()),
+            t: Some(t),
+            r#type: Some(AttributeType::Tensor as i32),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn simple(op: &str, name: String, inputs: Vec<String>, output: String, attrs: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name),
+        input: inputs,
+        output: vec![output],
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+fn int_attr(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(v),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    }
+}
+
+/// Names already used in a graph, so that added tensors never collide.
+struct Names(HashSet<String>);
+
+impl Names {
+    fn of(nodes: &[NodeProto], extra: impl Iterator<Item = String>) -> Names {
+        let mut s: HashSet<String> = extra.collect();
+        for n in nodes {
+            s.extend(n.input.iter().cloned());
+            s.extend(n.output.iter().cloned());
+        }
+        Names(s)
+    }
+
+    fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut i = 1;
+        while self.0.contains(&name) {
+            name = format!("{base}_{i}");
+            i += 1;
+        }
+        self.0.insert(name.clone());
+        name
+    }
+}
+
+/// Converts one node list from `version` to 21; returns the number of nodes rewritten.
+fn convert_nodes(nodes: &mut Vec<NodeProto>, version: i64, names: &mut Names, used: &HashSet<String>) -> Result<usize> {
+    let mut out = Vec::with_capacity(nodes.len());
+    let mut converted = 0;
+    for mut n in std::mem::take(nodes) {
+        // Subgraphs first, each with its own name set.
+        for a in n.attribute.iter_mut() {
+            for g in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                converted += convert_graph(g, version)?;
+            }
+        }
+        if !is_default_domain(n.domain.as_deref()) {
+            out.push(n);
+            continue;
+        }
+        let op = n.op_type.clone().unwrap_or_default();
+        let label = node_label(&n);
+        if version < 18 && REDUCE_18.contains(&op.as_str()) {
+            if let Some(axes) = take_attr(&mut n, "axes") {
+                let name = names.fresh(&format!("{label}_axes"));
+                out.push(constant_i64(&name, &[axes.ints.len() as i64], &axes.ints));
+                n.input.truncate(1);
+                n.input.push(name);
+                converted += 1;
+            }
+        } else if version < 14 && op == "BatchNormalization" && n.output.len() > 1 {
+            if let Some(o) = n.output[1..].iter().find(|o| !o.is_empty() && used.contains(*o)) {
+                return Err(Error::OpsetUpgrade {
+                    node: label,
+                    op,
+                    version,
+                    why: format!("its training-mode output '{o}' is used, and BatchNormalization-14 no longer has it"),
+                });
+            }
+            n.output.truncate(1);
+            converted += 1;
+        } else if version < 16 && op == "RoiAlign" && attr(&n, "coordinate_transformation_mode").is_none() {
+            n.attribute.push(AttributeProto {
+                name: Some("coordinate_transformation_mode".into()),
+                s: Some(Bytes::from_static(b"output_half_pixel")),
+                r#type: Some(AttributeType::String as i32),
+                ..Default::default()
+            });
+            converted += 1;
+        } else if version < 20 && op == "GridSample" {
+            if let Some(a) = n.attribute.iter_mut().find(|a| a.name.as_deref() == Some("mode")) {
+                let renamed: Option<&'static [u8]> = match a.s.as_deref() {
+                    Some(b"bilinear") => Some(b"linear"),
+                    Some(b"bicubic") => Some(b"cubic"),
+                    _ => None,
+                };
+                if let Some(r) = renamed {
+                    a.s = Some(Bytes::from_static(r));
+                    converted += 1;
+                }
+            }
+        } else if version < 20 && op == "DFT" {
+            let axis = take_attr(&mut n, "axis").and_then(|a| a.i).unwrap_or(1);
+            let name = names.fresh(&format!("{label}_axis"));
+            out.push(constant_i64(&name, &[], &[axis]));
+            n.input.resize(2, String::new());
+            n.input.push(name);
+            converted += 1;
+        } else if version < 21 && op == "GroupNormalization" {
+            let groups = attr(&n, "num_groups").and_then(|a| a.i).ok_or_else(|| Error::OpsetUpgrade {
+                node: label.clone(),
+                op: op.clone(),
+                version,
+                why: "it has no num_groups attribute".into(),
+            })?;
+            if n.input.len() < 3 {
+                return Err(Error::OpsetUpgrade { node: label, op, version, why: "it lacks scale or bias".into() });
+            }
+            // C / G from the input's shape at run time: per_group[G] -> [G, 1] -> Expand [G, C/G] -> [C].
+            let mut p = |s: &str| names.fresh(&format!("{label}_{s}"));
+            let (shape, c, g, cg, target, flat) =
+                (p("shape"), p("channels"), p("groups"), p("per_group"), p("expand_shape"), p("flat"));
+            let (idx, unsq_axes) = (p("channel_index"), p("unsqueeze_axes"));
+            out.push(simple("Shape", format!("{shape}_Shape"), vec![n.input[0].clone()], shape.clone(), vec![]));
+            out.push(constant_i64(&idx, &[1], &[1]));
+            out.push(simple("Gather", format!("{c}_Gather"), vec![shape.clone(), idx], c.clone(), vec![]));
+            out.push(constant_i64(&g, &[1], &[groups]));
+            out.push(simple("Div", format!("{cg}_Div"), vec![c, g.clone()], cg.clone(), vec![]));
+            out.push(simple(
+                "Concat",
+                format!("{target}_Concat"),
+                vec![g, cg],
+                target.clone(),
+                vec![int_attr("axis", 0)],
+            ));
+            out.push(constant_i64(&flat, &[1], &[-1]));
+            out.push(constant_i64(&unsq_axes, &[1], &[1]));
+            for slot in [1, 2] {
+                let src = n.input[slot].clone();
+                let u = names.fresh(&format!("{label}_in{slot}_col"));
+                let e = names.fresh(&format!("{label}_in{slot}_expanded"));
+                let r = names.fresh(&format!("{label}_in{slot}_per_channel"));
+                out.push(simple(
+                    "Unsqueeze",
+                    format!("{u}_Unsqueeze"),
+                    vec![src, unsq_axes.clone()],
+                    u.clone(),
+                    vec![],
+                ));
+                out.push(simple("Expand", format!("{e}_Expand"), vec![u, target.clone()], e.clone(), vec![]));
+                out.push(simple("Reshape", format!("{r}_Reshape"), vec![e, flat.clone()], r.clone(), vec![]));
+                n.input[slot] = r;
+            }
+            converted += 1;
+        }
+        out.push(n);
+    }
+    *nodes = out;
+    Ok(converted)
+}
+
+fn used_names(nodes: &[NodeProto], outputs: impl Iterator<Item = String>) -> HashSet<String> {
+    fn walk(nodes: &[NodeProto], used: &mut HashSet<String>) {
+        for n in nodes {
+            used.extend(n.input.iter().cloned());
+            for a in &n.attribute {
+                for g in a.g.iter().chain(&a.graphs) {
+                    walk(&g.node, used);
+                    used.extend(g.output.iter().filter_map(|o| o.name.clone()));
                 }
             }
         }
-        for a in &n.attribute {
-            for sub in a.g.iter().chain(&a.graphs) {
-                check_graph(sub, version)?;
+    }
+    let mut used: HashSet<String> = outputs.collect();
+    walk(nodes, &mut used);
+    used
+}
+
+fn convert_graph(g: &mut GraphProto, version: i64) -> Result<usize> {
+    let extra = g
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.clone())
+        .chain(g.input.iter().filter_map(|v| v.name.clone()))
+        .chain(g.output.iter().filter_map(|v| v.name.clone()));
+    let mut names = Names::of(&g.node, extra);
+    let used = used_names(&g.node, g.output.iter().filter_map(|o| o.name.clone()));
+    convert_nodes(&mut g.node, version, &mut names, &used)
+}
+
+/// Checks that `model` can be upgraded, without changing it: `Ok(false)` when already at >= 21.
+pub fn check_upgrade(model: &ModelProto) -> Result<bool> {
+    let mut copy = ModelProto {
+        opset_import: model.opset_import.clone(),
+        graph: model.graph.as_ref().map(|g| GraphProto {
+            node: g.node.clone(),
+            output: g.output.clone(),
+            ..Default::default()
+        }),
+        functions: model.functions.clone(),
+        ..Default::default()
+    };
+    Ok(upgrade(&mut copy)?.is_some())
+}
+
+/// Upgrades the model's default-domain opset to 21, converting what changed; `None` when it is
+/// already at 21 or later. Opset < 13, and operators that cannot be converted, are errors.
+pub fn upgrade(model: &mut ModelProto) -> Result<Option<Report>> {
+    let from = default_opset(model);
+    if from >= TARGET {
+        return Ok(None);
+    }
+    if from < OLDEST {
+        return Err(Error::OpsetTooOld { version: from });
+    }
+    let mut converted = 0;
+    if let Some(g) = model.graph.as_mut() {
+        converted += convert_graph(g, from)?;
+    }
+    for f in model.functions.iter_mut() {
+        let version = if f.opset_import.is_empty() { from } else { opset_of(&f.opset_import) };
+        if version < TARGET {
+            if version < OLDEST {
+                return Err(Error::OpsetTooOld { version });
+            }
+            let mut names = Names::of(&f.node, f.input.iter().cloned().chain(f.output.iter().cloned()));
+            let used = used_names(&f.node, f.output.iter().cloned());
+            converted += convert_nodes(&mut f.node, version, &mut names, &used)?;
+            if !f.opset_import.is_empty() {
+                set_opset(&mut f.opset_import);
             }
         }
     }
-    Ok(())
-}
-
-/// Whether upgrading `model` to opset 21 is needed, and an error if it cannot be done.
-pub fn check_upgrade(model: &ModelProto) -> Result<bool> {
-    let version = default_opset(model);
-    if version >= TARGET {
-        return Ok(false);
-    }
-    if version < 13 {
-        return Err(Error::OpsetTooOld { version });
-    }
-    if let Some(g) = &model.graph {
-        check_graph(g, version)?;
-    }
-    for f in &model.functions {
-        let g = GraphProto { node: f.node.clone(), ..Default::default() };
-        check_graph(&g, version)?;
-    }
-    Ok(true)
-}
-
-/// Sets the default-domain opset to at least 21 (after [`check_upgrade`]).
-pub fn raise(model: &mut ModelProto) {
-    match model.opset_import.iter_mut().find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx"))) {
-        Some(o) => o.version = Some(o.version.unwrap_or(1).max(TARGET)),
-        None => model.opset_import.push(OperatorSetIdProto { domain: Some(String::new()), version: Some(TARGET) }),
-    }
+    set_opset(&mut model.opset_import);
+    Ok(Some(Report { from, converted }))
 }

@@ -424,7 +424,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     model.inline_external_data()?;
     rewrite(&mut model, replacements, &sources);
     if !chosen.is_empty() {
-        opset::raise(&mut model.proto);
+        opset::upgrade(&mut model.proto)?;
         model.proto.ir_version = Some(model.proto.ir_version.unwrap_or(0).max(10));
     }
     let proto = std::mem::take(&mut model.proto);

@@ -334,7 +334,7 @@ fn inspect_lists_weights_and_opset() {
     let d = tmp();
     let src = write(transformer(&small_transformer(FloatFormat::F32)), &d.path().join("m.onnx"), ExternalData::Never);
     let text = nibble_ok(&["inspect", src.to_str().unwrap()]);
-    assert!(text.contains("opset 17 (quantizing raises it to 21)"), "{text}");
+    assert!(text.contains("opset 17 (quantizing raises it to 21, converting 0 node(s))"), "{text}");
     assert!(text.contains("excluded by '/lm_head'"), "{text}");
     assert!(text.contains("12 of 13 weights would be quantized"), "{text}");
 }
