@@ -22,6 +22,7 @@
 //! - [`quantize_weight`]: a whole tensor (any dtype, axis 0 or 1, any block size) through the kernels,
 //!   in parallel over blocks.
 
+pub mod awq;
 pub mod error;
 pub mod float;
 pub mod kernels;

@@ -144,49 +144,116 @@ pub fn quantize_weight_with(
     shape: [usize; 2],
     params: &QuantParams,
 ) -> Result<QuantizedWeight> {
+    quantize_weight_alphas_with(tier, data, shape, params, None)
+}
+
+/// [`quantize_weight`] with one clip ratio per block (AWQ-clip's choice), laid out like the scales
+/// of the axis-0 view: `alphas[b * n + j]` for block `b` of column `j` (for axis 1, `j` runs over
+/// the rows of the stored weight). Values must be values of the weight format.
+pub fn quantize_weight_alphas_with(
+    tier: Tier,
+    data: WeightData<'_>,
+    shape: [usize; 2],
+    params: &QuantParams,
+    alphas: Option<&[f32]>,
+) -> Result<QuantizedWeight> {
     kernels::check_tier(tier)?;
     let [r, c] = shape;
     kernels::check_len("weight", r * c, data.len())?;
+    let format = data.format();
     match params.axis {
         0 => {
             let block = params.block_size.resolve(r);
-            axis0(tier, data.format(), &|range| data.to_f32(range), [r, c], block, params, true)
+            let out = axis0(tier, format, &|range| data.to_f32(range), [r, c], block, params, alphas, Output::Packed)?;
+            Ok(out.into_quantized(block))
         }
         1 => {
             let block = params.block_size.resolve(c);
             // Transpose to [C, R] in f32, quantize along its rows, transpose codes and scales back.
             let w = data.to_f32(0..r * c);
-            let mut t = vec![0.0f32; r * c];
-            for (i, row) in w.chunks_exact(c.max(1)).enumerate() {
-                for (j, &x) in row.iter().enumerate() {
-                    t[j * r + i] = x;
-                }
-            }
+            let t = transpose(&w, r, c);
             let t_source = |range: std::ops::Range<usize>| Cow::Borrowed(&t[range]);
-            let q = axis0(tier, data.format(), &t_source, [c, r], block, params, false)?;
-            let codes_t = q.packed; // unpacked codes [C, R]
-            let mut codes = vec![0u8; r * c];
-            for j in 0..c {
-                for i in 0..r {
-                    codes[i * c + j] = codes_t[j * r + i];
-                }
-            }
+            let q = axis0(tier, format, &t_source, [c, r], block, params, alphas, Output::Codes)?;
+            let codes = transpose(&q.data, c, r);
             let mut packed = vec![0u8; (r * c).div_ceil(2)];
             kernels::pack_nibbles_with(tier, &codes, &mut packed)?;
-            let nb = q.scale_shape[0];
-            let tr = |v: &[f32]| -> Vec<f32> { (0..r * nb).map(|e| v[(e % nb) * r + e / nb]).collect() };
-            let scale = tr(&q.scale);
-            let zero_point = q.zero_point.map(|z| (0..r * nb).map(|e| z[(e % nb) * r + e / nb]).collect());
-            Ok(QuantizedWeight { packed, scale, scale_shape: [r, nb], zero_point, block })
+            let nb = q.nb;
+            Ok(QuantizedWeight {
+                packed,
+                scale: transpose(&q.scale, nb, r),
+                scale_shape: [r, nb],
+                zero_point: q.zero_point.map(|z| transpose(&z, nb, r)),
+                block,
+            })
         }
         axis => Err(Error::BadAxis { axis }),
     }
 }
 
+/// The dequantized weight (`dq(q(w))`, values of the weight format) of an f32 `[k, n]` matrix
+/// holding values of `format`, blocks along axis 0: what ModelOpt's
+/// `dq_tensor(*quant_tensor(w, ...))` computes, for the AWQ searches.
+pub fn fake_quantize_with(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    [k, n]: [usize; 2],
+    params: &QuantParams,
+    alphas: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    kernels::check_tier(tier)?;
+    kernels::check_len("weight", k * n, w.len())?;
+    let block = params.block_size.resolve(k);
+    let source = |range: std::ops::Range<usize>| Cow::Borrowed(&w[range]);
+    let out = axis0(tier, format, &source, [k, n], block, params, alphas, Output::Dequantized)?;
+    Ok(out.dequantized)
+}
+
+fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut t = vec![T::default(); v.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = v[i * cols + j];
+        }
+    }
+    t
+}
+
 type Source<'s> = dyn Fn(std::ops::Range<usize>) -> Cow<'s, [f32]> + Sync + 's;
 
-/// Blocks along the rows of a `[k, n]` matrix. With `pack`, `packed` holds packed codes;
-/// without, one code per byte.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// Packed codes.
+    Packed,
+    /// One code per byte.
+    Codes,
+    /// The dequantized values.
+    Dequantized,
+}
+
+struct Axis0 {
+    data: Vec<u8>,
+    dequantized: Vec<f32>,
+    scale: Vec<f32>,
+    zero_point: Option<Vec<u8>>,
+    nb: usize,
+    n: usize,
+}
+
+impl Axis0 {
+    fn into_quantized(self, block: usize) -> QuantizedWeight {
+        QuantizedWeight {
+            packed: self.data,
+            scale: self.scale,
+            scale_shape: [self.nb, self.n],
+            zero_point: self.zero_point,
+            block,
+        }
+    }
+}
+
+/// Blocks along the rows of a `[k, n]` matrix, in parallel.
+#[allow(clippy::too_many_arguments)]
 fn axis0(
     tier: Tier,
     format: FloatFormat,
@@ -194,83 +261,120 @@ fn axis0(
     [k, n]: [usize; 2],
     block: usize,
     params: &QuantParams,
-    pack: bool,
-) -> Result<QuantizedWeight> {
+    alphas: Option<&[f32]>,
+    output: Output,
+) -> Result<Axis0> {
     let nb = k.div_ceil(block);
+    if let Some(a) = alphas {
+        kernels::check_len("alphas", nb * n, a.len())?;
+    }
     let mut scale = vec![0.0f32; nb * n];
     let mut zero_point = params.zero_point.then(|| vec![0u8; nb * n]);
-    let code_bytes = if pack { (k * n).div_ceil(2) } else { k * n };
-    let mut out = vec![0u8; code_bytes];
+    let (code_bytes, per_block) = match output {
+        Output::Packed => ((k * n).div_ceil(2), block * n / 2),
+        Output::Codes => (k * n, block * n),
+        Output::Dequantized => (0, 0),
+    };
+    // A single block (per channel) takes all bytes, even when K * N is odd.
+    let per_block = if nb == 1 { code_bytes } else { per_block };
+    let mut data = vec![0u8; code_bytes];
+    let mut dequantized = vec![0.0f32; if output == Output::Dequantized { k * n } else { 0 }];
     if k == 0 || n == 0 {
-        return Ok(QuantizedWeight { packed: out, scale, scale_shape: [nb, n], zero_point, block });
+        return Ok(Axis0 { data, dequantized, scale, zero_point, nb, n });
     }
-    // Output bytes per block (the last may be shorter).
-    let per_block = if pack { block * n / 2 } else { block * n };
+    let default_alphas = vec![format.constant(params.alpha); n];
     let mut zp_chunks: Vec<Option<&mut [u8]>> = match zero_point.as_mut() {
         Some(z) => z.chunks_mut(n).map(Some).collect(),
         None => (0..nb).map(|_| None).collect(),
     };
-    let results: Vec<Result<()>> = out
-        .par_chunks_mut(per_block.max(1))
+    let mut code_chunks: Vec<&mut [u8]> = if code_bytes > 0 {
+        data.chunks_mut(per_block.max(1)).collect()
+    } else {
+        (0..nb).map(|_| Default::default()).collect()
+    };
+    let mut dq_chunks: Vec<&mut [f32]> = if output == Output::Dequantized {
+        dequantized.chunks_mut(block * n).collect()
+    } else {
+        (0..nb).map(|_| Default::default()).collect()
+    };
+    let results: Vec<Result<()>> = code_chunks
+        .par_iter_mut()
+        .zip(dq_chunks.par_iter_mut())
         .zip(scale.par_chunks_mut(n))
         .zip(zp_chunks.par_iter_mut())
         .enumerate()
-        .map(|(b, ((out, scale), zp))| {
+        .map(|(b, (((codes, dq), scale), zp))| {
             let rows = block.min(k - b * block);
             let w = source(b * block * n..(b * block + rows) * n);
-            one_block(tier, format, &w, n, rows < block, params, b, block, scale, zp.as_deref_mut(), out, pack)
+            let alphas = alphas.map_or(&default_alphas[..], |a| &a[b * n..(b + 1) * n]);
+            let job =
+                BlockJob { tier, format, n, padded: rows < block, zero_point: params.zero_point, b, block, alphas };
+            job.run(&w, scale, zp.as_deref_mut(), codes, dq, output)
         })
         .collect();
     results.into_iter().collect::<Result<()>>()?;
-    Ok(QuantizedWeight { packed: out, scale, scale_shape: [nb, n], zero_point, block })
+    Ok(Axis0 { data, dequantized, scale, zero_point, nb, n })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn one_block(
+/// One block of rows.
+struct BlockJob<'a> {
     tier: Tier,
     format: FloatFormat,
-    w: &[f32],
     n: usize,
     padded: bool,
-    params: &QuantParams,
+    zero_point: bool,
     b: usize,
     block: usize,
-    scale: &mut [f32],
-    zp_out: Option<&mut [u8]>,
-    out: &mut [u8],
-    pack: bool,
-) -> Result<()> {
-    let rows = w.len() / n;
-    let non_finite = |column: usize| Error::NonFinite { block: b, column, start: b * block, end: b * block + rows };
-    let mut zp = vec![0.0f32; if params.zero_point { n } else { 0 }];
-    if params.zero_point {
-        let mut lo = vec![0.0f32; n];
-        let mut hi = vec![0.0f32; n];
-        kernels::block_minmax_with(tier, w, n, padded, &mut lo, &mut hi)?;
-        if let Some(c) = (0..n).find(|&c| !lo[c].is_finite() || !hi[c].is_finite()) {
-            return Err(non_finite(c));
+    alphas: &'a [f32],
+}
+
+impl BlockJob<'_> {
+    fn run(
+        &self,
+        w: &[f32],
+        scale: &mut [f32],
+        zp_out: Option<&mut [u8]>,
+        codes_out: &mut [u8],
+        dq_out: &mut [f32],
+        output: Output,
+    ) -> Result<()> {
+        let BlockJob { tier, format, n, padded, zero_point, b, block, alphas } = *self;
+        let rows = w.len() / n;
+        let non_finite = |column: usize| Error::NonFinite { block: b, column, start: b * block, end: b * block + rows };
+        let mut zp = vec![0.0f32; if zero_point { n } else { 0 }];
+        if zero_point {
+            let mut lo = vec![0.0f32; n];
+            let mut hi = vec![0.0f32; n];
+            kernels::block_minmax_with(tier, w, n, padded, &mut lo, &mut hi)?;
+            if let Some(c) = (0..n).find(|&c| !lo[c].is_finite() || !hi[c].is_finite()) {
+                return Err(non_finite(c));
+            }
+            kernels::scales_zero_point_alphas_with(tier, format, &lo, &hi, alphas, scale, &mut zp)?;
+            if let Some(zp_out) = zp_out {
+                for (o, &z) in zp_out.iter_mut().zip(&zp) {
+                    *o = z as u8;
+                }
+            }
+        } else {
+            let mut amax = vec![0.0f32; n];
+            kernels::block_absmax_with(tier, w, n, &mut amax)?;
+            if let Some(c) = amax.iter().position(|a| !a.is_finite()) {
+                return Err(non_finite(c));
+            }
+            kernels::scales_symmetric_alphas_with(tier, format, &amax, alphas, scale)?;
         }
-        kernels::scales_zero_point_with(tier, format, &lo, &hi, params.alpha, scale, &mut zp)?;
-        if let Some(zp_out) = zp_out {
-            for (o, &z) in zp_out.iter_mut().zip(&zp) {
-                *o = z as u8;
+        let zp = zero_point.then_some(&zp[..]);
+        match output {
+            Output::Packed => {
+                let mut codes = vec![0u8; w.len()];
+                kernels::quantize_with(tier, format, w, n, scale, zp, &mut codes)?;
+                kernels::pack_nibbles_with(tier, &codes, codes_out)?;
+            }
+            Output::Codes => kernels::quantize_with(tier, format, w, n, scale, zp, codes_out)?,
+            Output::Dequantized => {
+                kernels::qdq_error_with(tier, format, w, n, scale, zp, kernels::QdqOutput::Dequantized, dq_out)?
             }
         }
-    } else {
-        let mut amax = vec![0.0f32; n];
-        kernels::block_absmax_with(tier, w, n, &mut amax)?;
-        if let Some(c) = amax.iter().position(|a| !a.is_finite()) {
-            return Err(non_finite(c));
-        }
-        kernels::scales_symmetric_with(tier, format, &amax, params.alpha, scale)?;
+        Ok(())
     }
-    let zp = params.zero_point.then_some(&zp[..]);
-    if pack {
-        let mut codes = vec![0u8; w.len()];
-        kernels::quantize_with(tier, format, w, n, scale, zp, &mut codes)?;
-        kernels::pack_nibbles_with(tier, &codes, out)?;
-    } else {
-        kernels::quantize_with(tier, format, w, n, scale, zp, out)?;
-    }
-    Ok(())
 }

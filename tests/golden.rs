@@ -175,3 +175,17 @@ fn packing_matches_modelopt() {
     assert_eq!(back, want);
     assert_eq!(back, values);
 }
+
+/// Per channel with an odd element count (99 x 75): every byte written, equal to the reference.
+#[test]
+fn per_channel_odd_element_count() {
+    let c = case("q_fp32_99x75_b32");
+    let s = reference::find_scales(c.format, &c.w, c.shape, 99, 0, 1.0, false);
+    let want = reference::pack(&reference::rtn(c.format, &c.w, c.shape, &s, 99, 0));
+    for tier in Tier::available() {
+        let q = quantize_weight_with(tier, WeightData::F32(&c.w), c.shape, &QuantParams::rtn(BlockSize::PerChannel))
+            .unwrap();
+        assert_eq!(q.packed, want, "{tier:?}");
+        assert_eq!(bits(&q.scale), bits(&s.scale));
+    }
+}

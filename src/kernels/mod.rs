@@ -19,7 +19,10 @@ pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};
 pub use qdq_error::{qdq_error, qdq_error_with, QdqOutput};
 pub use quantize::{quantize, quantize_with};
 pub use round::{round_to_format, round_to_format_with};
-pub use scales::{scales_symmetric, scales_symmetric_with, scales_zero_point, scales_zero_point_with};
+pub use scales::{
+    scales_symmetric, scales_symmetric_alphas_with, scales_symmetric_with, scales_zero_point,
+    scales_zero_point_alphas_with, scales_zero_point_with,
+};
 
 use crate::{Error, Result, Tier};
 

@@ -33,14 +33,27 @@ pub fn scales_symmetric_with(
     alpha: f64,
     scale: &mut [f32],
 ) -> Result<()> {
+    let alphas = vec![format.constant(alpha); amax.len()];
+    scales_symmetric_alphas_with(tier, format, amax, &alphas, scale)
+}
+
+/// [`scales_symmetric`] with one clip ratio per column (`alphas[c]` already a value of `format`,
+/// as AWQ-clip's per-block choices are).
+pub fn scales_symmetric_alphas_with(
+    tier: Tier,
+    format: FloatFormat,
+    amax: &[f32],
+    alphas: &[f32],
+    scale: &mut [f32],
+) -> Result<()> {
     check_tier(tier)?;
     check_len("scales_symmetric output", amax.len(), scale.len())?;
-    let alpha = format.constant(alpha);
+    check_len("scales_symmetric alphas", amax.len(), alphas.len())?;
     let clip_min = format.constant(CLIP_MIN);
     match format {
-        FloatFormat::F32 => tier.dispatch(Symmetric::<F32> { amax, alpha, clip_min, scale, _p: F32 }),
-        FloatFormat::F16 => tier.dispatch(Symmetric::<F16> { amax, alpha, clip_min, scale, _p: F16 }),
-        FloatFormat::BF16 => tier.dispatch(Symmetric::<BF16> { amax, alpha, clip_min, scale, _p: BF16 }),
+        FloatFormat::F32 => tier.dispatch(Symmetric::<F32> { amax, alphas, clip_min, scale, _p: F32 }),
+        FloatFormat::F16 => tier.dispatch(Symmetric::<F16> { amax, alphas, clip_min, scale, _p: F16 }),
+        FloatFormat::BF16 => tier.dispatch(Symmetric::<BF16> { amax, alphas, clip_min, scale, _p: BF16 }),
     }
     Ok(())
 }
@@ -67,15 +80,29 @@ pub fn scales_zero_point_with(
     scale: &mut [f32],
     zero_point: &mut [f32],
 ) -> Result<()> {
+    let alphas = vec![format.constant(alpha); min.len()];
+    scales_zero_point_alphas_with(tier, format, min, max, &alphas, scale, zero_point)
+}
+
+/// [`scales_zero_point`] with one clip ratio per column (values of `format`).
+pub fn scales_zero_point_alphas_with(
+    tier: Tier,
+    format: FloatFormat,
+    min: &[f32],
+    max: &[f32],
+    alphas: &[f32],
+    scale: &mut [f32],
+    zero_point: &mut [f32],
+) -> Result<()> {
     check_tier(tier)?;
     check_len("scales_zero_point max", min.len(), max.len())?;
+    check_len("scales_zero_point alphas", min.len(), alphas.len())?;
     check_len("scales_zero_point scale output", min.len(), scale.len())?;
     check_len("scales_zero_point zero-point output", min.len(), zero_point.len())?;
-    let alpha = format.constant(alpha);
     let clip_min = format.constant(CLIP_MIN);
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(ZeroPoint { min, max, alpha, clip_min, scale, zero_point, _p: $p })
+            tier.dispatch(ZeroPoint { min, max, alphas, clip_min, scale, zero_point, _p: $p })
         };
     }
     match format {
@@ -88,7 +115,7 @@ pub fn scales_zero_point_with(
 
 struct Symmetric<'a, P> {
     amax: &'a [f32],
-    alpha: f32,
+    alphas: &'a [f32],
     clip_min: f32,
     scale: &'a mut [f32],
     _p: P,
@@ -99,12 +126,12 @@ impl<P: Precision> WithSimd for Symmetric<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { amax, alpha, clip_min, scale, _p: _ } = self;
-        let alpha = simd.splat_f32s(alpha);
+        let Self { amax, alphas, clip_min, scale, _p: _ } = self;
         let seven = simd.splat_f32s(7.0);
         let clip_min = simd.splat_f32s(clip_min);
         for_each_chunk::<S>(amax.len(), |j, n| {
             let a = load_f32(simd, &amax[j..j + n]);
+            let alpha = load_f32(simd, &alphas[j..j + n]);
             let s = P::round_simd(simd, simd.mul_f32s(a, alpha));
             let s = P::round_simd(simd, simd.div_f32s(s, seven));
             store_f32(simd, &mut scale[j..j + n], simd.max_f32s(s, clip_min));
@@ -115,7 +142,7 @@ impl<P: Precision> WithSimd for Symmetric<'_, P> {
 struct ZeroPoint<'a, P> {
     min: &'a [f32],
     max: &'a [f32],
-    alpha: f32,
+    alphas: &'a [f32],
     clip_min: f32,
     scale: &'a mut [f32],
     zero_point: &'a mut [f32],
@@ -127,12 +154,12 @@ impl<P: Precision> WithSimd for ZeroPoint<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { min, max, alpha, clip_min, scale, zero_point, _p: _ } = self;
-        let alpha = simd.splat_f32s(alpha);
+        let Self { min, max, alphas, clip_min, scale, zero_point, _p: _ } = self;
         let fifteen = simd.splat_f32s(15.0);
         let clip_min = simd.splat_f32s(clip_min);
         let (lo_q, hi_q) = (simd.splat_f32s(-15.0), simd.splat_f32s(0.0));
         for_each_chunk::<S>(min.len(), |j, n| {
+            let alpha = load_f32(simd, &alphas[j..j + n]);
             let hi = P::round_simd(simd, simd.mul_f32s(load_f32(simd, &max[j..j + n]), alpha));
             let lo = P::round_simd(simd, simd.mul_f32s(load_f32(simd, &min[j..j + n]), alpha));
             let range = simd.max_f32s(P::round_simd(simd, simd.sub_f32s(hi, lo)), clip_min);
