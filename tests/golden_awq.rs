@@ -95,3 +95,181 @@ fn fused_mean() {
     let refs: Vec<&[f32]> = s.iter().map(|v| v.as_slice()).collect();
     assert_eq!(bits(&awq::mean_scales(FloatFormat::F32, &refs)), bits(&f32s(&a["out_mean"])));
 }
+
+use nibble::quantize_weight::{quantize_weight_alphas_with, QuantParams};
+use nibble::{BlockSize, Tier, WeightData};
+
+fn weight_data<'a>(a: &'a Array, w: &'a [f32], w16: &'a [half::f16]) -> WeightData<'a> {
+    match a.dtype {
+        DType::F16 => WeightData::F16(w16),
+        _ => WeightData::F32(w),
+    }
+}
+
+fn halves(a: &Array) -> Vec<half::f16> {
+    a.as_u16().map(|v| v.into_iter().map(half::f16::from_bits).collect()).unwrap_or_default()
+}
+
+/// Co-major `[N * nb]` (ModelOpt's flattening) to block-major `[nb][N]`.
+fn block_major(v: &[f32], n: usize, nb: usize) -> Vec<f32> {
+    (0..nb).flat_map(|b| (0..n).map(move |j| (b, j))).map(|(b, j)| v[j * nb + b]).collect()
+}
+
+/// Relative loss agreement with ModelOpt. float32: both sides are float32 sums in another order.
+/// float16: ModelOpt rounds every product, sum and difference of the loss to float16, nibble
+/// computes the loss in float32, so the bound is float16's precision over the cancellation.
+const LOSS_BOUND_F32: f64 = 1e-4;
+const LOSS_BOUND_F16: f64 = 0.1;
+
+#[test]
+fn clip_search_matches_modelopt() {
+    let cases = [
+        "clip_search_fp32_256x96_b128_tok100_bsz1024",
+        "clip_search_fp32_200x40_b128_tok64_bsz16",
+        "clip_search_fp32_256x96_b32_tok300_bsz32",
+        "clip_search_fp32_128x24_b128_tok10_bsz1024",
+        "clip_search_fp16_256x96_b128_tok100_bsz1024",
+        "clip_search_fp16_200x40_b128_tok64_bsz16",
+        "clip_search_fp16_256x96_b32_tok300_bsz32",
+        "clip_search_fp16_128x24_b128_tok10_bsz1024",
+    ];
+    let (mut total, mut same_alpha) = (0usize, 0usize);
+    let mut worst_rel = 0f64;
+    for case in cases {
+        let a = load(case);
+        let (wa, xa) = (&a["in_w"], &a["in_x"]);
+        let fmt = format(wa);
+        let (k, n) = (wa.shape[0], wa.shape[1]);
+        let block = a["in_block_size"].to_f64()[0] as usize;
+        let nb = k.div_ceil(block);
+        let params = QuantParams::rtn(BlockSize::Blocked(block));
+        let alphas = a["in_alphas"].to_f64();
+        let (w, x) = (f32s(wa), f32s(xa));
+        let s = awq::clip_search(Tier::best(), fmt, &x, &w, [k, n], &params, &alphas).unwrap();
+        // Losses: [alpha][co][nb] in the golden.
+        let want_losses = f32s(&a["out_losses"]);
+        for (ai, loss) in s.losses.iter().enumerate() {
+            for j in 0..n {
+                for b in 0..nb {
+                    let (g, w) = (loss[b * n + j] as f64, want_losses[(ai * n + j) * nb + b] as f64);
+                    let rel = (g - w).abs() / w.abs().max(1e-30);
+                    worst_rel = worst_rel.max(rel);
+                    let bound = if fmt == FloatFormat::F16 { LOSS_BOUND_F16 } else { LOSS_BOUND_F32 };
+                    assert!(rel <= bound, "{case}: loss alpha {ai} col {j} block {b}: {g} vs {w}");
+                }
+            }
+        }
+        // Chosen ratios: equal except where the two best losses are within float32 noise.
+        let want_alpha = block_major(&f32s(&a["out_best_alpha"]), n, nb);
+        for i in 0..nb * n {
+            total += 1;
+            if s.best_alpha[i] == want_alpha[i] {
+                same_alpha += 1;
+                continue;
+            }
+            let ai = |v: f32| alphas.iter().position(|&x| fmt.constant(x) == v).unwrap();
+            let (mine, theirs) = (s.losses[ai(s.best_alpha[i])][i] as f64, s.losses[ai(want_alpha[i])][i] as f64);
+            let bound = if fmt == FloatFormat::F16 { LOSS_BOUND_F16 } else { LOSS_BOUND_F32 };
+            assert!(
+                (mine - theirs).abs() <= 2.0 * bound * theirs.abs(),
+                "{case}: block/col {i}: not a near-tie ({mine} vs {theirs})"
+            );
+        }
+        // Final weights from ModelOpt's chosen ratios: bit-exact.
+        let w16 = halves(wa);
+        let q =
+            quantize_weight_alphas_with(Tier::best(), weight_data(wa, &w, &w16), [k, n], &params, Some(&want_alpha))
+                .unwrap();
+        let want_q = nibble::reference::pack(&a["out_final_q"].data);
+        assert_eq!(q.packed, want_q, "{case}: final codes");
+        assert_eq!(bits(&q.scale), bits(&f32s(&a["out_final_scale"])), "{case}: final scales");
+    }
+    eprintln!("clip search: {same_alpha} of {total} ratios equal, worst loss difference {worst_rel:e} relative");
+    assert!(same_alpha * 100 >= total * 99, "{same_alpha} of {total} clip ratios equal");
+}
+
+#[test]
+fn awq_lite_node_matches_modelopt() {
+    let cases = [
+        "awq_lite_node_fp32_256x96_b128",
+        "awq_lite_node_fp32_256x96_b128_zp",
+        "awq_lite_node_fp32_200x64_b128_clip",
+        "awq_lite_node_fp32_256x64_b32_clip",
+        "awq_lite_node_fp32_256x64_b32_zp_clip",
+        "awq_lite_node_fp16_256x96_b128",
+        "awq_lite_node_fp16_256x96_b128_zp",
+        "awq_lite_node_fp16_200x64_b128_clip",
+        "awq_lite_node_fp16_256x64_b32_clip",
+        "awq_lite_node_fp16_256x64_b32_zp_clip",
+    ];
+    for case in cases {
+        let a = load(case);
+        let (wa, xa) = (&a["in_w"], &a["in_x"]);
+        let fmt = format(wa);
+        let (k, n) = (wa.shape[0], wa.shape[1]);
+        let block = a["in_block_size"].to_f64()[0] as usize;
+        let zp = a["in_use_zero_point"].to_f64()[0] != 0.0;
+        let clip = a["in_weight_clipping"].to_f64()[0] != 0.0;
+        let params = QuantParams { block_size: BlockSize::Blocked(block), axis: 0, zero_point: zp, alpha: 1.0 };
+        let (w, x) = (f32s(wa), f32s(xa));
+        let alphas = a["out_alphas"].to_f64();
+        assert_eq!(alphas, awq::lite_alphas(0.1));
+        let s = awq::lite_search(Tier::best(), fmt, &x, &w, [k, n], &params, &alphas).unwrap();
+        assert_eq!(bits(&s.act_scale), bits(&f32s(&a["out_act_scale"])), "{case}: act scale");
+        assert_eq!(bits(&s.weight_scale), bits(&f32s(&a["out_weight_scale"])), "{case}: weight scale");
+        let want_losses = a["out_losses"].to_f64();
+        let bound = if fmt == FloatFormat::F16 { LOSS_BOUND_F16 } else { LOSS_BOUND_F32 };
+        for (g, w) in s.losses.iter().zip(&want_losses) {
+            assert!((g - w).abs() <= bound * w.abs(), "{case}: loss {g} vs {w}");
+        }
+        let want_alpha = a["out_best_alpha"].to_f64()[0];
+        let want_best = alphas.iter().position(|&v| v == want_alpha).unwrap();
+        if s.best != want_best {
+            let (mine, theirs) = (s.losses[s.best], s.losses[want_best]);
+            assert!(
+                (mine - theirs).abs() <= 2.0 * bound * theirs,
+                "{case}: alpha {} vs {want_alpha}: not a near-tie",
+                s.alphas[s.best]
+            );
+        } else {
+            let want_scale = f32s(&a["out_best_scale"]);
+            let worst = s.best_scale.iter().zip(&want_scale).map(|(g, w)| ulps(*g, *w)).max().unwrap();
+            // float32: two powers (1 ulp each, CPU-dependent in numpy), a quotient and the normalization.
+            let allowed = if fmt == FloatFormat::F16 { 0 } else { 6 };
+            assert!(worst <= allowed, "{case}: best scale off by {worst} ulp");
+        }
+        // Everything downstream of ModelOpt's chosen scale (and clip ratios): bit-exact.
+        let best_scale = f32s(&a["out_best_scale"]);
+        let scaled = awq::lite::scale_rows(fmt, &w, &best_scale, n);
+        let nb = k.div_ceil(block);
+        let clip_alphas = clip.then(|| block_major(&f32s(&a["out_clip_alpha"]), n, nb));
+        if clip && !zp {
+            let c = awq::clip_search(
+                Tier::best(),
+                fmt,
+                &x,
+                &scaled,
+                [k, n],
+                &QuantParams { zero_point: false, ..params },
+                &awq::clip_alphas(0.5, 0.05),
+            )
+            .unwrap();
+            let same = c.best_alpha.iter().zip(clip_alphas.as_ref().unwrap()).filter(|(a, b)| a == b).count();
+            assert!(same * 100 >= nb * n * 95, "{case}: {same} of {} clip ratios equal", nb * n);
+        }
+        // ModelOpt ignores the clip ratio with a zero point (nibble applies it; see the README).
+        let final_alphas = if zp { None } else { clip_alphas.as_deref() };
+        let scaled16: Vec<half::f16> = scaled.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let data = if fmt == FloatFormat::F16 { WeightData::F16(&scaled16) } else { WeightData::F32(&scaled) };
+        let q = quantize_weight_alphas_with(Tier::best(), data, [k, n], &params, final_alphas).unwrap();
+        let codes: Vec<u8> = a["out_final_q"].data.clone();
+        assert_eq!(q.packed, nibble::reference::pack(&codes), "{case}: final codes");
+        assert_eq!(bits(&q.scale), bits(&f32s(&a["out_final_scale"])), "{case}: final scales");
+        if zp {
+            let want: Vec<u8> = f32s(&a["out_final_zp"]).iter().map(|&z| z as u8).collect();
+            assert_eq!(q.zero_point.unwrap(), want, "{case}: zero points");
+        }
+        let inv: Vec<f32> = best_scale.iter().map(|&v| fmt.round(1.0 / v)).collect();
+        assert_eq!(bits(&inv), bits(&f32s(&a["out_pqs_inv"])), "{case}: inverse pre-quant scale");
+    }
+}

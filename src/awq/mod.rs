@@ -1,0 +1,14 @@
+//! Activation-aware weight quantization (AWQ), as ModelOpt's ONNX INT4 path does it:
+//! - [`stats`]: activation and weight statistics and the AWQ-lite scale formula;
+//! - [`lite`]: the AWQ-lite search of one pre-quantization scale per input channel;
+//! - [`clip`]: the AWQ-clip search of one clip ratio per (column, block);
+//! - [`matmul`]: the float32 matrix products the losses need.
+
+pub mod clip;
+pub mod lite;
+pub mod matmul;
+pub mod stats;
+
+pub use clip::{clip_search, ClipSearch};
+pub use lite::{lite_search, LiteSearch};
+pub use stats::*;
