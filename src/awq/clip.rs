@@ -31,7 +31,7 @@ pub struct ClipSearch {
 
 /// Rows `0, step, 2 step, ...` of `x: [T, K]` with `step = max(1, T / max_tokens)`.
 pub fn subsample(x: &[f32], k: usize, max_tokens: usize) -> Vec<f32> {
-    let t = if k == 0 { 0 } else { x.len() / k };
+    let t = x.len().checked_div(k).unwrap_or(0);
     let step = (t / max_tokens.max(1)).max(1);
     x.chunks_exact(k.max(1)).step_by(step).flatten().copied().collect()
 }
@@ -49,7 +49,7 @@ pub fn clip_search(
     let block = params.block_size.resolve(k);
     let nb = k.div_ceil(block);
     let xs = subsample(x, k, 64);
-    let t = if k == 0 { 0 } else { xs.len() / k };
+    let t = xs.len().checked_div(k).unwrap_or(0);
     let losses: Vec<Result<Vec<f32>>> = alphas
         .par_iter()
         .map(|&alpha| {

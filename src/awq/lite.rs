@@ -62,7 +62,7 @@ pub fn lite_search(
     params: &QuantParams,
     alphas: &[f64],
 ) -> Result<LiteSearch> {
-    let t = if k == 0 { 0 } else { x.len() / k };
+    let t = x.len().checked_div(k).unwrap_or(0);
     let block = params.block_size.resolve(k);
     let act = act_scale(format, x, k);
     let wsc = weight_scale(format, w, [k, n], block);

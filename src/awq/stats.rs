@@ -92,7 +92,7 @@ pub fn contiguous_mean(format: FloatFormat, a: &[f32]) -> f32 {
 /// `np.abs(x).mean(0)` of `x: [T, K]`: rows summed in order in float32, divided by T, rounded to
 /// the dtype.
 pub fn act_scale(format: FloatFormat, x: &[f32], k: usize) -> Vec<f32> {
-    let t = if k == 0 { 0 } else { x.len() / k };
+    let t = x.len().checked_div(k).unwrap_or(0);
     let mut acc = vec![0.0f32; k];
     for (i, row) in x.chunks_exact(k.max(1)).enumerate() {
         for (a, &v) in acc.iter_mut().zip(row) {
