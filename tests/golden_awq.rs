@@ -161,14 +161,14 @@ fn clip_search_matches_modelopt() {
         }
         // Chosen ratios: equal except where the two best losses are within float32 noise.
         let want_alpha = block_major(&f32s(&a["out_best_alpha"]), n, nb);
-        for i in 0..nb * n {
+        for (i, (&mine_alpha, &their_alpha)) in s.best_alpha.iter().zip(&want_alpha).enumerate() {
             total += 1;
-            if s.best_alpha[i] == want_alpha[i] {
+            if mine_alpha == their_alpha {
                 same_alpha += 1;
                 continue;
             }
             let ai = |v: f32| alphas.iter().position(|&x| fmt.constant(x) == v).unwrap();
-            let (mine, theirs) = (s.losses[ai(s.best_alpha[i])][i] as f64, s.losses[ai(want_alpha[i])][i] as f64);
+            let (mine, theirs) = (s.losses[ai(mine_alpha)][i] as f64, s.losses[ai(their_alpha)][i] as f64);
             let bound = if fmt == FloatFormat::F16 { LOSS_BOUND_F16 } else { LOSS_BOUND_F32 };
             assert!(
                 (mine - theirs).abs() <= 2.0 * bound * theirs.abs(),
