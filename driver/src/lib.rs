@@ -8,10 +8,14 @@ pub mod npy;
 pub mod onnx;
 
 pub use error::{Error, Result};
+pub mod awq;
+pub mod calibration;
+pub mod capture;
 pub mod compare;
 pub mod inspect;
 pub mod opset;
 pub mod plan;
+pub mod pqs;
 pub mod quantize;
 pub mod runtime;
 pub mod synth;

@@ -47,6 +47,8 @@ enum Command {
         /// Overwrite an existing output.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        awq: AwqArgs,
     },
     /// List the model's opset and each MatMul/Gemm weight with what quantize would do.
     Inspect {
@@ -101,6 +103,74 @@ enum Command {
     },
 }
 
+/// Options of the AWQ methods.
+#[derive(clap::Args)]
+#[command(next_help_heading = "AWQ (awq_lite, awq_clip, awq_full)")]
+struct AwqArgs {
+    /// Calibration inputs: .npz with one array per model input (samples stacked on the first
+    /// axis), or .npy for a single-input model. Default: seeded random inputs.
+    #[arg(long, value_name = "FILE")]
+    calibration_data: Option<PathBuf>,
+    /// Sizes of symbolic input dimensions for random calibration, e.g. input_ids:1x128.
+    #[arg(long, value_name = "NAME:DIMS,...")]
+    calibration_shapes: Option<String>,
+    /// Number of random calibration samples (without --calibration-data).
+    #[arg(long, default_value_t = 8)]
+    calibration_samples: usize,
+    /// Seed of the random calibration samples.
+    #[arg(long, default_value_t = 0)]
+    calibration_seed: u64,
+    /// awq_lite alpha grid step (ModelOpt's awqlite_alpha_step).
+    #[arg(long, default_value_t = 0.1)]
+    alpha_step: f64,
+    /// awq_clip ratio grid step (awqclip_alpha_step).
+    #[arg(long, default_value_t = 0.05)]
+    clip_alpha_step: f64,
+    /// Smallest awq_clip ratio (awqclip_alpha_min).
+    #[arg(long, default_value_t = 0.5)]
+    clip_alpha_min: f64,
+    /// Keep one pre-quant scale per weight: no mean over weights sharing an activation and no
+    /// folding into the producing node (awqlite_fuse_nodes=False).
+    #[arg(long)]
+    no_fuse_siblings: bool,
+    /// Activation memory held at once during calibration, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    calibration_memory_mb: usize,
+    /// Print each weight's AWQ choice.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+impl AwqArgs {
+    fn options(&self) -> anyhow::Result<nibble_driver::awq::AwqOptions> {
+        use nibble_driver::calibration::{parse_shapes, CalibrationOptions};
+        let shapes = self.calibration_shapes.as_deref().map(parse_shapes).transpose()?.unwrap_or_default();
+        for (name, v) in [("--alpha-step", self.alpha_step), ("--clip-alpha-step", self.clip_alpha_step)] {
+            if !(v > 0.0 && v <= 1.0) {
+                anyhow::bail!("{name} {v}: use a step in (0, 1]");
+            }
+        }
+        if !(self.clip_alpha_min > 0.0 && self.clip_alpha_min <= 1.0) {
+            anyhow::bail!("--clip-alpha-min {}: use a ratio in (0, 1]", self.clip_alpha_min);
+        }
+        Ok(nibble_driver::awq::AwqOptions {
+            method: nibble_driver::awq::AwqMethod::Lite,
+            alpha_step: self.alpha_step,
+            clip_alpha_step: self.clip_alpha_step,
+            clip_alpha_min: self.clip_alpha_min,
+            fuse: !self.no_fuse_siblings,
+            calibration: CalibrationOptions {
+                data: self.calibration_data.clone(),
+                shapes,
+                samples: self.calibration_samples.max(1),
+                seed: self.calibration_seed,
+            },
+            memory_budget: self.calibration_memory_mb.max(1) << 20,
+            verbose: self.verbose,
+        })
+    }
+}
+
 fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
@@ -117,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_default_exclude,
             external_data,
             force,
+            awq,
         } => {
             let output = output.unwrap_or_else(|| default_output(&model));
             let exclude = if no_default_exclude {
@@ -126,7 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 exclude.into_iter().filter(|p| !p.is_empty()).collect()
             };
-            let opts = Options { method, block_size, zero_point, exclude, external_data, force };
+            let opts = Options { method, block_size, zero_point, exclude, external_data, force, awq: awq.options()? };
             let s = quantize_file(&model, &output, &opts)?;
             println!(
                 "quantized {} of {} weights ({} -> {}); model {} -> {}{}; {:.2} s ({} tier) -> {}",

@@ -209,6 +209,22 @@ impl Model {
         Ok(bytes)
     }
 
+    /// A copy of the model whose top-level initializers all hold their data inline (borrowed from
+    /// the mapped files, no copy of the bytes).
+    pub fn inlined_proto(&self) -> Result<ModelProto> {
+        let mut proto = self.proto.clone();
+        if let Some(g) = proto.graph.as_mut() {
+            for t in g.initializer.iter_mut() {
+                if t.data_location == Some(DataLocation::External as i32) {
+                    t.raw_data = Some(self.tensor_bytes(t)?);
+                    t.external_data.clear();
+                    t.data_location = None;
+                }
+            }
+        }
+        Ok(proto)
+    }
+
     /// Replaces every external reference in the top-level initializers by `raw_data` borrowed from
     /// the mapped files, so the model no longer depends on the input's folder.
     pub fn inline_external_data(&mut self) -> Result<()> {

@@ -18,6 +18,7 @@ use crate::{opset, Error, Result};
 use bytes::Bytes;
 use nibble::{BlockSize, FloatFormat, QuantParams, QuantizedWeight, WeightData};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -30,6 +31,28 @@ pub enum Method {
     /// Round to nearest, QuantizeLinear -> DequantizeLinear on the float weight (ModelOpt `rtn`).
     #[value(name = "rtn")]
     Rtn,
+    /// Activation-aware pre-quant scales, calibrated in ONNX Runtime (ModelOpt `awq_lite`).
+    #[value(name = "awq_lite")]
+    AwqLite,
+    /// Activation-aware clip ratios per block (ModelOpt `awq_clip`).
+    #[value(name = "awq_clip")]
+    AwqClip,
+    /// awq_lite, then awq_clip on the scaled weights (ModelOpt `awq_full`).
+    #[value(name = "awq_full")]
+    AwqFull,
+}
+
+impl Method {
+    /// The AWQ variant, for AWQ methods.
+    pub fn awq(self) -> Option<crate::awq::AwqMethod> {
+        use crate::awq::AwqMethod;
+        match self {
+            Method::RtnDq | Method::Rtn => None,
+            Method::AwqLite => Some(AwqMethod::Lite),
+            Method::AwqClip => Some(AwqMethod::Clip),
+            Method::AwqFull => Some(AwqMethod::Full),
+        }
+    }
 }
 
 /// What `quantize` was asked to do.
@@ -47,6 +70,8 @@ pub struct Options {
     pub external_data: ExternalData,
     /// Overwrite an existing output.
     pub force: bool,
+    /// AWQ settings (AWQ methods only).
+    pub awq: crate::awq::AwqOptions,
 }
 
 impl Default for Options {
@@ -58,6 +83,7 @@ impl Default for Options {
             exclude: vec!["/lm_head".into()],
             external_data: ExternalData::Auto,
             force: false,
+            awq: Default::default(),
         }
     }
 }
@@ -181,6 +207,62 @@ pub fn quantize_candidate(model: &Model, c: &Candidate, block: BlockSize, zero_p
     nibble::quantize_weight(data, shape, &params).map_err(|e| Error::kernel(&c.weight, e))
 }
 
+/// Tensor bytes of `format` as f32 values (exact).
+pub fn decode_floats(format: FloatFormat, bytes: &[u8]) -> Vec<f32> {
+    match format {
+        FloatFormat::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        FloatFormat::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        FloatFormat::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    }
+}
+
+/// Quantizes a weight with its AWQ outcome: rows of the `[K, N]` view multiplied by the
+/// pre-quant scale, and the clip ratios per block.
+pub fn quantize_candidate_awq(
+    model: &Model,
+    c: &Candidate,
+    block: BlockSize,
+    zero_point: bool,
+    awq: &crate::awq::WeightAwq,
+) -> Result<QuantizedWeight> {
+    let Decision::Quantize { axis } = c.decision else { unreachable!("only planned weights") };
+    let format = c.format().expect("float weight");
+    let consts = crate::plan::constants(model);
+    let (_, t) = consts.get(&c.weight).expect("planned from the same model");
+    let mut v = decode_floats(format, &model.tensor_bytes(t)?);
+    let shape = [c.dims[0] as usize, c.dims[1] as usize];
+    if let Some(s) = &awq.scale {
+        let cols = shape[1];
+        for (e, x) in v.iter_mut().enumerate() {
+            // K runs along rows for axis 0, along columns for a transB=1 weight stored [N, K].
+            let k = if axis == 0 { e / cols } else { e % cols };
+            *x = format.round(*x * s[k]);
+        }
+    }
+    let params = QuantParams { block_size: block, axis, zero_point, alpha: 1.0 };
+    let halves: Vec<half::f16>;
+    let bhalves: Vec<half::bf16>;
+    let data = match format {
+        FloatFormat::F32 => WeightData::F32(&v),
+        FloatFormat::F16 => {
+            halves = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            WeightData::F16(&halves)
+        }
+        FloatFormat::BF16 => {
+            bhalves = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            WeightData::BF16(&bhalves)
+        }
+    };
+    nibble::quantize_weight::quantize_weight_alphas_with(
+        nibble::Tier::best(),
+        data,
+        shape,
+        &params,
+        awq.alphas.as_deref(),
+    )
+    .map_err(|e| Error::kernel(&c.weight, e))
+}
+
 /// Scale values as tensor bytes of `format`.
 pub fn encode_floats(format: FloatFormat, values: &[f32]) -> Vec<u8> {
     match format {
@@ -288,7 +370,7 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, method: Meth
     let mut nodes = vec![];
     let mut value_infos = vec![];
     match method {
-        Method::RtnDq => {
+        Method::RtnDq | Method::AwqLite | Method::AwqClip | Method::AwqFull => {
             let codes = format!("{w}_i4");
             initializers.insert(0, tensor(codes.clone(), c.dims.clone(), code_type, q.packed));
             dq_inputs[0] = codes;
@@ -411,18 +493,50 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     }
     let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
     let opset_raised = !chosen.is_empty() && opset::check_upgrade(&model.proto)?;
-    let quantized: Vec<Result<QuantizedWeight>> =
-        chosen.par_iter().map(|c| quantize_candidate(&model, c, block, opts.zero_point)).collect();
+    // AWQ: searches on the original weights, then folds into producers (before their own weights
+    // are quantized), then the Mul nodes for the rest.
+    let mut insertions = crate::pqs::Insertions::default();
+    let awq = match opts.method.awq() {
+        Some(method) if !chosen.is_empty() => {
+            let awq_opts = crate::awq::AwqOptions { method, ..opts.awq.clone() };
+            let result = crate::awq::search(&model, &chosen, block, opts.zero_point, &awq_opts)?;
+            for (w, why) in &result.plain {
+                eprintln!("nibble: weight '{w}' is quantized without AWQ: {why}");
+            }
+            let formats: HashMap<String, FloatFormat> =
+                chosen.iter().map(|c| (c.weight.clone(), c.format().expect("float weight"))).collect();
+            insertions = crate::pqs::apply(&mut model, &result, &|w| formats[w], awq_opts.fuse)?;
+            Some(result)
+        }
+        _ => None,
+    };
+    let quantized: Vec<Result<QuantizedWeight>> = chosen
+        .par_iter()
+        .map(|c| match awq.as_ref().and_then(|a| a.weights.get(&c.weight)) {
+            Some(a) => quantize_candidate_awq(&model, c, block, opts.zero_point, a),
+            None => quantize_candidate(&model, c, block, opts.zero_point),
+        })
+        .collect();
     let mut replacements = Vec::with_capacity(chosen.len());
     let mut weight_bytes_before = 0;
+    let form = if opts.method == Method::Rtn { Method::Rtn } else { Method::RtnDq };
     for (c, q) in chosen.iter().zip(quantized) {
         weight_bytes_before += c.bytes as u64;
-        replacements.push(replacement(c, q?, block, opts.method));
+        replacements.push(replacement(c, q?, block, form));
     }
     let weight_bytes_after = replacements.iter().map(|r| r.bytes).sum();
     let sources: Vec<(String, Source)> = chosen.iter().map(|c| (c.weight.clone(), c.source.clone())).collect();
     model.inline_external_data()?;
+    if let Some(g) = model.proto.graph.as_mut() {
+        for (n, input) in &insertions.rewire {
+            g.node[*n].input[0] = input.clone();
+        }
+    }
     rewrite(&mut model, replacements, &sources);
+    if let Some(g) = model.proto.graph.as_mut() {
+        g.initializer.extend(std::mem::take(&mut insertions.initializers));
+        crate::pqs::insert_after_producers(g, std::mem::take(&mut insertions.nodes));
+    }
     if !chosen.is_empty() {
         opset::upgrade(&mut model.proto)?;
         model.proto.ir_version = Some(model.proto.ir_version.unwrap_or(0).max(10));

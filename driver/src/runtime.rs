@@ -121,6 +121,10 @@ pub enum InputData {
     I64(Vec<i64>),
     /// int32.
     I32(Vec<i32>),
+    /// float16.
+    F16(Vec<half::f16>),
+    /// bool.
+    Bool(Vec<bool>),
 }
 
 /// A named input.
@@ -152,6 +156,8 @@ pub fn run(session: &mut Session, inputs: &[Input]) -> Result<Vec<NamedTensor>> 
             InputData::F32(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
             InputData::I64(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
             InputData::I32(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
+            InputData::F16(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
+            InputData::Bool(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
         };
         values.push((t.name.clone(), v));
     }
@@ -160,8 +166,17 @@ pub fn run(session: &mut Session, inputs: &[Input]) -> Result<Vec<NamedTensor>> 
     names
         .into_iter()
         .map(|name| {
-            let (shape, data) = outputs[name.as_str()].try_extract_tensor::<f32>().map_err(err)?;
-            Ok(NamedTensor { name, shape: shape.iter().map(|&d| d as usize).collect(), data: data.to_vec() })
+            let value = &outputs[name.as_str()];
+            let (shape, data) = match value.try_extract_tensor::<f32>() {
+                Ok((shape, data)) => (shape.clone(), data.to_vec()),
+                Err(_) => {
+                    let (shape, data) = value
+                        .try_extract_tensor::<half::f16>()
+                        .map_err(|e| Error::Runtime(format!("output '{name}' is neither float32 nor float16: {e}")))?;
+                    (shape.clone(), data.iter().map(|v| v.to_f32()).collect())
+                }
+            };
+            Ok(NamedTensor { name, shape: shape.iter().map(|&d| d as usize).collect(), data })
         })
         .collect()
 }

@@ -1,0 +1,298 @@
+//! AWQ in the pipeline: calibrate, capture activations, search, and decide the pre-quant scales.
+//!
+//! For every quantized weight `W: [K, N]` fed by activation `a` (the MatMul/Gemm's first input):
+//! - `awq_lite`: a scale `s[K]`; the weight is quantized as `W * s[:, None]` and the activation
+//!   is divided by `s` (a Mul before the node, or folded into the node producing `a`);
+//! - `awq_clip`: a clip ratio per (column, block), used when computing the block scales;
+//! - `awq_full`: both: the clip search runs on `W * s[:, None]`.
+//!
+//! Weights that share one activation ("siblings", e.g. q/k/v projections) get the arithmetic mean
+//! of their scales so that one division of `a` serves them all (`fuse`, on by default).
+//! Activations are captured in waves whose size is bounded by a memory budget, so memory does not
+//! grow with the model's depth.
+
+use crate::calibration::{calibration_inputs, CalibrationOptions};
+use crate::capture::Capture;
+use crate::model::Model;
+use crate::plan::{Candidate, Decision};
+use crate::{Error, Result};
+use nibble::awq::{self, clip_search, lite_search};
+use nibble::{BlockSize, FloatFormat, QuantParams, Tier};
+use std::collections::HashMap;
+
+/// Which AWQ variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AwqMethod {
+    /// Scale search only.
+    Lite,
+    /// Clip search only.
+    Clip,
+    /// Scale search, then clip search on the scaled weight.
+    Full,
+}
+
+/// AWQ settings (ModelOpt's kwargs).
+#[derive(Clone, Debug)]
+pub struct AwqOptions {
+    /// The variant.
+    pub method: AwqMethod,
+    /// `awqlite_alpha_step`.
+    pub alpha_step: f64,
+    /// `awqclip_alpha_step`.
+    pub clip_alpha_step: f64,
+    /// `awqclip_alpha_min`.
+    pub clip_alpha_min: f64,
+    /// Mean scale for siblings and folding into the parent (`awqlite_fuse_nodes`).
+    pub fuse: bool,
+    /// Calibration inputs.
+    pub calibration: CalibrationOptions,
+    /// Bytes of activations held at once (per wave, all samples).
+    pub memory_budget: usize,
+    /// Print each node's choice.
+    pub verbose: bool,
+}
+
+impl Default for AwqOptions {
+    fn default() -> Self {
+        AwqOptions {
+            method: AwqMethod::Lite,
+            alpha_step: 0.1,
+            clip_alpha_step: 0.05,
+            clip_alpha_min: 0.5,
+            fuse: true,
+            calibration: CalibrationOptions::default(),
+            memory_budget: 1 << 30,
+            verbose: false,
+        }
+    }
+}
+
+/// The AWQ outcome for one weight.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WeightAwq {
+    /// Pre-quant scale `s[K]` (values of the weight format).
+    pub scale: Option<Vec<f32>>,
+    /// Clip ratio per block and column of the `[K, N]` view, `[nb][N]`.
+    pub alphas: Option<Vec<f32>>,
+}
+
+/// Weights sharing one activation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    /// The activation tensor.
+    pub activation: String,
+    /// The quantized weights it feeds (with AWQ).
+    pub weights: Vec<String>,
+    /// Their consuming nodes (indices into the top-level node list).
+    pub nodes: Vec<usize>,
+}
+
+/// The outcome of the searches.
+#[derive(Clone, Debug, Default)]
+pub struct AwqResult {
+    /// Per weight.
+    pub weights: HashMap<String, WeightAwq>,
+    /// Per activation, in graph order.
+    pub groups: Vec<Group>,
+    /// Weights quantized without AWQ, with the reason.
+    pub plain: Vec<(String, String)>,
+}
+
+fn attr_i(n: &crate::onnx::NodeProto, name: &str) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name.as_deref() == Some(name)).and_then(|a| a.i)
+}
+
+/// The `[K, N]` view of a planned weight as f32 values of its format.
+pub fn weight_kn(model: &Model, c: &Candidate) -> Result<(Vec<f32>, [usize; 2])> {
+    let consts = crate::plan::constants(model);
+    let (_, t) = consts.get(&c.weight).expect("planned from this model");
+    let format = c.format().expect("float weight");
+    let bytes = model.tensor_bytes(t)?;
+    let v = crate::quantize::decode_floats(format, &bytes);
+    let (r, cols) = (c.dims[0] as usize, c.dims[1] as usize);
+    match c.decision {
+        Decision::Quantize { axis: 1 } => {
+            let mut t = vec![0.0f32; v.len()];
+            for i in 0..r {
+                for j in 0..cols {
+                    t[j * r + i] = v[i * cols + j];
+                }
+            }
+            Ok((t, [cols, r]))
+        }
+        _ => Ok((v, [r, cols])),
+    }
+}
+
+/// Groups the planned weights by activation; weights that cannot take AWQ go to `plain`.
+fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, String)>) {
+    let g = model.proto.graph.as_ref().expect("graph");
+    let consts = crate::plan::constants(model);
+    let mut groups: Vec<Group> = Vec::new();
+    let mut plain = Vec::new();
+    for c in chosen {
+        let users: Vec<usize> = g
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                matches!(n.op_type.as_deref(), Some("MatMul" | "Gemm")) && n.input.get(1) == Some(&c.weight)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let reason = if users.len() != 1 {
+            Some(format!("used by {} nodes", users.len()))
+        } else {
+            let n = &g.node[users[0]];
+            let act = n.input.first().cloned().unwrap_or_default();
+            if n.op_type.as_deref() == Some("Gemm") && attr_i(n, "transA") == Some(1) {
+                Some("Gemm with transA=1".to_string())
+            } else if act.is_empty() || consts.contains_key(&act) {
+                Some("its activation is a constant".to_string())
+            } else {
+                match groups.iter_mut().find(|gr| gr.activation == act) {
+                    Some(gr) => {
+                        gr.weights.push(c.weight.clone());
+                        gr.nodes.push(users[0]);
+                    }
+                    None => {
+                        groups.push(Group { activation: act, weights: vec![c.weight.clone()], nodes: vec![users[0]] })
+                    }
+                }
+                None
+            }
+        };
+        if let Some(r) = reason {
+            plain.push((c.weight.clone(), r));
+        }
+    }
+    (groups, plain)
+}
+
+/// Tokens per sample, estimated from the inputs (for sizing the waves).
+fn tokens_per_sample(sample: &[crate::runtime::Input]) -> usize {
+    use crate::runtime::InputData;
+    sample
+        .iter()
+        .map(|i| match i.data {
+            InputData::F32(_) | InputData::F16(_) => i.shape[..i.shape.len().saturating_sub(1)].iter().product(),
+            _ => i.shape.iter().product(),
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Runs calibration and the searches for the planned weights.
+pub fn search(
+    model: &Model,
+    chosen: &[&Candidate],
+    block: BlockSize,
+    zero_point: bool,
+    opts: &AwqOptions,
+) -> Result<AwqResult> {
+    let (groups, plain) = groups(model, chosen);
+    let mut result = AwqResult { groups: groups.clone(), plain, ..Default::default() };
+    if groups.is_empty() {
+        return Ok(result);
+    }
+    let samples = calibration_inputs(model, &opts.calibration)?;
+    let capture = Capture::new(model)?;
+    let by_name: HashMap<&str, &Candidate> = chosen.iter().map(|c| (c.weight.as_str(), *c)).collect();
+    let k_of = |gr: &Group| -> usize {
+        let c = by_name[gr.weights[0].as_str()];
+        match c.decision {
+            Decision::Quantize { axis: 1 } => c.dims[1] as usize,
+            _ => c.dims[0] as usize,
+        }
+    };
+    // Waves of activations within the memory budget.
+    let tokens = tokens_per_sample(&samples[0]) * samples.len();
+    let mut waves: Vec<Vec<&Group>> = vec![];
+    let mut used = usize::MAX;
+    for gr in &groups {
+        let bytes = tokens * k_of(gr) * 4;
+        if used.saturating_add(bytes) > opts.memory_budget {
+            waves.push(vec![]);
+            used = 0;
+        }
+        waves.last_mut().expect("pushed").push(gr);
+        used += bytes;
+    }
+    let progress = indicatif::ProgressBar::new(chosen.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} weights, {elapsed}")
+            .expect("template"),
+    );
+    progress.set_message("AWQ search");
+    let tier = Tier::best();
+    let lite_alphas = awq::lite_alphas(opts.alpha_step);
+    let clip_alphas = awq::clip_alphas(opts.clip_alpha_min, opts.clip_alpha_step);
+    for wave in waves {
+        let names: Vec<String> = wave.iter().map(|g| g.activation.clone()).collect();
+        let captured = capture.run(&names, &samples)?;
+        for (gi, gr) in wave.iter().enumerate() {
+            let k = k_of(gr);
+            let mut x: Vec<f32> = Vec::new();
+            for sample in &captured {
+                let t = &sample[gi];
+                if t.shape.last() != Some(&k) {
+                    return Err(Error::Runtime(format!(
+                        "activation '{}' has shape {:?}; its last dimension should be K = {k} of weight '{}'",
+                        gr.activation, t.shape, gr.weights[0]
+                    )));
+                }
+                x.extend_from_slice(&t.data);
+            }
+            let mut scales: Vec<Vec<f32>> = vec![];
+            for w in &gr.weights {
+                let c = by_name[w.as_str()];
+                let format = c.format().expect("float weight");
+                let xq: Vec<f32> = x.iter().map(|&v| format.round(v)).collect();
+                let (wkn, shape) = weight_kn(model, c)?;
+                let params = QuantParams { block_size: block, axis: 0, zero_point, alpha: 1.0 };
+                let kernel_err = |e| Error::kernel(w, e);
+                let mut out = WeightAwq::default();
+                let mut clip_input = wkn.clone();
+                if opts.method != AwqMethod::Clip {
+                    let s = lite_search(tier, format, &xq, &wkn, shape, &params, &lite_alphas).map_err(kernel_err)?;
+                    if opts.verbose {
+                        progress.println(format!(
+                            "{w}: awq_lite alpha {:.2} (loss {:.4e}, alpha 0 {:.4e})",
+                            s.alphas[s.best], s.losses[s.best], s.losses[0]
+                        ));
+                    }
+                    clip_input = awq::lite::scale_rows(format, &wkn, &s.best_scale, shape[1]);
+                    scales.push(s.best_scale.clone());
+                    out.scale = Some(s.best_scale);
+                }
+                if opts.method != AwqMethod::Lite {
+                    let c = clip_search(tier, format, &xq, &clip_input, shape, &params, &clip_alphas)
+                        .map_err(kernel_err)?;
+                    if opts.verbose {
+                        let mean =
+                            c.best_alpha.iter().map(|&a| a as f64).sum::<f64>() / c.best_alpha.len().max(1) as f64;
+                        progress.println(format!("{w}: awq_clip mean clip ratio {mean:.3}"));
+                    }
+                    out.alphas = Some(c.best_alpha);
+                }
+                result.weights.insert(w.clone(), out);
+                progress.inc(1);
+            }
+            if opts.fuse && opts.method != AwqMethod::Clip && gr.weights.len() > 1 {
+                let format = by_name[gr.weights[0].as_str()].format().expect("float weight");
+                let refs: Vec<&[f32]> = scales.iter().map(|v| v.as_slice()).collect();
+                let mean = awq::mean_scales(format, &refs);
+                for w in &gr.weights {
+                    result.weights.get_mut(w).expect("searched").scale = Some(mean.clone());
+                }
+            }
+        }
+    }
+    progress.finish_and_clear();
+    Ok(result)
+}
+
+/// ONNX type of a float format.
+pub fn onnx_type(format: FloatFormat) -> i32 {
+    crate::synth::onnx_type(format)
+}
