@@ -184,7 +184,9 @@ fn convert(spec: &InputSpec, a: &Array, shape: Vec<usize>, range: std::ops::Rang
 
 fn from_file(specs: &[InputSpec], path: &std::path::Path) -> Result<Vec<Vec<Input>>> {
     let arrays = read_arrays(path).map_err(|e| Error::Usage(format!("--calibration-data: {e}")))?;
-    let single = specs.len() == 1 && arrays.len() == 1;
+    // A .npy (one unnamed array) feeds a single-input model whatever its file name.
+    let npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    let single = npy && specs.len() == 1 && arrays.len() == 1;
     let mut per_input: Vec<Vec<Input>> = Vec::new();
     for s in specs {
         let a = match arrays.iter().find(|(n, _)| n == &s.name) {

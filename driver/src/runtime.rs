@@ -148,19 +148,24 @@ pub fn run_f32(session: &mut Session, inputs: &[NamedTensor]) -> Result<Vec<Name
 }
 
 /// Runs a session and returns every float output as f32 (f16 outputs are widened).
+///
+/// The input tensors live until the outputs are copied: ONNX Runtime may return an input's own
+/// buffer as an output (a graph input that is also a graph output).
 pub fn run(session: &mut Session, inputs: &[Input]) -> Result<Vec<NamedTensor>> {
     let err = |e: ort::Error| Error::Runtime(e.to_string());
-    let mut values = Vec::with_capacity(inputs.len());
+    let mut tensors: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
     for t in inputs {
-        let v: ort::session::SessionInputValue = match &t.data {
-            InputData::F32(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
-            InputData::I64(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
-            InputData::I32(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
-            InputData::F16(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
-            InputData::Bool(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into(),
+        let v: ort::value::DynValue = match &t.data {
+            InputData::F32(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into_dyn(),
+            InputData::I64(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into_dyn(),
+            InputData::I32(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into_dyn(),
+            InputData::F16(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into_dyn(),
+            InputData::Bool(d) => ort::value::Tensor::from_array((t.shape.clone(), d.clone())).map_err(err)?.into_dyn(),
         };
-        values.push((t.name.clone(), v));
+        tensors.push((t.name.clone(), v));
     }
+    let values: Vec<(String, ort::session::SessionInputValue<'_>)> =
+        tensors.iter().map(|(n, v)| (n.clone(), ort::session::SessionInputValue::from(v))).collect();
     let names: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
     let outputs = session.run(values).map_err(err)?;
     names

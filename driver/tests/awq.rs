@@ -1,0 +1,277 @@
+//! AWQ end to end: a model with every kind of producer for the quantized weights' activations,
+//! calibrated on inputs with outlier channels (where AWQ matters), quantized with awq_lite,
+//! awq_clip and awq_full in f32 and f16, run in ONNX Runtime on held-out inputs, and compared with
+//! RTN at the same block size.
+
+mod common;
+
+use common::*;
+use nibble::FloatFormat;
+use nibble_driver::model::{ExternalData, Model};
+use nibble_driver::onnx::{GraphProto, ModelProto};
+use nibble_driver::runtime::{open, run, Input, InputData, SessionOptions};
+use nibble_driver::synth::{attr_f, attr_i, init, io, model, node, onnx_type, Rng};
+use std::path::Path;
+
+const H: usize = 64;
+
+/// x (graph input) -> [W_in] -> RMSNorm as Mul(gamma) -> [q, k, v] (siblings) -> ...
+///   SimplifiedLayerNormalization -> [up] -> [down] (parent: a MatMul whose weight is quantized)
+///   -> LayerNormalization -> Gemm transB=1 [head].
+fn awq_model(format: FloatFormat) -> ModelProto {
+    let mut rng = Rng::new(42);
+    let f = format;
+    let mut w = |name: &str, k: usize, n: usize| init(name, &[k, n], &rng.normals(k * n, 1.0 / (k as f32).sqrt()), f);
+    let mut inits =
+        vec![w("W_in", H, H), w("Wq", H, H), w("Wk", H, H), w("Wv", H, H), w("W_up", H, 2 * H), w("W_down", 2 * H, H)];
+    let mut rng2 = Rng::new(7);
+    inits.push(init("W_head", &[32, H], &rng2.normals(32 * H, 0.15), f)); // Gemm transB=1: [N, K]
+    inits.push(init("b_head", &[32], &rng2.normals(32, 0.1), f));
+    let gamma: Vec<f32> = (0..H).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+    inits.push(init("gamma", &[H], &gamma, f));
+    inits.push(init("sln_scale", &[H], &gamma, f));
+    inits.push(init("ln_scale", &[H], &vec![1.0; H], f));
+    inits.push(init("ln_bias", &[H], &vec![0.0; H], f));
+    inits.push(init("eps", &[], &[1e-5], f));
+    let mut nodes = vec![];
+    let mut x = "x".to_string();
+    if f != FloatFormat::F32 {
+        nodes.push(node("Cast", "/cast_in", &["x"], &["xc"], vec![attr_i("to", onnx_type(f) as i64)]));
+        x = "xc".into();
+    }
+    nodes.extend([
+        node("MatMul", "/in/MatMul", &[&x, "W_in"], &["h0"], vec![]),
+        // RMSNorm decomposed, ending in Mul(normed, gamma): a foldable producer.
+        node("Mul", "/rms/Sq", &["h0", "h0"], &["sq"], vec![]),
+        node(
+            "ReduceMean",
+            "/rms/Mean",
+            &["sq"],
+            &["ms"],
+            vec![nibble_driver::synth::attr_ints("axes", &[-1]), attr_i("keepdims", 1)],
+        ),
+        node("Add", "/rms/Add", &["ms", "eps"], &["mse"], vec![]),
+        node("Sqrt", "/rms/Sqrt", &["mse"], &["rms"], vec![]),
+        node("Div", "/rms/Div", &["h0", "rms"], &["normed"], vec![]),
+        node("Mul", "/rms/Mul", &["normed", "gamma"], &["h1"], vec![]),
+        node("MatMul", "/attn/q_proj/MatMul", &["h1", "Wq"], &["q"], vec![]),
+        node("MatMul", "/attn/k_proj/MatMul", &["h1", "Wk"], &["k"], vec![]),
+        node("MatMul", "/attn/v_proj/MatMul", &["h1", "Wv"], &["v"], vec![]),
+        node("Add", "/attn/sum1", &["q", "k"], &["qk"], vec![]),
+        node("Add", "/attn/sum2", &["qk", "v"], &["h2"], vec![]),
+        node(
+            "SimplifiedLayerNormalization",
+            "/sln",
+            &["h2", "sln_scale"],
+            &["h3"],
+            vec![attr_i("axis", -1), attr_f("epsilon", 1e-5)],
+        ),
+        node("MatMul", "/mlp/up_proj/MatMul", &["h3", "W_up"], &["up"], vec![]),
+        node("MatMul", "/mlp/down_proj/MatMul", &["up", "W_down"], &["h4"], vec![]),
+        node("LayerNormalization", "/ln", &["h4", "ln_scale", "ln_bias"], &["h5"], vec![attr_i("axis", -1)]),
+        node(
+            "Gemm",
+            "/head/Gemm",
+            &["h5", "W_head", "b_head"],
+            &[if f == FloatFormat::F32 { "y" } else { "y16" }],
+            vec![attr_i("transB", 1)],
+        ),
+    ]);
+    if f != FloatFormat::F32 {
+        nodes.push(node("Cast", "/cast_out", &["y16"], &["y"], vec![attr_i("to", 1)]));
+    }
+    let g = GraphProto {
+        node: nodes,
+        initializer: inits,
+        input: vec![io("x", 1, &[None, Some(H)])],
+        output: vec![io("y", 1, &[None, Some(32)])],
+        ..Default::default()
+    };
+    model(g, 17)
+}
+
+/// Rows of x with a few strong outlier channels.
+fn outlier_inputs(rows: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    let gain: Vec<f32> = (0..H).map(|k| if k % 13 == 0 { 12.0 } else { 0.5 + (k % 5) as f32 * 0.2 }).collect();
+    (0..rows * H).map(|e| rng.normal() * gain[e % H]).collect()
+}
+
+fn write_npz(path: &Path, samples: usize, rows: usize) {
+    let data = outlier_inputs(samples * rows, 1);
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({samples}, {rows}, {H}), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend((header.len() as u16).to_le_bytes());
+    npy.extend(header.as_bytes());
+    npy.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    zip.start_file(
+        "x.npy",
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored),
+    )
+    .unwrap();
+    std::io::Write::write_all(&mut zip, &npy).unwrap();
+    zip.finish().unwrap();
+}
+
+fn output(path: &Path, x: &[f32]) -> Vec<f32> {
+    let mut s = open(path, SessionOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let input = Input { name: "x".into(), shape: vec![x.len() / H, H], data: InputData::F32(x.to_vec()) };
+    run(&mut s, &[input]).unwrap().remove(0).data
+}
+
+fn err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|q| (*q as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn quantize(src: &Path, out: &Path, method: &str, calib: &Path, extra: &[&str]) -> Model {
+    let mut args = vec![
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--method",
+        method,
+        "--block-size",
+        "32",
+        "--force",
+    ];
+    args.extend_from_slice(&["--calibration-data", calib.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    nibble_ok(&args);
+    Model::load(out).unwrap()
+}
+
+fn has_node(m: &Model, name: &str) -> bool {
+    m.proto.graph.as_ref().unwrap().node.iter().any(|n| n.name.as_deref() == Some(name))
+}
+
+fn has_init(m: &Model, name: &str) -> bool {
+    m.proto.graph.as_ref().unwrap().initializer.iter().any(|t| t.name.as_deref() == Some(name))
+}
+
+#[test]
+fn awq_methods_beat_rtn_and_write_modelopt_graphs() {
+    for format in [FloatFormat::F32, FloatFormat::F16] {
+        let d = tmp();
+        let src = write(awq_model(format), &d.path().join("m.onnx"), ExternalData::Never);
+        let calib = d.path().join("calib.npz");
+        write_npz(&calib, 4, 64);
+        let held_out = outlier_inputs(256, 99);
+        let reference = output(&src, &held_out);
+        let rtn = d.path().join("rtn.onnx");
+        nibble_ok(&[
+            "quantize",
+            src.to_str().unwrap(),
+            "-o",
+            rtn.to_str().unwrap(),
+            "--block-size",
+            "32",
+            "--no-default-exclude",
+        ]);
+        let rtn_err = err(&output(&rtn, &held_out), &reference);
+        for method in ["awq_lite", "awq_clip", "awq_full"] {
+            let out = d.path().join(format!("{method}.onnx"));
+            let q = quantize(&src, &out, method, &calib, &["--no-default-exclude"]);
+            let e = err(&output(&out, &held_out), &reference);
+            eprintln!("{format:?} {method}: relative error {e:.4} (rtn {rtn_err:.4})");
+            assert!(e < rtn_err, "{format:?} {method}: {e} not below RTN's {rtn_err}");
+            if method == "awq_clip" {
+                assert!(!has_node(&q, "W_in_PQS"), "awq_clip has no pre-quant scale");
+                continue;
+            }
+            if format == FloatFormat::F32 {
+                // Graph input activation: a Mul per weight.
+                assert!(has_node(&q, "W_in_PQS") && has_init(&q, "W_in_awq_scale"));
+            } else {
+                // The f16 model casts its input first: a Cast producer is not folded, one shared Mul.
+                assert!(has_node(&q, "xc_pre_quant_scale_mul") && has_init(&q, "xc_pre_quant_scale"));
+            }
+            // Mul(normed, gamma) producer: folded (gamma divided), no Mul.
+            assert!(!has_node(&q, "h1_pre_quant_scale_mul"));
+            // SimplifiedLayerNormalization producer: folded.
+            assert!(!has_node(&q, "h3_pre_quant_scale_mul"));
+            // MatMul producer whose own weight is quantized: folded into W_up before quantizing it.
+            assert!(!has_node(&q, "up_pre_quant_scale_mul"));
+            // LayerNormalization is not a folding target: one shared Mul.
+            assert!(has_node(&q, "h5_pre_quant_scale_mul") && has_init(&q, "h5_pre_quant_scale"));
+            for w in ["W_in", "Wq", "Wk", "Wv", "W_up", "W_down", "W_head"] {
+                assert!(has_init(&q, &format!("{w}_i4")), "{w}");
+            }
+        }
+        // Without fusion: every weight gets its own Mul, siblings their own scales.
+        let out = d.path().join("nofuse.onnx");
+        let q = quantize(&src, &out, "awq_lite", &calib, &["--no-fuse-siblings"]);
+        for w in ["Wq", "Wk", "Wv", "W_up", "W_down"] {
+            assert!(has_node(&q, &format!("{w}_PQS")), "{w}");
+        }
+        assert!(err(&output(&out, &held_out), &reference) < 1.0);
+    }
+}
+
+#[test]
+fn awq_with_zero_point_and_random_calibration() {
+    let d = tmp();
+    let src = write(awq_model(FloatFormat::F32), &d.path().join("m.onnx"), ExternalData::Never);
+    let out = d.path().join("q.onnx");
+    nibble_ok(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--method",
+        "awq_full",
+        "--zero-point",
+        "--block-size",
+        "32",
+        "--calibration-samples",
+        "2",
+        "--calibration-shapes",
+        "x:16x64",
+    ]);
+    let q = Model::load(&out).unwrap();
+    assert!(has_init(&q, "Wq_zp"));
+    let x = outlier_inputs(32, 5);
+    let e = err(&output(&out, &x), &output(&src, &x));
+    assert!(e > 0.0 && e < 0.3, "{e}");
+}
+
+#[test]
+fn calibration_errors_name_the_input() {
+    let d = tmp();
+    let src = write(awq_model(FloatFormat::F32), &d.path().join("m.onnx"), ExternalData::Never);
+    let bad = d.path().join("bad.npz");
+    // An array under the wrong name.
+    let file = std::fs::File::create(&bad).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    zip.start_file("not_x.npy", zip::write::SimpleFileOptions::default()).unwrap();
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 64), }";
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend((header.len() as u16 + 1).to_le_bytes());
+    npy.extend(header.as_bytes());
+    npy.push(b'\n');
+    npy.extend(vec![0u8; 2 * 64 * 4]);
+    std::io::Write::write_all(&mut zip, &npy).unwrap();
+    zip.finish().unwrap();
+    let o = nibble(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        d.path().join("q.onnx").to_str().unwrap(),
+        "--method",
+        "awq_lite",
+        "--calibration-data",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("no array named 'x'") && e.contains("not_x"), "{e}");
+    assert!(!d.path().join("q.onnx").exists());
+}
