@@ -244,3 +244,19 @@ pub fn dq_tensor(
         })
         .collect()
 }
+
+/// `np.sum(x * w, axis=-1)` per token and column of ModelOpt's 4-D AWQ-clip product: products and
+/// running sums rounded to the dtype, in order over the block's rows.
+pub fn block_dot(format: FloatFormat, x: &[f32], w: &[f32], [rows, cols]: [usize; 2], t: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; t * cols];
+    for ti in 0..t {
+        for c in 0..cols {
+            let mut acc = 0.0f32;
+            for k in 0..rows {
+                acc = format.round(acc + format.round(x[ti * rows + k] * w[k * cols + c]));
+            }
+            out[ti * cols + c] = acc;
+        }
+    }
+    out
+}

@@ -163,6 +163,21 @@ proptest! {
     }
 
     #[test]
+    fn block_dot_matches_reference(fi in 0usize..3, rows in 0usize..300, cols in 0usize..40, t in 1usize..4, seed: u64) {
+        let format = FORMATS[fi];
+        let mut s = seed | 1;
+        let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; format.round(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0) };
+        let x: Vec<f32> = (0..t * rows).map(|_| next()).collect();
+        let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+        let want = reference::block_dot(format, &x, &w, [rows, cols], t);
+        for tier in Tier::available() {
+            let mut got = vec![0.0; t * cols];
+            block_dot_with(tier, format, &x, &w, [rows, cols], &mut got).unwrap();
+            prop_assert_eq!(bits(&got), bits(&want), "{:?} {:?} rows {}", tier, format, rows);
+        }
+    }
+
+    #[test]
     fn rounding_matches_half(raw in proptest::collection::vec(any::<u32>(), 0..70), fi in 0usize..3) {
         let format = FORMATS[fi];
         let mut values: Vec<f32> = raw.iter().map(|&b| f32::from_bits(b)).filter(|x| !x.is_nan()).collect();

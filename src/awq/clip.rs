@@ -3,17 +3,17 @@
 //! ```text
 //! x' = x[0 :: max(1, T // 64)]                         (at most ~64 tokens)
 //! for alpha in grid:                                   ([0.5, 0.55, ..., 0.95, 1.0])
-//!     e = w - dq(q(w, alpha))                          (fused kernel, per block)
-//!     loss[n, b] = mean_t (x'[t, block b] . e[block b, n])^2
+//!     org = sum(x'[t, block b] * w[block b, n]),  cur = the same with dq(q(w, alpha))
+//!     loss[n, b] = mean_t (org - cur)^2
 //! best[n, b] = the alpha whose loss is strictly smallest first (start: alpha 1.0, loss +inf)
 //! ```
 //!
-//! ModelOpt computes `sum(x * w) - sum(x * dq)`; the product with the error `w - dq` is the same
-//! quantity with less cancellation, so losses agree to float32 rounding and chosen ratios agree
-//! except at genuine near-ties. With a zero point the search quantizes with the zero point too
-//! (ModelOpt searches symmetric ratios and then ignores them for zero-point weights).
+//! The loss is computed exactly as ModelOpt's numpy code does (products, pairwise sums, differences
+//! and squares in the weight dtype), so the chosen ratios are ModelOpt's. With a zero point the
+//! search quantizes with the zero point too (ModelOpt searches symmetric ratios and then ignores
+//! them for zero-point weights).
 
-use super::matmul::matmul;
+use crate::kernels;
 use crate::quantize_weight::{fake_quantize_with, QuantParams};
 use crate::{FloatFormat, Result, Tier};
 use rayon::prelude::*;
@@ -36,7 +36,24 @@ pub fn subsample(x: &[f32], k: usize, max_tokens: usize) -> Vec<f32> {
     x.chunks_exact(k.max(1)).step_by(step).flatten().copied().collect()
 }
 
-/// Searches the clip ratios of `w: [K, N]` for activations `x: [T, K]`.
+/// The block's activations `[T, B]` and weight rows `[B, n]`, zero-padded to B rows as ModelOpt
+/// pads `x` and `w`.
+fn padded_block(xs: &[f32], w: &[f32], k: usize, n: usize, r0: usize, r1: usize, block: usize) -> (Vec<f32>, Vec<f32>) {
+    let xb: Vec<f32> = xs
+        .chunks_exact(k)
+        .flat_map(|row| row[r0..r1].iter().copied().chain(std::iter::repeat_n(0.0, block - (r1 - r0))))
+        .collect();
+    let mut wb = w[r0 * n..r1 * n].to_vec();
+    wb.resize(block * n, 0.0);
+    (xb, wb)
+}
+
+/// Searches the clip ratios of `w: [K, N]` for activations `x: [T, K]` (values of `format`).
+///
+/// The loss is ModelOpt's, operation for operation: `org = sum(x * w)` and `cur = sum(x * dq)` per
+/// token, block and column (products and running sums in the weight dtype, see
+/// [`block_dot`](crate::kernels::block_dot)), then `mean_t ((org - cur) ** 2)` accumulated in
+/// float32 over the tokens in order. So the losses, and the chosen ratios, are ModelOpt's exactly.
 pub fn clip_search(
     tier: Tier,
     format: FloatFormat,
@@ -50,26 +67,35 @@ pub fn clip_search(
     let nb = k.div_ceil(block);
     let xs = subsample(x, k, 64);
     let t = xs.len().checked_div(k).unwrap_or(0);
+    let blocks: Vec<(Vec<f32>, Vec<f32>)> =
+        (0..nb).map(|b| padded_block(&xs, w, k, n, b * block, ((b + 1) * block).min(k), block)).collect();
+    // org = sum(x * w) per block: the same for every alpha.
+    let org: Vec<Vec<f32>> = blocks
+        .par_iter()
+        .map(|(xb, wb)| {
+            let mut out = vec![0.0f32; t * n];
+            kernels::block_dot_with(tier, format, xb, wb, [block, n], &mut out).map(|_| out)
+        })
+        .collect::<Result<_>>()?;
     let losses: Vec<Result<Vec<f32>>> = alphas
         .par_iter()
         .map(|&alpha| {
             let p = QuantParams { alpha, ..*params };
             let dq = fake_quantize_with(tier, format, w, [k, n], &p, None)?;
-            let err: Vec<f32> = w.iter().zip(&dq).map(|(a, b)| a - b).collect();
             let mut loss = vec![0.0f32; nb * n];
-            for b in 0..nb {
-                let (r0, r1) = (b * block, ((b + 1) * block).min(k));
-                let rows = r1 - r0;
-                let xb: Vec<f32> = xs.chunks_exact(k).flat_map(|row| row[r0..r1].iter().copied()).collect();
-                let out = matmul(&xb, &err[r0 * n..r1 * n], t, rows, n);
+            let mut cur = vec![0.0f32; t * n];
+            for (b, ((xb, _), org)) in blocks.iter().zip(&org).enumerate() {
+                let (_, dqb) = padded_block(&xs, &dq, k, n, b * block, ((b + 1) * block).min(k), block);
+                kernels::block_dot_with(tier, format, xb, &dqb, [block, n], &mut cur)?;
                 let mut acc = vec![0.0f32; n];
-                for row in out.chunks_exact(n) {
-                    for (a, &v) in acc.iter_mut().zip(row) {
-                        *a += v * v;
+                for (o, c) in org.chunks_exact(n).zip(cur.chunks_exact(n)) {
+                    for ((a, &o), &c) in acc.iter_mut().zip(o).zip(c) {
+                        let d = format.round(o - c);
+                        *a += format.round(d * d);
                     }
                 }
                 for (j, a) in acc.into_iter().enumerate() {
-                    loss[b * n + j] = a / t.max(1) as f32;
+                    loss[b * n + j] = format.round(a / t.max(1) as f32);
                 }
             }
             Ok(loss)

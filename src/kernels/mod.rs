@@ -4,6 +4,7 @@
 //! on [`Tier::best`](crate::Tier::best), and a `_with` variant that takes the tier.
 
 pub mod block_absmax;
+pub mod block_dot;
 pub mod block_minmax;
 pub mod dequantize;
 pub mod pack;
@@ -13,6 +14,7 @@ pub mod round;
 pub mod scales;
 
 pub use block_absmax::{block_absmax, block_absmax_with};
+pub use block_dot::{block_dot, block_dot_with};
 pub use block_minmax::{block_minmax, block_minmax_with};
 pub use dequantize::{dequantize, dequantize_with};
 pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};

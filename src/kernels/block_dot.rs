@@ -1,0 +1,83 @@
+//! Block dot products in numpy's order, for AWQ-clip's loss: for each token `t` and column `n`,
+//!
+//! ```text
+//! acc = rnd(x[t, 0] * w[0, n]);  acc = rnd(acc + rnd(x[t, k] * w[k, n])) for k = 1, 2, ...
+//! ```
+//!
+//! which is what ModelOpt's `np.sum(x * w, axis=-1)` computes on its 4-D broadcast product: numpy's
+//! iterator places the reduced axis outside, so the sum runs in order over the block's rows,
+//! rounding to the dtype after every product and every addition (observed against ModelOpt's own
+//! outputs, float32 and float16). Vectorized across columns: each lane runs that scalar order.
+
+use super::{check_len, check_tier};
+use crate::float::{Precision, BF16, F16, F32};
+use crate::simd::{for_each_chunk, load_f32, store_f32};
+use crate::{FloatFormat, Result, Tier};
+use pulp::{Simd, WithSimd};
+
+/// `x: [T, rows]` (the block's columns of the activations), `w: [rows, cols]` (the block's rows of
+/// the weight), `out: [T, cols]`.
+pub fn block_dot(format: FloatFormat, x: &[f32], w: &[f32], [rows, cols]: [usize; 2], out: &mut [f32]) -> Result<()> {
+    block_dot_with(Tier::best(), format, x, w, [rows, cols], out)
+}
+
+/// [`block_dot`] on a chosen tier.
+pub fn block_dot_with(
+    tier: Tier,
+    format: FloatFormat,
+    x: &[f32],
+    w: &[f32],
+    [rows, cols]: [usize; 2],
+    out: &mut [f32],
+) -> Result<()> {
+    check_tier(tier)?;
+    check_len("block_dot weight", rows * cols, w.len())?;
+    let t = if rows == 0 { out.len().checked_div(cols).unwrap_or(0) } else { x.len() / rows };
+    check_len("block_dot activations", t * rows, x.len())?;
+    check_len("block_dot output", t * cols, out.len())?;
+    if cols == 0 || t == 0 {
+        return Ok(());
+    }
+    macro_rules! run {
+        ($p:expr) => {
+            tier.dispatch(BlockDot { x, w, rows, cols, out, _p: $p })
+        };
+    }
+    match format {
+        FloatFormat::F32 => run!(F32),
+        FloatFormat::F16 => run!(F16),
+        FloatFormat::BF16 => run!(BF16),
+    }
+    Ok(())
+}
+
+struct BlockDot<'a, P> {
+    x: &'a [f32],
+    w: &'a [f32],
+    rows: usize,
+    cols: usize,
+    out: &'a mut [f32],
+    _p: P,
+}
+
+impl<P: Precision> WithSimd for BlockDot<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { x, w, rows, cols, out, _p: _ } = self;
+        for_each_chunk::<S>(cols, |j, n| {
+            for (xt, ot) in x.chunks_exact(rows.max(1)).zip(out.chunks_exact_mut(cols)) {
+                let prod = |k: usize| {
+                    let wk = load_f32(simd, &w[k * cols + j..k * cols + j + n]);
+                    P::round_simd(simd, simd.mul_f32s(simd.splat_f32s(xt[k]), wk))
+                };
+                let mut acc = simd.splat_f32s(0.0);
+                for k in 0..rows {
+                    acc = P::round_simd(simd, simd.add_f32s(acc, prod(k)));
+                }
+                store_f32(simd, &mut ot[j..j + n], acc);
+            }
+        });
+    }
+}
