@@ -32,7 +32,7 @@ pub fn block_dot_with(
 ) -> Result<()> {
     check_tier(tier)?;
     check_len("block_dot weight", rows * cols, w.len())?;
-    let t = if rows == 0 { out.len().checked_div(cols).unwrap_or(0) } else { x.len() / rows };
+    let t = x.len().checked_div(rows).unwrap_or_else(|| out.len().checked_div(cols).unwrap_or(0));
     check_len("block_dot activations", t * rows, x.len())?;
     check_len("block_dot output", t * cols, out.len())?;
     if cols == 0 || t == 0 {
