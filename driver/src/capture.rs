@@ -12,6 +12,12 @@ use crate::runtime::{open, run, Input, NamedTensor, SessionOptions};
 use crate::{Error, Result};
 use prost::Message;
 
+impl Drop for Capture {
+    fn drop(&mut self) {
+        crate::cleanup::unregister(self.dir.path());
+    }
+}
+
 /// A model prepared for capturing activations.
 pub struct Capture {
     dir: tempfile::TempDir,
@@ -26,6 +32,7 @@ impl Capture {
             .prefix("nibble-calibration-")
             .tempdir()
             .map_err(|e| Error::Runtime(format!("cannot create a temporary folder for calibration: {e}")))?;
+        crate::cleanup::register(dir.path());
         let base_path = dir.path().join("base.onnx");
         save(model.inlined_proto()?, &base_path, ExternalData::Always)?;
         let base = Model::load(&base_path)?.proto;

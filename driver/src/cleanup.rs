@@ -1,4 +1,4 @@
-//! Temporary files to remove if the process is interrupted (SIGINT/SIGTERM) before they are
+//! Temporary files and folders to remove if the process is interrupted (SIGINT/SIGTERM) before they are
 //! renamed into place.
 
 use std::path::{Path, PathBuf};
@@ -16,9 +16,13 @@ pub fn unregister(path: &Path) {
     PENDING.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != path);
 }
 
-/// Removes every registered temporary file (called from the signal handler's thread).
+/// Removes every registered temporary file or folder (called from the signal handler's thread).
 pub fn remove_all() {
     for p in PENDING.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-        let _ = std::fs::remove_file(p);
+        if p.is_dir() {
+            let _ = std::fs::remove_dir_all(p);
+        } else {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }

@@ -47,6 +47,9 @@ enum Command {
         /// Overwrite an existing output.
         #[arg(long)]
         force: bool,
+        /// Leave weights that hold NaN or Inf unquantized (with a warning) instead of stopping.
+        #[arg(long)]
+        skip_nonfinite: bool,
         #[command(flatten)]
         awq: AwqArgs,
     },
@@ -187,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_default_exclude,
             external_data,
             force,
+            skip_nonfinite,
             awq,
         } => {
             let output = output.unwrap_or_else(|| default_output(&model));
@@ -197,7 +201,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 exclude.into_iter().filter(|p| !p.is_empty()).collect()
             };
-            let opts = Options { method, block_size, zero_point, exclude, external_data, force, awq: awq.options()? };
+            let opts = Options {
+                method,
+                block_size,
+                zero_point,
+                exclude,
+                external_data,
+                force,
+                awq: awq.options()?,
+                skip_nonfinite,
+            };
             let s = quantize_file(&model, &output, &opts)?;
             println!(
                 "quantized {} of {} weights ({} -> {}); model {} -> {}{}; {:.2} s ({} tier) -> {}",

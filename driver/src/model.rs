@@ -26,6 +26,8 @@ pub struct Model {
     /// Where it was read from.
     pub path: PathBuf,
     dir: PathBuf,
+    /// Decoded from memory: external data cannot be resolved.
+    in_memory: bool,
     /// Mapped external data files, by canonical path.
     external: std::sync::Mutex<HashMap<PathBuf, Bytes>>,
 }
@@ -84,7 +86,18 @@ impl Model {
         }
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-        Ok(Model { proto, path: path.to_path_buf(), dir, external: Default::default() })
+        Ok(Model { proto, path: path.to_path_buf(), dir, in_memory: false, external: Default::default() })
+    }
+
+    /// Decodes a model from bytes (no external data can be resolved: its folder is `.`). For fuzzing
+    /// and for models held in memory.
+    pub fn from_bytes(bytes: Bytes) -> Result<Model> {
+        let path = PathBuf::from("<memory>");
+        let proto = ModelProto::decode(bytes).map_err(|e| Error::Parse { path: path.clone(), why: e.to_string() })?;
+        if proto.graph.is_none() {
+            return Err(Error::Parse { path, why: "it has no graph".into() });
+        }
+        Ok(Model { proto, path, dir: PathBuf::from("."), in_memory: true, external: Default::default() })
     }
 
     /// Canonical paths of the external data files the model refers to (for output checks).
@@ -159,6 +172,9 @@ impl Model {
     fn external_bytes(&self, t: &TensorProto, expected: usize) -> Result<Bytes> {
         let name = t.name.clone().unwrap_or_default();
         let err = |why: String| Error::ExternalData { tensor: name.clone(), why };
+        if self.in_memory {
+            return Err(err("cannot be read for a model held in memory".into()));
+        }
         let location = external_entry(t, "location").ok_or_else(|| err("has no 'location' entry".into()))?;
         let rel = Path::new(location);
         if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {

@@ -72,6 +72,8 @@ pub struct Options {
     pub force: bool,
     /// AWQ settings (AWQ methods only).
     pub awq: crate::awq::AwqOptions,
+    /// Leave weights holding NaN or Inf unquantized (with a warning) instead of failing.
+    pub skip_nonfinite: bool,
 }
 
 impl Default for Options {
@@ -84,6 +86,7 @@ impl Default for Options {
             external_data: ExternalData::Auto,
             force: false,
             awq: Default::default(),
+            skip_nonfinite: false,
         }
     }
 }
@@ -474,6 +477,24 @@ fn rewrite(model: &mut Model, replacements: Vec<Replacement>, sources: &[(String
     }
 }
 
+/// Marks weights holding NaN or Inf as skipped, with a warning naming each.
+fn skip_nonfinite(model: &Model, candidates: &mut [Candidate]) -> Result<()> {
+    let consts = crate::plan::constants(model);
+    for c in candidates.iter_mut().filter(|c| c.quantized()) {
+        let Some(format) = c.format() else { continue };
+        let (_, t) = consts.get(&c.weight).expect("planned from this model");
+        let bad = decode_floats(format, &model.tensor_bytes(t)?).iter().position(|v| !v.is_finite());
+        if let Some(e) = bad {
+            eprintln!(
+                "nibble: warning: weight '{}' holds NaN or Inf (element {e}); left unquantized (--skip-nonfinite)",
+                c.weight
+            );
+            c.decision = Decision::Skipped { reason: "holds NaN or Inf".into() };
+        }
+    }
+    Ok(())
+}
+
 /// Quantizes the model at `input` into `output`.
 pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summary> {
     let start = Instant::now();
@@ -483,7 +504,10 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     check_output(&model, output, opts.force)?;
     let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
         + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
-    let candidates = plan(&model, &patterns);
+    let mut candidates = plan(&model, &patterns);
+    if opts.skip_nonfinite {
+        skip_nonfinite(&model, &mut candidates)?;
+    }
     if let Some(c) = candidates.iter().find(|c| matches!(c.decision, Decision::Unsupported { .. })) {
         return Err(Error::UnsupportedDtype {
             tensor: c.weight.clone(),

@@ -66,17 +66,36 @@ impl<P: Precision> WithSimd for BlockDot<'_, P> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { x, w, rows, cols, out, _p: _ } = self;
+        let t = out.len() / cols;
+        let rows1 = rows.max(1);
+        // Four tokens at a time: four independent add chains hide the addition latency; each lane
+        // still adds its own products in row order, so the result is the scalar order exactly.
         for_each_chunk::<S>(cols, |j, n| {
-            for (xt, ot) in x.chunks_exact(rows.max(1)).zip(out.chunks_exact_mut(cols)) {
-                let prod = |k: usize| {
+            let mut ti = 0;
+            while ti + 4 <= t {
+                let xs = [&x[ti * rows1..], &x[(ti + 1) * rows1..], &x[(ti + 2) * rows1..], &x[(ti + 3) * rows1..]];
+                let mut acc = [simd.splat_f32s(0.0); 4];
+                for k in 0..rows {
                     let wk = load_f32(simd, &w[k * cols + j..k * cols + j + n]);
-                    P::round_simd(simd, simd.mul_f32s(simd.splat_f32s(xt[k]), wk))
-                };
+                    for (a, xt) in acc.iter_mut().zip(xs) {
+                        let p = P::round_simd(simd, simd.mul_f32s(simd.splat_f32s(xt[k]), wk));
+                        *a = P::round_simd(simd, simd.add_f32s(*a, p));
+                    }
+                }
+                for (u, a) in acc.into_iter().enumerate() {
+                    store_f32(simd, &mut out[(ti + u) * cols + j..(ti + u) * cols + j + n], a);
+                }
+                ti += 4;
+            }
+            for tt in ti..t {
+                let xt = &x[tt * rows1..];
                 let mut acc = simd.splat_f32s(0.0);
                 for k in 0..rows {
-                    acc = P::round_simd(simd, simd.add_f32s(acc, prod(k)));
+                    let wk = load_f32(simd, &w[k * cols + j..k * cols + j + n]);
+                    let p = P::round_simd(simd, simd.mul_f32s(simd.splat_f32s(xt[k]), wk));
+                    acc = P::round_simd(simd, simd.add_f32s(acc, p));
                 }
-                store_f32(simd, &mut ot[j..j + n], acc);
+                store_f32(simd, &mut out[tt * cols + j..tt * cols + j + n], acc);
             }
         });
     }
