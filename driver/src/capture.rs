@@ -12,6 +12,14 @@ use crate::runtime::{open, run, Input, NamedTensor, SessionOptions};
 use crate::{Error, Result};
 use prost::Message;
 
+/// A hard link to the data file (ONNX Runtime refuses symbolic links that leave the model's
+/// folder), or a copy when the temporary folder is on another file system.
+fn link_file(target: &std::path::Path, link: &std::path::Path) -> Result<()> {
+    std::fs::hard_link(target, link)
+        .or_else(|_| std::fs::copy(target, link).map(|_| ()))
+        .map_err(|source| Error::Write { path: link.to_path_buf(), source })
+}
+
 impl Drop for Capture {
     fn drop(&mut self) {
         crate::cleanup::unregister(self.dir.path());
@@ -34,8 +42,28 @@ impl Capture {
             .map_err(|e| Error::Runtime(format!("cannot create a temporary folder for calibration: {e}")))?;
         crate::cleanup::register(dir.path());
         let base_path = dir.path().join("base.onnx");
-        save(model.inlined_proto()?, &base_path, ExternalData::Always)?;
-        let base = Model::load(&base_path)?.proto;
+        let base = if model.has_external_data() && !model.external_files().is_empty() {
+            // Link the (checked) external data files instead of writing the weights again.
+            let g = model.proto.graph.as_ref().expect("graph");
+            let mut linked = std::collections::HashSet::new();
+            for t in g.initializer.iter().filter(|t| !t.external_data.is_empty()) {
+                model.tensor_bytes(t)?; // validates location, offset and length
+                let loc = t.external_data.iter().find(|e| e.key.as_deref() == Some("location")).and_then(|e| e.value.clone());
+                let Some(loc) = loc else { continue };
+                if linked.insert(loc.clone()) {
+                    let target = model.dir().join(&loc).canonicalize().map_err(|source| Error::Read { path: model.dir().join(&loc), source })?;
+                    let link = dir.path().join(&loc);
+                    if let Some(parent) = link.parent() {
+                        std::fs::create_dir_all(parent).map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
+                    }
+                    link_file(&target, &link)?;
+                }
+            }
+            model.proto.clone()
+        } else {
+            save(model.inlined_proto()?, &base_path, ExternalData::Always)?;
+            Model::load(&base_path)?.proto
+        };
         Ok(Capture { dir, base, waves: std::cell::Cell::new(0) })
     }
 

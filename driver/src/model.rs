@@ -100,6 +100,16 @@ impl Model {
         Ok(Model { proto, path, dir: PathBuf::from("."), in_memory: true, external: Default::default() })
     }
 
+    /// The folder external data locations are relative to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether any top-level initializer keeps its data in an external file.
+    pub fn has_external_data(&self) -> bool {
+        self.proto.graph.as_ref().is_some_and(|g| g.initializer.iter().any(|t| t.data_location == Some(DataLocation::External as i32)))
+    }
+
     /// Canonical paths of the external data files the model refers to (for output checks).
     pub fn external_files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();

@@ -219,7 +219,9 @@ fn awq_methods_beat_rtn_and_write_modelopt_graphs() {
 #[test]
 fn awq_with_zero_point_and_random_calibration() {
     let d = tmp();
-    let src = write(awq_model(FloatFormat::F32), &d.path().join("m.onnx"), ExternalData::Never);
+    // External data: calibration links the data file rather than copying it.
+    let src = write(awq_model(FloatFormat::F32), &d.path().join("m.onnx"), ExternalData::Always);
+    let before = snapshot(d.path());
     let out = d.path().join("q.onnx");
     nibble_ok(&[
         "quantize",
@@ -238,6 +240,10 @@ fn awq_with_zero_point_and_random_calibration() {
     ]);
     let q = Model::load(&out).unwrap();
     assert!(has_init(&q, "Wq_zp"));
+    let after = snapshot(d.path());
+    for (name, bytes) in &before {
+        assert_eq!(after.iter().find(|(n, _)| n == name).map(|(_, b)| b), Some(bytes), "{name} changed");
+    }
     let x = outlier_inputs(32, 5);
     let e = err(&output(&out, &x), &output(&src, &x));
     assert!(e > 0.0 && e < 0.3, "{e}");
