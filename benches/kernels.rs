@@ -49,6 +49,11 @@ fn kernels(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("quantize_f16_rounding", tier.name()), &tier, |b, &t| {
             b.iter(|| quantize_with(t, FloatFormat::F16, black_box(&w), cols, &scale, None, &mut codes).unwrap())
         });
+        g.bench_with_input(BenchmarkId::new("quantize_packed", tier.name()), &tier, |b, &t| {
+            b.iter(|| {
+                quantize_packed_with(t, FloatFormat::F32, black_box(&w), cols, &scale, None, &mut packed).unwrap()
+            })
+        });
         g.bench_with_input(BenchmarkId::new("pack_nibbles", tier.name()), &tier, |b, &t| {
             b.iter(|| pack_nibbles_with(t, black_box(&codes), &mut packed).unwrap())
         });

@@ -365,6 +365,7 @@ impl BlockJob<'_> {
         }
         let zp = zero_point.then_some(&zp[..]);
         match output {
+            Output::Packed if n % 2 == 0 => kernels::quantize_packed_with(tier, format, w, n, scale, zp, codes_out)?,
             Output::Packed => {
                 let mut codes = vec![0u8; w.len()];
                 kernels::quantize_with(tier, format, w, n, scale, zp, &mut codes)?;

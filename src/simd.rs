@@ -57,9 +57,23 @@ pub(crate) fn load_bytes<S: Simd>(simd: S, bytes: &[u8]) -> S::u32s {
     v
 }
 
-/// Stores the low byte of the first `out.len()` lanes.
+/// Stores the low byte of the first `out.len()` lanes. On AVX-512 a full vector is narrowed by one
+/// instruction (`vpmovdb`); elsewhere lane by lane.
 #[inline(always)]
-pub(crate) fn store_low_bytes<S: Simd>(v: S::u32s, out: &mut [u8]) {
+pub(crate) fn store_low_bytes<S: Simd>(simd: S, v: S::u32s, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if out.len() == 16 && core::any::TypeId::of::<S>() == core::any::TypeId::of::<pulp::x86::V4>() {
+        // SAFETY: S is V4 (equal TypeId), so this copies a V4 token, which exists only when the CPU
+        // has AVX-512 (the caller holds one); the token is a plain Copy value.
+        let v4: pulp::x86::V4 = unsafe { core::mem::transmute_copy(&simd) };
+        let lanes: pulp::u32x16 = bytemuck::cast(v);
+        let bytes = v4.avx512f._mm512_cvtepi32_epi8(bytemuck::cast(lanes));
+        // SAFETY: __m128i is 16 plain bytes; every bit pattern is a valid [u8; 16].
+        let bytes: [u8; 16] = unsafe { core::mem::transmute(bytes) };
+        out.copy_from_slice(&bytes);
+        return;
+    }
+    let _ = simd;
     for (o, &lane) in out.iter_mut().zip(lanes_u32::<S>(&v)) {
         *o = lane as u8;
     }

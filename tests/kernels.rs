@@ -137,6 +137,11 @@ proptest! {
             let mut q = vec![0xAAu8; w.len()];
             quantize_with(tier, format, &w, cols, &scale, zref, &mut q).unwrap();
             prop_assert_eq!(&q, &want_q, "quantize {:?} {:?}", tier, format);
+            if cols % 2 == 0 {
+                let mut packed = vec![0x33u8; w.len() / 2];
+                quantize_packed_with(tier, format, &w, cols, &scale, zref, &mut packed).unwrap();
+                prop_assert_eq!(&packed, &reference::pack(&want_q), "quantize_packed {:?} {:?}", tier, format);
+            }
             let mut dq = vec![0.0; w.len()];
             dequantize_with(tier, format, &q, cols, &scale, zref, &mut dq).unwrap();
             prop_assert_eq!(bits(&dq), bits(&want_dq), "dequantize {:?} {:?}", tier, format);

@@ -48,13 +48,19 @@ impl Capture {
             let mut linked = std::collections::HashSet::new();
             for t in g.initializer.iter().filter(|t| !t.external_data.is_empty()) {
                 model.tensor_bytes(t)?; // validates location, offset and length
-                let loc = t.external_data.iter().find(|e| e.key.as_deref() == Some("location")).and_then(|e| e.value.clone());
+                let loc =
+                    t.external_data.iter().find(|e| e.key.as_deref() == Some("location")).and_then(|e| e.value.clone());
                 let Some(loc) = loc else { continue };
                 if linked.insert(loc.clone()) {
-                    let target = model.dir().join(&loc).canonicalize().map_err(|source| Error::Read { path: model.dir().join(&loc), source })?;
+                    let target = model
+                        .dir()
+                        .join(&loc)
+                        .canonicalize()
+                        .map_err(|source| Error::Read { path: model.dir().join(&loc), source })?;
                     let link = dir.path().join(&loc);
                     if let Some(parent) = link.parent() {
-                        std::fs::create_dir_all(parent).map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
+                        std::fs::create_dir_all(parent)
+                            .map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
                     }
                     link_file(&target, &link)?;
                 }

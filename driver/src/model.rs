@@ -107,7 +107,10 @@ impl Model {
 
     /// Whether any top-level initializer keeps its data in an external file.
     pub fn has_external_data(&self) -> bool {
-        self.proto.graph.as_ref().is_some_and(|g| g.initializer.iter().any(|t| t.data_location == Some(DataLocation::External as i32)))
+        self.proto
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.initializer.iter().any(|t| t.data_location == Some(DataLocation::External as i32)))
     }
 
     /// Canonical paths of the external data files the model refers to (for output checks).

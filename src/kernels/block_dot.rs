@@ -67,7 +67,11 @@ impl<P: Precision> WithSimd for BlockDot<'_, P> {
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { x, w, rows, cols, out, _p: _ } = self;
         let t = out.len() / cols;
-        let rows1 = rows.max(1);
+        if rows == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let rows1 = rows;
         // Four tokens at a time: four independent add chains hide the addition latency; each lane
         // still adds its own products in row order, so the result is the scalar order exactly.
         for_each_chunk::<S>(cols, |j, n| {

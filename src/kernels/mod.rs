@@ -10,6 +10,7 @@ pub mod dequantize;
 pub mod pack;
 pub mod qdq_error;
 pub mod quantize;
+pub mod quantize_packed;
 pub mod round;
 pub mod scales;
 
@@ -20,6 +21,7 @@ pub use dequantize::{dequantize, dequantize_with};
 pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};
 pub use qdq_error::{qdq_error, qdq_error_with, QdqOutput};
 pub use quantize::{quantize, quantize_with};
+pub use quantize_packed::{quantize_packed, quantize_packed_with};
 pub use round::{round_to_format, round_to_format_with};
 pub use scales::{
     scales_symmetric, scales_symmetric_alphas_with, scales_symmetric_with, scales_zero_point,

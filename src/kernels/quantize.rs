@@ -86,7 +86,7 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
                         let s = load_f32(simd, &scale[j..j + n]);
                         let y = P::round_simd(simd, simd.div_f32s(x, s));
                         let q = rint_clamped(simd, y, lo, hi);
-                        store_low_bytes::<S>(to_int(simd, q), &mut out[j..j + n]);
+                        store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }
             }
@@ -101,7 +101,7 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
                         let y = P::round_simd(simd, simd.div_f32s(x, s));
                         let q = simd.add_f32s(rint_clamped(simd, y, lo, hi), zp);
                         let q = simd.min_f32s(simd.max_f32s(q, qmin), qmax);
-                        store_low_bytes::<S>(to_int(simd, q), &mut out[j..j + n]);
+                        store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }
             }

@@ -1,0 +1,122 @@
+//! Quantize and pack in one pass: the codes of [`quantize`](super::quantize) written straight as
+//! ONNX nibbles (column `2i` in the low nibble of byte `i` of the row, `2i + 1` in the high one),
+//! for slabs with an even column count (so rows never share a byte).
+//!
+//! Each step quantizes one vector of consecutive columns (exactly `quantize`'s arithmetic) and
+//! pairs neighbouring lanes into bytes, `byte = (q[2i] & 0xf) | (q[2i + 1] & 0xf) << 4`, written
+//! straight into the packed row: no code buffer and no second pass.
+
+use super::{check_len, check_tier, slab_rows};
+use crate::float::{Precision, BF16, F16, F32};
+use crate::simd::{for_each_chunk, lanes_u32, load_f32, rint_clamped, to_int};
+use crate::{Error, FloatFormat, Result, Tier};
+use pulp::{Simd, WithSimd};
+
+/// Quantizes the slab `w` (`rows * cols`, `cols` even) into `packed[rows * cols / 2]`.
+pub fn quantize_packed(
+    format: FloatFormat,
+    w: &[f32],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    packed: &mut [u8],
+) -> Result<()> {
+    quantize_packed_with(Tier::best(), format, w, cols, scale, zero_point, packed)
+}
+
+/// [`quantize_packed`] on a chosen tier.
+pub fn quantize_packed_with(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    packed: &mut [u8],
+) -> Result<()> {
+    check_tier(tier)?;
+    if cols % 2 != 0 {
+        return Err(Error::LengthMismatch {
+            what: "quantize_packed columns (must be even)",
+            expected: cols + 1,
+            actual: cols,
+        });
+    }
+    slab_rows("quantize_packed weight", w.len(), cols)?;
+    check_len("quantize_packed scale", cols, scale.len())?;
+    if let Some(zp) = zero_point {
+        check_len("quantize_packed zero point", cols, zp.len())?;
+    }
+    check_len("quantize_packed output", w.len() / 2, packed.len())?;
+    if cols == 0 {
+        return Ok(());
+    }
+    macro_rules! run {
+        ($p:expr) => {
+            tier.dispatch(Job { w, cols, scale, zero_point, packed, _p: $p })
+        };
+    }
+    match format {
+        FloatFormat::F32 => run!(F32),
+        FloatFormat::F16 => run!(F16),
+        FloatFormat::BF16 => run!(BF16),
+    }
+    Ok(())
+}
+
+struct Job<'a, P> {
+    w: &'a [f32],
+    cols: usize,
+    scale: &'a [f32],
+    zero_point: Option<&'a [f32]>,
+    packed: &'a mut [u8],
+    _p: P,
+}
+
+impl<P: Precision> WithSimd for Job<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { w, cols, scale, zero_point, packed, _p: _ } = self;
+        let (lo8, hi7) = (simd.splat_f32s(-8.0), simd.splat_f32s(7.0));
+        let (lo16, hi16) = (simd.splat_f32s(-16.0), simd.splat_f32s(16.0));
+        let (qmin, qmax) = (simd.splat_f32s(0.0), simd.splat_f32s(15.0));
+        let nib = simd.splat_u32s(0xf);
+        // One-lane tiers pair columns through a row of codes (kept in L1).
+        let odd_lanes = S::F32_LANES % 2 == 1;
+        let mut codes = if odd_lanes { vec![0u8; cols] } else { Vec::new() };
+        for (row, out) in w.chunks_exact(cols).zip(packed.chunks_exact_mut(cols / 2)) {
+            for_each_chunk::<S>(cols, |j, m| {
+                let x = load_f32(simd, &row[j..j + m]);
+                let s = load_f32(simd, &scale[j..j + m]);
+                let y = P::round_simd(simd, simd.div_f32s(x, s));
+                let q = match zero_point {
+                    None => rint_clamped(simd, y, lo8, hi7),
+                    Some(zp) => {
+                        let z = load_f32(simd, &zp[j..j + m]);
+                        let q = simd.add_f32s(rint_clamped(simd, y, lo16, hi16), z);
+                        simd.min_f32s(simd.max_f32s(q, qmin), qmax)
+                    }
+                };
+                let q = simd.and_u32s(to_int(simd, q), nib);
+                let lanes = lanes_u32::<S>(&q);
+                if odd_lanes {
+                    for (c, &l) in codes[j..j + m].iter_mut().zip(lanes) {
+                        *c = l as u8;
+                    }
+                } else {
+                    // m is even (LANES and cols are): pair neighbouring lanes into bytes.
+                    for (p, o) in out[j / 2..(j + m) / 2].iter_mut().enumerate() {
+                        *o = (lanes[2 * p] | (lanes[2 * p + 1] << 4)) as u8;
+                    }
+                }
+            });
+            if odd_lanes {
+                for (o, pair) in out.iter_mut().zip(codes.chunks_exact(2)) {
+                    *o = pair[0] | (pair[1] << 4);
+                }
+            }
+        }
+    }
+}
