@@ -50,6 +50,12 @@ enum Command {
         /// Leave weights that hold NaN or Inf unquantized (with a warning) instead of stopping.
         #[arg(long)]
         skip_nonfinite: bool,
+        /// Output form: DequantizeLinear (ModelOpt's) or ONNX Runtime's MatMulNBits.
+        #[arg(long, value_enum, default_value = "dq")]
+        format: nibble_driver::quantize::Format,
+        /// MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
+        #[arg(long, default_value_t = 0)]
+        accuracy_level: i64,
         #[command(flatten)]
         awq: AwqArgs,
     },
@@ -191,6 +197,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             external_data,
             force,
             skip_nonfinite,
+            format,
+            accuracy_level,
             awq,
         } => {
             let output = output.unwrap_or_else(|| default_output(&model));
@@ -210,6 +218,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 awq: awq.options()?,
                 skip_nonfinite,
+                format,
+                accuracy_level,
             };
             let s = quantize_file(&model, &output, &opts)?;
             println!(

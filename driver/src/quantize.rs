@@ -74,6 +74,20 @@ pub struct Options {
     pub awq: crate::awq::AwqOptions,
     /// Leave weights holding NaN or Inf unquantized (with a warning) instead of failing.
     pub skip_nonfinite: bool,
+    /// Output form.
+    pub format: Format,
+    /// MatMulNBits `accuracy_level` (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 activations).
+    pub accuracy_level: i64,
+}
+
+/// The operator the quantized weights feed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// INT4 initializers and DequantizeLinear (ModelOpt's form; opset 21).
+    Dq,
+    /// ONNX Runtime's com.microsoft MatMulNBits (fastest on ONNX Runtime CPUs).
+    #[value(name = "matmulnbits")]
+    MatMulNBits,
 }
 
 impl Default for Options {
@@ -87,6 +101,8 @@ impl Default for Options {
             force: false,
             awq: Default::default(),
             skip_nonfinite: false,
+            format: Format::Dq,
+            accuracy_level: 0,
         }
     }
 }
@@ -516,7 +532,10 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
         });
     }
     let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
-    let opset_raised = !chosen.is_empty() && opset::check_upgrade(&model.proto)?;
+    if opts.format == Format::MatMulNBits {
+        crate::nbits::check_block(opts.block_size)?;
+    }
+    let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
     // AWQ: searches on the original weights, then folds into producers (before their own weights
     // are quantized), then the Mul nodes for the rest.
     let mut insertions = crate::pqs::Insertions::default();
@@ -541,27 +560,44 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
             None => quantize_candidate(&model, c, block, opts.zero_point),
         })
         .collect();
-    let mut replacements = Vec::with_capacity(chosen.len());
-    let mut weight_bytes_before = 0;
-    let form = if opts.method == Method::Rtn { Method::Rtn } else { Method::RtnDq };
-    for (c, q) in chosen.iter().zip(quantized) {
-        weight_bytes_before += c.bytes as u64;
-        replacements.push(replacement(c, q?, block, form));
-    }
-    let weight_bytes_after = replacements.iter().map(|r| r.bytes).sum();
-    let sources: Vec<(String, Source)> = chosen.iter().map(|c| (c.weight.clone(), c.source.clone())).collect();
+    let quantized = quantized.into_iter().collect::<Result<Vec<_>>>()?;
+    let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();
     model.inline_external_data()?;
     if let Some(g) = model.proto.graph.as_mut() {
         for (n, input) in &insertions.rewire {
             g.node[*n].input[0] = input.clone();
         }
     }
-    rewrite(&mut model, replacements, &sources);
+    let weight_bytes_after;
+    let mut opset_raised = opset_raised;
+    if opts.format == Format::MatMulNBits {
+        let before = model.proto.graph.as_ref().map_or(0, |g| g.initializer.len());
+        let nbits_block = crate::nbits::check_block(opts.block_size)?;
+        crate::nbits::rewrite(&mut model, &chosen, quantized, nbits_block, opts.accuracy_level)?;
+        let g = model.proto.graph.as_ref().expect("graph");
+        weight_bytes_after = g.initializer[before.saturating_sub(chosen.len())..]
+            .iter()
+            .filter(|t| {
+                t.name
+                    .as_deref()
+                    .is_some_and(|n| n.ends_with("_Q4") || n.ends_with("_scales") || n.ends_with("_zero_points"))
+            })
+            .map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64))
+            .sum();
+        opset_raised = false;
+    } else {
+        let form = if opts.method == Method::Rtn { Method::Rtn } else { Method::RtnDq };
+        let replacements: Vec<Replacement> =
+            chosen.iter().zip(quantized).map(|(c, q)| replacement(c, q, block, form)).collect();
+        weight_bytes_after = replacements.iter().map(|r| r.bytes).sum();
+        let sources: Vec<(String, Source)> = chosen.iter().map(|c| (c.weight.clone(), c.source.clone())).collect();
+        rewrite(&mut model, replacements, &sources);
+    }
     if let Some(g) = model.proto.graph.as_mut() {
         g.initializer.extend(std::mem::take(&mut insertions.initializers));
         crate::pqs::insert_after_producers(g, std::mem::take(&mut insertions.nodes));
     }
-    if !chosen.is_empty() {
+    if !chosen.is_empty() && opts.format == Format::Dq {
         opset::upgrade(&mut model.proto)?;
         model.proto.ir_version = Some(model.proto.ir_version.unwrap_or(0).max(10));
     }

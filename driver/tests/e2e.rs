@@ -338,3 +338,69 @@ fn inspect_lists_weights_and_opset() {
     assert!(text.contains("excluded by '/lm_head'"), "{text}");
     assert!(text.contains("12 of 13 weights would be quantized"), "{text}");
 }
+
+/// `--format matmulnbits`: ONNX Runtime's MatMulNBits computes what the DQ form computes, for f32
+/// and f16 weights, symmetric and zero point, RTN and AWQ, MatMul and Gemm (transB 0/1, with bias).
+#[test]
+fn matmulnbits_format_equals_dq_form() {
+    let d = tmp();
+    let cases: Vec<(nibble_driver::onnx::ModelProto, Vec<nibble_driver::runtime::NamedTensor>)> = vec![
+        (transformer(&small_transformer(FloatFormat::F32)), vec![random_input("input", &[2, 5, 64], 1)]),
+        (transformer(&small_transformer(FloatFormat::F16)), vec![random_input("input", &[1, 7, 64], 2)]),
+        (gemm(false, 96, 40), vec![random_input("x", &[3, 96], 3)]),
+        (gemm(true, 96, 40), vec![random_input("x", &[3, 96], 4)]),
+    ];
+    for (i, (m, input)) in cases.into_iter().enumerate() {
+        let src = write(m, &d.path().join(format!("m{i}.onnx")), ExternalData::Never);
+        for extra in [
+            &["--method", "rtn_dq"][..],
+            &["--zero-point"][..],
+            &["--method", "awq_lite", "--calibration-samples", "2"][..],
+        ] {
+            if i >= 2 && extra.contains(&"awq_lite") {
+                continue;
+            }
+            let dq = d.path().join("dq.onnx");
+            let nb = d.path().join("nb.onnx");
+            let mut a =
+                vec!["quantize", src.to_str().unwrap(), "-o", dq.to_str().unwrap(), "--block-size", "32", "--force"];
+            a.extend_from_slice(extra);
+            nibble_ok(&a);
+            let mut b = vec![
+                "quantize",
+                src.to_str().unwrap(),
+                "-o",
+                nb.to_str().unwrap(),
+                "--block-size",
+                "32",
+                "--force",
+                "--format",
+                "matmulnbits",
+            ];
+            b.extend_from_slice(extra);
+            nibble_ok(&b);
+            let g = Model::load(&nb).unwrap().proto.graph.unwrap();
+            assert!(g.node.iter().any(|n| n.op_type.as_deref() == Some("MatMulNBits")), "case {i} {extra:?}");
+            assert!(g.node.iter().all(|n| n.op_type.as_deref() != Some("DequantizeLinear")));
+            let (x, y) = (run(&dq, &input), run(&nb, &input));
+            let e = rel_err(&y[0].data, &x[0].data);
+            assert!(e < 1e-3, "case {i} {extra:?}: MatMulNBits differs from DQ by {e}");
+            let orig = rel_err(&y[0].data, &run(&src, &input)[0].data);
+            assert!(orig > 0.0 && orig < 0.3, "case {i} {extra:?}: {orig}");
+        }
+    }
+    // Block sizes MatMulNBits cannot run are refused.
+    let src = d.path().join("m0.onnx");
+    let o = nibble(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        d.path().join("x.onnx").to_str().unwrap(),
+        "--format",
+        "matmulnbits",
+        "--block-size",
+        "48",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("power of two >= 16"));
+}

@@ -1,0 +1,201 @@
+//! `--format matmulnbits`: ONNX Runtime's `com.microsoft.MatMulNBits` instead of DequantizeLinear,
+//! the fastest form for ONNX Runtime on CPUs.
+//!
+//! Per quantized weight `W` (`K x N` as the product sees it, `block` a power of two >= 16):
+//! - `W_Q4`: uint8 `[N, ceil(K/block), block/2]`, column `n`'s codes along K packed low nibble first
+//!   (symmetric INT4 codes are stored as `q + 8`, MatMulNBits' default zero point);
+//! - `W_scales`: `[N * ceil(K/block)]` in the weight's dtype, column-major over blocks;
+//! - `W_zero_points` (zero point only): uint8 `[N * ceil(ceil(K/block)/2)]`, two per byte;
+//! - each consuming `MatMul`/`Gemm` becomes `MatMulNBits` named `<node>_Q4` with attributes `K`, `N`,
+//!   `bits = 4`, `block_size`, `accuracy_level`; a Gemm bias becomes an `Add` after it.
+//!
+//! The names follow ONNX Runtime's own MatMulNBitsQuantizer. No opset upgrade is needed.
+
+use crate::model::Model;
+use crate::onnx::{tensor_proto::DataType, OperatorSetIdProto, TensorProto};
+use crate::plan::{Candidate, Decision, Source};
+use crate::synth::{attr_i, node};
+use crate::{Error, Result};
+use bytes::Bytes;
+use nibble::{FloatFormat, QuantizedWeight};
+use std::collections::{HashMap, HashSet};
+
+/// Checks that `block` is a block size MatMulNBits runs.
+pub fn check_block(block: i64) -> Result<usize> {
+    if block >= 16 && (block as u64).is_power_of_two() {
+        Ok(block as usize)
+    } else {
+        Err(Error::Usage(format!(
+            "--block-size {block}: MatMulNBits needs a power of two >= 16 (16, 32, 64, 128, ...); use --format dq for other block sizes"
+        )))
+    }
+}
+
+fn tensor(name: String, dims: Vec<i64>, dtype: i32, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name),
+        dims,
+        data_type: Some(dtype),
+        raw_data: Some(Bytes::from(raw)),
+        ..Default::default()
+    }
+}
+
+/// The three MatMulNBits tensors of one weight.
+pub fn tensors(c: &Candidate, q: &QuantizedWeight, block: usize) -> Vec<TensorProto> {
+    let Decision::Quantize { axis } = c.decision else { unreachable!("planned") };
+    let (r, cols) = (c.dims[0] as usize, c.dims[1] as usize);
+    let (k, n) = if axis == 0 { (r, cols) } else { (cols, r) };
+    let nb = k.div_ceil(block);
+    let zp = q.zero_point.is_some();
+    let codes = nibble::kernels::unpack_nibbles(&q.packed, r * cols, !zp).expect("packed codes of the weight");
+    let code = |kk: usize, nn: usize| -> u8 {
+        let v = if axis == 0 { codes[kk * n + nn] } else { codes[nn * k + kk] };
+        if zp {
+            v as u8
+        } else {
+            (v + 8) as u8
+        }
+    };
+    // Scale and zero point of block b, column nn, from the DQ layout.
+    let at = |v: &[f32], b: usize, nn: usize| if axis == 0 { v[b * n + nn] } else { v[nn * nb + b] };
+    let mut b_bytes = vec![0u8; n * nb * block / 2];
+    for nn in 0..n {
+        for b in 0..nb {
+            let pad = match &q.zero_point {
+                Some(z) => {
+                    if axis == 0 {
+                        z[b * n + nn]
+                    } else {
+                        z[nn * nb + b]
+                    }
+                }
+                None => 8,
+            };
+            let base = (nn * nb + b) * block / 2;
+            for i in 0..block / 2 {
+                let (k0, k1) = (b * block + 2 * i, b * block + 2 * i + 1);
+                let lo = if k0 < k { code(k0, nn) } else { pad };
+                let hi = if k1 < k { code(k1, nn) } else { pad };
+                b_bytes[base + i] = (lo & 0xf) | (hi << 4);
+            }
+        }
+    }
+    let format = c.format().expect("float weight");
+    let scales: Vec<f32> =
+        (0..n).flat_map(|nn| (0..nb).map(move |b| (b, nn))).map(|(b, nn)| at(&q.scale, b, nn)).collect();
+    let w = &c.weight;
+    let mut out = vec![
+        tensor(format!("{w}_Q4"), vec![n as i64, nb as i64, (block / 2) as i64], DataType::Uint8 as i32, b_bytes),
+        tensor(
+            format!("{w}_scales"),
+            vec![(n * nb) as i64],
+            crate::synth::onnx_type(format),
+            crate::quantize::encode_floats(format, &scales),
+        ),
+    ];
+    if let Some(z) = &q.zero_point {
+        let per = nb.div_ceil(2);
+        let mut zb = vec![0u8; n * per];
+        for nn in 0..n {
+            for b in 0..nb {
+                let v = if axis == 0 { z[b * n + nn] } else { z[nn * nb + b] };
+                zb[nn * per + b / 2] |= (v & 0xf) << (4 * (b % 2));
+            }
+        }
+        out.push(tensor(format!("{w}_zero_points"), vec![(n * per) as i64], DataType::Uint8 as i32, zb));
+    }
+    out
+}
+
+/// Replaces the consumers of the quantized weights by MatMulNBits nodes.
+pub fn rewrite(
+    model: &mut Model,
+    chosen: &[&Candidate],
+    quantized: Vec<QuantizedWeight>,
+    block: usize,
+    accuracy_level: i64,
+) -> Result<()> {
+    let g = model.proto.graph.as_mut().expect("graph");
+    for c in chosen {
+        if c.format() == Some(FloatFormat::BF16) {
+            return Err(Error::Usage(format!(
+                "weight '{}' is bfloat16; MatMulNBits takes float32 or float16 (use --format dq)",
+                c.weight
+            )));
+        }
+    }
+    let by_weight: HashMap<&str, (&Candidate, Vec<TensorProto>)> =
+        chosen.iter().zip(&quantized).map(|(c, q)| (c.weight.as_str(), (*c, tensors(c, q, block)))).collect();
+    // Every consumer of a quantized weight must be a MatMul/Gemm reading it as B.
+    for n in &g.node {
+        for (i, input) in n.input.iter().enumerate() {
+            if by_weight.contains_key(input.as_str()) {
+                let op = n.op_type.as_deref().unwrap_or("");
+                let gemm_ok = op == "Gemm"
+                    && n.attribute.iter().all(|a| match a.name.as_deref() {
+                        Some("transA") => a.i.unwrap_or(0) == 0,
+                        Some("alpha") | Some("beta") => a.f.unwrap_or(1.0) == 1.0,
+                        _ => true,
+                    });
+                if i != 1 || !(op == "MatMul" || gemm_ok) {
+                    return Err(Error::Usage(format!(
+                        "weight '{input}' is read by node '{}' ({op}), which MatMulNBits cannot replace; use --format dq or --exclude it",
+                        n.name.clone().unwrap_or_default()
+                    )));
+                }
+            }
+        }
+    }
+    let old = std::mem::take(&mut g.node);
+    let removed_constants: HashSet<String> =
+        chosen.iter().filter(|c| matches!(c.source, Source::ConstantNode(_))).map(|c| c.weight.clone()).collect();
+    for n in old {
+        if n.op_type.as_deref() == Some("Constant") && n.output.first().is_some_and(|o| removed_constants.contains(o)) {
+            continue;
+        }
+        let Some((c, _)) = n.input.get(1).and_then(|w| by_weight.get(w.as_str())) else {
+            g.node.push(n);
+            continue;
+        };
+        let Decision::Quantize { axis } = c.decision else { unreachable!() };
+        let (r, cols) = (c.dims[0], c.dims[1]);
+        let (k, nn) = if axis == 0 { (r, cols) } else { (cols, r) };
+        let w = &c.weight;
+        let mut inputs = vec![n.input[0].clone(), format!("{w}_Q4"), format!("{w}_scales")];
+        if by_weight[w.as_str()].1.len() == 3 {
+            inputs.push(format!("{w}_zero_points"));
+        }
+        let name = n.name.clone().unwrap_or_else(|| n.output[0].clone());
+        let bias = n.input.get(2).filter(|b| !b.is_empty()).cloned();
+        let out = n.output[0].clone();
+        let product = if bias.is_some() { format!("{out}_MatMulNBits") } else { out.clone() };
+        let input_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let mut m = node(
+            "MatMulNBits",
+            &format!("{name}_Q4"),
+            &input_refs,
+            &[&product],
+            vec![
+                attr_i("K", k),
+                attr_i("N", nn),
+                attr_i("bits", 4),
+                attr_i("block_size", block as i64),
+                attr_i("accuracy_level", accuracy_level),
+            ],
+        );
+        m.domain = Some("com.microsoft".into());
+        g.node.push(m);
+        if let Some(b) = bias {
+            g.node.push(node("Add", &format!("{name}_bias_Add"), &[&product, &b], &[&out], vec![]));
+        }
+    }
+    g.initializer.retain(|t| !by_weight.contains_key(t.name.as_deref().unwrap_or("")));
+    for c in chosen {
+        g.initializer.extend(by_weight[c.weight.as_str()].1.iter().cloned());
+    }
+    if !model.proto.opset_import.iter().any(|o| o.domain.as_deref() == Some("com.microsoft")) {
+        model.proto.opset_import.push(OperatorSetIdProto { domain: Some("com.microsoft".into()), version: Some(1) });
+    }
+    Ok(())
+}
