@@ -66,10 +66,13 @@ pub enum DType {
 
 impl DType {
     fn parse(descr: &str) -> Option<DType> {
-        let (order, code) = descr.split_at(1.min(descr.len()));
-        if !matches!(order, "<" | "|" | "=") {
+        // The first character is the byte order (any character, not a byte: fuzzing found a
+        // multi-byte one).
+        let mut chars = descr.chars();
+        if !matches!(chars.next()?, '<' | '|' | '=') {
             return None;
         }
+        let code = chars.as_str();
         Some(match code {
             "f2" => DType::F16,
             "f4" => DType::F32,
