@@ -14,9 +14,9 @@
 use crate::model::Model;
 use crate::onnx::{tensor_proto::DataType, OperatorSetIdProto, TensorProto};
 use crate::plan::{Candidate, Decision, Source};
+use crate::quantize::tensor;
 use crate::synth::{attr_i, node};
 use crate::{Error, Result};
-use bytes::Bytes;
 use nibble::{FloatFormat, QuantizedWeight};
 use std::collections::{HashMap, HashSet};
 
@@ -28,16 +28,6 @@ pub fn check_block(block: i64) -> Result<usize> {
         Err(Error::Usage(format!(
             "--block-size {block}: MatMulNBits needs a power of two >= 16 (16, 32, 64, 128, ...); use --format dq for other block sizes"
         )))
-    }
-}
-
-fn tensor(name: String, dims: Vec<i64>, dtype: i32, raw: Vec<u8>) -> TensorProto {
-    TensorProto {
-        name: Some(name),
-        dims,
-        data_type: Some(dtype),
-        raw_data: Some(Bytes::from(raw)),
-        ..Default::default()
     }
 }
 

@@ -299,7 +299,8 @@ fn onnx_dtype(format: FloatFormat) -> i32 {
     }
 }
 
-fn tensor(name: String, dims: Vec<i64>, dtype: i32, raw: Vec<u8>) -> TensorProto {
+/// An initializer holding `raw` bytes.
+pub(crate) fn tensor(name: String, dims: Vec<i64>, dtype: i32, raw: Vec<u8>) -> TensorProto {
     TensorProto {
         name: Some(name),
         dims,

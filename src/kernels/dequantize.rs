@@ -5,7 +5,7 @@
 //! zero point: dq = rnd((q - zp) * s)     q in 0..=15; q - zp is exact
 //! ```
 
-use super::{check_len, check_tier, slab_rows};
+use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
 use crate::simd::{for_each_chunk, from_int, load_bytes, load_f32, store_f32};
 use crate::{FloatFormat, Result, Tier};
@@ -34,13 +34,7 @@ pub fn dequantize_with(
     zero_point: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
-    check_tier(tier)?;
-    slab_rows("dequantize codes", codes.len(), cols)?;
-    check_len("dequantize scale", cols, scale.len())?;
-    if let Some(zp) = zero_point {
-        check_len("dequantize zero point", cols, zp.len())?;
-    }
-    check_len("dequantize output", codes.len(), out.len())?;
+    check_slab("dequantize", tier, codes.len(), cols, scale, zero_point, codes.len(), out.len())?;
     if cols == 0 {
         return Ok(());
     }

@@ -56,3 +56,25 @@ pub(crate) fn slab_rows(what: &'static str, len: usize, cols: usize) -> Result<u
     }
     Ok(len / cols)
 }
+
+/// The checks every per-column kernel makes: a tier this CPU runs, whole rows, one scale (and zero
+/// point) per column, an output of `out_len` for `out_expected` elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_slab(
+    op: &'static str,
+    tier: Tier,
+    w_len: usize,
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    out_expected: usize,
+    out_len: usize,
+) -> Result<()> {
+    check_tier(tier)?;
+    slab_rows(op, w_len, cols)?;
+    check_len(op, cols, scale.len())?;
+    if let Some(zp) = zero_point {
+        check_len(op, cols, zp.len())?;
+    }
+    check_len(op, out_expected, out_len)
+}

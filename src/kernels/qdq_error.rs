@@ -10,7 +10,7 @@
 //!
 //! Bit-exact with [`quantize`](super::quantize) followed by [`dequantize`](super::dequantize).
 
-use super::{check_len, check_tier, slab_rows};
+use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
 use crate::simd::{for_each_chunk, load_f32, rint_clamped, store_f32};
 use crate::{FloatFormat, Result, Tier};
@@ -50,13 +50,7 @@ pub fn qdq_error_with(
     output: QdqOutput,
     out: &mut [f32],
 ) -> Result<()> {
-    check_tier(tier)?;
-    slab_rows("qdq weight", w.len(), cols)?;
-    check_len("qdq scale", cols, scale.len())?;
-    if let Some(zp) = zero_point {
-        check_len("qdq zero point", cols, zp.len())?;
-    }
-    check_len("qdq output", w.len(), out.len())?;
+    check_slab("qdq", tier, w.len(), cols, scale, zero_point, w.len(), out.len())?;
     if cols == 0 {
         return Ok(());
     }

@@ -9,7 +9,7 @@
 //! rounding, which changes nothing after the final clip (zp is in 0..=15) and keeps the
 //! magic-number rounding in range.
 
-use super::{check_len, check_tier, slab_rows};
+use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
 use crate::simd::{for_each_chunk, load_f32, rint_clamped, store_low_bytes, to_int};
 use crate::{FloatFormat, Result, Tier};
@@ -38,13 +38,7 @@ pub fn quantize_with(
     zero_point: Option<&[f32]>,
     codes: &mut [u8],
 ) -> Result<()> {
-    check_tier(tier)?;
-    slab_rows("quantize weight", w.len(), cols)?;
-    check_len("quantize scale", cols, scale.len())?;
-    if let Some(zp) = zero_point {
-        check_len("quantize zero point", cols, zp.len())?;
-    }
-    check_len("quantize output", w.len(), codes.len())?;
+    check_slab("quantize", tier, w.len(), cols, scale, zero_point, w.len(), codes.len())?;
     if cols == 0 {
         return Ok(());
     }

@@ -6,7 +6,7 @@
 //! pairs neighbouring lanes into bytes, `byte = (q[2i] & 0xf) | (q[2i + 1] & 0xf) << 4`, written
 //! straight into the packed row: no code buffer and no second pass.
 
-use super::{check_len, check_tier, slab_rows};
+use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
 use crate::simd::{for_each_chunk, lanes_u32, load_f32, rint_clamped, to_int};
 use crate::{Error, FloatFormat, Result, Tier};
@@ -42,12 +42,7 @@ pub fn quantize_packed_with(
             actual: cols,
         });
     }
-    slab_rows("quantize_packed weight", w.len(), cols)?;
-    check_len("quantize_packed scale", cols, scale.len())?;
-    if let Some(zp) = zero_point {
-        check_len("quantize_packed zero point", cols, zp.len())?;
-    }
-    check_len("quantize_packed output", w.len() / 2, packed.len())?;
+    check_slab("quantize_packed", tier, w.len(), cols, scale, zero_point, w.len() / 2, packed.len())?;
     if cols == 0 {
         return Ok(());
     }
