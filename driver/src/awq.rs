@@ -130,7 +130,7 @@ fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, Str
     let consts = crate::plan::constants(model);
     let mut groups: Vec<Group> = Vec::new();
     let mut plain = Vec::new();
-    for c in chosen {
+    for c in chosen.iter().filter(|c| c.op != "Gather") {
         let users: Vec<usize> = g
             .node
             .iter()

@@ -56,6 +56,12 @@ enum Command {
         /// MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
         #[arg(long, default_value_t = 0)]
         accuracy_level: i64,
+        /// Also quantize Gather (embedding) tables, blocked along this axis (0 or 1).
+        #[arg(long)]
+        gather_axis: Option<usize>,
+        /// Block size of the Gather tables.
+        #[arg(long, default_value_t = 32)]
+        gather_block_size: i64,
         #[command(flatten)]
         awq: AwqArgs,
     },
@@ -199,6 +205,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             skip_nonfinite,
             format,
             accuracy_level,
+            gather_axis,
+            gather_block_size,
             awq,
         } => {
             let output = output.unwrap_or_else(|| default_output(&model));
@@ -220,6 +228,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 skip_nonfinite,
                 format,
                 accuracy_level,
+                gather_axis,
+                gather_block_size,
             };
             let s = quantize_file(&model, &output, &opts)?;
             println!(

@@ -187,3 +187,48 @@ pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
     }
     out
 }
+
+/// The embedding tables of Gather nodes (`--gather-axis`, ModelOpt's `gather_quantize_axis`): every
+/// rank-2 float constant read as a Gather's data, blocked along `axis`, unless excluded or already a
+/// MatMul/Gemm weight (a tied table keeps the MatMul layout).
+pub fn plan_gather(model: &Model, exclude: &[(String, Regex)], axis: usize, taken: &[Candidate]) -> Vec<Candidate> {
+    let g = model.proto.graph.as_ref().expect("graph");
+    let consts = constants(model);
+    let mut out: Vec<Candidate> = Vec::new();
+    for node in &g.node {
+        if node.op_type.as_deref() != Some("Gather")
+            || !matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx"))
+        {
+            continue;
+        }
+        let Some(wname) = node.input.first() else { continue };
+        let Some((source, t)) = consts.get(wname) else { continue };
+        if out.iter().chain(taken).any(|c| &c.weight == wname) {
+            continue;
+        }
+        let name = node.name.clone().unwrap_or_default();
+        let dtype = t.data_type.unwrap_or(0);
+        let decision = if let Some((p, _)) = exclude.iter().find(|(_, r)| r.is_match(&name)) {
+            Decision::Excluded { pattern: p.clone() }
+        } else if t.dims.len() != 2 {
+            Decision::Skipped { reason: format!("rank {} (only 2-D tables are quantized)", t.dims.len()) }
+        } else if !matches!(DataType::try_from(dtype), Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16)) {
+            Decision::Skipped { reason: format!("data type {}", dtype_name(dtype)) }
+        } else if byte_size(t).is_none() {
+            Decision::Skipped { reason: "invalid dims".into() }
+        } else {
+            Decision::Quantize { axis }
+        };
+        out.push(Candidate {
+            weight: wname.clone(),
+            node: name,
+            op: "Gather".into(),
+            dims: t.dims.clone(),
+            dtype,
+            bytes: byte_size(t).unwrap_or(0),
+            source: source.clone(),
+            decision,
+        });
+    }
+    out
+}

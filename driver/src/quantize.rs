@@ -78,6 +78,11 @@ pub struct Options {
     pub format: Format,
     /// MatMulNBits `accuracy_level` (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 activations).
     pub accuracy_level: i64,
+    /// Quantize Gather (embedding) tables, blocked along this axis (ModelOpt's
+    /// `gather_quantize_axis`; off by default).
+    pub gather_axis: Option<usize>,
+    /// Block size of the Gather tables (ModelOpt's `gather_block_size`).
+    pub gather_block_size: i64,
 }
 
 /// The operator the quantized weights feed.
@@ -103,6 +108,8 @@ impl Default for Options {
             skip_nonfinite: false,
             format: Format::Dq,
             accuracy_level: 0,
+            gather_axis: None,
+            gather_block_size: 32,
         }
     }
 }
@@ -522,6 +529,23 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
         + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
     let mut candidates = plan(&model, &patterns);
+    let gather_block = match opts.gather_axis {
+        Some(axis) => {
+            if axis > 1 {
+                return Err(Error::Usage(format!("--gather-axis {axis}: use 0 or 1")));
+            }
+            if opts.format == Format::MatMulNBits {
+                return Err(Error::Usage("--gather-axis works with --format dq only (for now)".into()));
+            }
+            let b = BlockSize::from_i64(opts.gather_block_size)
+                .map_err(|e| Error::Usage(format!("--gather-block-size: {e}")))?;
+            let gathers = crate::plan::plan_gather(&model, &patterns, axis, &candidates);
+            candidates.extend(gathers);
+            b
+        }
+        None => block,
+    };
+    let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { block };
     if opts.skip_nonfinite {
         skip_nonfinite(&model, &mut candidates)?;
     }
@@ -558,7 +582,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
         .par_iter()
         .map(|c| match awq.as_ref().and_then(|a| a.weights.get(&c.weight)) {
             Some(a) => quantize_candidate_awq(&model, c, block, opts.zero_point, a),
-            None => quantize_candidate(&model, c, block, opts.zero_point),
+            None => quantize_candidate(&model, c, block_of(c), opts.zero_point),
         })
         .collect();
     let quantized = quantized.into_iter().collect::<Result<Vec<_>>>()?;
@@ -589,7 +613,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     } else {
         let form = if opts.method == Method::Rtn { Method::Rtn } else { Method::RtnDq };
         let replacements: Vec<Replacement> =
-            chosen.iter().zip(quantized).map(|(c, q)| replacement(c, q, block, form)).collect();
+            chosen.iter().zip(quantized).map(|(c, q)| replacement(c, q, block_of(c), form)).collect();
         weight_bytes_after = replacements.iter().map(|r| r.bytes).sum();
         let sources: Vec<(String, Source)> = chosen.iter().map(|c| (c.weight.clone(), c.source.clone())).collect();
         rewrite(&mut model, replacements, &sources);

@@ -404,3 +404,62 @@ fn matmulnbits_format_equals_dq_form() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("power of two >= 16"));
 }
+
+/// `--gather-axis`: the embedding table becomes INT4 + DequantizeLinear, and the Gather output is
+/// exactly the scalar reference's dequantized rows.
+#[test]
+fn gather_tables_are_quantized_and_gather_dequantized_rows() {
+    let (v, h) = (100usize, 64usize);
+    let mut rng = Rng::new(31);
+    let table = rng.normals(v * h, 0.5);
+    let g = GraphProto {
+        node: vec![
+            node("Gather", "/embed/Gather", &["table", "ids"], &["emb"], vec![]),
+            node("MatMul", "/proj/MatMul", &["emb", "W"], &["y"], vec![]),
+        ],
+        initializer: vec![
+            init("table", &[v, h], &table, FloatFormat::F32),
+            init("W", &[h, 32], &rng.normals(h * 32, 0.1), FloatFormat::F32),
+        ],
+        input: vec![io("ids", DataType::Int64 as i32, &[None, None])],
+        output: vec![io("emb", 1, &[None, None, Some(h)]), io("y", 1, &[None, None, Some(32)])],
+        ..Default::default()
+    };
+    let d = tmp();
+    let src = write(model(g, 17), &d.path().join("m.onnx"), ExternalData::Never);
+    let ids: Vec<i64> = vec![0, 5, 99, 42, 7, 7, 63, 1];
+    for axis in [1usize, 0] {
+        let out = d.path().join(format!("q{axis}.onnx"));
+        nibble_ok(&[
+            "quantize",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--gather-axis",
+            &axis.to_string(),
+            "--block-size",
+            "32",
+            "--force",
+        ]);
+        let q = Model::load(&out).unwrap();
+        let g = q.proto.graph.as_ref().unwrap();
+        assert!(g.initializer.iter().any(|t| t.name.as_deref() == Some("table_i4")));
+        let dq = g.node.iter().find(|n| n.name.as_deref() == Some("table_DequantizeLinear")).unwrap();
+        let attrs: Vec<(String, i64)> = dq.attribute.iter().map(|a| (a.name.clone().unwrap(), a.i.unwrap())).collect();
+        assert_eq!(attrs, vec![("axis".to_string(), axis as i64), ("block_size".to_string(), 32)]);
+        let s = nibble::reference::find_scales(FloatFormat::F32, &table, [v, h], 32, axis, 1.0, false);
+        let codes = nibble::reference::rtn(FloatFormat::F32, &table, [v, h], &s, 32, axis);
+        let rows = nibble::reference::dq_tensor(FloatFormat::F32, &codes, [v, h], &s, 32, axis);
+        let mut sess = nibble_driver::runtime::open(&out, Default::default()).unwrap();
+        let input = nibble_driver::runtime::Input {
+            name: "ids".into(),
+            shape: vec![2, 4],
+            data: nibble_driver::runtime::InputData::I64(ids.clone()),
+        };
+        let outs = nibble_driver::runtime::run(&mut sess, &[input]).unwrap();
+        let emb = outs.iter().find(|t| t.name == "emb").unwrap();
+        let want: Vec<u32> =
+            ids.iter().flat_map(|&i| rows[i as usize * h..(i as usize + 1) * h].iter().map(|x| x.to_bits())).collect();
+        assert_eq!(emb.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "axis {axis}");
+    }
+}
