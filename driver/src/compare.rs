@@ -52,7 +52,7 @@ pub fn metrics(name: &str, q: &NamedTensor, o: &NamedTensor) -> OutputReport {
         name: name.to_string(),
         relative_error: if o2 > 0.0 { (diff2 / o2).sqrt() } else { diff2.sqrt() },
         max_abs_error: maxabs,
-        cosine: if o2 > 0.0 && q2 > 0.0 { dot / (o2.sqrt() * q2.sqrt()) } else { f64::NAN },
+        cosine: if o2 > 0.0 && q2 > 0.0 { (dot / (o2.sqrt() * q2.sqrt())).clamp(-1.0, 1.0) } else { f64::NAN },
         top1_agreement: top1,
     }
 }
@@ -103,10 +103,33 @@ pub fn random_inputs(model: &Model, seed: u64) -> Result<Vec<Input>> {
 /// Runs both models on the same seeded inputs and compares every output.
 pub fn compare(original: &Path, quantized: &Path, seed: u64) -> Result<Vec<OutputReport>> {
     let inputs = random_inputs(&Model::load(original)?, seed)?;
+    compare_on(original, quantized, &[inputs])
+}
+
+/// Runs both models on every sample of a calibration file (see [`crate::calibration`]) and
+/// compares the outputs over all samples.
+pub fn compare_with_data(original: &Path, quantized: &Path, data: &Path) -> Result<Vec<OutputReport>> {
+    let opts = crate::calibration::CalibrationOptions { data: Some(data.to_path_buf()), ..Default::default() };
+    let samples = crate::calibration::calibration_inputs(&Model::load(original)?, &opts)?;
+    compare_on(original, quantized, &samples)
+}
+
+fn compare_on(original: &Path, quantized: &Path, samples: &[Vec<crate::runtime::Input>]) -> Result<Vec<OutputReport>> {
     let mut a = open(original, SessionOptions::default())?;
     let mut b = open(quantized, SessionOptions::default())?;
-    let o = run(&mut a, &inputs)?;
-    let q = run(&mut b, &inputs)?;
+    let mut o: Vec<NamedTensor> = Vec::new();
+    let mut q: Vec<NamedTensor> = Vec::new();
+    for inputs in samples {
+        for (acc, out) in [(&mut o, run(&mut a, inputs)?), (&mut q, run(&mut b, inputs)?)] {
+            if acc.is_empty() {
+                *acc = out;
+            } else {
+                for (t, more) in acc.iter_mut().zip(out) {
+                    t.data.extend(more.data);
+                }
+            }
+        }
+    }
     o.iter()
         .map(|o| {
             let q = q.iter().find(|q| q.name == o.name).ok_or_else(|| {

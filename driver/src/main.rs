@@ -80,9 +80,12 @@ enum Command {
         original: PathBuf,
         /// Its quantized form.
         quantized: PathBuf,
-        /// Input seed.
+        /// Input seed (random inputs).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Inputs from a .npz/.npy file (as for calibration) instead of random ones.
+        #[arg(long, value_name = "FILE")]
+        calibration_data: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -250,8 +253,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let exclude = if exclude.is_empty() { vec!["/lm_head".to_string()] } else { exclude };
             print!("{}", nibble_driver::inspect::inspect(&model, &exclude)?);
         }
-        Command::Compare { original, quantized, seed, json } => {
-            let reports = nibble_driver::compare::compare(&original, &quantized, seed)?;
+        Command::Compare { original, quantized, seed, calibration_data, json } => {
+            let reports = match calibration_data {
+                Some(data) => nibble_driver::compare::compare_with_data(&original, &quantized, &data)?,
+                None => nibble_driver::compare::compare(&original, &quantized, seed)?,
+            };
             if json {
                 let items: Vec<String> = reports
                     .iter()

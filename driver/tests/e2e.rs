@@ -463,3 +463,38 @@ fn gather_tables_are_quantized_and_gather_dequantized_rows() {
         assert_eq!(emb.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "axis {axis}");
     }
 }
+
+/// `nibble compare` on pairs whose difference is known: a model against itself (no error), and a
+/// linear model against a copy whose weight is scaled by 1.01 (relative error exactly 1%, cosine
+/// 1, same arg-max everywhere).
+#[test]
+fn compare_reports_known_differences() {
+    let d = tmp();
+    let mut rng = Rng::new(77);
+    let w = rng.normals(48 * 20, 0.3);
+    let linear = |w: &[f32]| {
+        model(
+            GraphProto {
+                node: vec![node("MatMul", "/mm/MatMul", &["x", "W"], &["y"], vec![])],
+                initializer: vec![init("W", &[48, 20], w, FloatFormat::F32)],
+                input: vec![io("x", 1, &[None, Some(48)])],
+                output: vec![io("y", 1, &[None, Some(20)])],
+                ..Default::default()
+            },
+            17,
+        )
+    };
+    let a = write(linear(&w), &d.path().join("a.onnx"), ExternalData::Never);
+    let scaled: Vec<f32> = w.iter().map(|v| v * 1.01).collect();
+    let b = write(linear(&scaled), &d.path().join("b.onnx"), ExternalData::Never);
+    let json = |x: &Path, y: &Path| nibble_ok(&["compare", x.to_str().unwrap(), y.to_str().unwrap(), "--json"]);
+    let same = json(&a, &a);
+    assert!(same.contains("\"relative_error\":0,") && same.contains("\"top1_agreement\":1"), "{same}");
+    let r = nibble_driver::compare::compare(&a, &a, 3).unwrap();
+    assert!(r[0].relative_error == 0.0 && r[0].max_abs_error == 0.0 && (r[0].cosine - 1.0).abs() < 1e-12, "{:?}", r[0]);
+    let r = nibble_driver::compare::compare(&a, &b, 0).unwrap();
+    assert_eq!(r.len(), 1);
+    assert!((r[0].relative_error - 0.01).abs() < 1e-5, "{:?}", r[0]);
+    assert!((r[0].cosine - 1.0).abs() < 1e-9 && r[0].top1_agreement == Some(1.0), "{:?}", r[0]);
+    assert!(json(&a, &b).contains("\"output\":\"y\""));
+}
