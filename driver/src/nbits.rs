@@ -181,6 +181,7 @@ pub fn rewrite(
         }
     }
     g.initializer.retain(|t| !by_weight.contains_key(t.name.as_deref().unwrap_or("")));
+    g.input.retain(|v| !by_weight.contains_key(v.name.as_deref().unwrap_or("")));
     for c in chosen {
         g.initializer.extend(by_weight[c.weight.as_str()].1.iter().cloned());
     }

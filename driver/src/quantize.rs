@@ -495,6 +495,8 @@ fn rewrite(model: &mut Model, replacements: Vec<Replacement>, sources: &[(String
         g.node.push(node);
     }
     g.initializer.retain(|t| !removed_initializers.contains(t.name.as_deref().unwrap_or("")));
+    // Older exports also list initializers as graph inputs: drop those entries with them.
+    g.input.retain(|v| !removed_initializers.contains(v.name.as_deref().unwrap_or("")));
     for r in replacements {
         g.initializer.extend(r.initializers);
         g.value_info.extend(r.value_info);

@@ -498,3 +498,34 @@ fn compare_reports_known_differences() {
     assert!((r[0].cosine - 1.0).abs() < 1e-9 && r[0].top1_agreement == Some(1.0), "{:?}", r[0]);
     assert!(json(&a, &b).contains("\"output\":\"y\""));
 }
+
+/// Older exports list initializers among the graph inputs; quantized ones leave the inputs too.
+#[test]
+fn initializers_listed_as_graph_inputs() {
+    let d = tmp();
+    let mut m = matmul_chain(64, 32, 16, 21);
+    let g = m.graph.as_mut().unwrap();
+    g.input.push(io("fc1.weight", 1, &[Some(64), Some(32)]));
+    g.input.push(io("fc2.weight", 1, &[Some(32), Some(16)]));
+    m.ir_version = Some(3);
+    let src = write(m, &d.path().join("m.onnx"), ExternalData::Never);
+    for format in ["dq", "matmulnbits"] {
+        let out = d.path().join(format!("{format}.onnx"));
+        nibble_ok(&[
+            "quantize",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--block-size",
+            "32",
+            "--format",
+            format,
+        ]);
+        let inputs: Vec<String> =
+            Model::load(&out).unwrap().proto.graph.unwrap().input.iter().filter_map(|v| v.name.clone()).collect();
+        assert_eq!(inputs, vec!["x".to_string()], "{format}");
+        let x = [random_input("x", &[2, 64], 5)];
+        let e = rel_err(&run(&out, &x)[0].data, &run(&src, &x)[0].data);
+        assert!(e > 0.0 && e < 0.2, "{format}: {e}");
+    }
+}
