@@ -273,3 +273,26 @@ fn awq_lite_node_matches_modelopt() {
         assert_eq!(bits(&inv), bits(&f32s(&a["out_pqs_inv"])), "{case}: inverse pre-quant scale");
     }
 }
+
+#[test]
+fn awq_lite_subgraph_matches_modelopt() {
+    for case in ["awq_lite_subgraph_fp32", "awq_lite_subgraph_fp16"] {
+        let a = load(case);
+        let fmt = format(&a["in_x"]);
+        let x = f32s(&a["in_x"]);
+        let w: Vec<(Vec<f32>, usize)> =
+            ["in_w0", "in_w1", "in_w2"].iter().map(|n| (f32s(&a[*n]), a[*n].shape[1])).collect();
+        let ws: Vec<(&[f32], usize)> = w.iter().map(|(v, n)| (v.as_slice(), *n)).collect();
+        let k = a["in_x"].shape[1];
+        let block = a["in_block_size"].to_f64()[0] as usize;
+        let params = QuantParams::rtn(BlockSize::Blocked(block));
+        let s = awq::subgraph_search(fmt, &x, k, &ws, &params, &awq::arange(0.0, 1.1, 0.1)).unwrap();
+        assert_eq!(bits(&s.x_m), bits(&f32s(&a["out_x_m"])), "{case}: x_m");
+        assert_eq!(bits(&s.w_m), bits(&f32s(&a["out_w_m"])), "{case}: w_m");
+        assert_eq!(s.alphas[s.best], a["out_best_alpha"].to_f64()[0], "{case}: alpha (losses {:?})", s.losses);
+        let want = a["out_best_scale"].to_f64();
+        let worst = s.best_scale.iter().zip(&want).map(|(g, w)| ((g - w) / w).abs()).fold(0.0, f64::max);
+        // float64 powers: numpy's SIMD pow against libm's, a few ulp.
+        assert!(worst < 1e-14, "{case}: best scale off by {worst:e} relative");
+    }
+}

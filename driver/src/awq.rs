@@ -48,6 +48,9 @@ pub struct AwqOptions {
     pub calibration: CalibrationOptions,
     /// Bytes of activations held at once (per wave, all samples).
     pub memory_budget: usize,
+    /// One scale per activation, searched on the siblings' combined loss (ModelOpt's
+    /// `awqlite_run_per_subgraph`; awq_lite only).
+    pub per_subgraph: bool,
     /// Print each node's choice.
     pub verbose: bool,
 }
@@ -62,6 +65,7 @@ impl Default for AwqOptions {
             fuse: true,
             calibration: CalibrationOptions::default(),
             memory_budget: 1 << 30,
+            per_subgraph: false,
             verbose: false,
         }
     }
@@ -74,6 +78,9 @@ pub struct WeightAwq {
     pub scale: Option<Vec<f32>>,
     /// Clip ratio per block and column of the `[K, N]` view, `[nb][N]`.
     pub alphas: Option<Vec<f32>>,
+    /// The float64 scale of a per-subgraph search (the weight is then scaled and quantized in
+    /// float64, as ModelOpt does).
+    pub scale64: Option<Vec<f64>>,
 }
 
 /// Weights sharing one activation.
@@ -191,6 +198,9 @@ pub fn search(
     zero_point: bool,
     opts: &AwqOptions,
 ) -> Result<AwqResult> {
+    if opts.per_subgraph && opts.method != AwqMethod::Lite {
+        return Err(Error::Usage("--per-subgraph works with --method awq_lite only (as in ModelOpt)".into()));
+    }
     let (groups, plain) = groups(model, chosen);
     let mut result = AwqResult { groups: groups.clone(), plain, ..Default::default() };
     if groups.is_empty() {
@@ -242,6 +252,30 @@ pub fn search(
                     )));
                 }
                 x.extend_from_slice(&t.data);
+            }
+            if opts.per_subgraph {
+                let format = by_name[gr.weights[0].as_str()].format().expect("float weight");
+                let xq: Vec<f32> = x.iter().map(|&v| format.round(v)).collect();
+                let views: Vec<(Vec<f32>, [usize; 2])> =
+                    gr.weights.iter().map(|w| weight_kn(model, by_name[w.as_str()])).collect::<Result<_>>()?;
+                let ws: Vec<(&[f32], usize)> = views.iter().map(|(v, s)| (v.as_slice(), s[1])).collect();
+                let params = QuantParams { block_size: block, axis: 0, zero_point, alpha: 1.0 };
+                let s = awq::subgraph_search(format, &xq, k, &ws, &params, &lite_alphas)
+                    .map_err(|e| Error::kernel(&gr.weights[0], e))?;
+                if opts.verbose {
+                    progress.println(format!(
+                        "{}: awq_lite per subgraph alpha {:.2} (loss {:.4e})",
+                        gr.activation, s.alphas[s.best], s.losses[s.best]
+                    ));
+                }
+                let cast: Vec<f32> = s.best_scale.iter().map(|&v| format.constant(v)).collect();
+                for w in &gr.weights {
+                    let out =
+                        WeightAwq { scale: Some(cast.clone()), alphas: None, scale64: Some(s.best_scale.clone()) };
+                    result.weights.insert(w.clone(), out);
+                    progress.inc(1);
+                }
+                continue;
             }
             let mut scales: Vec<Vec<f32>> = vec![];
             for w in &gr.weights {

@@ -151,6 +151,10 @@ struct AwqArgs {
     /// folding into the producing node (awqlite_fuse_nodes=False).
     #[arg(long)]
     no_fuse_siblings: bool,
+    /// awq_lite: one scale per activation, searched on the combined loss of the weights sharing it
+    /// (ModelOpt's awqlite_run_per_subgraph).
+    #[arg(long)]
+    per_subgraph: bool,
     /// Activation memory held at once during calibration, in MiB.
     #[arg(long, default_value_t = 1024)]
     calibration_memory_mb: usize,
@@ -184,6 +188,7 @@ impl AwqArgs {
                 seed: self.calibration_seed,
             },
             memory_budget: self.calibration_memory_mb.max(1) << 20,
+            per_subgraph: self.per_subgraph,
             verbose: self.verbose,
         })
     }

@@ -253,6 +253,9 @@ pub fn quantize_candidate_awq(
 ) -> Result<QuantizedWeight> {
     let Decision::Quantize { axis } = c.decision else { unreachable!("only planned weights") };
     let format = c.format().expect("float weight");
+    if let Some(s) = &awq.scale64 {
+        return quantize_scaled_f64(model, c, block, zero_point, s, axis);
+    }
     let consts = crate::plan::constants(model);
     let (_, t) = consts.get(&c.weight).expect("planned from the same model");
     let mut v = decode_floats(format, &model.tensor_bytes(t)?);
@@ -287,6 +290,43 @@ pub fn quantize_candidate_awq(
         awq.alphas.as_deref(),
     )
     .map_err(|e| Error::kernel(&c.weight, e))
+}
+
+/// A per-subgraph AWQ weight: `W * s` and its quantization in float64 (ModelOpt's promotion), the
+/// scales cast to the weight dtype; back in the stored layout for `transB=1` weights.
+fn quantize_scaled_f64(
+    model: &Model,
+    c: &Candidate,
+    block: BlockSize,
+    zero_point: bool,
+    s: &[f64],
+    axis: usize,
+) -> Result<QuantizedWeight> {
+    let format = c.format().expect("float weight");
+    let (kn, [k, n]) = crate::awq::weight_kn(model, c)?;
+    let scaled: Vec<f64> = kn.iter().enumerate().map(|(e, &v)| v as f64 * s[e / n]).collect();
+    let params = QuantParams { block_size: block, axis: 0, zero_point, alpha: 1.0 };
+    let q = nibble::awq::subgraph::quantize_f64(format, &scaled, [k, n], &params);
+    if axis == 0 {
+        return Ok(q);
+    }
+    // Stored [N, K]: transpose codes, scales and zero points back.
+    let codes = nibble::kernels::unpack_nibbles(&q.packed, k * n, false).map_err(|e| Error::kernel(&c.weight, e))?;
+    let mut t = vec![0u8; k * n];
+    for r in 0..k {
+        for col in 0..n {
+            t[col * k + r] = codes[r * n + col] as u8;
+        }
+    }
+    let nb = q.scale_shape[0];
+    let tr = |v: &[f32]| -> Vec<f32> { (0..n * nb).map(|e| v[(e % nb) * n + e / nb]).collect() };
+    Ok(QuantizedWeight {
+        packed: nibble::reference::pack(&t),
+        scale: tr(&q.scale),
+        scale_shape: [n, nb],
+        zero_point: q.zero_point.map(|z| (0..n * nb).map(|e| z[(e % nb) * n + e / nb]).collect()),
+        block: q.block,
+    })
 }
 
 /// Scale values as tensor bytes of `format`.

@@ -217,6 +217,42 @@ fn awq_methods_beat_rtn_and_write_modelopt_graphs() {
 }
 
 #[test]
+fn awq_lite_per_subgraph() {
+    let d = tmp();
+    let src = write(awq_model(FloatFormat::F32), &d.path().join("m.onnx"), ExternalData::Never);
+    let calib = d.path().join("calib.npz");
+    write_npz(&calib, 4, 64);
+    let held_out = outlier_inputs(256, 99);
+    let reference = output(&src, &held_out);
+    let rtn = d.path().join("rtn.onnx");
+    nibble_ok(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        rtn.to_str().unwrap(),
+        "--block-size",
+        "32",
+        "--no-default-exclude",
+    ]);
+    let out = d.path().join("sub.onnx");
+    let q = quantize(&src, &out, "awq_lite", &calib, &["--no-default-exclude", "--per-subgraph"]);
+    assert!(has_init(&q, "Wq_i4") && !has_node(&q, "h1_pre_quant_scale_mul"));
+    let (e, r) = (err(&output(&out, &held_out), &reference), err(&output(&rtn, &held_out), &reference));
+    assert!(e < r, "per-subgraph {e} not below RTN {r}");
+    let o = nibble(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--method",
+        "awq_full",
+        "--per-subgraph",
+        "--force",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
 fn awq_with_zero_point_and_random_calibration() {
     let d = tmp();
     // External data: calibration links the data file rather than copying it.
