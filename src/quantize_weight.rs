@@ -365,7 +365,8 @@ impl BlockJob<'_> {
         }
         let zp = zero_point.then_some(&zp[..]);
         match output {
-            Output::Packed if n % 2 == 0 => kernels::quantize_packed_with(tier, format, w, n, scale, zp, codes_out)?,
+            // quantize + pack measures faster than the fused quantize_packed kernel, whose lane
+            // pairing still goes through memory (benches/kernels.rs).
             Output::Packed => {
                 let mut codes = vec![0u8; w.len()];
                 kernels::quantize_with(tier, format, w, n, scale, zp, &mut codes)?;

@@ -4,7 +4,10 @@
 //!
 //! Each step quantizes one vector of consecutive columns (exactly `quantize`'s arithmetic) and
 //! pairs neighbouring lanes into bytes, `byte = (q[2i] & 0xf) | (q[2i + 1] & 0xf) << 4`, written
-//! straight into the packed row: no code buffer and no second pass.
+//! straight into the packed row: no code buffer and no second pass. The pairing still reads the lanes
+//! back through memory, which measures slower than `quantize` followed by
+//! [`pack_nibbles`](super::pack_nibbles) (benches/kernels.rs), so the pipeline uses those two until
+//! the pairing is done in registers.
 
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
