@@ -89,6 +89,18 @@ impl Precision for F16 {
     const FORMAT: FloatFormat = FloatFormat::F16;
     #[inline(always)]
     fn round_simd<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
+        // AVX-512: the hardware conversion pair (round to nearest even, subnormals kept) is the same
+        // function as the integer rounding below; the tests hold both to `half` bit for bit.
+        #[cfg(target_arch = "x86_64")]
+        if core::any::TypeId::of::<S>() == core::any::TypeId::of::<pulp::x86::V4>() {
+            // SAFETY: S is V4 (equal TypeId): the token is V4's (the CPU has AVX-512) and S::f32s
+            // is f32x16; the token is a plain Copy value.
+            let v4: pulp::x86::V4 = unsafe { core::mem::transmute_copy(&simd) };
+            let v: pulp::f32x16 = bytemuck::cast(x);
+            let h = v4.avx512f._mm512_cvtps_ph::<0x08>(bytemuck::cast(v));
+            let back: pulp::f32x16 = bytemuck::cast(v4.avx512f._mm512_cvtph_ps(h));
+            return bytemuck::cast(back);
+        }
         let bits: S::u32s = pulp::cast(x);
         let sign = simd.and_u32s(bits, simd.splat_u32s(0x8000_0000));
         let abs = simd.and_u32s(bits, simd.splat_u32s(0x7fff_ffff));
