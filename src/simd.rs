@@ -58,7 +58,7 @@ pub(crate) fn load_bytes<S: Simd>(simd: S, bytes: &[u8]) -> S::u32s {
 }
 
 /// Stores the low byte of the first `out.len()` lanes. On AVX-512 a full vector is narrowed by one
-/// instruction (`vpmovdb`); elsewhere lane by lane.
+/// instruction (`vpmovdb`), on AVX2 by two packs and a shuffle; elsewhere lane by lane.
 #[inline(always)]
 pub(crate) fn store_low_bytes<S: Simd>(simd: S, v: S::u32s, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
@@ -71,6 +71,28 @@ pub(crate) fn store_low_bytes<S: Simd>(simd: S, v: S::u32s, out: &mut [u8]) {
         // SAFETY: __m128i is 16 plain bytes; every bit pattern is a valid [u8; 16].
         let bytes: [u8; 16] = unsafe { core::mem::transmute(bytes) };
         out.copy_from_slice(&bytes);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if out.len() == 8 && core::any::TypeId::of::<S>() == core::any::TypeId::of::<pulp::x86::V3>() {
+        // SAFETY: S is V3 (equal TypeId): the token is V3's (the CPU has AVX2) and S::u32s is
+        // u32x8; the token is a plain Copy value.
+        let v3: pulp::x86::V3 = unsafe { core::mem::transmute_copy(&simd) };
+        let lanes: pulp::u32x8 = bytemuck::cast(v);
+        // Low bytes (so the saturating packs keep them), u32 -> u16 -> u8 within each 128-bit half,
+        // then the two halves' first four bytes side by side.
+        let x = v3.avx2._mm256_and_si256(
+            bytemuck::cast(lanes),
+            bytemuck::cast(pulp::u32x8(0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff)),
+        );
+        let x = v3.avx2._mm256_packus_epi32(x, x);
+        let x = v3.avx2._mm256_packus_epi16(x, x);
+        let lo = v3.avx._mm256_castsi256_si128(x);
+        let hi = v3.avx2._mm256_extracti128_si256::<1>(x);
+        let both = v3.sse2._mm_unpacklo_epi32(lo, hi);
+        // SAFETY: __m128i is 16 plain bytes; every bit pattern is a valid [u8; 16].
+        let bytes: [u8; 16] = unsafe { core::mem::transmute(both) };
+        out.copy_from_slice(&bytes[..8]);
         return;
     }
     let _ = simd;
