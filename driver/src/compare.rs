@@ -147,3 +147,74 @@ fn compare_on(original: &Path, quantized: &Path, samples: &[Vec<crate::runtime::
         })
         .collect()
 }
+
+/// Relative error of one quantized layer's output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerReport {
+    /// The node (in the quantized model).
+    pub node: String,
+    /// Its output tensor (the same name in both models).
+    pub output: String,
+    /// `||q - o|| / ||o||` over all samples.
+    pub relative_error: f64,
+}
+
+/// The output of every MatMul/Gemm/MatMulNBits in `quantized` that reads a quantized weight, with
+/// the node's name.
+fn quantized_layers(quantized: &Model) -> Vec<(String, String)> {
+    let g = quantized.proto.graph.as_ref().expect("graph");
+    g.node
+        .iter()
+        .filter(|n| match n.op_type.as_deref() {
+            Some("MatMulNBits") => true,
+            Some("MatMul" | "Gemm") => n.input.get(1).is_some_and(|w| w.ends_with("_DequantizeLinear_Output")),
+            _ => false,
+        })
+        .filter_map(|n| Some((n.name.clone().unwrap_or_default(), n.output.first()?.clone())))
+        .collect()
+}
+
+/// Per-layer relative errors, worst first: both models run with the quantized layers' outputs
+/// as extra graph outputs (names are kept by quantization, so they exist in both).
+pub fn compare_layers(
+    original: &Path,
+    quantized: &Path,
+    samples: &[Vec<crate::runtime::Input>],
+) -> Result<Vec<LayerReport>> {
+    let (o_model, q_model) = (Model::load(original)?, Model::load(quantized)?);
+    let layers = quantized_layers(&q_model);
+    let names: Vec<String> = layers.iter().map(|(_, out)| out.clone()).collect();
+    if names.is_empty() {
+        return Ok(vec![]);
+    }
+    let o = crate::capture::Capture::new(&o_model)?.run(&names, samples)?;
+    let q = crate::capture::Capture::new(&q_model)?.run(&names, samples)?;
+    let mut reports: Vec<LayerReport> = layers
+        .into_iter()
+        .enumerate()
+        .map(|(i, (node, output))| {
+            let (mut diff2, mut o2) = (0f64, 0f64);
+            for (os, qs) in o.iter().zip(&q) {
+                for (&a, &b) in qs[i].data.iter().zip(&os[i].data) {
+                    diff2 += (a as f64 - b as f64).powi(2);
+                    o2 += (b as f64).powi(2);
+                }
+            }
+            LayerReport { node, output, relative_error: if o2 > 0.0 { (diff2 / o2).sqrt() } else { diff2.sqrt() } }
+        })
+        .collect();
+    reports.sort_by(|a, b| b.relative_error.total_cmp(&a.relative_error));
+    Ok(reports)
+}
+
+/// The samples `compare` uses: every sample of a calibration file, or one seeded random sample.
+pub fn samples(original: &Path, data: Option<&Path>, seed: u64) -> Result<Vec<Vec<crate::runtime::Input>>> {
+    let model = Model::load(original)?;
+    match data {
+        Some(d) => {
+            let opts = crate::calibration::CalibrationOptions { data: Some(d.to_path_buf()), ..Default::default() };
+            crate::calibration::calibration_inputs(&model, &opts)
+        }
+        None => Ok(vec![random_inputs(&model, seed)?]),
+    }
+}

@@ -86,6 +86,9 @@ enum Command {
         /// Inputs from a .npz/.npy file (as for calibration) instead of random ones.
         #[arg(long, value_name = "FILE")]
         calibration_data: Option<PathBuf>,
+        /// Also the relative error of every quantized MatMul's output, worst first.
+        #[arg(long)]
+        per_layer: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -258,10 +261,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let exclude = if exclude.is_empty() { vec!["/lm_head".to_string()] } else { exclude };
             print!("{}", nibble_driver::inspect::inspect(&model, &exclude)?);
         }
-        Command::Compare { original, quantized, seed, calibration_data, json } => {
-            let reports = match calibration_data {
-                Some(data) => nibble_driver::compare::compare_with_data(&original, &quantized, &data)?,
+        Command::Compare { original, quantized, seed, calibration_data, per_layer, json } => {
+            let reports = match &calibration_data {
+                Some(data) => nibble_driver::compare::compare_with_data(&original, &quantized, data)?,
                 None => nibble_driver::compare::compare(&original, &quantized, seed)?,
+            };
+            let layers = if per_layer {
+                let samples = nibble_driver::compare::samples(&original, calibration_data.as_deref(), seed)?;
+                nibble_driver::compare::compare_layers(&original, &quantized, &samples)?
+            } else {
+                vec![]
             };
             if json {
                 let items: Vec<String> = reports
@@ -277,7 +286,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         )
                     })
                     .collect();
-                println!("[{}]", items.join(","));
+                if per_layer {
+                    let l: Vec<String> = layers
+                        .iter()
+                        .map(|l| {
+                            format!(
+                                "{{\"node\":{:?},\"output\":{:?},\"relative_error\":{}}}",
+                                l.node, l.output, l.relative_error
+                            )
+                        })
+                        .collect();
+                    println!("{{\"outputs\":[{}],\"layers\":[{}]}}", items.join(","), l.join(","));
+                } else {
+                    println!("[{}]", items.join(","));
+                }
             } else {
                 println!("{:<24} {:>12} {:>12} {:>10} {:>8}", "output", "rel. error", "max |diff|", "cosine", "top-1");
                 for r in reports {
@@ -286,6 +308,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "{:<24} {:>12.3e} {:>12.3e} {:>10.6} {:>8}",
                         r.name, r.relative_error, r.max_abs_error, r.cosine, top1
                     );
+                }
+                if per_layer {
+                    println!("\n{:<56} {:>12}", "quantized layer (worst first)", "rel. error");
+                    for l in &layers {
+                        println!("{:<56} {:>12.3e}", l.node, l.relative_error);
+                    }
                 }
             }
         }

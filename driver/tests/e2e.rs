@@ -529,3 +529,46 @@ fn initializers_listed_as_graph_inputs() {
         assert!(e > 0.0 && e < 0.2, "{format}: {e}");
     }
 }
+
+/// `compare --per-layer`: every quantized MatMul reported, worst first, and the first layer's error
+/// equals an independent computation (x @ W against x @ dq(q(W)) from the scalar reference).
+#[test]
+fn compare_per_layer_matches_an_independent_computation() {
+    let d = tmp();
+    let src = write(matmul_chain(64, 48, 16, 41), &d.path().join("m.onnx"), ExternalData::Never);
+    let out = d.path().join("q.onnx");
+    nibble_ok(&["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32"]);
+    let samples = nibble_driver::compare::samples(&src, None, 9).unwrap();
+    let layers = nibble_driver::compare::compare_layers(&src, &out, &samples).unwrap();
+    assert_eq!(layers.len(), 2);
+    assert!(layers[0].relative_error >= layers[1].relative_error);
+    let fc1 = layers.iter().find(|l| l.node == "/fc1/MatMul").unwrap();
+    // Independent: the weight, its reference dequantization, and the same input.
+    let m = Model::load(&src).unwrap();
+    let t = initializer(m.proto.graph.as_ref().unwrap(), "fc1.weight");
+    let w = floats(&m, t);
+    let s = nibble::reference::find_scales(FloatFormat::F32, &w, [64, 48], 32, 0, 1.0, false);
+    let dq = nibble::reference::dq_tensor(
+        FloatFormat::F32,
+        &nibble::reference::rtn(FloatFormat::F32, &w, [64, 48], &s, 32, 0),
+        [64, 48],
+        &s,
+        32,
+        0,
+    );
+    let nibble_driver::runtime::InputData::F32(x) = &samples[0][0].data else { panic!("float input") };
+    let (mut diff2, mut o2) = (0f64, 0f64);
+    for row in x.chunks_exact(64) {
+        for n in 0..48 {
+            let (a, b): (f64, f64) = (0..64).fold((0.0, 0.0), |(a, b), k| {
+                (a + row[k] as f64 * w[k * 48 + n] as f64, b + row[k] as f64 * dq[k * 48 + n] as f64)
+            });
+            diff2 += (a - b).powi(2);
+            o2 += a * a;
+        }
+    }
+    let want = (diff2 / o2).sqrt();
+    assert!((fc1.relative_error - want).abs() <= 1e-4 * want, "{} vs {want}", fc1.relative_error);
+    let text = nibble_ok(&["compare", src.to_str().unwrap(), out.to_str().unwrap(), "--per-layer"]);
+    assert!(text.contains("/fc1/MatMul") && text.contains("/fc2/MatMul"), "{text}");
+}
