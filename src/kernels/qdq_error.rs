@@ -12,7 +12,7 @@
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, load_f32, rint_clamped, store_f32};
+use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_f32};
 use crate::{FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -84,22 +84,15 @@ impl<P: Precision> WithSimd for Qdq<'_, P> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { w, cols, scale, zero_point, error, out, _p: _ } = self;
-        let (lo8, hi7) = (simd.splat_f32s(-8.0), simd.splat_f32s(7.0));
-        let (lo16, hi16) = (simd.splat_f32s(-16.0), simd.splat_f32s(16.0));
-        let (qmin, qmax) = (simd.splat_f32s(0.0), simd.splat_f32s(15.0));
         for (row, out) in w.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
             for_each_chunk::<S>(cols, |j, n| {
                 let x = load_f32(simd, &row[j..j + n]);
                 let s = load_f32(simd, &scale[j..j + n]);
-                let y = P::round_simd(simd, simd.div_f32s(x, s));
-                let dq = match zero_point {
-                    None => simd.mul_f32s(rint_clamped(simd, y, lo8, hi7), s),
-                    Some(zp) => {
-                        let zp = load_f32(simd, &zp[j..j + n]);
-                        let q = simd.add_f32s(rint_clamped(simd, y, lo16, hi16), zp);
-                        let q = simd.min_f32s(simd.max_f32s(q, qmin), qmax);
-                        simd.mul_f32s(simd.sub_f32s(q, zp), s)
-                    }
+                let zp = zero_point.map(|z| load_f32(simd, &z[j..j + n]));
+                let q = quantize_lanes::<S, P>(simd, x, s, zp);
+                let dq = match zp {
+                    None => simd.mul_f32s(q, s),
+                    Some(zp) => simd.mul_f32s(simd.sub_f32s(q, zp), s),
                 };
                 let dq = P::round_simd(simd, dq);
                 let v = if error { simd.sub_f32s(x, dq) } else { dq };

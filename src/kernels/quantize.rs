@@ -5,13 +5,12 @@
 //! zero point: q = clip(rint(rnd(w / s)) + zp, 0, 15)     stored as 0..=15
 //! ```
 //!
-//! `rint` is round half to even. The zero-point form clamps `rnd(w / s)` to [-16, 16] before
-//! rounding, which changes nothing after the final clip (zp is in 0..=15) and keeps the
-//! magic-number rounding in range.
+//! `rint` is round half to even (the per-lane arithmetic is `simd::quantize_lanes`, shared with the
+//! fused kernels).
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, load_f32, rint_clamped, store_low_bytes, to_int};
+use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_low_bytes, to_int};
 use crate::{FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -70,31 +69,26 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { w, cols, scale, zero_point, codes, _p: _ } = self;
+        // The zero-point choice stays outside the loops, so each loop is specialized.
         let rows = w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols));
         match zero_point {
             None => {
-                let (lo, hi) = (simd.splat_f32s(-8.0), simd.splat_f32s(7.0));
                 for (row, out) in rows {
                     for_each_chunk::<S>(cols, |j, n| {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
-                        let y = P::round_simd(simd, simd.div_f32s(x, s));
-                        let q = rint_clamped(simd, y, lo, hi);
+                        let q = quantize_lanes::<S, P>(simd, x, s, None);
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }
             }
             Some(zero_point) => {
-                let (lo, hi) = (simd.splat_f32s(-16.0), simd.splat_f32s(16.0));
-                let (qmin, qmax) = (simd.splat_f32s(0.0), simd.splat_f32s(15.0));
                 for (row, out) in rows {
                     for_each_chunk::<S>(cols, |j, n| {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
                         let zp = load_f32(simd, &zero_point[j..j + n]);
-                        let y = P::round_simd(simd, simd.div_f32s(x, s));
-                        let q = simd.add_f32s(rint_clamped(simd, y, lo, hi), zp);
-                        let q = simd.min_f32s(simd.max_f32s(q, qmin), qmax);
+                        let q = quantize_lanes::<S, P>(simd, x, s, Some(zp));
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }

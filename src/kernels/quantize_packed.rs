@@ -11,7 +11,7 @@
 
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, lanes_u32, load_f32, rint_clamped, to_int};
+use crate::simd::{for_each_chunk, lanes_u32, load_f32, quantize_lanes, to_int};
 use crate::{Error, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -77,9 +77,6 @@ impl<P: Precision> WithSimd for Job<'_, P> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { w, cols, scale, zero_point, packed, _p: _ } = self;
-        let (lo8, hi7) = (simd.splat_f32s(-8.0), simd.splat_f32s(7.0));
-        let (lo16, hi16) = (simd.splat_f32s(-16.0), simd.splat_f32s(16.0));
-        let (qmin, qmax) = (simd.splat_f32s(0.0), simd.splat_f32s(15.0));
         let nib = simd.splat_u32s(0xf);
         // One-lane tiers pair columns through a row of codes (kept in L1).
         let odd_lanes = S::F32_LANES % 2 == 1;
@@ -88,15 +85,8 @@ impl<P: Precision> WithSimd for Job<'_, P> {
             for_each_chunk::<S>(cols, |j, m| {
                 let x = load_f32(simd, &row[j..j + m]);
                 let s = load_f32(simd, &scale[j..j + m]);
-                let y = P::round_simd(simd, simd.div_f32s(x, s));
-                let q = match zero_point {
-                    None => rint_clamped(simd, y, lo8, hi7),
-                    Some(zp) => {
-                        let z = load_f32(simd, &zp[j..j + m]);
-                        let q = simd.add_f32s(rint_clamped(simd, y, lo16, hi16), z);
-                        simd.min_f32s(simd.max_f32s(q, qmin), qmax)
-                    }
-                };
+                let zp = zero_point.map(|z| load_f32(simd, &z[j..j + m]));
+                let q = quantize_lanes::<S, P>(simd, x, s, zp);
                 let q = simd.and_u32s(to_int(simd, q), nib);
                 let lanes = lanes_u32::<S>(&q);
                 if odd_lanes {
