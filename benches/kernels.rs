@@ -32,7 +32,7 @@ fn kernels(c: &mut Criterion) {
         let mut amax = vec![0.0f32; cols];
         block_absmax_with(tier, &w, cols, &mut amax).unwrap();
         let mut scale = vec![0.0f32; cols];
-        scales_symmetric_with(tier, FloatFormat::F32, &amax, 1.0, &mut scale).unwrap();
+        scales_symmetric_with(tier, FloatFormat::F32, nibble::Bits::Four, &amax, 1.0, &mut scale).unwrap();
         let mut codes = vec![0u8; w.len()];
         let mut packed = vec![0u8; w.len() / 2];
         let mut out = vec![0.0f32; w.len()];
@@ -44,10 +44,16 @@ fn kernels(c: &mut Criterion) {
             b.iter(|| block_minmax_with(t, black_box(&w), cols, false, &mut lo, &mut hi).unwrap())
         });
         g.bench_with_input(BenchmarkId::new("quantize", tier.name()), &tier, |b, &t| {
-            b.iter(|| quantize_with(t, FloatFormat::F32, black_box(&w), cols, &scale, None, &mut codes).unwrap())
+            b.iter(|| {
+                quantize_with(t, FloatFormat::F32, nibble::Bits::Four, black_box(&w), cols, &scale, None, &mut codes)
+                    .unwrap()
+            })
         });
         g.bench_with_input(BenchmarkId::new("quantize_f16_rounding", tier.name()), &tier, |b, &t| {
-            b.iter(|| quantize_with(t, FloatFormat::F16, black_box(&w), cols, &scale, None, &mut codes).unwrap())
+            b.iter(|| {
+                quantize_with(t, FloatFormat::F16, nibble::Bits::Four, black_box(&w), cols, &scale, None, &mut codes)
+                    .unwrap()
+            })
         });
         g.bench_with_input(BenchmarkId::new("quantize_packed", tier.name()), &tier, |b, &t| {
             b.iter(|| {
@@ -62,8 +68,18 @@ fn kernels(c: &mut Criterion) {
         });
         g.bench_with_input(BenchmarkId::new("qdq_error", tier.name()), &tier, |b, &t| {
             b.iter(|| {
-                qdq_error_with(t, FloatFormat::F32, black_box(&w), cols, &scale, None, QdqOutput::Error, &mut out)
-                    .unwrap()
+                qdq_error_with(
+                    t,
+                    FloatFormat::F32,
+                    nibble::Bits::Four,
+                    black_box(&w),
+                    cols,
+                    &scale,
+                    None,
+                    QdqOutput::Error,
+                    &mut out,
+                )
+                .unwrap()
             })
         });
     }

@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--method", default="rtn_dq")
     ap.add_argument("--calibration-data", default=None, help=".npz keyed by input name, samples on axis 0")
     ap.add_argument("--zero-point", action="store_true")
+    ap.add_argument("--int8-layers", default=None, help="ModelOpt's layers_8bit")
+    ap.add_argument("--mixed-precision", action="store_true", help="ModelOpt's enable_mixed_quant")
     args = ap.parse_args()
     from modelopt.onnx.quantization.int4 import quantize
 
@@ -39,7 +41,8 @@ def main():
         n = min(data[k].shape[0] for k in data.files)
         reader = [{k: data[k][i] for k in data.files} for i in range(n)]
     ref = quantize(args.model, calibration_method=args.method, block_size=args.block_size,
-                   calibration_data_reader=reader, use_zero_point=args.zero_point)
+                   calibration_data_reader=reader, use_zero_point=args.zero_point,
+                   layers_8bit=args.int8_layers, enable_mixed_quant=args.mixed_precision)
     t_ref = time.time() - t0
     out = os.path.join(tmp, "nibble.onnx")
     t0 = time.time()
@@ -48,6 +51,10 @@ def main():
         cmd += ["--calibration-data", args.calibration_data]
     if args.zero_point:
         cmd += ["--zero-point"]
+    if args.int8_layers:
+        cmd += ["--int8-layers", args.int8_layers]
+    if args.mixed_precision:
+        cmd += ["--mixed-precision"]
     subprocess.run(cmd, check=True)
     t_nib = time.time() - t0
     got = onnx.load(out)

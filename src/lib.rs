@@ -23,6 +23,7 @@
 //!   in parallel over blocks.
 
 pub mod awq;
+pub mod bits;
 pub mod error;
 pub mod float;
 pub mod kernels;
@@ -31,6 +32,7 @@ pub mod reference;
 mod simd;
 pub mod tier;
 
+pub use bits::Bits;
 pub use error::{Error, Result};
 pub use float::FloatFormat;
 pub use quantize_weight::{quantize_weight, BlockSize, QuantParams, QuantizedWeight, WeightData};

@@ -9,7 +9,7 @@
 //! runs the same kernels, and transposes the codes back before packing.
 
 use crate::kernels;
-use crate::{Error, FloatFormat, Result, Tier};
+use crate::{Bits, Error, FloatFormat, Result, Tier};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -52,12 +52,14 @@ pub struct QuantParams {
     pub zero_point: bool,
     /// Clip ratio applied to the block range (1.0 for RTN; AWQ-clip searches it).
     pub alpha: f64,
+    /// Code width (4 bits unless a layer is kept at INT8).
+    pub bits: Bits,
 }
 
 impl QuantParams {
     /// Symmetric INT4 along axis 0, alpha 1: ModelOpt's RTN.
     pub fn rtn(block_size: BlockSize) -> QuantParams {
-        QuantParams { block_size, axis: 0, zero_point: false, alpha: 1.0 }
+        QuantParams { block_size, axis: 0, zero_point: false, alpha: 1.0, bits: Bits::Four }
     }
 }
 
@@ -120,13 +122,14 @@ impl WeightData<'_> {
 /// A quantized weight, ready to be written as ONNX tensors.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantizedWeight {
-    /// The codes packed two per byte in the weight's own row-major order (`ceil(R*C/2)` bytes).
+    /// The codes in the weight's own row-major order: 4-bit codes packed two per byte
+    /// (`ceil(R*C/2)` bytes), 8-bit codes one per byte.
     pub packed: Vec<u8>,
     /// Scales, exactly representable in the weight format, row-major in `scale_shape`.
     pub scale: Vec<f32>,
     /// `[ceil(K/B), N]` for axis 0, `[R, ceil(C/B)]` for axis 1.
     pub scale_shape: [usize; 2],
-    /// Zero points (0..=15), one per scale, unpacked.
+    /// Zero points (0..=15, or 0..=255 for 8 bits), one per scale, unpacked.
     pub zero_point: Option<Vec<u8>>,
     /// The block length used (K, or C, for per-channel).
     pub block: usize,
@@ -175,8 +178,14 @@ pub fn quantize_weight_alphas_with(
             let t_source = |range: std::ops::Range<usize>| Cow::Borrowed(&t[range]);
             let q = axis0(tier, format, &t_source, [c, r], block, params, alphas, Output::Codes)?;
             let codes = transpose(&q.data, c, r);
-            let mut packed = vec![0u8; (r * c).div_ceil(2)];
-            kernels::pack_nibbles_with(tier, &codes, &mut packed)?;
+            let packed = match params.bits {
+                Bits::Four => {
+                    let mut packed = vec![0u8; (r * c).div_ceil(2)];
+                    kernels::pack_nibbles_with(tier, &codes, &mut packed)?;
+                    packed
+                }
+                Bits::Eight => codes,
+            };
             let nb = q.nb;
             Ok(QuantizedWeight {
                 packed,
@@ -271,7 +280,7 @@ fn axis0(
     let mut scale = vec![0.0f32; nb * n];
     let mut zero_point = params.zero_point.then(|| vec![0u8; nb * n]);
     let (code_bytes, per_block) = match output {
-        Output::Packed => ((k * n).div_ceil(2), block * n / 2),
+        Output::Packed => (params.bits.bytes_for(k * n), params.bits.bytes_for(block * n)),
         Output::Codes => (k * n, block * n),
         Output::Dequantized => (0, 0),
     };
@@ -307,8 +316,17 @@ fn axis0(
             let rows = block.min(k - b * block);
             let w = source(b * block * n..(b * block + rows) * n);
             let alphas = alphas.map_or(&default_alphas[..], |a| &a[b * n..(b + 1) * n]);
-            let job =
-                BlockJob { tier, format, n, padded: rows < block, zero_point: params.zero_point, b, block, alphas };
+            let job = BlockJob {
+                tier,
+                format,
+                bits: params.bits,
+                n,
+                padded: rows < block,
+                zero_point: params.zero_point,
+                b,
+                block,
+                alphas,
+            };
             job.run(&w, scale, zp.as_deref_mut(), codes, dq, output)
         })
         .collect();
@@ -320,6 +338,7 @@ fn axis0(
 struct BlockJob<'a> {
     tier: Tier,
     format: FloatFormat,
+    bits: Bits,
     n: usize,
     padded: bool,
     zero_point: bool,
@@ -338,7 +357,7 @@ impl BlockJob<'_> {
         dq_out: &mut [f32],
         output: Output,
     ) -> Result<()> {
-        let BlockJob { tier, format, n, padded, zero_point, b, block, alphas } = *self;
+        let BlockJob { tier, format, bits, n, padded, zero_point, b, block, alphas } = *self;
         let rows = w.len() / n;
         let non_finite = |column: usize| Error::NonFinite { block: b, column, start: b * block, end: b * block + rows };
         let mut zp = vec![0.0f32; if zero_point { n } else { 0 }];
@@ -349,7 +368,7 @@ impl BlockJob<'_> {
             if let Some(c) = (0..n).find(|&c| !lo[c].is_finite() || !hi[c].is_finite()) {
                 return Err(non_finite(c));
             }
-            kernels::scales_zero_point_alphas_with(tier, format, &lo, &hi, alphas, scale, &mut zp)?;
+            kernels::scales_zero_point_alphas_with(tier, format, bits, &lo, &hi, alphas, scale, &mut zp)?;
             if let Some(zp_out) = zp_out {
                 for (o, &z) in zp_out.iter_mut().zip(&zp) {
                     *o = z as u8;
@@ -361,20 +380,20 @@ impl BlockJob<'_> {
             if let Some(c) = amax.iter().position(|a| !a.is_finite()) {
                 return Err(non_finite(c));
             }
-            kernels::scales_symmetric_alphas_with(tier, format, &amax, alphas, scale)?;
+            kernels::scales_symmetric_alphas_with(tier, format, bits, &amax, alphas, scale)?;
         }
         let zp = zero_point.then_some(&zp[..]);
         match output {
             // quantize + pack measures faster than the fused quantize_packed kernel, whose lane
             // pairing still goes through memory (benches/kernels.rs).
-            Output::Packed => {
+            Output::Packed if bits == Bits::Four => {
                 let mut codes = vec![0u8; w.len()];
-                kernels::quantize_with(tier, format, w, n, scale, zp, &mut codes)?;
+                kernels::quantize_with(tier, format, bits, w, n, scale, zp, &mut codes)?;
                 kernels::pack_nibbles_with(tier, &codes, codes_out)?;
             }
-            Output::Codes => kernels::quantize_with(tier, format, w, n, scale, zp, codes_out)?,
+            Output::Packed | Output::Codes => kernels::quantize_with(tier, format, bits, w, n, scale, zp, codes_out)?,
             Output::Dequantized => {
-                kernels::qdq_error_with(tier, format, w, n, scale, zp, kernels::QdqOutput::Dequantized, dq_out)?
+                kernels::qdq_error_with(tier, format, bits, w, n, scale, zp, kernels::QdqOutput::Dequantized, dq_out)?
             }
         }
         Ok(())

@@ -8,7 +8,7 @@
 //! `f32::total_cmp` (numpy's choice between -0.0 and +0.0 changes no output: the range is clipped to
 //! 1e-5 and a zero-valued zero point is stored as the integer 0 either way).
 
-use crate::FloatFormat;
+use crate::{Bits, FloatFormat};
 
 /// Python's `1e-5` in the weight dtype.
 fn clip_min(format: FloatFormat) -> f32 {
@@ -67,53 +67,65 @@ impl TotalOrd for f32 {
     }
 }
 
-/// `s = (w_amax * alpha) / 7; s = np.clip(s, CLIP_MIN, None)`, in the weight dtype.
-pub fn scales_symmetric(format: FloatFormat, amax: &[f32], alpha: f64) -> Vec<f32> {
+/// `s = (w_amax * alpha) / scale; s = np.clip(s, CLIP_MIN, None)` (`scale = 2 ** (num_bits - 1) - 1`),
+/// in the weight dtype.
+pub fn scales_symmetric(format: FloatFormat, bits: Bits, amax: &[f32], alpha: f64) -> Vec<f32> {
     let alpha = format.constant(alpha);
-    let seven = format.constant(7.0);
+    let qmax = format.constant(bits.qmax() as f64);
     amax.iter()
         .map(|&a| {
             let s = format.round(a * alpha);
-            let s = format.round(s / seven);
+            let s = format.round(s / qmax);
             s.max(clip_min(format))
         })
         .collect()
 }
 
-/// `s = (max - min).clip(min=CLIP_MIN) / 15; z = (-np.round(min / s)).clip(0, 15)`, with `max` and
-/// `min` first multiplied by alpha (a no-op at ModelOpt's alpha = 1).
-pub fn scales_zero_point(format: FloatFormat, min: &[f32], max: &[f32], alpha: f64) -> (Vec<f32>, Vec<f32>) {
+/// `s = (max - min).clip(min=CLIP_MIN) / max_int; z = (-np.round(min / s)).clip(0, max_int)`
+/// (`max_int = 2 ** num_bits - 1`), with `max` and `min` first multiplied by alpha (a no-op at
+/// ModelOpt's alpha = 1).
+pub fn scales_zero_point(
+    format: FloatFormat,
+    bits: Bits,
+    min: &[f32],
+    max: &[f32],
+    alpha: f64,
+) -> (Vec<f32>, Vec<f32>) {
     let alpha = format.constant(alpha);
-    let fifteen = format.constant(15.0);
+    let levels = format.constant(bits.levels() as f64);
     min.iter()
         .zip(max)
         .map(|(&lo, &hi)| {
             let hi = format.round(hi * alpha);
             let lo = format.round(lo * alpha);
             let range = format.round(hi - lo).max(clip_min(format));
-            let s = format.round(range / fifteen);
+            let s = format.round(range / levels);
             let temp = format.round(lo / s);
             let temp = rint(temp);
             let temp = -temp;
-            let z = temp.clamp(0.0, 15.0) + 0.0;
+            let z = temp.clamp(0.0, bits.levels()) + 0.0;
             (s, z)
         })
         .unzip()
 }
 
-/// `np.rint(w / s).clip(-8, 7).astype(np.int8)`, or with `+ zp` before `.clip(0, 15)`, per element
-/// of a slab; returns the int8 values as bytes.
-pub fn quantize(format: FloatFormat, w: &[f32], cols: usize, scale: &[f32], zp: Option<&[f32]>) -> Vec<u8> {
+/// `np.rint(w / s).clip(minq, maxq).astype(np.int8)`, or with `+ zp` before `.clip(0, max_int)`, per
+/// element of a slab; returns the int8 values as bytes.
+pub fn quantize(format: FloatFormat, bits: Bits, w: &[f32], cols: usize, scale: &[f32], zp: Option<&[f32]>) -> Vec<u8> {
     w.iter()
         .enumerate()
         .map(|(k, &x)| {
             let c = k % cols;
             let y = rint(format.round(x / scale[c]));
             let q = match zp {
-                None => y.clamp(-8.0, 7.0),
-                Some(zp) => format.round(y + zp[c]).clamp(0.0, 15.0),
+                None => y.clamp(bits.qmin(), bits.qmax()),
+                Some(zp) => format.round(y + zp[c]).clamp(0.0, bits.levels()),
             };
-            q as i8 as u8
+            if q < 0.0 {
+                q as i8 as u8
+            } else {
+                q as u8
+            }
         })
         .collect()
 }
@@ -165,9 +177,11 @@ fn blocked_rows(w: &[f32], shape: [usize; 2], block: usize, axis: usize) -> (Vec
     (m, padded, others)
 }
 
-/// `find_scales(w, block_size, quantize_axis, alpha, use_zero_point)` for a 2-D `w` of `shape`.
+/// `find_scales(w, block_size, quantize_axis, alpha, use_zero_point, num_bits)` for a 2-D `w` of `shape`.
+#[allow(clippy::too_many_arguments)]
 pub fn find_scales(
     format: FloatFormat,
+    bits: Bits,
     w: &[f32],
     shape: [usize; 2],
     block: usize,
@@ -183,11 +197,11 @@ pub fn find_scales(
         if zero_point {
             // The padded rows are part of `slab` already (they are zeros).
             let (lo, hi) = block_minmax(slab, others, false);
-            let (s, z) = scales_zero_point(format, &lo, &hi, alpha);
+            let (s, z) = scales_zero_point(format, bits, &lo, &hi, alpha);
             scale.extend(s);
             zps.extend(z);
         } else {
-            scale.extend(scales_symmetric(format, &block_absmax(slab, others), alpha));
+            scale.extend(scales_symmetric(format, bits, &block_absmax(slab, others), alpha));
         }
     }
     // `scale` is [nb, others]; numpy's axis-1 result is its transpose [R, nb].
@@ -211,15 +225,23 @@ fn scale_index(scales: &Scales, i: usize, j: usize, block: usize, axis: usize) -
     }
 }
 
-/// `rtn(w, s, block_size, quantize_axis, zp)`: the int8 codes of the whole tensor.
-pub fn rtn(format: FloatFormat, w: &[f32], shape: [usize; 2], scales: &Scales, block: usize, axis: usize) -> Vec<u8> {
+/// `rtn(w, s, block_size, quantize_axis, zp, num_bits)`: the int8 codes of the whole tensor.
+pub fn rtn(
+    format: FloatFormat,
+    bits: Bits,
+    w: &[f32],
+    shape: [usize; 2],
+    scales: &Scales,
+    block: usize,
+    axis: usize,
+) -> Vec<u8> {
     let c = shape[1];
     w.iter()
         .enumerate()
         .map(|(e, &x)| {
             let si = scale_index(scales, e / c, e % c, block, axis);
             let zp = scales.zero_point.as_ref().map(|z| std::slice::from_ref(&z[si]));
-            quantize(format, &[x], 1, &scales.scale[si..=si], zp)[0]
+            quantize(format, bits, &[x], 1, &scales.scale[si..=si], zp)[0]
         })
         .collect()
 }

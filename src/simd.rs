@@ -22,22 +22,25 @@ pub(crate) fn rint_clamped<S: Simd>(simd: S, x: S::f32s, lo: S::f32s, hi: S::f32
 }
 
 /// The code of each lane as an integer-valued float, exactly ModelOpt's `rtn`:
-/// `clip(rint(rnd(x / s)), -8, 7)`, or with a zero point `clip(rint(rnd(x / s)) + zp, 0, 15)`.
-/// The zero-point form clamps `rnd(x / s)` to [-16, 16] first, which changes nothing after the final
-/// clip (zp is in 0..=15) and keeps the magic-number rounding in range.
+/// `clip(rint(rnd(x / s)), qmin, qmax)`, or with a zero point `clip(rint(rnd(x / s)) + zp, 0, levels)`
+/// (bounds of [`Bits`](crate::Bits)). The zero-point form clamps `rnd(x / s)` to
+/// [-(levels + 1), levels + 1] first, which changes nothing after the final clip (zp is in
+/// 0..=levels) and keeps the magic-number rounding in range.
 #[inline(always)]
 pub(crate) fn quantize_lanes<S: Simd, P: crate::float::Precision>(
     simd: S,
+    bits: crate::Bits,
     x: S::f32s,
     s: S::f32s,
     zp: Option<S::f32s>,
 ) -> S::f32s {
     let y = P::round_simd(simd, simd.div_f32s(x, s));
     match zp {
-        None => rint_clamped(simd, y, simd.splat_f32s(-8.0), simd.splat_f32s(7.0)),
+        None => rint_clamped(simd, y, simd.splat_f32s(bits.qmin()), simd.splat_f32s(bits.qmax())),
         Some(z) => {
-            let q = simd.add_f32s(rint_clamped(simd, y, simd.splat_f32s(-16.0), simd.splat_f32s(16.0)), z);
-            simd.min_f32s(simd.max_f32s(q, simd.splat_f32s(0.0)), simd.splat_f32s(15.0))
+            let wide = bits.levels() + 1.0;
+            let q = simd.add_f32s(rint_clamped(simd, y, simd.splat_f32s(-wide), simd.splat_f32s(wide)), z);
+            simd.min_f32s(simd.max_f32s(q, simd.splat_f32s(0.0)), simd.splat_f32s(bits.levels()))
         }
     }
 }

@@ -1,6 +1,8 @@
 //! ModelOpt's own outputs (`tests/data/golden/q_*.npz`, `pack_*.npz`, produced by ModelOpt 0.47.0
-//! `find_scales` / `rtn` / `dq_tensor` / packing on CPU) reproduced bit for bit: first by the scalar
-//! reference, then by `quantize_weight` on every SIMD tier this CPU has.
+//! `find_scales` / `rtn` / `dq_tensor` / packing on CPU; `q8_*.npz`, the same functions with
+//! `num_bits=8` as its INT8 mixed-precision layers use them, written by scripts/gen_int8_golden.py)
+//! reproduced bit for bit: first by the scalar reference, then by `quantize_weight` on every SIMD
+//! tier this CPU has.
 
 use nibble::kernels::unpack_nibbles;
 use nibble::quantize_weight::quantize_weight_with;
@@ -84,7 +86,8 @@ fn reference_matches_modelopt_q_cases() {
         if is_nonfinite_case(&c) {
             continue;
         }
-        let s = reference::find_scales(c.format, &c.w, c.shape, c.block, c.axis, c.alpha, c.zero_point);
+        let s =
+            reference::find_scales(c.format, nibble::Bits::Four, &c.w, c.shape, c.block, c.axis, c.alpha, c.zero_point);
         let out_scale = c.arrays["out_scale"].as_f32().unwrap();
         assert_eq!(s.shape.to_vec(), c.arrays["out_scale"].shape, "{name}: scale shape");
         assert_eq!(bits(&s.scale), bits(&out_scale), "{name}: scales");
@@ -93,7 +96,7 @@ fn reference_matches_modelopt_q_cases() {
             let got: Vec<i64> = s.zero_point.as_ref().unwrap().iter().map(|&z| z as i64).collect();
             assert_eq!(got, want, "{name}: zero points");
         }
-        let q = reference::rtn(c.format, &c.w, c.shape, &s, c.block, c.axis);
+        let q = reference::rtn(c.format, nibble::Bits::Four, &c.w, c.shape, &s, c.block, c.axis);
         let want_q: Vec<u8> = c.arrays["out_q"].data.clone();
         assert_eq!(q, want_q, "{name}: codes");
         let dq = reference::dq_tensor(c.format, &q, c.shape, &s, c.block, c.axis);
@@ -118,6 +121,7 @@ fn every_tier_matches_modelopt_q_cases() {
                 axis: c.axis,
                 zero_point: c.zero_point,
                 alpha: c.alpha,
+                bits: nibble::Bits::Four,
             };
             let result = quantize_weight_with(tier, data, c.shape, &params);
             if is_nonfinite_case(&c) {
@@ -155,6 +159,48 @@ fn per_channel_equals_one_block_of_k() {
     }
 }
 
+/// INT8 (ModelOpt's mixed-precision layers): scales, zero points, codes and dequantized values,
+/// per channel and blocked, f32 and f16, by the reference and on every tier.
+#[test]
+fn int8_cases_match_modelopt() {
+    let names = cases("q8_");
+    assert!(names.len() >= 6, "INT8 golden cases missing: {names:?}");
+    for name in names {
+        let c = case(&name);
+        assert_eq!(scalar(&c.arrays["in_num_bits"]), 8.0);
+        let width = nibble::Bits::Eight;
+        let s = reference::find_scales(c.format, width, &c.w, c.shape, c.block, 0, 1.0, c.zero_point);
+        assert_eq!(bits(&s.scale), bits(&c.arrays["out_scale"].as_f32().unwrap()), "{name}: scales");
+        let want_zp: Option<Vec<u8>> =
+            c.zero_point.then(|| c.arrays["out_zp"].to_f64().iter().map(|&z| z as u8).collect());
+        if let Some(want) = &want_zp {
+            let got: Vec<u8> = s.zero_point.as_ref().unwrap().iter().map(|&z| z as u8).collect();
+            assert_eq!(&got, want, "{name}: zero points");
+        }
+        let q = reference::rtn(c.format, width, &c.w, c.shape, &s, c.block, 0);
+        assert_eq!(q, c.arrays["out_q"].data, "{name}: codes");
+        let dq = reference::dq_tensor(c.format, &q, c.shape, &s, c.block, 0);
+        assert_eq!(bits(&dq), bits(&c.arrays["out_dq"].as_f32().unwrap()), "{name}: dequantized");
+        let data = match &c.w16 {
+            Some(h) => WeightData::F16(bytemuck::cast_slice(h)),
+            None => WeightData::F32(&c.w),
+        };
+        let mut blocks = vec![BlockSize::Blocked(c.block)];
+        if c.block == c.shape[0] {
+            blocks.push(BlockSize::PerChannel);
+        }
+        for tier in Tier::available() {
+            for &block_size in &blocks {
+                let params = QuantParams { block_size, axis: 0, zero_point: c.zero_point, alpha: 1.0, bits: width };
+                let qw = quantize_weight_with(tier, data, c.shape, &params).unwrap();
+                assert_eq!(qw.packed, c.arrays["out_q"].data, "{name} on {tier:?} {block_size:?}: codes, one per byte");
+                assert_eq!(bits(&qw.scale), bits(&s.scale), "{name} on {tier:?}: scales");
+                assert_eq!(qw.zero_point, want_zp, "{name} on {tier:?}: zero points");
+            }
+        }
+    }
+}
+
 #[test]
 fn packing_matches_modelopt() {
     for name in ["pack_int4_signed", "pack_uint4"] {
@@ -180,8 +226,8 @@ fn packing_matches_modelopt() {
 #[test]
 fn per_channel_odd_element_count() {
     let c = case("q_fp32_99x75_b32");
-    let s = reference::find_scales(c.format, &c.w, c.shape, 99, 0, 1.0, false);
-    let want = reference::pack(&reference::rtn(c.format, &c.w, c.shape, &s, 99, 0));
+    let s = reference::find_scales(c.format, nibble::Bits::Four, &c.w, c.shape, 99, 0, 1.0, false);
+    let want = reference::pack(&reference::rtn(c.format, nibble::Bits::Four, &c.w, c.shape, &s, 99, 0));
     for tier in Tier::available() {
         let q = quantize_weight_with(tier, WeightData::F32(&c.w), c.shape, &QuantParams::rtn(BlockSize::PerChannel))
             .unwrap();

@@ -211,7 +211,13 @@ fn awq_lite_node_matches_modelopt() {
         let block = a["in_block_size"].to_f64()[0] as usize;
         let zp = a["in_use_zero_point"].to_f64()[0] != 0.0;
         let clip = a["in_weight_clipping"].to_f64()[0] != 0.0;
-        let params = QuantParams { block_size: BlockSize::Blocked(block), axis: 0, zero_point: zp, alpha: 1.0 };
+        let params = QuantParams {
+            block_size: BlockSize::Blocked(block),
+            axis: 0,
+            zero_point: zp,
+            alpha: 1.0,
+            bits: nibble::Bits::Four,
+        };
         let (w, x) = (f32s(wa), f32s(xa));
         let alphas = a["out_alphas"].to_f64();
         assert_eq!(alphas, awq::lite_alphas(0.1));

@@ -4,10 +4,11 @@
 //! at .5, -0.0, subnormals, huge and tiny magnitudes, and all-zero columns.
 
 use nibble::kernels::*;
-use nibble::{reference, FloatFormat, Tier};
+use nibble::{reference, Bits, FloatFormat, Tier};
 use proptest::prelude::*;
 
 const FORMATS: [FloatFormat; 3] = [FloatFormat::F32, FloatFormat::F16, FloatFormat::BF16];
+const WIDTHS: [Bits; 2] = [Bits::Four, Bits::Eight];
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -94,28 +95,34 @@ proptest! {
     }
 
     #[test]
-    fn scales_match_reference(s in slab(FloatFormat::F32, 4), a in alpha(), fi in 0usize..3) {
-        let format = FORMATS[fi];
+    fn scales_match_reference(s in slab(FloatFormat::F32, 4), a in alpha(), fi in 0usize..3, bi in 0usize..2) {
+        let (format, width) = (FORMATS[fi], WIDTHS[bi]);
         let rows: Vec<f32> = s.w().iter().map(|&x| format.round(x)).collect();
         prop_assume!(finite(&rows));
         let amax = reference::block_absmax(&rows, s.cols);
         let (lo, hi) = reference::block_minmax(&rows, s.cols, true);
-        let want = reference::scales_symmetric(format, &amax, a);
-        let (want_s, want_z) = reference::scales_zero_point(format, &lo, &hi, a);
+        let want = reference::scales_symmetric(format, width, &amax, a);
+        let (want_s, want_z) = reference::scales_zero_point(format, width, &lo, &hi, a);
         for tier in Tier::available() {
             let mut got = vec![0.0; s.cols];
-            scales_symmetric_with(tier, format, &amax, a, &mut got).unwrap();
+            scales_symmetric_with(tier, format, width, &amax, a, &mut got).unwrap();
             prop_assert_eq!(bits(&got), bits(&want), "symmetric {:?} {:?}", tier, format);
             let (mut gs, mut gz) = (vec![0.0; s.cols], vec![0.0; s.cols]);
-            scales_zero_point_with(tier, format, &lo, &hi, a, &mut gs, &mut gz).unwrap();
+            scales_zero_point_with(tier, format, width, &lo, &hi, a, &mut gs, &mut gz).unwrap();
             prop_assert_eq!(bits(&gs), bits(&want_s), "zp scale {:?} {:?}", tier, format);
             prop_assert_eq!(bits(&gz), bits(&want_z), "zp {:?} {:?}", tier, format);
         }
     }
 
     #[test]
-    fn quantize_dequantize_qdq_match_reference(fi in 0usize..3, s0 in slab(FloatFormat::F32, 5), a in alpha(), zp: bool) {
-        let format = FORMATS[fi];
+    fn quantize_dequantize_qdq_match_reference(
+        fi in 0usize..3,
+        bi in 0usize..2,
+        s0 in slab(FloatFormat::F32, 5),
+        a in alpha(),
+        zp: bool,
+    ) {
+        let (format, width) = (FORMATS[fi], WIDTHS[bi]);
         let w: Vec<f32> = s0.w().iter().map(|&x| format.round(x)).collect();
         prop_assume!(finite(&w));
         let cols = s0.cols;
@@ -124,20 +131,20 @@ proptest! {
             let (lo, hi) = reference::block_minmax(&w, cols, false);
             let lo: Vec<f32> = lo.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect();
             let hi: Vec<f32> = hi.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect();
-            let (s, z) = reference::scales_zero_point(format, &lo, &hi, a);
+            let (s, z) = reference::scales_zero_point(format, width, &lo, &hi, a);
             (s, Some(z))
         } else {
-            (reference::scales_symmetric(format, &reference::block_absmax(&w, cols), a), None)
+            (reference::scales_symmetric(format, width, &reference::block_absmax(&w, cols), a), None)
         };
         let zref = zero.as_deref();
-        let want_q = reference::quantize(format, &w, cols, &scale, zref);
+        let want_q = reference::quantize(format, width, &w, cols, &scale, zref);
         let want_dq = reference::dequantize(format, &want_q, cols, &scale, zref);
         let want_err: Vec<f32> = w.iter().zip(&want_dq).map(|(x, d)| x - d).collect();
         for tier in Tier::available() {
             let mut q = vec![0xAAu8; w.len()];
-            quantize_with(tier, format, &w, cols, &scale, zref, &mut q).unwrap();
+            quantize_with(tier, format, width, &w, cols, &scale, zref, &mut q).unwrap();
             prop_assert_eq!(&q, &want_q, "quantize {:?} {:?}", tier, format);
-            if cols % 2 == 0 {
+            if cols % 2 == 0 && width == Bits::Four {
                 let mut packed = vec![0x33u8; w.len() / 2];
                 quantize_packed_with(tier, format, &w, cols, &scale, zref, &mut packed).unwrap();
                 prop_assert_eq!(&packed, &reference::pack(&want_q), "quantize_packed {:?} {:?}", tier, format);
@@ -146,9 +153,9 @@ proptest! {
             dequantize_with(tier, format, &q, cols, &scale, zref, &mut dq).unwrap();
             prop_assert_eq!(bits(&dq), bits(&want_dq), "dequantize {:?} {:?}", tier, format);
             let mut fused = vec![0.0; w.len()];
-            qdq_error_with(tier, format, &w, cols, &scale, zref, QdqOutput::Dequantized, &mut fused).unwrap();
+            qdq_error_with(tier, format, width, &w, cols, &scale, zref, QdqOutput::Dequantized, &mut fused).unwrap();
             prop_assert_eq!(bits(&fused), bits(&want_dq), "qdq {:?} {:?}", tier, format);
-            qdq_error_with(tier, format, &w, cols, &scale, zref, QdqOutput::Error, &mut fused).unwrap();
+            qdq_error_with(tier, format, width, &w, cols, &scale, zref, QdqOutput::Error, &mut fused).unwrap();
             prop_assert_eq!(bits(&fused), bits(&want_err), "qdq error {:?} {:?}", tier, format);
         }
     }
@@ -266,7 +273,7 @@ fn length_mismatches_are_errors() {
     let mut out4 = vec![0.0f32; 4];
     assert!(block_absmax(&w[..8], 2, &mut out4).is_err());
     let mut codes = vec![0u8; 9];
-    assert!(quantize(FloatFormat::F32, &w, 5, &[1.0; 5], None, &mut codes).is_err());
+    assert!(quantize(FloatFormat::F32, Bits::Four, &w, 5, &[1.0; 5], None, &mut codes).is_err());
     let mut packed = vec![0u8; 4];
     assert!(pack_nibbles(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &mut packed).is_err());
 }

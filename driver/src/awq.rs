@@ -17,7 +17,7 @@ use crate::model::Model;
 use crate::plan::{Candidate, Decision};
 use crate::{Error, Result};
 use nibble::awq::{self, clip_search, lite_search};
-use nibble::{BlockSize, FloatFormat, QuantParams, Tier};
+use nibble::{Bits, BlockSize, FloatFormat, QuantParams, Tier};
 use std::collections::HashMap;
 
 /// Which AWQ variant.
@@ -201,6 +201,12 @@ pub fn search(
     if opts.per_subgraph && opts.method != AwqMethod::Lite {
         return Err(Error::Usage("--per-subgraph works with --method awq_lite only (as in ModelOpt)".into()));
     }
+    if opts.per_subgraph && chosen.iter().any(|c| c.bits == Bits::Eight) {
+        return Err(Error::Usage(
+            "--per-subgraph cannot be combined with INT8 layers (--int8-layers, --mixed-precision), as in ModelOpt"
+                .into(),
+        ));
+    }
     let (groups, plain) = groups(model, chosen);
     let mut result = AwqResult { groups: groups.clone(), plain, ..Default::default() };
     if groups.is_empty() {
@@ -259,7 +265,8 @@ pub fn search(
                 let views: Vec<(Vec<f32>, [usize; 2])> =
                     gr.weights.iter().map(|w| weight_kn(model, by_name[w.as_str()])).collect::<Result<_>>()?;
                 let ws: Vec<(&[f32], usize)> = views.iter().map(|(v, s)| (v.as_slice(), s[1])).collect();
-                let params = QuantParams { block_size: block, axis: 0, zero_point, alpha: 1.0 };
+                let params = QuantParams { block_size: block, axis: 0, zero_point, alpha: 1.0, bits: Bits::Four };
+                debug_assert!(gr.weights.iter().all(|w| by_name[w.as_str()].bits == Bits::Four));
                 let s = awq::subgraph_search(format, &xq, k, &ws, &params, &lite_alphas)
                     .map_err(|e| Error::kernel(&gr.weights[0], e))?;
                 if opts.verbose {
@@ -283,7 +290,7 @@ pub fn search(
                 let format = c.format().expect("float weight");
                 let xq: Vec<f32> = x.iter().map(|&v| format.round(v)).collect();
                 let (wkn, shape) = weight_kn(model, c)?;
-                let params = QuantParams { block_size: block, axis: 0, zero_point, alpha: 1.0 };
+                let params = QuantParams { block_size: c.block(block), axis: 0, zero_point, alpha: 1.0, bits: c.bits };
                 let kernel_err = |e| Error::kernel(w, e);
                 let mut out = WeightAwq::default();
                 let mut clip_input = wkn.clone();

@@ -13,6 +13,7 @@ pub mod calibration;
 pub mod capture;
 pub mod compare;
 pub mod inspect;
+pub mod mixed;
 pub mod nbits;
 pub mod opset;
 pub mod plan;

@@ -62,6 +62,14 @@ enum Command {
         /// Block size of the Gather tables.
         #[arg(long, default_value_t = 32)]
         gather_block_size: i64,
+        /// Keep these layers at INT8 per channel (ModelOpt's layers_8bit): comma-separated node
+        /// names or dot/slash-separated parts of them, e.g. layers.0,/model/layers.5/mlp/down_proj/MatMul.
+        #[arg(long, value_name = "PATTERNS")]
+        int8_layers: Option<String>,
+        /// Keep ModelOpt's default choice of sensitive layers at INT8 (enable_mixed_quant): the first and
+        /// last eighth and every third of the qkv/v_proj and down_proj MatMuls.
+        #[arg(long)]
+        mixed_precision: bool,
         #[command(flatten)]
         awq: AwqArgs,
     },
@@ -218,6 +226,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             accuracy_level,
             gather_axis,
             gather_block_size,
+            int8_layers,
+            mixed_precision,
             awq,
         } => {
             let output = output.unwrap_or_else(|| default_output(&model));
@@ -241,10 +251,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 accuracy_level,
                 gather_axis,
                 gather_block_size,
+                int8_layers,
+                mixed_precision,
             };
             let s = quantize_file(&model, &output, &opts)?;
+            let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };
             println!(
-                "quantized {} of {} weights ({} -> {}); model {} -> {}{}; {:.2} s ({} tier) -> {}",
+                "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}; {:.2} s ({} tier) -> {}",
                 s.quantized,
                 s.candidates,
                 mb(s.weight_bytes_before),

@@ -9,6 +9,11 @@
 //! - each consuming `MatMul`/`Gemm` becomes `MatMulNBits` named `<node>_Q4` with attributes `K`, `N`,
 //!   `bits = 4`, `block_size`, `accuracy_level`; a Gemm bias becomes an `Add` after it.
 //!
+//! An INT8 layer (mixed precision) is one MatMulNBits with `bits = 8` whose single block per column
+//! spans K (`block_size` = K rounded up to a power of two >= 16, the tail padded with the zero
+//! point): B `[N, 1, block_size]` one code per byte (symmetric codes stored as `q + 128`), zero
+//! points one byte each. Its numbers are those of the per-channel DQ form.
+//!
 //! The names follow ONNX Runtime's own MatMulNBitsQuantizer. No opset upgrade is needed.
 
 use crate::model::Model;
@@ -17,7 +22,7 @@ use crate::plan::{Candidate, Decision, Source};
 use crate::quantize::tensor;
 use crate::synth::{attr_i, node};
 use crate::{Error, Result};
-use nibble::{FloatFormat, QuantizedWeight};
+use nibble::{Bits, FloatFormat, QuantizedWeight};
 use std::collections::{HashMap, HashSet};
 
 /// Checks that `block` is a block size MatMulNBits runs.
@@ -31,43 +36,64 @@ pub fn check_block(block: i64) -> Result<usize> {
     }
 }
 
-/// The three MatMulNBits tensors of one weight.
+/// `(bits, block_size)` of the MatMulNBits node of a weight with `k` rows in the run's `block`.
+pub fn node_layout(c: &Candidate, k: usize, block: usize) -> (Bits, usize) {
+    match c.bits {
+        Bits::Four => (Bits::Four, block),
+        Bits::Eight => (Bits::Eight, k.next_power_of_two().max(16)),
+    }
+}
+
+/// The three MatMulNBits tensors of one weight (`block` the node's block size).
 pub fn tensors(c: &Candidate, q: &QuantizedWeight, block: usize) -> Vec<TensorProto> {
     let Decision::Quantize { axis } = c.decision else { unreachable!("planned") };
     let (r, cols) = (c.dims[0] as usize, c.dims[1] as usize);
     let (k, n) = if axis == 0 { (r, cols) } else { (cols, r) };
+    // Blocks of the quantization (one for an INT8 layer) and of the node's layout.
+    let q_nb = q.scale.len() / n.max(1);
     let nb = k.div_ceil(block);
+    debug_assert_eq!(q_nb, nb);
     let zp = q.zero_point.is_some();
-    let codes = nibble::kernels::unpack_nibbles(&q.packed, r * cols, !zp).expect("packed codes of the weight");
+    let bits = c.bits;
+    let codes: Vec<i8> = match bits {
+        Bits::Four => nibble::kernels::unpack_nibbles(&q.packed, r * cols, !zp).expect("packed codes of the weight"),
+        Bits::Eight => q.packed.iter().map(|&b| b as i8).collect(),
+    };
+    // Symmetric codes are stored offset by MatMulNBits' default zero point (8 or 128).
+    let offset: u8 = match bits {
+        Bits::Four => 8,
+        Bits::Eight => 128,
+    };
     let code = |kk: usize, nn: usize| -> u8 {
-        let v = if axis == 0 { codes[kk * n + nn] } else { codes[nn * k + kk] };
+        let v = if axis == 0 { codes[kk * n + nn] } else { codes[nn * k + kk] } as u8;
         if zp {
-            v as u8
+            v
         } else {
-            (v + 8) as u8
+            v.wrapping_add(offset)
         }
     };
     // Scale and zero point of block b, column nn, from the DQ layout.
     let at = |v: &[f32], b: usize, nn: usize| if axis == 0 { v[b * n + nn] } else { v[nn * nb + b] };
-    let mut b_bytes = vec![0u8; n * nb * block / 2];
+    let zp_at = |z: &[u8], b: usize, nn: usize| if axis == 0 { z[b * n + nn] } else { z[nn * nb + b] };
+    let blob = bits.bytes_for(block);
+    let mut b_bytes = vec![0u8; n * nb * blob];
     for nn in 0..n {
         for b in 0..nb {
-            let pad = match &q.zero_point {
-                Some(z) => {
-                    if axis == 0 {
-                        z[b * n + nn]
-                    } else {
-                        z[nn * nb + b]
+            let pad = q.zero_point.as_ref().map_or(offset, |z| zp_at(z, b, nn));
+            let at_k = |kk: usize| if kk < k { code(kk, nn) } else { pad };
+            let out = &mut b_bytes[(nn * nb + b) * blob..][..blob];
+            match bits {
+                Bits::Four => {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let k0 = b * block + 2 * i;
+                        *o = (at_k(k0) & 0xf) | (at_k(k0 + 1) << 4);
                     }
                 }
-                None => 8,
-            };
-            let base = (nn * nb + b) * block / 2;
-            for i in 0..block / 2 {
-                let (k0, k1) = (b * block + 2 * i, b * block + 2 * i + 1);
-                let lo = if k0 < k { code(k0, nn) } else { pad };
-                let hi = if k1 < k { code(k1, nn) } else { pad };
-                b_bytes[base + i] = (lo & 0xf) | (hi << 4);
+                Bits::Eight => {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = at_k(b * block + i);
+                    }
+                }
             }
         }
     }
@@ -76,7 +102,7 @@ pub fn tensors(c: &Candidate, q: &QuantizedWeight, block: usize) -> Vec<TensorPr
         (0..n).flat_map(|nn| (0..nb).map(move |b| (b, nn))).map(|(b, nn)| at(&q.scale, b, nn)).collect();
     let w = &c.weight;
     let mut out = vec![
-        tensor(format!("{w}_Q4"), vec![n as i64, nb as i64, (block / 2) as i64], DataType::Uint8 as i32, b_bytes),
+        tensor(format!("{w}_Q4"), vec![n as i64, nb as i64, blob as i64], DataType::Uint8 as i32, b_bytes),
         tensor(
             format!("{w}_scales"),
             vec![(n * nb) as i64],
@@ -85,15 +111,20 @@ pub fn tensors(c: &Candidate, q: &QuantizedWeight, block: usize) -> Vec<TensorPr
         ),
     ];
     if let Some(z) = &q.zero_point {
-        let per = nb.div_ceil(2);
-        let mut zb = vec![0u8; n * per];
-        for nn in 0..n {
-            for b in 0..nb {
-                let v = if axis == 0 { z[b * n + nn] } else { z[nn * nb + b] };
-                zb[nn * per + b / 2] |= (v & 0xf) << (4 * (b % 2));
+        let zb: Vec<u8> = match bits {
+            Bits::Four => {
+                let per = nb.div_ceil(2);
+                let mut zb = vec![0u8; n * per];
+                for nn in 0..n {
+                    for b in 0..nb {
+                        zb[nn * per + b / 2] |= (zp_at(z, b, nn) & 0xf) << (4 * (b % 2));
+                    }
+                }
+                zb
             }
-        }
-        out.push(tensor(format!("{w}_zero_points"), vec![(n * per) as i64], DataType::Uint8 as i32, zb));
+            Bits::Eight => (0..n).flat_map(|nn| (0..nb).map(move |b| (b, nn))).map(|(b, nn)| zp_at(z, b, nn)).collect(),
+        };
+        out.push(tensor(format!("{w}_zero_points"), vec![zb.len() as i64], DataType::Uint8 as i32, zb));
     }
     out
 }
@@ -115,8 +146,15 @@ pub fn rewrite(
             )));
         }
     }
-    let by_weight: HashMap<&str, (&Candidate, Vec<TensorProto>)> =
-        chosen.iter().zip(&quantized).map(|(c, q)| (c.weight.as_str(), (*c, tensors(c, q, block)))).collect();
+    let k_of = |c: &Candidate| match c.decision {
+        Decision::Quantize { axis: 1 } => c.dims[1] as usize,
+        _ => c.dims[0] as usize,
+    };
+    let by_weight: HashMap<&str, (&Candidate, Vec<TensorProto>)> = chosen
+        .iter()
+        .zip(&quantized)
+        .map(|(c, q)| (c.weight.as_str(), (*c, tensors(c, q, node_layout(c, k_of(c), block).1))))
+        .collect();
     // Every consumer of a quantized weight must be a MatMul/Gemm reading it as B.
     for n in &g.node {
         for (i, input) in n.input.iter().enumerate() {
@@ -161,6 +199,7 @@ pub fn rewrite(
         let out = n.output[0].clone();
         let product = if bias.is_some() { format!("{out}_MatMulNBits") } else { out.clone() };
         let input_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let (bits, node_block) = node_layout(c, k as usize, block);
         let mut m = node(
             "MatMulNBits",
             &format!("{name}_Q4"),
@@ -169,8 +208,8 @@ pub fn rewrite(
             vec![
                 attr_i("K", k),
                 attr_i("N", nn),
-                attr_i("bits", 4),
-                attr_i("block_size", block as i64),
+                attr_i("bits", bits.count() as i64),
+                attr_i("block_size", node_block as i64),
                 attr_i("accuracy_level", accuracy_level),
             ],
         );

@@ -6,7 +6,7 @@
 use crate::model::{byte_size, dtype_name, Model};
 use crate::onnx::{tensor_proto::DataType, NodeProto, TensorProto};
 use crate::{Error, Result};
-use nibble::FloatFormat;
+use nibble::{Bits, FloatFormat};
 use regex::Regex;
 
 /// Where a constant lives.
@@ -62,6 +62,8 @@ pub struct Candidate {
     pub source: Source,
     /// What happens to it.
     pub decision: Decision,
+    /// Code width: 4 bits, or 8 for a mixed-precision INT8 layer (per channel).
+    pub bits: Bits,
 }
 
 impl Candidate {
@@ -72,6 +74,14 @@ impl Candidate {
             DataType::Float16 => Some(FloatFormat::F16),
             DataType::Bfloat16 => Some(FloatFormat::BF16),
             _ => None,
+        }
+    }
+
+    /// Its block size given the run's: one block per channel for an INT8 layer.
+    pub fn block(&self, default: nibble::BlockSize) -> nibble::BlockSize {
+        match self.bits {
+            Bits::Four => default,
+            Bits::Eight => nibble::BlockSize::PerChannel,
         }
     }
 
@@ -183,6 +193,7 @@ pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
             bytes: byte_size(t).unwrap_or(0),
             source: source.clone(),
             decision,
+            bits: Bits::Four,
         });
     }
     out
@@ -228,6 +239,7 @@ pub fn plan_gather(model: &Model, exclude: &[(String, Regex)], axis: usize, take
             bytes: byte_size(t).unwrap_or(0),
             source: source.clone(),
             decision,
+            bits: Bits::Four,
         });
     }
     out

@@ -16,7 +16,7 @@ use crate::onnx::{
 use crate::plan::{compile_patterns, plan, Candidate, Decision, Source};
 use crate::{opset, Error, Result};
 use bytes::Bytes;
-use nibble::{BlockSize, FloatFormat, QuantParams, QuantizedWeight, WeightData};
+use nibble::{Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, WeightData};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -83,6 +83,10 @@ pub struct Options {
     pub gather_axis: Option<usize>,
     /// Block size of the Gather tables (ModelOpt's `gather_block_size`).
     pub gather_block_size: i64,
+    /// Node patterns kept at INT8 per channel (ModelOpt's `layers_8bit`; see [`crate::mixed`]).
+    pub int8_layers: Option<String>,
+    /// ModelOpt's default INT8 layer choice (`enable_mixed_quant`), when `int8_layers` is unset.
+    pub mixed_precision: bool,
 }
 
 /// The operator the quantized weights feed.
@@ -110,6 +114,8 @@ impl Default for Options {
             accuracy_level: 0,
             gather_axis: None,
             gather_block_size: 32,
+            int8_layers: None,
+            mixed_precision: false,
         }
     }
 }
@@ -119,6 +125,8 @@ impl Default for Options {
 pub struct Summary {
     /// Weights quantized.
     pub quantized: usize,
+    /// Of which kept at INT8.
+    pub int8: usize,
     /// MatMul/Gemm weights found.
     pub candidates: usize,
     /// Bytes of the quantized weights before.
@@ -215,7 +223,7 @@ fn weight_data<'a>(format: FloatFormat, bytes: &'a Bytes, copy: &'a mut Elements
     }
 }
 
-/// Quantizes one candidate weight.
+/// Quantizes one candidate weight (`block` is the run's; an INT8 layer takes one block per channel).
 pub fn quantize_candidate(model: &Model, c: &Candidate, block: BlockSize, zero_point: bool) -> Result<QuantizedWeight> {
     let Decision::Quantize { axis } = c.decision else { unreachable!("only planned weights") };
     let consts = crate::plan::constants(model);
@@ -229,7 +237,7 @@ pub fn quantize_candidate(model: &Model, c: &Candidate, block: BlockSize, zero_p
     let mut copy = Elements::Borrowed;
     let data = weight_data(format, &bytes, &mut copy);
     let shape = [c.dims[0] as usize, c.dims[1] as usize];
-    let params = QuantParams { block_size: block, axis, zero_point, alpha: 1.0 };
+    let params = QuantParams { block_size: c.block(block), axis, zero_point, alpha: 1.0, bits: c.bits };
     nibble::quantize_weight(data, shape, &params).map_err(|e| Error::kernel(&c.weight, e))
 }
 
@@ -268,7 +276,7 @@ pub fn quantize_candidate_awq(
             *x = format.round(*x * s[k]);
         }
     }
-    let params = QuantParams { block_size: block, axis, zero_point, alpha: 1.0 };
+    let params = QuantParams { block_size: c.block(block), axis, zero_point, alpha: 1.0, bits: c.bits };
     let halves: Vec<half::f16>;
     let bhalves: Vec<half::bf16>;
     let data = match format {
@@ -305,13 +313,18 @@ fn quantize_scaled_f64(
     let format = c.format().expect("float weight");
     let (kn, [k, n]) = crate::awq::weight_kn(model, c)?;
     let scaled: Vec<f64> = kn.iter().enumerate().map(|(e, &v)| v as f64 * s[e / n]).collect();
-    let params = QuantParams { block_size: block, axis: 0, zero_point, alpha: 1.0 };
+    let params = QuantParams { block_size: c.block(block), axis: 0, zero_point, alpha: 1.0, bits: c.bits };
     let q = nibble::awq::subgraph::quantize_f64(format, &scaled, [k, n], &params);
     if axis == 0 {
         return Ok(q);
     }
     // Stored [N, K]: transpose codes, scales and zero points back.
-    let codes = nibble::kernels::unpack_nibbles(&q.packed, k * n, false).map_err(|e| Error::kernel(&c.weight, e))?;
+    let codes: Vec<i8> = match c.bits {
+        Bits::Four => {
+            nibble::kernels::unpack_nibbles(&q.packed, k * n, false).map_err(|e| Error::kernel(&c.weight, e))?
+        }
+        Bits::Eight => q.packed.iter().map(|&b| b as i8).collect(),
+    };
     let mut t = vec![0u8; k * n];
     for r in 0..k {
         for col in 0..n {
@@ -321,7 +334,10 @@ fn quantize_scaled_f64(
     let nb = q.scale_shape[0];
     let tr = |v: &[f32]| -> Vec<f32> { (0..n * nb).map(|e| v[(e % nb) * n + e / nb]).collect() };
     Ok(QuantizedWeight {
-        packed: nibble::reference::pack(&t),
+        packed: match c.bits {
+            Bits::Four => nibble::reference::pack(&t),
+            Bits::Eight => t,
+        },
         scale: tr(&q.scale),
         scale_shape: [n, nb],
         zero_point: q.zero_point.map(|z| (0..n * nb).map(|e| z[(e % nb) * n + e / nb]).collect()),
@@ -404,7 +420,12 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, method: Meth
     let Decision::Quantize { axis } = c.decision else { unreachable!() };
     let format = c.format().expect("float weight");
     let w = &c.weight;
-    let code_type = if q.zero_point.is_some() { DataType::Uint4 } else { DataType::Int4 } as i32;
+    let code_type = match (c.bits, q.zero_point.is_some()) {
+        (Bits::Four, false) => DataType::Int4,
+        (Bits::Four, true) => DataType::Uint4,
+        (Bits::Eight, false) => DataType::Int8,
+        (Bits::Eight, true) => DataType::Uint8,
+    } as i32;
     let scale_dims: Vec<i64> = match block {
         BlockSize::PerChannel => vec![q.scale.len() as i64],
         BlockSize::Blocked(_) => q.scale_shape.iter().map(|&d| d as i64).collect(),
@@ -423,8 +444,9 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, method: Meth
     let mut initializers =
         vec![tensor(scale_name.clone(), scale_dims.clone(), onnx_dtype(format), encode_floats(format, &q.scale))];
     let zp_bytes = match &q.zero_point {
-        Some(z) => Some(nibble::reference::pack(z)),
-        None if method == Method::Rtn => Some(vec![0u8; q.scale.len().div_ceil(2)]),
+        Some(z) if c.bits == Bits::Four => Some(nibble::reference::pack(z)),
+        Some(z) => Some(z.clone()),
+        None if method == Method::Rtn => Some(vec![0u8; c.bits.bytes_for(q.scale.len())]),
         None => None,
     };
     if let Some(zb) = zp_bytes {
@@ -571,6 +593,9 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
         + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
     let mut candidates = plan(&model, &patterns);
+    if opts.int8_layers.is_some() || opts.mixed_precision {
+        crate::mixed::apply(&model, &mut candidates, opts.int8_layers.as_deref())?;
+    }
     let gather_block = match opts.gather_axis {
         Some(axis) => {
             if axis > 1 {
@@ -587,7 +612,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
         }
         None => block,
     };
-    let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { block };
+    let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     if opts.skip_nonfinite {
         skip_nonfinite(&model, &mut candidates)?;
     }
@@ -672,6 +697,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let model_bytes_after = save(proto, output, opts.external_data)?;
     Ok(Summary {
         quantized: chosen.len(),
+        int8: chosen.iter().filter(|c| c.bits == Bits::Eight).count(),
         candidates: candidates.len(),
         weight_bytes_before,
         weight_bytes_after,

@@ -118,8 +118,8 @@ fn transformer_bf16_weights() {
     let m = Model::load(&src).unwrap();
     let t = initializer(m.proto.graph.as_ref().unwrap(), "model.layers.0.attn.q_proj.weight");
     let w = floats(&m, t);
-    let s = nibble::reference::find_scales(FloatFormat::BF16, &w, [64, 64], 32, 0, 1.0, false);
-    let codes = nibble::reference::rtn(FloatFormat::BF16, &w, [64, 64], &s, 32, 0);
+    let s = nibble::reference::find_scales(FloatFormat::BF16, nibble::Bits::Four, &w, [64, 64], 32, 0, 1.0, false);
+    let codes = nibble::reference::rtn(FloatFormat::BF16, nibble::Bits::Four, &w, [64, 64], &s, 32, 0);
     let packed = initializer(g, "model.layers.0.attn.q_proj.weight_i4");
     assert_eq!(q.tensor_bytes(packed).unwrap().to_vec(), nibble::reference::pack(&codes));
 }
@@ -447,8 +447,9 @@ fn gather_tables_are_quantized_and_gather_dequantized_rows() {
         let dq = g.node.iter().find(|n| n.name.as_deref() == Some("table_DequantizeLinear")).unwrap();
         let attrs: Vec<(String, i64)> = dq.attribute.iter().map(|a| (a.name.clone().unwrap(), a.i.unwrap())).collect();
         assert_eq!(attrs, vec![("axis".to_string(), axis as i64), ("block_size".to_string(), 32)]);
-        let s = nibble::reference::find_scales(FloatFormat::F32, &table, [v, h], 32, axis, 1.0, false);
-        let codes = nibble::reference::rtn(FloatFormat::F32, &table, [v, h], &s, 32, axis);
+        let s =
+            nibble::reference::find_scales(FloatFormat::F32, nibble::Bits::Four, &table, [v, h], 32, axis, 1.0, false);
+        let codes = nibble::reference::rtn(FloatFormat::F32, nibble::Bits::Four, &table, [v, h], &s, 32, axis);
         let rows = nibble::reference::dq_tensor(FloatFormat::F32, &codes, [v, h], &s, 32, axis);
         let mut sess = nibble_driver::runtime::open(&out, Default::default()).unwrap();
         let input = nibble_driver::runtime::Input {
@@ -547,10 +548,10 @@ fn compare_per_layer_matches_an_independent_computation() {
     let m = Model::load(&src).unwrap();
     let t = initializer(m.proto.graph.as_ref().unwrap(), "fc1.weight");
     let w = floats(&m, t);
-    let s = nibble::reference::find_scales(FloatFormat::F32, &w, [64, 48], 32, 0, 1.0, false);
+    let s = nibble::reference::find_scales(FloatFormat::F32, nibble::Bits::Four, &w, [64, 48], 32, 0, 1.0, false);
     let dq = nibble::reference::dq_tensor(
         FloatFormat::F32,
-        &nibble::reference::rtn(FloatFormat::F32, &w, [64, 48], &s, 32, 0),
+        &nibble::reference::rtn(FloatFormat::F32, nibble::Bits::Four, &w, [64, 48], &s, 32, 0),
         [64, 48],
         &s,
         32,

@@ -90,6 +90,7 @@ pub fn subgraph_scale(x_m: &[f32], w_m: &[f32], alpha: f64) -> Vec<f64> {
 pub fn quantize_f64(format: FloatFormat, w: &[f64], [k, n]: [usize; 2], params: &QuantParams) -> QuantizedWeight {
     let block = params.block_size.resolve(k);
     let nb = k.div_ceil(block);
+    let (qmin, qmax, levels) = (params.bits.qmin() as f64, params.bits.qmax() as f64, params.bits.levels() as f64);
     let mut scale = vec![0.0f64; nb * n];
     let mut zps = vec![0.0f64; nb * n];
     for b in 0..nb {
@@ -103,12 +104,12 @@ pub fn quantize_f64(format: FloatFormat, w: &[f64], [k, n]: [usize; 2], params: 
                     lo = lo.min(v);
                     hi = hi.max(v);
                 }
-                let s = (hi * params.alpha - lo * params.alpha).max(1e-5) / 15.0;
+                let s = (hi * params.alpha - lo * params.alpha).max(1e-5) / levels;
                 scale[b * n + c] = s;
-                zps[b * n + c] = (-(lo * params.alpha / s).round_ties_even()).clamp(0.0, 15.0);
+                zps[b * n + c] = (-(lo * params.alpha / s).round_ties_even()).clamp(0.0, levels);
             } else {
                 let amax = vals.fold(0.0f64, |m, v| m.max(v.abs()));
-                scale[b * n + c] = (amax * params.alpha / 7.0).max(1e-5);
+                scale[b * n + c] = (amax * params.alpha / qmax).max(1e-5);
             }
         }
     }
@@ -119,9 +120,9 @@ pub fn quantize_f64(format: FloatFormat, w: &[f64], [k, n]: [usize; 2], params: 
             let i = (e / n / block) * n + e % n;
             let y = (v / scale[i]).round_ties_even();
             if params.zero_point {
-                (y + zps[i]).clamp(0.0, 15.0) as u8
+                (y + zps[i]).clamp(0.0, levels) as u8
             } else {
-                y.clamp(-8.0, 7.0) as i8 as u8
+                y.clamp(qmin, qmax) as i8 as u8
             }
         })
         .collect();
@@ -131,7 +132,10 @@ pub fn quantize_f64(format: FloatFormat, w: &[f64], [k, n]: [usize; 2], params: 
         FloatFormat::BF16 => half::bf16::from_f64(v).to_f32(),
     };
     QuantizedWeight {
-        packed: crate::reference::pack(&codes),
+        packed: match params.bits {
+            crate::Bits::Four => crate::reference::pack(&codes),
+            crate::Bits::Eight => codes,
+        },
         scale: scale.iter().map(|&v| cast(v)).collect(),
         scale_shape: [nb, n],
         zero_point: params.zero_point.then(|| zps.iter().map(|&z| z as u8).collect()),
@@ -143,6 +147,7 @@ pub fn quantize_f64(format: FloatFormat, w: &[f64], [k, n]: [usize; 2], params: 
 fn fake_quantize_f64(w: &[f64], [k, n]: [usize; 2], params: &QuantParams) -> Vec<f64> {
     let block = params.block_size.resolve(k);
     let nb = k.div_ceil(block);
+    let (qmin, qmax, levels) = (params.bits.qmin() as f64, params.bits.qmax() as f64, params.bits.levels() as f64);
     let mut out = vec![0.0f64; w.len()];
     for b in 0..nb {
         for c in 0..n {
@@ -155,15 +160,15 @@ fn fake_quantize_f64(w: &[f64], [k, n]: [usize; 2], params: &QuantParams) -> Vec
                     lo = lo.min(v);
                     hi = hi.max(v);
                 }
-                let s = (hi - lo).max(1e-5) / 15.0;
-                let z = (-(lo / s).round_ties_even()).clamp(0.0, 15.0);
+                let s = (hi - lo).max(1e-5) / levels;
+                let z = (-(lo / s).round_ties_even()).clamp(0.0, levels);
                 for (r, &v) in rows.zip(&vals) {
-                    out[r * n + c] = (((v / s).round_ties_even() + z).clamp(0.0, 15.0) - z) * s;
+                    out[r * n + c] = (((v / s).round_ties_even() + z).clamp(0.0, levels) - z) * s;
                 }
             } else {
-                let s = (vals.iter().fold(0.0f64, |m, v| m.max(v.abs())) / 7.0).max(1e-5);
+                let s = (vals.iter().fold(0.0f64, |m, v| m.max(v.abs())) / qmax).max(1e-5);
                 for (r, &v) in rows.zip(&vals) {
-                    out[r * n + c] = (v / s).round_ties_even().clamp(-8.0, 7.0) * s;
+                    out[r * n + c] = (v / s).round_ties_even().clamp(qmin, qmax) * s;
                 }
             }
         }

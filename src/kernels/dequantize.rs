@@ -1,8 +1,8 @@
 //! Dequantize code bytes of a slab with per-column scales (and zero points).
 //!
 //! ```text
-//! symmetric:  dq = rnd(q * s)            q the signed byte (-8..=7)
-//! zero point: dq = rnd((q - zp) * s)     q in 0..=15; q - zp is exact
+//! symmetric:  dq = rnd(q * s)            q the signed byte (-8..=7, or -128..=127 for 8 bits)
+//! zero point: dq = rnd((q - zp) * s)     q the unsigned byte (0..=15, or 0..=255); q - zp is exact
 //! ```
 
 use super::check_slab;

@@ -2,8 +2,8 @@
 //! materializing the codes:
 //!
 //! ```text
-//! symmetric:  dq = rnd(clip(rint(rnd(w / s)), -8, 7) * s)
-//! zero point: dq = rnd((clip(rint(rnd(w / s)) + zp, 0, 15) - zp) * s)
+//! symmetric:  dq = rnd(clip(rint(rnd(w / s)), qmin, qmax) * s)
+//! zero point: dq = rnd((clip(rint(rnd(w / s)) + zp, 0, levels) - zp) * s)
 //! out = dq                    (QdqOutput::Dequantized, what ModelOpt's dq_tensor(rtn(w)) gives)
 //! out = w - dq  (in f32)      (QdqOutput::Error, the per-element quantization error)
 //! ```
@@ -13,7 +13,7 @@
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
 use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_f32};
-use crate::{FloatFormat, Result, Tier};
+use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
 /// What [`qdq_error`] writes.
@@ -26,8 +26,10 @@ pub enum QdqOutput {
 }
 
 /// Fake-quantizes the slab `w` (`rows * cols`) with `scale[cols]` (and `zero_point[cols]`).
+#[allow(clippy::too_many_arguments)]
 pub fn qdq_error(
     format: FloatFormat,
+    bits: Bits,
     w: &[f32],
     cols: usize,
     scale: &[f32],
@@ -35,7 +37,7 @@ pub fn qdq_error(
     output: QdqOutput,
     out: &mut [f32],
 ) -> Result<()> {
-    qdq_error_with(Tier::best(), format, w, cols, scale, zero_point, output, out)
+    qdq_error_with(Tier::best(), format, bits, w, cols, scale, zero_point, output, out)
 }
 
 /// [`qdq_error`] on a chosen tier.
@@ -43,6 +45,7 @@ pub fn qdq_error(
 pub fn qdq_error_with(
     tier: Tier,
     format: FloatFormat,
+    bits: Bits,
     w: &[f32],
     cols: usize,
     scale: &[f32],
@@ -57,7 +60,7 @@ pub fn qdq_error_with(
     let error = output == QdqOutput::Error;
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(Qdq { w, cols, scale, zero_point, error, out, _p: $p })
+            tier.dispatch(Qdq { w, bits, cols, scale, zero_point, error, out, _p: $p })
         };
     }
     match format {
@@ -70,6 +73,7 @@ pub fn qdq_error_with(
 
 struct Qdq<'a, P> {
     w: &'a [f32],
+    bits: Bits,
     cols: usize,
     scale: &'a [f32],
     zero_point: Option<&'a [f32]>,
@@ -83,13 +87,13 @@ impl<P: Precision> WithSimd for Qdq<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, cols, scale, zero_point, error, out, _p: _ } = self;
+        let Self { w, bits, cols, scale, zero_point, error, out, _p: _ } = self;
         for (row, out) in w.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
             for_each_chunk::<S>(cols, |j, n| {
                 let x = load_f32(simd, &row[j..j + n]);
                 let s = load_f32(simd, &scale[j..j + n]);
                 let zp = zero_point.map(|z| load_f32(simd, &z[j..j + n]));
-                let q = quantize_lanes::<S, P>(simd, x, s, zp);
+                let q = quantize_lanes::<S, P>(simd, bits, x, s, zp);
                 let dq = match zp {
                     None => simd.mul_f32s(q, s),
                     Some(zp) => simd.mul_f32s(simd.sub_f32s(q, zp), s),

@@ -1,9 +1,11 @@
 //! Quantize a slab with per-column scales (and zero points), one code byte per element.
 //!
 //! ```text
-//! symmetric:  q = clip(rint(rnd(w / s)), -8, 7)          stored as the i8 byte (two's complement)
-//! zero point: q = clip(rint(rnd(w / s)) + zp, 0, 15)     stored as 0..=15
+//! symmetric:  q = clip(rint(rnd(w / s)), qmin, qmax)      stored as the i8 byte (two's complement)
+//! zero point: q = clip(rint(rnd(w / s)) + zp, 0, levels)  stored as 0..=levels
 //! ```
+//!
+//! with the bounds of [`Bits`] (-8..=7 and 0..=15 for 4 bits, -128..=127 and 0..=255 for 8).
 //!
 //! `rint` is round half to even (the per-lane arithmetic is `simd::quantize_lanes`, shared with the
 //! fused kernels).
@@ -11,26 +13,29 @@
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
 use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_low_bytes, to_int};
-use crate::{FloatFormat, Result, Tier};
+use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
 /// Quantizes the slab `w` (`rows * cols`, row-major) with `scale[cols]` and optional
 /// `zero_point[cols]` into `codes[rows * cols]`.
 pub fn quantize(
     format: FloatFormat,
+    bits: Bits,
     w: &[f32],
     cols: usize,
     scale: &[f32],
     zero_point: Option<&[f32]>,
     codes: &mut [u8],
 ) -> Result<()> {
-    quantize_with(Tier::best(), format, w, cols, scale, zero_point, codes)
+    quantize_with(Tier::best(), format, bits, w, cols, scale, zero_point, codes)
 }
 
 /// [`quantize`] on a chosen tier.
+#[allow(clippy::too_many_arguments)]
 pub fn quantize_with(
     tier: Tier,
     format: FloatFormat,
+    bits: Bits,
     w: &[f32],
     cols: usize,
     scale: &[f32],
@@ -43,7 +48,7 @@ pub fn quantize_with(
     }
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(Quantize { w, cols, scale, zero_point, codes, _p: $p })
+            tier.dispatch(Quantize { w, bits, cols, scale, zero_point, codes, _p: $p })
         };
     }
     match format {
@@ -56,6 +61,7 @@ pub fn quantize_with(
 
 struct Quantize<'a, P> {
     w: &'a [f32],
+    bits: Bits,
     cols: usize,
     scale: &'a [f32],
     zero_point: Option<&'a [f32]>,
@@ -68,7 +74,7 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, cols, scale, zero_point, codes, _p: _ } = self;
+        let Self { w, bits, cols, scale, zero_point, codes, _p: _ } = self;
         // The zero-point choice stays outside the loops, so each loop is specialized.
         let rows = w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols));
         match zero_point {
@@ -77,7 +83,7 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
                     for_each_chunk::<S>(cols, |j, n| {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
-                        let q = quantize_lanes::<S, P>(simd, x, s, None);
+                        let q = quantize_lanes::<S, P>(simd, bits, x, s, None);
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }
@@ -88,7 +94,7 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
                         let zp = load_f32(simd, &zero_point[j..j + n]);
-                        let q = quantize_lanes::<S, P>(simd, x, s, Some(zp));
+                        let q = quantize_lanes::<S, P>(simd, bits, x, s, Some(zp));
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }

@@ -86,7 +86,7 @@ impl<P: Precision> WithSimd for Job<'_, P> {
                 let x = load_f32(simd, &row[j..j + m]);
                 let s = load_f32(simd, &scale[j..j + m]);
                 let zp = zero_point.map(|z| load_f32(simd, &z[j..j + m]));
-                let q = quantize_lanes::<S, P>(simd, x, s, zp);
+                let q = quantize_lanes::<S, P>(simd, crate::Bits::Four, x, s, zp);
                 let q = simd.and_u32s(to_int(simd, q), nib);
                 let lanes = lanes_u32::<S>(&q);
                 if odd_lanes {

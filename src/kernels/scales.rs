@@ -1,11 +1,13 @@
 //! Scales and zero points from block statistics, rounded to the weight dtype after every step.
 //!
 //! ```text
-//! symmetric:  s  = max(rnd(rnd(amax * alpha) / 7), c)                       c = rnd(1e-5)
+//! symmetric:  s  = max(rnd(rnd(amax * alpha) / qmax), c)                    c = rnd(1e-5)
 //! zero point: hi = rnd(max * alpha), lo = rnd(min * alpha)
-//!             s  = rnd(max(rnd(hi - lo), c) / 15)
-//!             zp = clip(-rint(rnd(lo / s)), 0, 15)
+//!             s  = rnd(max(rnd(hi - lo), c) / levels)
+//!             zp = clip(-rint(rnd(lo / s)), 0, levels)
 //! ```
+//!
+//! with `qmax = 7, levels = 15` for 4-bit codes and `127, 255` for 8-bit ones ([`Bits`]).
 //!
 //! ModelOpt applies no alpha in the zero-point form (its AWQ-clip then silently ignores the clip
 //! ratio); with alpha = 1 the formulas above are exactly ModelOpt's, and with alpha < 1 they apply the
@@ -14,27 +16,28 @@
 use super::{check_len, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
 use crate::simd::{for_each_chunk, load_f32, rint_clamped, store_f32};
-use crate::{FloatFormat, Result, Tier};
+use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
 /// ModelOpt's `CLIP_MIN`.
 pub const CLIP_MIN: f64 = 1e-5;
 
 /// Symmetric INT4 scales from block absmax values.
-pub fn scales_symmetric(format: FloatFormat, amax: &[f32], alpha: f64, scale: &mut [f32]) -> Result<()> {
-    scales_symmetric_with(Tier::best(), format, amax, alpha, scale)
+pub fn scales_symmetric(format: FloatFormat, bits: Bits, amax: &[f32], alpha: f64, scale: &mut [f32]) -> Result<()> {
+    scales_symmetric_with(Tier::best(), format, bits, amax, alpha, scale)
 }
 
 /// [`scales_symmetric`] on a chosen tier.
 pub fn scales_symmetric_with(
     tier: Tier,
     format: FloatFormat,
+    bits: Bits,
     amax: &[f32],
     alpha: f64,
     scale: &mut [f32],
 ) -> Result<()> {
     let alphas = vec![format.constant(alpha); amax.len()];
-    scales_symmetric_alphas_with(tier, format, amax, &alphas, scale)
+    scales_symmetric_alphas_with(tier, format, bits, amax, &alphas, scale)
 }
 
 /// [`scales_symmetric`] with one clip ratio per column (`alphas[c]` already a value of `format`,
@@ -42,6 +45,7 @@ pub fn scales_symmetric_with(
 pub fn scales_symmetric_alphas_with(
     tier: Tier,
     format: FloatFormat,
+    bits: Bits,
     amax: &[f32],
     alphas: &[f32],
     scale: &mut [f32],
@@ -50,30 +54,34 @@ pub fn scales_symmetric_alphas_with(
     check_len("scales_symmetric output", amax.len(), scale.len())?;
     check_len("scales_symmetric alphas", amax.len(), alphas.len())?;
     let clip_min = format.constant(CLIP_MIN);
+    let qmax = bits.qmax();
     match format {
-        FloatFormat::F32 => tier.dispatch(Symmetric::<F32> { amax, alphas, clip_min, scale, _p: F32 }),
-        FloatFormat::F16 => tier.dispatch(Symmetric::<F16> { amax, alphas, clip_min, scale, _p: F16 }),
-        FloatFormat::BF16 => tier.dispatch(Symmetric::<BF16> { amax, alphas, clip_min, scale, _p: BF16 }),
+        FloatFormat::F32 => tier.dispatch(Symmetric::<F32> { amax, alphas, qmax, clip_min, scale, _p: F32 }),
+        FloatFormat::F16 => tier.dispatch(Symmetric::<F16> { amax, alphas, qmax, clip_min, scale, _p: F16 }),
+        FloatFormat::BF16 => tier.dispatch(Symmetric::<BF16> { amax, alphas, qmax, clip_min, scale, _p: BF16 }),
     }
     Ok(())
 }
 
-/// UINT4 scales and zero points (as integer-valued floats in 0..=15) from block min and max.
+/// Unsigned scales and zero points (as integer-valued floats in `0..=levels`) from block min and max.
 pub fn scales_zero_point(
     format: FloatFormat,
+    bits: Bits,
     min: &[f32],
     max: &[f32],
     alpha: f64,
     scale: &mut [f32],
     zero_point: &mut [f32],
 ) -> Result<()> {
-    scales_zero_point_with(Tier::best(), format, min, max, alpha, scale, zero_point)
+    scales_zero_point_with(Tier::best(), format, bits, min, max, alpha, scale, zero_point)
 }
 
 /// [`scales_zero_point`] on a chosen tier.
+#[allow(clippy::too_many_arguments)]
 pub fn scales_zero_point_with(
     tier: Tier,
     format: FloatFormat,
+    bits: Bits,
     min: &[f32],
     max: &[f32],
     alpha: f64,
@@ -81,13 +89,15 @@ pub fn scales_zero_point_with(
     zero_point: &mut [f32],
 ) -> Result<()> {
     let alphas = vec![format.constant(alpha); min.len()];
-    scales_zero_point_alphas_with(tier, format, min, max, &alphas, scale, zero_point)
+    scales_zero_point_alphas_with(tier, format, bits, min, max, &alphas, scale, zero_point)
 }
 
 /// [`scales_zero_point`] with one clip ratio per column (values of `format`).
+#[allow(clippy::too_many_arguments)]
 pub fn scales_zero_point_alphas_with(
     tier: Tier,
     format: FloatFormat,
+    bits: Bits,
     min: &[f32],
     max: &[f32],
     alphas: &[f32],
@@ -100,9 +110,10 @@ pub fn scales_zero_point_alphas_with(
     check_len("scales_zero_point scale output", min.len(), scale.len())?;
     check_len("scales_zero_point zero-point output", min.len(), zero_point.len())?;
     let clip_min = format.constant(CLIP_MIN);
+    let levels = bits.levels();
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(ZeroPoint { min, max, alphas, clip_min, scale, zero_point, _p: $p })
+            tier.dispatch(ZeroPoint { min, max, alphas, levels, clip_min, scale, zero_point, _p: $p })
         };
     }
     match format {
@@ -116,6 +127,7 @@ pub fn scales_zero_point_alphas_with(
 struct Symmetric<'a, P> {
     amax: &'a [f32],
     alphas: &'a [f32],
+    qmax: f32,
     clip_min: f32,
     scale: &'a mut [f32],
     _p: P,
@@ -126,14 +138,14 @@ impl<P: Precision> WithSimd for Symmetric<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { amax, alphas, clip_min, scale, _p: _ } = self;
-        let seven = simd.splat_f32s(7.0);
+        let Self { amax, alphas, qmax, clip_min, scale, _p: _ } = self;
+        let qmax = simd.splat_f32s(qmax);
         let clip_min = simd.splat_f32s(clip_min);
         for_each_chunk::<S>(amax.len(), |j, n| {
             let a = load_f32(simd, &amax[j..j + n]);
             let alpha = load_f32(simd, &alphas[j..j + n]);
             let s = P::round_simd(simd, simd.mul_f32s(a, alpha));
-            let s = P::round_simd(simd, simd.div_f32s(s, seven));
+            let s = P::round_simd(simd, simd.div_f32s(s, qmax));
             store_f32(simd, &mut scale[j..j + n], simd.max_f32s(s, clip_min));
         });
     }
@@ -143,6 +155,7 @@ struct ZeroPoint<'a, P> {
     min: &'a [f32],
     max: &'a [f32],
     alphas: &'a [f32],
+    levels: f32,
     clip_min: f32,
     scale: &'a mut [f32],
     zero_point: &'a mut [f32],
@@ -154,17 +167,17 @@ impl<P: Precision> WithSimd for ZeroPoint<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { min, max, alphas, clip_min, scale, zero_point, _p: _ } = self;
-        let fifteen = simd.splat_f32s(15.0);
+        let Self { min, max, alphas, levels, clip_min, scale, zero_point, _p: _ } = self;
         let clip_min = simd.splat_f32s(clip_min);
-        let (lo_q, hi_q) = (simd.splat_f32s(-15.0), simd.splat_f32s(0.0));
+        let (lo_q, hi_q) = (simd.splat_f32s(-levels), simd.splat_f32s(0.0));
+        let levels = simd.splat_f32s(levels);
         for_each_chunk::<S>(min.len(), |j, n| {
             let alpha = load_f32(simd, &alphas[j..j + n]);
             let hi = P::round_simd(simd, simd.mul_f32s(load_f32(simd, &max[j..j + n]), alpha));
             let lo = P::round_simd(simd, simd.mul_f32s(load_f32(simd, &min[j..j + n]), alpha));
             let range = simd.max_f32s(P::round_simd(simd, simd.sub_f32s(hi, lo)), clip_min);
-            let s = P::round_simd(simd, simd.div_f32s(range, fifteen));
-            // clip(-rint(t), 0, 15) == -rint(clip(t, -15, 0)); adding +0.0 turns -0.0 into +0.0.
+            let s = P::round_simd(simd, simd.div_f32s(range, levels));
+            // clip(-rint(t), 0, L) == -rint(clip(t, -L, 0)); adding +0.0 turns -0.0 into +0.0.
             let t = P::round_simd(simd, simd.div_f32s(lo, s));
             let zp = simd.sub_f32s(hi_q, rint_clamped(simd, t, lo_q, hi_q));
             store_f32(simd, &mut scale[j..j + n], s);

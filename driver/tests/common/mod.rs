@@ -62,6 +62,18 @@ pub fn dequantized_reference(
     zero_point: bool,
     out: &Path,
 ) -> PathBuf {
+    dequantized_reference_mixed(src, weights, block, zero_point, &[], out)
+}
+
+/// [`dequantized_reference`] with the weights named in `int8` quantized to INT8 per channel.
+pub fn dequantized_reference_mixed(
+    src: &Path,
+    weights: &[(&str, usize)],
+    block: i64,
+    zero_point: bool,
+    int8: &[&str],
+    out: &Path,
+) -> PathBuf {
     let mut model = Model::load(src).unwrap();
     model.inline_external_data().unwrap();
     let g = model.proto.graph.clone().unwrap();
@@ -72,9 +84,11 @@ pub fn dequantized_reference(
         let format = format_of(t);
         let w = floats(&model, t);
         let shape = [t.dims[0] as usize, t.dims[1] as usize];
-        let b = if block == -1 { shape[axis] } else { block as usize };
-        let s = reference::find_scales(format, &w, shape, b, axis, 1.0, zero_point);
-        let q = reference::rtn(format, &w, shape, &s, b, axis);
+        let eight = int8.contains(&name.as_str());
+        let bits = if eight { nibble::Bits::Eight } else { nibble::Bits::Four };
+        let b = if block == -1 || eight { shape[axis] } else { block as usize };
+        let s = reference::find_scales(format, bits, &w, shape, b, axis, 1.0, zero_point);
+        let q = reference::rtn(format, bits, &w, shape, &s, b, axis);
         let dq = reference::dq_tensor(format, &q, shape, &s, b, axis);
         *t = init(&name, &shape, &dq, format);
     }
