@@ -9,6 +9,11 @@
 //! - each consuming `MatMul`/`Gemm` becomes `MatMulNBits` named `<node>_Q4` with attributes `K`, `N`,
 //!   `bits = 4`, `block_size`, `accuracy_level`; a Gemm bias becomes an `Add` after it.
 //!
+//! An embedding table `T` (`--gather-axis`) read by a `Gather` becomes a `GatherBlockQuantized`
+//! named `<node>_Q4` (ONNX Runtime's quantizer's form): `T_Q4` INT4 (UINT4 with a zero point) with
+//! the table's dims, packed as in the DQ form; `T_scales` and `T_zero_points` shaped like the DQ
+//! form's scales; attributes `gather_axis` (the Gather's axis), `quantize_axis`, `block_size`.
+//!
 //! An INT8 layer (mixed precision) is one MatMulNBits with `bits = 8` whose single block per column
 //! spans K (`block_size` = K rounded up to a power of two >= 16, the tail padded with the zero
 //! point): B `[N, 1, block_size]` one code per byte (symmetric codes stored as `q + 128`), zero
@@ -25,13 +30,14 @@ use crate::{Error, Result};
 use nibble::{Bits, FloatFormat, QuantizedWeight};
 use std::collections::{HashMap, HashSet};
 
-/// Checks that `block` is a block size MatMulNBits runs.
-pub fn check_block(block: i64) -> Result<usize> {
+/// Checks that `block` (given as option `flag`) is a block size MatMulNBits and
+/// GatherBlockQuantized run.
+pub fn check_block(flag: &str, block: i64) -> Result<usize> {
     if block >= 16 && (block as u64).is_power_of_two() {
         Ok(block as usize)
     } else {
         Err(Error::Usage(format!(
-            "--block-size {block}: MatMulNBits needs a power of two >= 16 (16, 32, 64, 128, ...); use --format dq for other block sizes"
+            "{flag} {block}: --format matmulnbits needs a power of two >= 16 (16, 32, 64, 128, ...); use --format dq for other block sizes"
         )))
     }
 }
@@ -129,12 +135,35 @@ pub fn tensors(c: &Candidate, q: &QuantizedWeight, block: usize) -> Vec<TensorPr
     out
 }
 
+/// The GatherBlockQuantized tensors of an embedding table: the DQ form's codes, scales and zero
+/// points under ONNX Runtime's names.
+pub fn gather_tensors(c: &Candidate, q: QuantizedWeight) -> Vec<TensorProto> {
+    let format = c.format().expect("float table");
+    let code_type = if q.zero_point.is_some() { DataType::Uint4 } else { DataType::Int4 } as i32;
+    let w = &c.weight;
+    let scale_dims: Vec<i64> = q.scale_shape.iter().map(|&d| d as i64).collect();
+    let mut out = vec![
+        tensor(format!("{w}_Q4"), c.dims.clone(), code_type, q.packed),
+        tensor(
+            format!("{w}_scales"),
+            scale_dims.clone(),
+            crate::synth::onnx_type(format),
+            crate::quantize::encode_floats(format, &q.scale),
+        ),
+    ];
+    if let Some(z) = &q.zero_point {
+        out.push(tensor(format!("{w}_zero_points"), scale_dims, code_type, nibble::reference::pack(z)));
+    }
+    out
+}
+
 /// Replaces the consumers of the quantized weights by MatMulNBits nodes.
 pub fn rewrite(
     model: &mut Model,
     chosen: &[&Candidate],
     quantized: Vec<QuantizedWeight>,
     block: usize,
+    gather_block: usize,
     accuracy_level: i64,
 ) -> Result<()> {
     let g = model.proto.graph.as_mut().expect("graph");
@@ -152,14 +181,28 @@ pub fn rewrite(
     };
     let by_weight: HashMap<&str, (&Candidate, Vec<TensorProto>)> = chosen
         .iter()
-        .zip(&quantized)
-        .map(|(c, q)| (c.weight.as_str(), (*c, tensors(c, q, node_layout(c, k_of(c), block).1))))
+        .zip(quantized)
+        .map(|(c, q)| {
+            let t =
+                if c.op == "Gather" { gather_tensors(c, q) } else { tensors(c, &q, node_layout(c, k_of(c), block).1) };
+            (c.weight.as_str(), (*c, t))
+        })
         .collect();
-    // Every consumer of a quantized weight must be a MatMul/Gemm reading it as B.
+    // Every consumer of a quantized weight must be a MatMul/Gemm reading it as B (a Gather reading
+    // it as data, for a table).
     for n in &g.node {
         for (i, input) in n.input.iter().enumerate() {
-            if by_weight.contains_key(input.as_str()) {
+            if let Some((c, _)) = by_weight.get(input.as_str()) {
                 let op = n.op_type.as_deref().unwrap_or("");
+                if c.op == "Gather" {
+                    if i != 0 || op != "Gather" {
+                        return Err(Error::Usage(format!(
+                            "table '{input}' is also read by node '{}' ({op}), which GatherBlockQuantized cannot replace; use --format dq",
+                            n.name.clone().unwrap_or_default()
+                        )));
+                    }
+                    continue;
+                }
                 let gemm_ok = op == "Gemm"
                     && n.attribute.iter().all(|a| match a.name.as_deref() {
                         Some("transA") => a.i.unwrap_or(0) == 0,
@@ -181,6 +224,12 @@ pub fn rewrite(
     for n in old {
         if n.op_type.as_deref() == Some("Constant") && n.output.first().is_some_and(|o| removed_constants.contains(o)) {
             continue;
+        }
+        if n.op_type.as_deref() == Some("Gather") {
+            if let Some((c, t)) = n.input.first().and_then(|w| by_weight.get(w.as_str())) {
+                g.node.push(gather_node(&n, c, t.len() == 3, gather_block));
+                continue;
+            }
         }
         let Some((c, _)) = n.input.get(1).and_then(|w| by_weight.get(w.as_str())) else {
             g.node.push(n);
@@ -228,4 +277,32 @@ pub fn rewrite(
         model.proto.opset_import.push(OperatorSetIdProto { domain: Some("com.microsoft".into()), version: Some(1) });
     }
     Ok(())
+}
+
+/// The GatherBlockQuantized replacing Gather `n` of table `c`.
+fn gather_node(n: &crate::onnx::NodeProto, c: &Candidate, zero_point: bool, block: usize) -> crate::onnx::NodeProto {
+    let Decision::Quantize { axis } = c.decision else { unreachable!("planned") };
+    let w = &c.weight;
+    let rank = c.dims.len() as i64;
+    let gather_axis = n.attribute.iter().find(|a| a.name.as_deref() == Some("axis")).and_then(|a| a.i).unwrap_or(0);
+    let gather_axis = if gather_axis < 0 { gather_axis + rank } else { gather_axis };
+    let mut inputs = vec![format!("{w}_Q4"), n.input[1].clone(), format!("{w}_scales")];
+    if zero_point {
+        inputs.push(format!("{w}_zero_points"));
+    }
+    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let name = n.name.clone().unwrap_or_else(|| n.output[0].clone());
+    let mut m = node(
+        "GatherBlockQuantized",
+        &format!("{name}_Q4"),
+        &refs,
+        &[&n.output[0]],
+        vec![
+            attr_i("gather_axis", gather_axis),
+            attr_i("quantize_axis", axis as i64),
+            attr_i("block_size", block as i64),
+        ],
+    );
+    m.domain = Some("com.microsoft".into());
+    m
 }

@@ -601,9 +601,6 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
             if axis > 1 {
                 return Err(Error::Usage(format!("--gather-axis {axis}: use 0 or 1")));
             }
-            if opts.format == Format::MatMulNBits {
-                return Err(Error::Usage("--gather-axis works with --format dq only (for now)".into()));
-            }
             let b = BlockSize::from_i64(opts.gather_block_size)
                 .map_err(|e| Error::Usage(format!("--gather-block-size: {e}")))?;
             let gathers = crate::plan::plan_gather(&model, &patterns, axis, &candidates);
@@ -625,7 +622,10 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     }
     let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
     if opts.format == Format::MatMulNBits {
-        crate::nbits::check_block(opts.block_size)?;
+        crate::nbits::check_block("--block-size", opts.block_size)?;
+        if opts.gather_axis.is_some() {
+            crate::nbits::check_block("--gather-block-size", opts.gather_block_size)?;
+        }
     }
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
     // AWQ: searches on the original weights, then folds into producers (before their own weights
@@ -664,8 +664,12 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let mut opset_raised = opset_raised;
     if opts.format == Format::MatMulNBits {
         let before = model.proto.graph.as_ref().map_or(0, |g| g.initializer.len());
-        let nbits_block = crate::nbits::check_block(opts.block_size)?;
-        crate::nbits::rewrite(&mut model, &chosen, quantized, nbits_block, opts.accuracy_level)?;
+        let nbits_block = crate::nbits::check_block("--block-size", opts.block_size)?;
+        let nbits_gather_block = match opts.gather_axis {
+            Some(_) => crate::nbits::check_block("--gather-block-size", opts.gather_block_size)?,
+            None => nbits_block,
+        };
+        crate::nbits::rewrite(&mut model, &chosen, quantized, nbits_block, nbits_gather_block, opts.accuracy_level)?;
         let g = model.proto.graph.as_ref().expect("graph");
         weight_bytes_after = g.initializer[before.saturating_sub(chosen.len())..]
             .iter()

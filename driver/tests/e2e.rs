@@ -405,8 +405,9 @@ fn matmulnbits_format_equals_dq_form() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("power of two >= 16"));
 }
 
-/// `--gather-axis`: the embedding table becomes INT4 + DequantizeLinear, and the Gather output is
-/// exactly the scalar reference's dequantized rows.
+/// `--gather-axis`: the embedding table becomes INT4 + DequantizeLinear (or GatherBlockQuantized
+/// with `--format matmulnbits`), and the Gather output is exactly the scalar reference's
+/// dequantized rows.
 #[test]
 fn gather_tables_are_quantized_and_gather_dequantized_rows() {
     let (v, h) = (100usize, 64usize);
@@ -428,8 +429,8 @@ fn gather_tables_are_quantized_and_gather_dequantized_rows() {
     let d = tmp();
     let src = write(model(g, 17), &d.path().join("m.onnx"), ExternalData::Never);
     let ids: Vec<i64> = vec![0, 5, 99, 42, 7, 7, 63, 1];
-    for axis in [1usize, 0] {
-        let out = d.path().join(format!("q{axis}.onnx"));
+    for (axis, form) in [(1usize, "dq"), (0, "dq"), (1, "matmulnbits"), (0, "matmulnbits")] {
+        let out = d.path().join(format!("q{axis}{form}.onnx"));
         nibble_ok(&[
             "quantize",
             src.to_str().unwrap(),
@@ -439,14 +440,33 @@ fn gather_tables_are_quantized_and_gather_dequantized_rows() {
             &axis.to_string(),
             "--block-size",
             "32",
+            "--format",
+            form,
             "--force",
         ]);
         let q = Model::load(&out).unwrap();
         let g = q.proto.graph.as_ref().unwrap();
-        assert!(g.initializer.iter().any(|t| t.name.as_deref() == Some("table_i4")));
-        let dq = g.node.iter().find(|n| n.name.as_deref() == Some("table_DequantizeLinear")).unwrap();
-        let attrs: Vec<(String, i64)> = dq.attribute.iter().map(|a| (a.name.clone().unwrap(), a.i.unwrap())).collect();
-        assert_eq!(attrs, vec![("axis".to_string(), axis as i64), ("block_size".to_string(), 32)]);
+        let attrs = |n: &nibble_driver::onnx::NodeProto| -> Vec<(String, i64)> {
+            n.attribute.iter().map(|a| (a.name.clone().unwrap(), a.i.unwrap())).collect()
+        };
+        if form == "dq" {
+            assert!(g.initializer.iter().any(|t| t.name.as_deref() == Some("table_i4")));
+            let dq = g.node.iter().find(|n| n.name.as_deref() == Some("table_DequantizeLinear")).unwrap();
+            assert_eq!(attrs(dq), vec![("axis".to_string(), axis as i64), ("block_size".to_string(), 32)]);
+        } else {
+            // ONNX Runtime's quantizer's form: GatherBlockQuantized over INT4 `table_Q4`.
+            let t = g.initializer.iter().find(|t| t.name.as_deref() == Some("table_Q4")).unwrap();
+            assert_eq!((t.data_type, t.dims.clone()), (Some(DataType::Int4 as i32), vec![v as i64, h as i64]));
+            let n = g.node.iter().find(|n| n.name.as_deref() == Some("/embed/Gather_Q4")).unwrap();
+            assert_eq!(n.op_type.as_deref(), Some("GatherBlockQuantized"));
+            let want = vec![
+                ("gather_axis".to_string(), 0),
+                ("quantize_axis".to_string(), axis as i64),
+                ("block_size".to_string(), 32),
+            ];
+            assert_eq!(attrs(n), want);
+            assert!(g.node.iter().all(|n| n.op_type.as_deref() != Some("Gather")));
+        }
         let s =
             nibble::reference::find_scales(FloatFormat::F32, nibble::Bits::Four, &table, [v, h], 32, axis, 1.0, false);
         let codes = nibble::reference::rtn(FloatFormat::F32, nibble::Bits::Four, &table, [v, h], &s, 32, axis);
@@ -461,8 +481,52 @@ fn gather_tables_are_quantized_and_gather_dequantized_rows() {
         let emb = outs.iter().find(|t| t.name == "emb").unwrap();
         let want: Vec<u32> =
             ids.iter().flat_map(|&i| rows[i as usize * h..(i as usize + 1) * h].iter().map(|x| x.to_bits())).collect();
-        assert_eq!(emb.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "axis {axis}");
+        assert_eq!(emb.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "axis {axis} {form}");
     }
+    // With a zero point, GatherBlockQuantized (UINT4 + zero points) gives the DQ form's rows.
+    let run_ids = |path: &std::path::Path| {
+        let mut sess = nibble_driver::runtime::open(path, Default::default()).unwrap();
+        let input = nibble_driver::runtime::Input {
+            name: "ids".into(),
+            shape: vec![2, 4],
+            data: nibble_driver::runtime::InputData::I64(ids.clone()),
+        };
+        let outs = nibble_driver::runtime::run(&mut sess, &[input]).unwrap();
+        outs.into_iter().find(|t| t.name == "emb").unwrap().data.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    let mut got = vec![];
+    for form in ["dq", "matmulnbits"] {
+        let out = d.path().join(format!("zp{form}.onnx"));
+        let o = out.to_str().unwrap();
+        nibble_ok(&[
+            "quantize",
+            src.to_str().unwrap(),
+            "-o",
+            o,
+            "--gather-axis",
+            "1",
+            "--zero-point",
+            "--format",
+            form,
+        ]);
+        got.push(run_ids(&out));
+    }
+    assert_eq!(got[0], got[1], "zero point: GatherBlockQuantized rows differ from the DQ form's");
+    // Block sizes GatherBlockQuantized cannot run are refused.
+    let o = nibble(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        d.path().join("x.onnx").to_str().unwrap(),
+        "--gather-axis",
+        "1",
+        "--gather-block-size",
+        "24",
+        "--format",
+        "matmulnbits",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--gather-block-size 24"));
 }
 
 /// `nibble compare` on pairs whose difference is known: a model against itself (no error), and a
