@@ -82,6 +82,12 @@ fn kernels(c: &mut Criterion) {
                 .unwrap()
             })
         });
+        let w16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();
+        g.throughput(Throughput::Bytes((w16.len() * 2) as u64));
+        g.bench_with_input(BenchmarkId::new("widen_f16", tier.name()), &tier, |b, &t| {
+            b.iter(|| widen_f16_with(t, black_box(&w16), &mut out).unwrap())
+        });
+        g.throughput(Throughput::Bytes(bytes));
     }
     g.finish();
 }

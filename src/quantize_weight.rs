@@ -98,6 +98,18 @@ impl WeightData<'_> {
         self.len() == 0
     }
 
+    /// Copies elements `start..start + out.len()` into `out` as f32 (exact; f16 and bf16 widened
+    /// in registers on `tier`).
+    pub fn copy_f32(&self, tier: Tier, start: usize, out: &mut [f32]) -> Result<()> {
+        let range = start..start + out.len();
+        match self {
+            WeightData::F32(v) => out.copy_from_slice(&v[range]),
+            WeightData::F16(v) => kernels::widen_f16_with(tier, &v[range], out)?,
+            WeightData::BF16(v) => kernels::widen_bf16(&v[range], out)?,
+        }
+        Ok(())
+    }
+
     /// Elements `range` as f32 (borrowed for f32 data; the conversion is exact).
     pub fn to_f32(&self, range: std::ops::Range<usize>) -> Cow<'_, [f32]> {
         use half::slice::HalfFloatSliceExt;
@@ -167,7 +179,7 @@ pub fn quantize_weight_alphas_with(
     match params.axis {
         0 => {
             let block = params.block_size.resolve(r);
-            let out = axis0(tier, format, &|range| data.to_f32(range), [r, c], block, params, alphas, Output::Packed)?;
+            let out = axis0(tier, format, data, [r, c], block, params, alphas, Output::Packed)?;
             Ok(out.into_quantized(block))
         }
         1 => {
@@ -175,8 +187,7 @@ pub fn quantize_weight_alphas_with(
             // Transpose to [C, R] in f32, quantize along its rows, transpose codes and scales back.
             let w = data.to_f32(0..r * c);
             let t = transpose(&w, r, c);
-            let t_source = |range: std::ops::Range<usize>| Cow::Borrowed(&t[range]);
-            let q = axis0(tier, format, &t_source, [c, r], block, params, alphas, Output::Codes)?;
+            let q = axis0(tier, format, WeightData::F32(&t), [c, r], block, params, alphas, Output::Codes)?;
             let codes = transpose(&q.data, c, r);
             let packed = match params.bits {
                 Bits::Four => {
@@ -213,8 +224,7 @@ pub fn fake_quantize_with(
     kernels::check_tier(tier)?;
     kernels::check_len("weight", k * n, w.len())?;
     let block = params.block_size.resolve(k);
-    let source = |range: std::ops::Range<usize>| Cow::Borrowed(&w[range]);
-    let out = axis0(tier, format, &source, [k, n], block, params, alphas, Output::Dequantized)?;
+    let out = axis0(tier, format, WeightData::F32(w), [k, n], block, params, alphas, Output::Dequantized)?;
     Ok(out.dequantized)
 }
 
@@ -228,7 +238,19 @@ fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
     t
 }
 
-type Source<'s> = dyn Fn(std::ops::Range<usize>) -> Cow<'s, [f32]> + Sync + 's;
+/// Bytes of f32 scratch per column stripe: a block's rows x the stripe's columns stay in L2 while
+/// they are reduced, quantized and packed (two passes over the stripe, one read of the weight).
+const STRIPE_BYTES: usize = 256 << 10;
+
+/// Columns per stripe for blocks of `rows` rows and `n` columns: a multiple of 16 (whole vectors,
+/// and even, so each row's codes of a stripe start on a byte), or all of them when `n` is odd.
+fn stripe_width(rows: usize, n: usize) -> usize {
+    if n % 2 == 1 {
+        return n.max(1);
+    }
+    let w = (STRIPE_BYTES / 4 / rows.max(1)) / 16 * 16;
+    w.max(16).min(n).max(1)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Output {
@@ -266,7 +288,7 @@ impl Axis0 {
 fn axis0(
     tier: Tier,
     format: FloatFormat,
-    source: &Source<'_>,
+    source: WeightData<'_>,
     [k, n]: [usize; 2],
     block: usize,
     params: &QuantParams,
@@ -314,7 +336,6 @@ fn axis0(
         .enumerate()
         .map(|(b, (((codes, dq), scale), zp))| {
             let rows = block.min(k - b * block);
-            let w = source(b * block * n..(b * block + rows) * n);
             let alphas = alphas.map_or(&default_alphas[..], |a| &a[b * n..(b + 1) * n]);
             let job = BlockJob {
                 tier,
@@ -327,7 +348,7 @@ fn axis0(
                 block,
                 alphas,
             };
-            job.run(&w, scale, zp.as_deref_mut(), codes, dq, output)
+            job.run(source, rows, scale, zp.as_deref_mut(), codes, dq, output)
         })
         .collect();
     results.into_iter().collect::<Result<()>>()?;
@@ -348,24 +369,100 @@ struct BlockJob<'a> {
 }
 
 impl BlockJob<'_> {
+    /// Quantizes rows `b * block ..` (`rows` of them) of `source`, stripe by stripe.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
-        w: &[f32],
+        source: WeightData<'_>,
+        rows: usize,
         scale: &mut [f32],
-        zp_out: Option<&mut [u8]>,
+        mut zp_out: Option<&mut [u8]>,
         codes_out: &mut [u8],
         dq_out: &mut [f32],
         output: Output,
     ) -> Result<()> {
-        let BlockJob { tier, format, bits, n, padded, zero_point, b, block, alphas } = *self;
-        let rows = w.len() / n;
-        let non_finite = |column: usize| Error::NonFinite { block: b, column, start: b * block, end: b * block + rows };
-        let mut zp = vec![0.0f32; if zero_point { n } else { 0 }];
+        let n = self.n;
+        let row0 = self.b * self.block;
+        // f32 rows are used in place, whole (a copy costs more than it saves); f16/bf16 rows are
+        // widened stripe by stripe into a scratch that stays in L2.
+        let in_place = match source {
+            WeightData::F32(v) => Some(&v[row0 * n..(row0 + rows) * n]),
+            _ => None,
+        };
+        let width = if in_place.is_some() { n.max(1) } else { stripe_width(rows, n) };
+        let mut scratch = vec![0.0f32; if in_place.is_some() { 0 } else { rows * width }];
+        let dequantized = output == Output::Dequantized;
+        let mut codes = vec![0u8; if dequantized { 0 } else { rows * width }];
+        let mut dq = vec![0.0f32; if dequantized { rows * width } else { 0 }];
+        let mut c0 = 0;
+        while c0 < n {
+            let s = width.min(n - c0);
+            let codes = &mut codes[..if dequantized { 0 } else { rows * s }];
+            let dq = &mut dq[..if dequantized { rows * s } else { 0 }];
+            let w: &[f32] = match in_place {
+                Some(v) => v,
+                None => {
+                    let w = &mut scratch[..rows * s];
+                    for (r, row) in w.chunks_exact_mut(s).enumerate() {
+                        source.copy_f32(self.tier, (row0 + r) * n + c0, row)?;
+                    }
+                    w
+                }
+            };
+            let zp = zp_out.as_deref_mut().map(|z| &mut z[c0..c0 + s]);
+            self.stripe(w, c0, &mut scale[c0..c0 + s], zp, codes, dq, output)?;
+            // Scatter the stripe's rows into the block's output.
+            match output {
+                Output::Packed if self.bits == Bits::Four && s == n => {
+                    kernels::pack_nibbles_with(self.tier, codes, codes_out)?;
+                }
+                Output::Packed if self.bits == Bits::Four => {
+                    for (r, row) in codes.chunks_exact(s).enumerate() {
+                        let at = (r * n + c0) / 2;
+                        kernels::pack_nibbles_with(self.tier, row, &mut codes_out[at..at + s / 2])?;
+                    }
+                }
+                Output::Packed | Output::Codes => {
+                    for (r, row) in codes.chunks_exact(s).enumerate() {
+                        codes_out[r * n + c0..r * n + c0 + s].copy_from_slice(row);
+                    }
+                }
+                Output::Dequantized => {
+                    for (r, row) in dq.chunks_exact(s).enumerate() {
+                        dq_out[r * n + c0..r * n + c0 + s].copy_from_slice(row);
+                    }
+                }
+            }
+            c0 += s;
+        }
+        Ok(())
+    }
+
+    /// Statistics, scales, and codes (or dequantized values) of one stripe `w` (`rows x s`, columns
+    /// `c0..c0 + s` of the block).
+    #[allow(clippy::too_many_arguments)]
+    fn stripe(
+        &self,
+        w: &[f32],
+        c0: usize,
+        scale: &mut [f32],
+        zp_out: Option<&mut [u8]>,
+        codes: &mut [u8],
+        dq_out: &mut [f32],
+        output: Output,
+    ) -> Result<()> {
+        let BlockJob { tier, format, bits, n: _, padded, zero_point, b, block, alphas } = *self;
+        let s = scale.len();
+        let alphas = &alphas[c0..c0 + s];
+        let rows = w.len() / s.max(1);
+        let non_finite =
+            |column: usize| Error::NonFinite { block: b, column: c0 + column, start: b * block, end: b * block + rows };
+        let mut zp = vec![0.0f32; if zero_point { s } else { 0 }];
         if zero_point {
-            let mut lo = vec![0.0f32; n];
-            let mut hi = vec![0.0f32; n];
-            kernels::block_minmax_with(tier, w, n, padded, &mut lo, &mut hi)?;
-            if let Some(c) = (0..n).find(|&c| !lo[c].is_finite() || !hi[c].is_finite()) {
+            let mut lo = vec![0.0f32; s];
+            let mut hi = vec![0.0f32; s];
+            kernels::block_minmax_with(tier, w, s, padded, &mut lo, &mut hi)?;
+            if let Some(c) = (0..s).find(|&c| !lo[c].is_finite() || !hi[c].is_finite()) {
                 return Err(non_finite(c));
             }
             kernels::scales_zero_point_alphas_with(tier, format, bits, &lo, &hi, alphas, scale, &mut zp)?;
@@ -375,8 +472,8 @@ impl BlockJob<'_> {
                 }
             }
         } else {
-            let mut amax = vec![0.0f32; n];
-            kernels::block_absmax_with(tier, w, n, &mut amax)?;
+            let mut amax = vec![0.0f32; s];
+            kernels::block_absmax_with(tier, w, s, &mut amax)?;
             if let Some(c) = amax.iter().position(|a| !a.is_finite()) {
                 return Err(non_finite(c));
             }
@@ -384,18 +481,10 @@ impl BlockJob<'_> {
         }
         let zp = zero_point.then_some(&zp[..]);
         match output {
-            // quantize + pack measures faster than the fused quantize_packed kernel, whose lane
-            // pairing still goes through memory (benches/kernels.rs).
-            Output::Packed if bits == Bits::Four => {
-                let mut codes = vec![0u8; w.len()];
-                kernels::quantize_with(tier, format, bits, w, n, scale, zp, &mut codes)?;
-                kernels::pack_nibbles_with(tier, &codes, codes_out)?;
-            }
-            Output::Packed | Output::Codes => kernels::quantize_with(tier, format, bits, w, n, scale, zp, codes_out)?,
+            Output::Packed | Output::Codes => kernels::quantize_with(tier, format, bits, w, s, scale, zp, codes),
             Output::Dequantized => {
-                kernels::qdq_error_with(tier, format, bits, w, n, scale, zp, kernels::QdqOutput::Dequantized, dq_out)?
+                kernels::qdq_error_with(tier, format, bits, w, s, scale, zp, kernels::QdqOutput::Dequantized, dq_out)
             }
         }
-        Ok(())
     }
 }

@@ -277,3 +277,23 @@ fn length_mismatches_are_errors() {
     let mut packed = vec![0u8; 4];
     assert!(pack_nibbles(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &mut packed).is_err());
 }
+
+/// Widening every f16 bit pattern (and every bf16 one) gives `half`'s exact conversion on every tier,
+/// at every length (vector bodies and tails).
+#[test]
+fn widen_matches_half_for_every_bit_pattern() {
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let f16s: Vec<half::f16> = all.iter().map(|&b| half::f16::from_bits(b)).collect();
+    let bf16s: Vec<half::bf16> = all.iter().map(|&b| half::bf16::from_bits(b)).collect();
+    let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+    for tier in Tier::available() {
+        for len in [0usize, 1, 15, 16, 17, 33, all.len()] {
+            let mut out = vec![0.0f32; len];
+            widen_f16_with(tier, &f16s[..len], &mut out).unwrap();
+            assert!(out.iter().zip(&f16s).all(|(&o, h)| same(o, h.to_f32())), "f16 {tier:?} len {len}");
+        }
+    }
+    let mut out = vec![0.0f32; all.len()];
+    widen_bf16(&bf16s, &mut out).unwrap();
+    assert!(out.iter().zip(&bf16s).all(|(&o, h)| same(o, h.to_f32())), "bf16");
+}

@@ -13,6 +13,7 @@ pub mod quantize;
 pub mod quantize_packed;
 pub mod round;
 pub mod scales;
+pub mod widen;
 
 pub use block_absmax::{block_absmax, block_absmax_with};
 pub use block_dot::{block_dot, block_dot_with};
@@ -27,6 +28,7 @@ pub use scales::{
     scales_symmetric, scales_symmetric_alphas_with, scales_symmetric_with, scales_zero_point,
     scales_zero_point_alphas_with, scales_zero_point_with,
 };
+pub use widen::{widen_bf16, widen_f16, widen_f16_with};
 
 use crate::{Error, Result, Tier};
 
