@@ -49,14 +49,25 @@ q.model.save_model_to_file(out, use_external_data_format=True)
 """
 
 WRAP = """
-import resource, subprocess, sys, time
+import resource, subprocess, sys, tempfile, time
+err = tempfile.TemporaryFile(mode="w+")
 t = time.perf_counter()
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=err)
+anon = 0
+while p.poll() is None:  # peak anonymous memory (heap; not the file-backed mapping of the model)
+    try:
+        for line in open(f"/proc/{p.pid}/status"):
+            if line.startswith("RssAnon:"):
+                anon = max(anon, int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    time.sleep(0.002)
 dt = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(f"{dt} {rss} {r.returncode}")
-if r.returncode:
-    sys.stderr.write(r.stderr[-3000:])
+print(f"{dt} {rss} {p.returncode} {anon}")
+if p.returncode:
+    err.seek(0)
+    sys.stderr.write(err.read()[-3000:])
 """
 
 
@@ -77,21 +88,29 @@ def setup(skip_modelopt):
         sh([PY, "-m", "pip", "install", "--quiet"] + need)
 
 
-def measure(cmd):
-    """Wall time, peak RSS and success of one process."""
+def measure(cmd, out=None):
+    """Wall time, peak RSS, peak anonymous memory of one process (a fresh output each time)."""
+    if out:
+        for f in (out, out + "_data"):
+            if os.path.exists(f):
+                os.remove(f)
     r = subprocess.run([sys.executable, "-c", WRAP] + cmd, capture_output=True, text=True)
     parts = r.stdout.split()
-    if r.returncode or len(parts) != 3 or parts[2] != "0":
+    if r.returncode or len(parts) != 4 or parts[2] != "0":
         sys.stderr.write(r.stderr[-3000:])
         return None
-    return float(parts[0]), int(parts[1])
+    return float(parts[0]), int(parts[1]), int(parts[3])
 
 
-def median_run(cmd, runs):
-    results = [measure(cmd) for _ in range(runs)]
+def median_run(cmd, runs, out=None):
+    results = [measure(cmd, out) for _ in range(runs)]
     if any(r is None for r in results):
         return None
-    return statistics.median(r[0] for r in results), max(r[1] for r in results)
+    return statistics.median(r[0] for r in results), max(r[1] for r in results), max(r[2] for r in results)
+
+
+def output_size(out):
+    return sum(os.path.getsize(f) for f in (out, out + "_data") if os.path.exists(f))
 
 
 def page_cache_read(path, runs):
@@ -143,15 +162,17 @@ def main():
                    "--force", "--external-data", "always"]
             if awq:
                 cmd += ["--calibration-data", calib]
-            nib = median_run(cmd, runs)
+            nib = median_run(cmd, runs, out)
+            out_size = output_size(out)
             mo = None
             if not args.skip_modelopt:
                 out_mo = os.path.join(work, f"modelopt_{method}.onnx")
-                mo = median_run([PY, "-c", MODELOPT_SNIPPET, model, out_mo, method, str(args.block_size), calib if awq else "-"], runs)
+                mo = median_run([PY, "-c", MODELOPT_SNIPPET, model, out_mo, method, str(args.block_size), calib if awq else "-"], runs, out_mo)
             ort = None
             if method == "rtn_dq":
-                ort = median_run([PY, "-c", ORT_SNIPPET, model, os.path.join(work, "ort.onnx"), str(args.block_size)], args.runs)
-            rows.append((method, nib, mo, ort))
+                out_ort = os.path.join(work, "ort.onnx")
+                ort = median_run([PY, "-c", ORT_SNIPPET, model, out_ort, str(args.block_size)], args.runs, out_ort)
+            rows.append((method, nib, mo, ort, out_size))
             print(json.dumps({"method": method, "nibble": nib, "modelopt": mo, "ort": ort}), flush=True)
         cpu = "unknown"
         try:
@@ -169,15 +190,18 @@ def main():
             f"Model: generated transformer-like, hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, "
             f"vocab {args.vocab}, {args.dtype} weights, {size / 1e9:.2f} GB; block size {args.block_size}; AWQ calibration "
             f"{args.samples} samples x {args.seq} tokens. Reading the model from the page cache: {cat:.2f} s.",
-            "Times are medians of the runs (AWQ: one run); memory is the peak resident set of the process.",
+            "Times are medians of the runs (AWQ: one run), each writing a fresh output; peak is the peak resident",
+            "set of the process (for nibble it counts the mapped model pages it read); anon is nibble's peak",
+            "anonymous memory (heap), beside the size of the output it wrote.",
             "",
-            "| method | nibble | ModelOpt | ORT MatMulNBitsQuantizer | nibble vs ModelOpt | nibble vs ORT | nibble vs page-cache read | nibble peak | ModelOpt peak | ORT peak |",
+            "| method | nibble | ModelOpt | ORT MatMulNBitsQuantizer | nibble vs ModelOpt | nibble vs ORT | nibble vs page-cache read | nibble peak / anon / output | ModelOpt peak | ORT peak |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for method, nib, mo, ort in rows:
+        for method, nib, mo, ort, out_size in rows:
             vs_cat = "-" if nib is None else f"{nib[0] / cat:.1f}x"
+            mem = "-" if nib is None else f"{nib[1] / 1e6:.0f} / {nib[2] / 1e6:.0f} / {out_size / 1e6:.0f} MB"
             lines.append(f"| {method} | {fmt_t(nib)} | {fmt_t(mo)} | {fmt_t(ort)} | {ratio(nib, mo)} | {ratio(nib, ort)} | "
-                         f"{vs_cat} | {fmt_m(nib)} | {fmt_m(mo)} | {fmt_m(ort)} |")
+                         f"{vs_cat} | {mem} | {fmt_m(mo)} | {fmt_m(ort)} |")
         text = "\n".join(lines) + "\n"
         print(text)
         with open(args.output, "w") as f:

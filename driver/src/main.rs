@@ -47,6 +47,10 @@ enum Command {
         /// Overwrite an existing output.
         #[arg(long)]
         force: bool,
+        /// Flush the output to disk before renaming it into place, so it also survives a power loss
+        /// (slower: waits for the disk).
+        #[arg(long)]
+        fsync: bool,
         /// Leave weights that hold NaN or Inf unquantized (with a warning) instead of stopping.
         #[arg(long)]
         skip_nonfinite: bool,
@@ -221,6 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_default_exclude,
             external_data,
             force,
+            fsync,
             skip_nonfinite,
             format,
             accuracy_level,
@@ -253,6 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 gather_block_size,
                 int8_layers,
                 mixed_precision,
+                fsync,
             };
             let s = quantize_file(&model, &output, &opts)?;
             let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };

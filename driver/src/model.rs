@@ -6,8 +6,9 @@
 //! `..`, offset + length inside the file, length equal to the tensor's size) before any byte is read.
 //!
 //! Saving writes `OUT.onnx` (and `OUT.onnx_data` when external data is used) to temporary files in
-//! the output folder, syncs them, and renames them into place, so an error never leaves a partial
-//! model behind. The input is only ever read.
+//! the output folder and renames them into place, so an error or an interruption never leaves a
+//! partial model behind (with `sync`, `--fsync`, the files are also flushed to disk before the
+//! rename, for a machine crash). The input is only ever read.
 
 use crate::onnx::{
     tensor_proto::DataLocation, tensor_proto::DataType, ModelProto, StringStringEntryProto, TensorProto,
@@ -323,11 +324,15 @@ impl TempFile {
         self.file.as_mut().expect("open").write_all(bytes).map_err(|source| Error::Write { path: path.clone(), source })
     }
 
-    fn finish(&mut self) -> Result<()> {
+    /// Flushes the buffer, and with `sync` waits until the data is on disk.
+    fn finish(&mut self, sync: bool) -> Result<()> {
         let path = self.path.clone();
         let w = |source| Error::Write { path: path.clone(), source };
         let file = self.file.take().expect("open").into_inner().map_err(|e| w(e.into_error()))?;
-        file.sync_all().map_err(w)
+        if sync {
+            file.sync_all().map_err(w)?;
+        }
+        Ok(())
     }
 
     fn commit(mut self, target: &Path) -> Result<()> {
@@ -350,7 +355,14 @@ impl Drop for TempFile {
 /// Writes `proto` to `out` atomically; with external data, large initializers go to
 /// `OUT.onnx_data`. Every tensor must hold its data inline (see [`Model::inline_external_data`]).
 /// Returns the total bytes written.
-pub fn save(mut proto: ModelProto, out: &Path, mode: ExternalData) -> Result<u64> {
+pub fn save(proto: ModelProto, out: &Path, mode: ExternalData) -> Result<u64> {
+    save_with(proto, out, mode, false)
+}
+
+/// [`save`], and with `sync` each file is flushed to disk (fsync) before it is renamed into place,
+/// so that the output also survives a power loss (the rename alone protects against errors and
+/// interruptions, not against a crash of the machine).
+pub fn save_with(mut proto: ModelProto, out: &Path, mode: ExternalData, sync: bool) -> Result<u64> {
     let external = match mode {
         ExternalData::Always => true,
         ExternalData::Never => false,
@@ -382,7 +394,7 @@ pub fn save(mut proto: ModelProto, out: &Path, mode: ExternalData) -> Result<u64
             t.data_location = Some(DataLocation::External as i32);
             t.raw_data = None;
         }
-        tmp.finish()?;
+        tmp.finish(sync)?;
         written += offset;
         data_tmp = Some(tmp);
     }
@@ -397,7 +409,7 @@ pub fn save(mut proto: ModelProto, out: &Path, mode: ExternalData) -> Result<u64
     }
     let mut tmp = TempFile::create(out)?;
     tmp.write_all(&proto.encode_to_vec())?;
-    tmp.finish()?;
+    tmp.finish(sync)?;
     written += encoded as u64;
     if let Some(d) = data_tmp {
         d.commit(&data_path)?;

@@ -8,7 +8,7 @@
 //! `rtn` keeps `W` and inserts `W_QuantizeLinear` -> `W_DequantizeLinear` with valid blocked
 //! attributes on both (ModelOpt writes none, which ONNX Runtime rejects).
 
-use crate::model::{external_data_path, save, ExternalData, Model};
+use crate::model::{external_data_path, save_with, ExternalData, Model};
 use crate::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, NodeProto,
     TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
@@ -87,6 +87,8 @@ pub struct Options {
     pub int8_layers: Option<String>,
     /// ModelOpt's default INT8 layer choice (`enable_mixed_quant`), when `int8_layers` is unset.
     pub mixed_precision: bool,
+    /// Flush the output to disk (fsync) before renaming it into place.
+    pub fsync: bool,
 }
 
 /// The operator the quantized weights feed.
@@ -116,6 +118,7 @@ impl Default for Options {
             gather_block_size: 32,
             int8_layers: None,
             mixed_precision: false,
+            fsync: false,
         }
     }
 }
@@ -698,7 +701,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
         model.proto.ir_version = Some(model.proto.ir_version.unwrap_or(0).max(10));
     }
     let proto = std::mem::take(&mut model.proto);
-    let model_bytes_after = save(proto, output, opts.external_data)?;
+    let model_bytes_after = save_with(proto, output, opts.external_data, opts.fsync)?;
     Ok(Summary {
         quantized: chosen.len(),
         int8: chosen.iter().filter(|c| c.bits == Bits::Eight).count(),

@@ -637,3 +637,21 @@ fn compare_per_layer_matches_an_independent_computation() {
     let text = nibble_ok(&["compare", src.to_str().unwrap(), out.to_str().unwrap(), "--per-layer"]);
     assert!(text.contains("/fc1/MatMul") && text.contains("/fc2/MatMul"), "{text}");
 }
+
+/// `--fsync` writes the same bytes (it only waits for the disk before the rename).
+#[test]
+fn fsync_writes_the_same_model() {
+    let d = tmp();
+    let src = write(transformer(&small_transformer(FloatFormat::F32)), &d.path().join("m.onnx"), ExternalData::Never);
+    let (a, b) = (d.path().join("a.onnx"), d.path().join("b.onnx"));
+    nibble_ok(&["quantize", src.to_str().unwrap(), "-o", a.to_str().unwrap(), "--external-data", "always"]);
+    nibble_ok(&["quantize", src.to_str().unwrap(), "-o", b.to_str().unwrap(), "--external-data", "always", "--fsync"]);
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    assert_eq!(read(&d.path().join("a.onnx_data")), read(&d.path().join("b.onnx_data")));
+    let (ma, mb) = (read(&a), read(&b));
+    // The data file's name is inside the model: the models differ only there.
+    assert_eq!(ma.len(), mb.len());
+    let diff = ma.iter().zip(&mb).filter(|(x, y)| x != y).count();
+    assert!(diff > 0 && diff < ma.len() / 100, "{diff} bytes differ");
+    assert_eq!(snapshot(d.path()).iter().filter(|(n, _)| n.contains("nibble-tmp")).count(), 0);
+}
