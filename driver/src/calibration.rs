@@ -89,7 +89,12 @@ fn spec(vi: &ValueInfoProto) -> Result<InputSpec> {
         })
         .map(|d| d.collect())
         .unwrap_or_default();
-    Ok(InputSpec { name, elem_type: t.elem_type.unwrap_or(0), dims })
+    // A bfloat16 input is fed as float32: calibration runs the model's float32 twin (crate::twin).
+    let elem_type = match t.elem_type.unwrap_or(0) {
+        e if e == DataType::Bfloat16 as i32 => DataType::Float as i32,
+        e => e,
+    };
+    Ok(InputSpec { name, elem_type, dims })
 }
 
 /// Rows of the embedding table that `input` indexes through a Gather, if any.

@@ -5,6 +5,7 @@
 //! group ("wave") of activations a small model file whose graph outputs are exactly those tensors
 //! (with no declared type, which ONNX Runtime accepts) is written next to it and run on every sample,
 //! so ONNX Runtime computes only what the wave needs. The caller sizes the waves to bound memory.
+//! A bfloat16 model is captured through its float32 twin ([`crate::twin`]).
 
 use crate::model::{save, ExternalData, Model};
 use crate::onnx::{ModelProto, ValueInfoProto};
@@ -42,7 +43,11 @@ impl Capture {
             .map_err(|e| Error::Runtime(format!("cannot create a temporary folder for calibration: {e}")))?;
         crate::cleanup::register(dir.path());
         let base_path = dir.path().join("base.onnx");
-        let base = if model.has_external_data() && !model.external_files().is_empty() {
+        let base = if crate::twin::needs_twin(&model.proto) {
+            // bfloat16: ONNX Runtime's CPU provider runs the float32 twin instead.
+            save(crate::twin::f32_twin(model)?, &base_path, ExternalData::Always)?;
+            Model::load(&base_path)?.proto
+        } else if model.has_external_data() && !model.external_files().is_empty() {
             // Link the (checked) external data files instead of writing the weights again.
             let g = model.proto.graph.as_ref().expect("graph");
             let mut linked = std::collections::HashSet::new();

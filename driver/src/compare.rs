@@ -8,7 +8,7 @@
 
 use crate::model::Model;
 use crate::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto};
-use crate::runtime::{open, run, Input, InputData, NamedTensor, SessionOptions};
+use crate::runtime::{Input, InputData, NamedTensor};
 use crate::synth::Rng;
 use crate::{Error, Result};
 use std::path::Path;
@@ -85,14 +85,16 @@ pub fn random_inputs(model: &Model, seed: u64) -> Result<Vec<Input>> {
             .unwrap_or_default();
         let n: usize = shape.iter().product();
         let data = match DataType::try_from(t.elem_type.unwrap_or(0)) {
-            Ok(DataType::Float) => InputData::F32(rng.normals(n, 1.0)),
+            // bfloat16 inputs are fed as float32 to the model's float32 twin (crate::twin).
+            Ok(DataType::Float | DataType::Bfloat16) => InputData::F32(rng.normals(n, 1.0)),
+            Ok(DataType::Float16) => InputData::F16(rng.normals(n, 1.0).into_iter().map(half::f16::from_f32).collect()),
             Ok(DataType::Int64) => InputData::I64((0..n).map(|_| (rng.uniform() * 10.0) as i64).collect()),
             Ok(DataType::Int32) => InputData::I32((0..n).map(|_| (rng.uniform() * 10.0) as i32).collect()),
             _ => {
                 return Err(Error::Usage(format!(
-                    "input '{name}' has element type {}; nibble compare feeds float32, int64 and int32 inputs",
-                    crate::model::dtype_name(t.elem_type.unwrap_or(0))
-                )))
+                "input '{name}' has element type {}; nibble compare feeds float32/16, bfloat16, int64 and int32 inputs",
+                crate::model::dtype_name(t.elem_type.unwrap_or(0))
+            )))
             }
         };
         out.push(Input { name, shape, data });
@@ -115,21 +117,36 @@ pub fn compare_with_data(original: &Path, quantized: &Path, data: &Path) -> Resu
 }
 
 fn compare_on(original: &Path, quantized: &Path, samples: &[Vec<crate::runtime::Input>]) -> Result<Vec<OutputReport>> {
-    let mut a = open(original, SessionOptions::default())?;
-    let mut b = open(quantized, SessionOptions::default())?;
-    let mut o: Vec<NamedTensor> = Vec::new();
-    let mut q: Vec<NamedTensor> = Vec::new();
-    for inputs in samples {
-        for (acc, out) in [(&mut o, run(&mut a, inputs)?), (&mut q, run(&mut b, inputs)?)] {
+    let (om, qm) = (Model::load(original)?, Model::load(quantized)?);
+    let names: Vec<String> =
+        om.proto.graph.as_ref().expect("graph").output.iter().filter_map(|v| v.name.clone()).collect();
+    let q_names: Vec<&str> =
+        qm.proto.graph.as_ref().expect("graph").output.iter().filter_map(|v| v.name.as_deref()).collect();
+    if let Some(missing) = names.iter().find(|n| !q_names.contains(&n.as_str())) {
+        return Err(Error::Usage(format!(
+            "output '{missing}' of {} is missing from {}",
+            original.display(),
+            quantized.display()
+        )));
+    }
+    // Through Capture, so that bfloat16 models run as their float32 twins on a CPU.
+    let runs = [
+        crate::capture::Capture::new(&om)?.run(&names, samples)?,
+        crate::capture::Capture::new(&qm)?.run(&names, samples)?,
+    ];
+    let [o, q] = runs.map(|per_sample| {
+        let mut acc: Vec<NamedTensor> = Vec::new();
+        for out in per_sample {
             if acc.is_empty() {
-                *acc = out;
+                acc = out;
             } else {
                 for (t, more) in acc.iter_mut().zip(out) {
                     t.data.extend(more.data);
                 }
             }
         }
-    }
+        acc
+    });
     o.iter()
         .map(|o| {
             let q = q.iter().find(|q| q.name == o.name).ok_or_else(|| {

@@ -21,3 +21,4 @@ pub mod pqs;
 pub mod quantize;
 pub mod runtime;
 pub mod synth;
+pub mod twin;

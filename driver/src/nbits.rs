@@ -167,13 +167,10 @@ pub fn rewrite(
     accuracy_level: i64,
 ) -> Result<()> {
     let g = model.proto.graph.as_mut().expect("graph");
-    for c in chosen {
-        if c.format() == Some(FloatFormat::BF16) {
-            return Err(Error::Usage(format!(
-                "weight '{}' is bfloat16; MatMulNBits takes float32 or float16 (use --format dq)",
-                c.weight
-            )));
-        }
+    if chosen.iter().any(|c| c.format() == Some(FloatFormat::BF16)) {
+        eprintln!(
+            "nibble: note: bfloat16 MatMulNBits/GatherBlockQuantized run on ONNX Runtime's CUDA provider; its CPU provider has no bfloat16 kernels (use --format dq, or a float16/float32 model, for CPU inference)"
+        );
     }
     let k_of = |c: &Candidate| match c.decision {
         Decision::Quantize { axis: 1 } => c.dims[1] as usize,

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use nibble::FloatFormat;
 use nibble_driver::model::{ExternalData, Model};
-use nibble_driver::onnx::{GraphProto, ModelProto};
+use nibble_driver::onnx::{tensor_proto::DataType, GraphProto, ModelProto};
 use nibble_driver::runtime::{open, run, Input, InputData, SessionOptions};
 use nibble_driver::synth::{attr_f, attr_i, init, io, model, node, onnx_type, Rng};
 use std::path::Path;
@@ -316,4 +316,78 @@ fn calibration_errors_name_the_input() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("no array named 'x'") && e.contains("not_x"), "{e}");
     assert!(!d.path().join("q.onnx").exists());
+}
+
+/// The float32 twin of a model (what ONNX Runtime's CPU provider can run for a bf16 model), saved
+/// next to it and run on `x`.
+fn twin_output(path: &Path, x: &[f32]) -> Vec<f32> {
+    let m = Model::load(path).unwrap();
+    assert!(nibble_driver::twin::needs_twin(&m.proto), "{}: no bf16", path.display());
+    let twin = nibble_driver::twin::f32_twin(&m).unwrap();
+    assert!(!nibble_driver::twin::needs_twin(&twin), "the twin is all f32");
+    let t = path.with_extension("twin.onnx");
+    nibble_driver::model::save(twin, &t, ExternalData::Never).unwrap();
+    output(&t, x)
+}
+
+/// bfloat16 weights: ONNX Runtime's CPU provider cannot run the model, so calibration runs its
+/// float32 twin; every AWQ method quantizes it, and (run through the twin) beats RTN.
+#[test]
+fn awq_on_bf16_models_calibrates_through_the_f32_twin() {
+    let d = tmp();
+    let src = write(awq_model(FloatFormat::BF16), &d.path().join("m.onnx"), ExternalData::Always);
+    let calib = d.path().join("calib.npz");
+    write_npz(&calib, 4, 64);
+    let held_out = outlier_inputs(256, 99);
+    assert!(open(&src, SessionOptions::default()).is_err(), "ORT's CPU provider runs bf16 MatMul now?");
+    let reference = twin_output(&src, &held_out);
+    let rtn = d.path().join("rtn.onnx");
+    nibble_ok(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        rtn.to_str().unwrap(),
+        "--block-size",
+        "32",
+        "--no-default-exclude",
+    ]);
+    let rtn_err = err(&twin_output(&rtn, &held_out), &reference);
+    for method in ["awq_lite", "awq_clip", "awq_full"] {
+        let out = d.path().join(format!("{method}.onnx"));
+        let q = quantize(&src, &out, method, &calib, &["--no-default-exclude"]);
+        let scale = q.proto.graph.as_ref().unwrap().initializer.iter().find(|t| t.name.as_deref() == Some("Wq_scale"));
+        assert_eq!(scale.unwrap().data_type, Some(DataType::Bfloat16 as i32), "the written model stays bf16");
+        let e = err(&twin_output(&out, &held_out), &reference);
+        eprintln!("bf16 {method}: relative error {e:.4} (rtn {rtn_err:.4})");
+        assert!(e < rtn_err, "bf16 {method}: {e} not below RTN's {rtn_err}");
+    }
+}
+
+/// bf16 in the other commands: `--format matmulnbits` writes bf16 MatMulNBits (valid for ONNX
+/// Runtime, which only lacks a CPU kernel for it) whose float32 twin computes what the DQ form's
+/// twin computes; `nibble compare` runs bf16 models through their twins.
+#[test]
+fn bf16_matmulnbits_and_compare() {
+    let d = tmp();
+    let src = write(awq_model(FloatFormat::BF16), &d.path().join("m.onnx"), ExternalData::Never);
+    let calib = d.path().join("calib.npz");
+    write_npz(&calib, 2, 32);
+    let held_out = outlier_inputs(64, 5);
+    for method in ["rtn_dq", "awq_lite"] {
+        let dq = d.path().join("dq.onnx");
+        let nb = d.path().join("nb.onnx");
+        quantize(&src, &dq, method, &calib, &[]);
+        quantize(&src, &nb, method, &calib, &["--format", "matmulnbits"]);
+        let Err(why) = open(&nb, SessionOptions::default()) else {
+            panic!("ORT's CPU provider runs bf16 MatMulNBits now?")
+        };
+        let why = why.to_string();
+        assert!(why.contains("implementation"), "{method}: not a missing-kernel error: {why}");
+        let e = err(&twin_output(&nb, &held_out), &twin_output(&dq, &held_out));
+        assert!(e < 1e-5, "{method}: bf16 MatMulNBits twin differs from the DQ twin by {e}");
+    }
+    let same = nibble_driver::compare::compare(&src, &src, 3).unwrap();
+    assert_eq!(same[0].relative_error, 0.0);
+    let q = nibble_driver::compare::compare(&src, &d.path().join("dq.onnx"), 3).unwrap();
+    assert!(q[0].relative_error > 1e-3 && q[0].relative_error < 0.5, "{:?}", q[0]);
 }
