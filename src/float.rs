@@ -39,6 +39,7 @@ impl FloatFormat {
     }
 
     /// Rounds an f32 value to this format and back (the identity for f32).
+    #[inline]
     pub fn round(self, x: f32) -> f32 {
         match self {
             FloatFormat::F32 => x,

@@ -390,8 +390,17 @@ impl BlockJob<'_> {
             _ => None,
         };
         let width = if in_place.is_some() { n.max(1) } else { stripe_width(rows, n) };
-        let mut scratch = vec![0.0f32; if in_place.is_some() { 0 } else { rows * width }];
         let dequantized = output == Output::Dequantized;
+        let packing = output == Output::Packed && self.bits == Bits::Four;
+        if let (Some(w), false) = (in_place, packing) {
+            // One stripe, written straight into the output.
+            let zp = zp_out.as_deref_mut();
+            return match dequantized {
+                true => self.stripe(w, 0, scale, zp, &mut [], dq_out, output),
+                false => self.stripe(w, 0, scale, zp, codes_out, &mut [], output),
+            };
+        }
+        let mut scratch = vec![0.0f32; if in_place.is_some() { 0 } else { rows * width }];
         let mut codes = vec![0u8; if dequantized { 0 } else { rows * width }];
         let mut dq = vec![0.0f32; if dequantized { rows * width } else { 0 }];
         let mut c0 = 0;

@@ -245,6 +245,18 @@ fn awq_lite_node_matches_modelopt() {
             let allowed = if fmt == FloatFormat::F16 { 0 } else { 6 };
             assert!(worst <= allowed, "{case}: best scale off by {worst} ulp");
         }
+        // The Gram form of the loss (used for f32 weights when T > K) against ModelOpt's losses.
+        if fmt == FloatFormat::F32 {
+            let g = awq::lite_search_with(Tier::best(), fmt, &x, &w, [k, n], &params, &alphas, awq::LossForm::Gram)
+                .unwrap();
+            for (g, w) in g.losses.iter().zip(&want_losses) {
+                assert!((g - w).abs() <= bound * w.abs(), "{case}: Gram loss {g} vs {w}");
+            }
+            assert!(
+                g.best == want_best
+                    || (g.losses[g.best] - g.losses[want_best]).abs() <= 2.0 * bound * g.losses[want_best]
+            );
+        }
         // Everything downstream of ModelOpt's chosen scale (and clip ratios): bit-exact.
         let best_scale = f32s(&a["out_best_scale"]);
         let scaled = awq::lite::scale_rows(fmt, &w, &best_scale, n);

@@ -285,30 +285,41 @@ pub fn search(
                 continue;
             }
             let mut scales: Vec<Vec<f32>> = vec![];
+            // The activation rounded to each weight format in the group (once per format).
+            let mut rounded: Vec<(FloatFormat, Vec<f32>)> = vec![];
             for w in &gr.weights {
                 let c = by_name[w.as_str()];
                 let format = c.format().expect("float weight");
-                let xq: Vec<f32> = x.iter().map(|&v| format.round(v)).collect();
+                if format != FloatFormat::F32 && !rounded.iter().any(|(f, _)| *f == format) {
+                    let mut v = x.clone();
+                    nibble::kernels::round_to_format(format, &mut v).map_err(|e| Error::kernel(w, e))?;
+                    rounded.push((format, v));
+                }
+                let xq: &[f32] = match rounded.iter().find(|(f, _)| *f == format) {
+                    Some((_, v)) => v,
+                    None => &x,
+                };
                 let (wkn, shape) = weight_kn(model, c)?;
                 let params = QuantParams { block_size: c.block(block), axis: 0, zero_point, alpha: 1.0, bits: c.bits };
                 let kernel_err = |e| Error::kernel(w, e);
                 let mut out = WeightAwq::default();
-                let mut clip_input = wkn.clone();
+                let mut clip_input = None;
                 if opts.method != AwqMethod::Clip {
-                    let s = lite_search(tier, format, &xq, &wkn, shape, &params, &lite_alphas).map_err(kernel_err)?;
+                    let s = lite_search(tier, format, xq, &wkn, shape, &params, &lite_alphas).map_err(kernel_err)?;
                     if opts.verbose {
                         progress.println(format!(
                             "{w}: awq_lite alpha {:.2} (loss {:.4e}, alpha 0 {:.4e})",
                             s.alphas[s.best], s.losses[s.best], s.losses[0]
                         ));
                     }
-                    clip_input = awq::lite::scale_rows(format, &wkn, &s.best_scale, shape[1]);
+                    clip_input = Some(awq::lite::scale_rows(format, &wkn, &s.best_scale, shape[1]));
                     scales.push(s.best_scale.clone());
                     out.scale = Some(s.best_scale);
                 }
                 if opts.method != AwqMethod::Lite {
-                    let c = clip_search(tier, format, &xq, &clip_input, shape, &params, &clip_alphas)
-                        .map_err(kernel_err)?;
+                    let clip_input = clip_input.as_deref().unwrap_or(&wkn);
+                    let c =
+                        clip_search(tier, format, xq, clip_input, shape, &params, &clip_alphas).map_err(kernel_err)?;
                     if opts.verbose {
                         let mean =
                             c.best_alpha.iter().map(|&a| a as f64).sum::<f64>() / c.best_alpha.len().max(1) as f64;

@@ -43,9 +43,35 @@ fn padded_block(xs: &[f32], w: &[f32], k: usize, n: usize, r0: usize, r1: usize,
         .chunks_exact(k)
         .flat_map(|row| row[r0..r1].iter().copied().chain(std::iter::repeat_n(0.0, block - (r1 - r0))))
         .collect();
+    (xb, padded_rows(w, n, r0, r1, block).into_owned())
+}
+
+/// Weight rows `r0..r1` of `w: [K, n]`, zero-padded to `block` rows (borrowed when whole).
+fn padded_rows(w: &[f32], n: usize, r0: usize, r1: usize, block: usize) -> std::borrow::Cow<'_, [f32]> {
+    if r1 - r0 == block {
+        return std::borrow::Cow::Borrowed(&w[r0 * n..r1 * n]);
+    }
     let mut wb = w[r0 * n..r1 * n].to_vec();
     wb.resize(block * n, 0.0);
-    (xb, wb)
+    std::borrow::Cow::Owned(wb)
+}
+
+/// `acc[j] += rnd(rnd(o - c)^2)` over the tokens' rows of `org` and `cur` (`[T, n]`), in order.
+fn accumulate_squares(format: FloatFormat, org: &[f32], cur: &[f32], acc: &mut [f32]) {
+    let n = acc.len();
+    for (o, c) in org.chunks_exact(n).zip(cur.chunks_exact(n)) {
+        if format == FloatFormat::F32 {
+            for ((a, &o), &c) in acc.iter_mut().zip(o).zip(c) {
+                let d = o - c;
+                *a += d * d;
+            }
+        } else {
+            for ((a, &o), &c) in acc.iter_mut().zip(o).zip(c) {
+                let d = format.round(o - c);
+                *a += format.round(d * d);
+            }
+        }
+    }
 }
 
 /// Searches the clip ratios of `w: [K, N]` for activations `x: [T, K]` (values of `format`).
@@ -84,17 +110,13 @@ pub fn clip_search(
             let dq = fake_quantize_with(tier, format, w, [k, n], &p, None)?;
             let mut loss = vec![0.0f32; nb * n];
             let mut cur = vec![0.0f32; t * n];
+            let mut acc = vec![0.0f32; n];
             for (b, ((xb, _), org)) in blocks.iter().zip(&org).enumerate() {
-                let (_, dqb) = padded_block(&xs, &dq, k, n, b * block, ((b + 1) * block).min(k), block);
+                let dqb = padded_rows(&dq, n, b * block, ((b + 1) * block).min(k), block);
                 kernels::block_dot_with(tier, format, xb, &dqb, [block, n], &mut cur)?;
-                let mut acc = vec![0.0f32; n];
-                for (o, c) in org.chunks_exact(n).zip(cur.chunks_exact(n)) {
-                    for ((a, &o), &c) in acc.iter_mut().zip(o).zip(c) {
-                        let d = format.round(o - c);
-                        *a += format.round(d * d);
-                    }
-                }
-                for (j, a) in acc.into_iter().enumerate() {
+                acc.fill(0.0);
+                accumulate_squares(format, org, &cur, &mut acc);
+                for (j, &a) in acc.iter().enumerate() {
                     loss[b * n + j] = format.round(a / t.max(1) as f32);
                 }
             }

@@ -7,10 +7,21 @@
 //! best = first alpha with the smallest loss
 //! ```
 //!
-//! Everything elementwise is computed exactly as numpy does in the weight dtype; the products and
-//! the loss are float32 products accumulated in f64 (ModelOpt uses BLAS, whose summation order is
-//! its own), so losses agree to a relative 1e-5 or so and the chosen alpha is the same except at
-//! genuine near-ties. The alphas run in parallel.
+//! Everything elementwise is computed exactly as numpy does in the weight dtype; the products are
+//! float32 SGEMMs (ModelOpt uses BLAS, whose summation order is its own) and the loss is summed in
+//! f64, so losses agree to a relative 1e-5 or so and the chosen alpha is the same except at genuine
+//! near-ties. The alphas run in parallel.
+//!
+//! With float32 weights and more tokens than input channels (T > K), the loss goes through the
+//! Gram matrix of the activations instead, which is the same quantity in exact arithmetic:
+//!
+//! ```text
+//! x @ w - (x / s) @ dq  =  x @ E,   E = w - dq / s[:, None]
+//! loss = sum(E * (G @ E)) / (T N),  G = x^T x        (K x K x N per alpha instead of T x K x N)
+//! ```
+//!
+//! (For f16/bf16 weights numpy rounds `x / s` to the dtype, which the Gram form cannot follow, so
+//! those keep the direct products.)
 
 use super::matmul::matmul;
 use super::stats::{act_scale, awq_scale, weight_scale};
@@ -35,15 +46,32 @@ pub struct LiteSearch {
     pub weight_scale: Vec<f32>,
 }
 
+/// Rounds f32 results to `format` in place (vectorized; nothing to do for f32).
+fn round_all(format: FloatFormat, v: &mut [f32]) {
+    if format != FloatFormat::F32 {
+        crate::kernels::round_to_format(format, v).expect("lengths are the slice's own");
+    }
+}
+
 /// `w * s[:, None]` rounded to the format.
 pub fn scale_rows(format: FloatFormat, w: &[f32], s: &[f32], n: usize) -> Vec<f32> {
-    w.chunks_exact(n.max(1)).zip(s).flat_map(|(row, &sk)| row.iter().map(move |&v| format.round(v * sk))).collect()
+    let mut out = Vec::with_capacity(w.len());
+    for (row, &sk) in w.chunks_exact(n.max(1)).zip(s) {
+        out.extend(row.iter().map(|&v| v * sk));
+    }
+    round_all(format, &mut out);
+    out
 }
 
 /// `x * 1.0 / s` rounded to the format (`x: [T, K]`).
 pub fn divide_columns(format: FloatFormat, x: &[f32], s: &[f32]) -> Vec<f32> {
-    let k = s.len();
-    x.chunks_exact(k.max(1)).flat_map(|row| row.iter().zip(s).map(|(&v, &sk)| format.round(v / sk))).collect()
+    let k = s.len().max(1);
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(k) {
+        out.extend(row.iter().zip(s).map(|(&v, &sk)| v / sk));
+    }
+    round_all(format, &mut out);
+    out
 }
 
 /// Mean squared difference in f64.
@@ -52,8 +80,33 @@ pub fn mse(a: &[f32], b: &[f32]) -> f64 {
     sum / a.len().max(1) as f64
 }
 
+/// How the AWQ-lite losses are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossForm {
+    /// Gram form for f32 weights with T > K, direct products otherwise.
+    Auto,
+    /// `x @ w` and `(x / s) @ dq` per alpha, as ModelOpt computes them.
+    Direct,
+    /// Through `G = x^T x` (f32 weights only; see the module docs).
+    Gram,
+}
+
 /// Searches the AWQ-lite scale for `w: [K, N]` with activations `x: [T, K]` (values of `format`).
 pub fn lite_search(
+    tier: Tier,
+    format: FloatFormat,
+    x: &[f32],
+    w: &[f32],
+    shape: [usize; 2],
+    params: &QuantParams,
+    alphas: &[f64],
+) -> Result<LiteSearch> {
+    lite_search_with(tier, format, x, w, shape, params, alphas, LossForm::Auto)
+}
+
+/// [`lite_search`] with a chosen [`LossForm`] (`Gram` on f16/bf16 weights falls back to `Direct`).
+#[allow(clippy::too_many_arguments)]
+pub fn lite_search_with(
     tier: Tier,
     format: FloatFormat,
     x: &[f32],
@@ -61,21 +114,51 @@ pub fn lite_search(
     [k, n]: [usize; 2],
     params: &QuantParams,
     alphas: &[f64],
+    form: LossForm,
 ) -> Result<LiteSearch> {
     let t = x.len().checked_div(k).unwrap_or(0);
     let block = params.block_size.resolve(k);
     let act = act_scale(format, x, k);
     let wsc = weight_scale(format, w, [k, n], block);
-    let reference = matmul(x, w, t, k, n);
-    let losses: Vec<Result<f64>> = alphas
-        .par_iter()
-        .map(|&alpha| {
-            let s = awq_scale(format, &act, &wsc, alpha);
-            let dq = fake_quantize_with(tier, format, &scale_rows(format, w, &s, n), [k, n], params, None)?;
-            let out = matmul(&divide_columns(format, x, &s), &dq, t, k, n);
-            Ok(mse(&reference, &out))
-        })
-        .collect();
+    let gram_form = format == FloatFormat::F32
+        && match form {
+            LossForm::Auto => t > k,
+            LossForm::Direct => false,
+            LossForm::Gram => true,
+        };
+    let fake_quantized = |alpha: f64| -> Result<(Vec<f32>, Vec<f32>)> {
+        let s = awq_scale(format, &act, &wsc, alpha);
+        let dq = fake_quantize_with(tier, format, &scale_rows(format, w, &s, n), [k, n], params, None)?;
+        Ok((s, dq))
+    };
+    let losses: Vec<Result<f64>> = if gram_form {
+        let g = super::matmul::gram(x, t, k);
+        alphas
+            .par_iter()
+            .map(|&alpha| {
+                let (s, dq) = fake_quantized(alpha)?;
+                let mut e = dq;
+                for ((erow, wrow), &sk) in e.chunks_exact_mut(n.max(1)).zip(w.chunks_exact(n.max(1))).zip(&s) {
+                    for (ev, &wv) in erow.iter_mut().zip(wrow) {
+                        *ev = wv - *ev / sk;
+                    }
+                }
+                let ge = matmul(&g, &e, k, k, n);
+                let sum: f64 = e.iter().zip(&ge).map(|(&a, &b)| a as f64 * b as f64).sum();
+                Ok(sum / (t * n).max(1) as f64)
+            })
+            .collect()
+    } else {
+        let reference = super::matmul::par_matmul(x, w, t, k, n);
+        alphas
+            .par_iter()
+            .map(|&alpha| {
+                let (s, dq) = fake_quantized(alpha)?;
+                let out = matmul(&divide_columns(format, x, &s), &dq, t, k, n);
+                Ok(mse(&reference, &out))
+            })
+            .collect()
+    };
     let losses = losses.into_iter().collect::<Result<Vec<f64>>>()?;
     let best = first_min(&losses);
     let best_scale = awq_scale(format, &act, &wsc, alphas[best]);

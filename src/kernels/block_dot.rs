@@ -72,9 +72,68 @@ impl<P: Precision> WithSimd for BlockDot<'_, P> {
             return;
         }
         let rows1 = rows;
+        // Panels of 4 vectors of columns, packed contiguously (the weight's rows are `cols` apart,
+        // often a multiple of 4 KiB, which would make every row of a column chunk fight for the
+        // same cache set), times 4 tokens: 16 independent accumulators in registers. Each lane
+        // still adds its own products in row order, so the result is the scalar order exactly.
+        const VECS: usize = 4;
+        let lanes = S::F32_LANES;
+        let pw = VECS * lanes;
+        let panels = if t >= 4 { cols / pw } else { 0 };
+        let mut panel = vec![0.0f32; rows * pw];
+        for p in 0..panels {
+            let j0 = p * pw;
+            for (k, dst) in panel.chunks_exact_mut(pw).enumerate() {
+                dst.copy_from_slice(&w[k * cols + j0..k * cols + j0 + pw]);
+            }
+            let mut ti = 0;
+            while ti + 4 <= t {
+                let xs: [&[f32]; 4] = core::array::from_fn(|u| &x[(ti + u) * rows1..(ti + u + 1) * rows1]);
+                let mut acc = [[simd.splat_f32s(0.0); VECS]; 4];
+                for (k, wrow) in panel.chunks_exact(pw).enumerate() {
+                    let wv: [S::f32s; VECS] =
+                        core::array::from_fn(|v| load_f32(simd, &wrow[v * lanes..(v + 1) * lanes]));
+                    for (a, xt) in acc.iter_mut().zip(xs) {
+                        let xb = simd.splat_f32s(xt[k]);
+                        for (av, &wk) in a.iter_mut().zip(&wv) {
+                            let p = P::round_simd(simd, simd.mul_f32s(xb, wk));
+                            *av = P::round_simd(simd, simd.add_f32s(*av, p));
+                        }
+                    }
+                }
+                for (u, a) in acc.iter().enumerate() {
+                    for (v, &av) in a.iter().enumerate() {
+                        let at = (ti + u) * cols + j0 + v * lanes;
+                        store_f32(simd, &mut out[at..at + lanes], av);
+                    }
+                }
+                ti += 4;
+            }
+            for tt in ti..t {
+                let xt = &x[tt * rows1..(tt + 1) * rows1];
+                let mut acc = [simd.splat_f32s(0.0); VECS];
+                for (k, wrow) in panel.chunks_exact(pw).enumerate() {
+                    let xb = simd.splat_f32s(xt[k]);
+                    for (v, av) in acc.iter_mut().enumerate() {
+                        let wk = load_f32(simd, &wrow[v * lanes..(v + 1) * lanes]);
+                        let p = P::round_simd(simd, simd.mul_f32s(xb, wk));
+                        *av = P::round_simd(simd, simd.add_f32s(*av, p));
+                    }
+                }
+                for (v, &av) in acc.iter().enumerate() {
+                    let at = tt * cols + j0 + v * lanes;
+                    store_f32(simd, &mut out[at..at + lanes], av);
+                }
+            }
+        }
+        // The remaining columns, a vector at a time.
+        let done = panels * pw;
+        let (w_rest, cols_rest) = (w, cols);
         // Four tokens at a time: four independent add chains hide the addition latency; each lane
         // still adds its own products in row order, so the result is the scalar order exactly.
-        for_each_chunk::<S>(cols, |j, n| {
+        for_each_chunk::<S>(cols_rest - done, |j, n| {
+            let j = j + done;
+            let w = w_rest;
             let mut ti = 0;
             while ti + 4 <= t {
                 let xs = [&x[ti * rows1..], &x[(ti + 1) * rows1..], &x[(ti + 2) * rows1..], &x[(ti + 3) * rows1..]];
