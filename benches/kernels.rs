@@ -92,6 +92,25 @@ fn kernels(c: &mut Criterion) {
     g.finish();
 }
 
+fn block_dot_macs(c: &mut Criterion) {
+    // AWQ-clip's exact products: 64 tokens x one 128-row block of a 1024-column weight, per call.
+    let (t, rows, cols) = (64usize, 128usize, 1024usize);
+    let x = data(t * rows);
+    let w = data(rows * cols);
+    let mut out = vec![0.0f32; t * cols];
+    let mut g = c.benchmark_group("block_dot_64x128x1024");
+    g.throughput(Throughput::Elements((t * rows * cols) as u64));
+    for tier in Tier::available() {
+        for format in [FloatFormat::F32, FloatFormat::F16] {
+            let id = BenchmarkId::new(format!("{format:?}"), tier.name());
+            g.bench_with_input(id, &tier, |b, &tr| {
+                b.iter(|| block_dot_with(tr, format, black_box(&x), &w, [rows, cols], &mut out).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
 fn whole_weight(c: &mut Criterion) {
     // A 4096 x 4096 weight (64 MiB f32, 32 MiB f16), block 128, all cores.
     let (k, n) = (4096usize, 4096usize);
@@ -116,5 +135,5 @@ fn whole_weight(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, kernels, whole_weight);
+criterion_group!(benches, kernels, block_dot_macs, whole_weight);
 criterion_main!(benches);

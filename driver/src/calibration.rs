@@ -7,7 +7,8 @@
 //!
 //! Without a file: seeded random samples of a realistic shape. Symbolic dimensions are set from
 //! `--calibration-shapes name:1x128,...`, else the first to 1 and the others to 128 (a sequence
-//! length). Float inputs are standard normal; integer inputs are ids inside the embedding table
+//! length), except that a float input `[rows, hidden]` whose only symbolic dimension is the first
+//! gets 128 rows (one token per row would leave the searches two or eight tokens). Float inputs are standard normal; integer inputs are ids inside the embedding table
 //! they index (the row count of the Gather table fed by the input), `*mask*` inputs are ones and
 //! `position_ids` count up along the sequence.
 
@@ -127,7 +128,16 @@ fn random(model: &Model, specs: &[InputSpec], opts: &CalibrationOptions) -> Vec<
                     let shape: Vec<usize> = match opts.shapes.get(&s.name) {
                         Some(d) => d.clone(),
                         None => {
-                            s.dims.iter().enumerate().map(|(i, d)| d.unwrap_or(if i == 0 { 1 } else { 128 })).collect()
+                            // Symbolic dims: batch 1, sequence 128; a float input whose only symbolic
+                            // dim is its first ([rows, hidden]) gets 128 rows of tokens.
+                            let float =
+                                matches!(DataType::try_from(s.elem_type), Ok(DataType::Float | DataType::Float16));
+                            let rows_only = s.dims.len() == 2 && s.dims[0].is_none() && s.dims[1].is_some();
+                            s.dims
+                                .iter()
+                                .enumerate()
+                                .map(|(i, d)| d.unwrap_or(if i == 0 && !(float && rows_only) { 1 } else { 128 }))
+                                .collect()
                         }
                     };
                     let n: usize = shape.iter().product();

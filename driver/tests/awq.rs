@@ -391,3 +391,53 @@ fn bf16_matmulnbits_and_compare() {
     let q = nibble_driver::compare::compare(&src, &d.path().join("dq.onnx"), 3).unwrap();
     assert!(q[0].relative_error > 1e-3 && q[0].relative_error < 0.5, "{:?}", q[0]);
 }
+
+/// A model whose graph input and output are bfloat16 (no Casts): random calibration and a
+/// calibration file of float32 arrays both feed its float32 twin; the quantized model stays bf16.
+#[test]
+fn bf16_inputs_and_outputs() {
+    let mut rng = Rng::new(3);
+    let f = FloatFormat::BF16;
+    let g = GraphProto {
+        node: vec![
+            node("MatMul", "/a/MatMul", &["x", "W1"], &["h"], vec![]),
+            node("Relu", "/relu", &["h"], &["r"], vec![]),
+            node("MatMul", "/b/MatMul", &["r", "W2"], &["y"], vec![]),
+        ],
+        initializer: vec![
+            init("W1", &[H, 96], &rng.normals(H * 96, 0.15), f),
+            init("W2", &[96, 32], &rng.normals(96 * 32, 0.1), f),
+        ],
+        input: vec![io("x", DataType::Bfloat16 as i32, &[None, Some(H)])],
+        output: vec![io("y", DataType::Bfloat16 as i32, &[None, Some(32)])],
+        ..Default::default()
+    };
+    let d = tmp();
+    let src = write(model(g, 17), &d.path().join("m.onnx"), ExternalData::Never);
+    let calib = d.path().join("calib.npz");
+    write_npz(&calib, 2, 16);
+    let rtn = d.path().join("rtn.onnx");
+    nibble_ok(&["quantize", src.to_str().unwrap(), "-o", rtn.to_str().unwrap(), "--block-size", "32"]);
+    // Held-out inputs from each calibration's own distribution: plain normals for the random
+    // calibration, outlier channels for the file.
+    for (name, held_out) in [("random", Rng::new(9).normals(32 * H, 1.0)), ("file", outlier_inputs(32, 8))] {
+        let reference = twin_output(&src, &held_out);
+        let rtn_err = err(&twin_output(&rtn, &held_out), &reference);
+        let out = d.path().join(format!("{name}.onnx"));
+        let mut args = vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--method", "awq_full"];
+        args.extend_from_slice(&["--block-size", "32"]);
+        if name == "file" {
+            args.extend_from_slice(&["--calibration-data", calib.to_str().unwrap()]);
+        } else {
+            args.extend_from_slice(&["--calibration-samples", "2"]);
+        }
+        let text = nibble_ok(&args);
+        assert!(text.contains("quantized 2 of 2"), "{text}");
+        let q = Model::load(&out).unwrap();
+        let y = q.proto.graph.as_ref().unwrap().output[0].clone();
+        assert!(format!("{y:?}").contains(&format!("elem_type: Some({})", DataType::Bfloat16 as i32)));
+        let e = err(&twin_output(&out, &held_out), &reference);
+        eprintln!("bf16 I/O, {name} calibration: awq_full {e:.4}, rtn {rtn_err:.4}");
+        assert!(e > 0.0 && e < 2.0 * rtn_err, "{name}: {e} vs RTN's {rtn_err}");
+    }
+}
