@@ -14,8 +14,8 @@
 //! them for zero-point weights).
 
 use crate::kernels;
-use crate::quantize_weight::{fake_quantize_with, QuantParams};
-use crate::{FloatFormat, Result, Tier};
+use crate::quantize_weight::QuantParams;
+use crate::{Error, FloatFormat, Result, Tier};
 use rayon::prelude::*;
 
 /// The outcome of one AWQ-clip search.
@@ -103,16 +103,58 @@ pub fn clip_search(
             kernels::block_dot_with(tier, format, xb, wb, [block, n], &mut out).map(|_| out)
         })
         .collect::<Result<_>>()?;
+    // Block statistics, the same for every alpha: absmax, or min and max (the padding zeros
+    // included, as ModelOpt pads before quantizing).
+    let stats: Vec<(Vec<f32>, Vec<f32>)> = blocks
+        .par_iter()
+        .enumerate()
+        .map(|(b, (_, wb))| {
+            let (mut lo, mut hi) = (vec![0.0f32; n], vec![0.0f32; n]);
+            let finite = if params.zero_point {
+                kernels::block_minmax_with(tier, wb, n, false, &mut lo, &mut hi)?;
+                (0..n).position(|c| !lo[c].is_finite() || !hi[c].is_finite())
+            } else {
+                kernels::block_absmax_with(tier, wb, n, &mut lo)?;
+                lo.iter().position(|a| !a.is_finite())
+            };
+            match finite {
+                Some(column) => {
+                    Err(Error::NonFinite { block: b, column, start: b * block, end: ((b + 1) * block).min(k) })
+                }
+                None => Ok((lo, hi)),
+            }
+        })
+        .collect::<Result<_>>()?;
     let losses: Vec<Result<Vec<f32>>> = alphas
         .par_iter()
         .map(|&alpha| {
-            let p = QuantParams { alpha, ..*params };
-            let dq = fake_quantize_with(tier, format, w, [k, n], &p, None)?;
+            let ratio = vec![format.constant(alpha); n];
+            let (mut scale, mut zp) = (vec![0.0f32; n], vec![0.0f32; n]);
+            let mut dqb = vec![0.0f32; block * n];
             let mut loss = vec![0.0f32; nb * n];
             let mut cur = vec![0.0f32; t * n];
             let mut acc = vec![0.0f32; n];
-            for (b, ((xb, _), org)) in blocks.iter().zip(&org).enumerate() {
-                let dqb = padded_rows(&dq, n, b * block, ((b + 1) * block).min(k), block);
+            for (b, (((xb, wb), org), (lo, hi))) in blocks.iter().zip(&org).zip(&stats).enumerate() {
+                // dq(q(w, alpha)) of the block: what fake_quantize_with computes, from the
+                // precomputed statistics.
+                let zero_point = if params.zero_point {
+                    kernels::scales_zero_point_alphas_with(
+                        tier,
+                        format,
+                        params.bits,
+                        lo,
+                        hi,
+                        &ratio,
+                        &mut scale,
+                        &mut zp,
+                    )?;
+                    Some(&zp[..])
+                } else {
+                    kernels::scales_symmetric_alphas_with(tier, format, params.bits, lo, &ratio, &mut scale)?;
+                    None
+                };
+                let dq = kernels::QdqOutput::Dequantized;
+                kernels::qdq_error_with(tier, format, params.bits, wb, n, &scale, zero_point, dq, &mut dqb)?;
                 kernels::block_dot_with(tier, format, xb, &dqb, [block, n], &mut cur)?;
                 acc.fill(0.0);
                 accumulate_squares(format, org, &cur, &mut acc);

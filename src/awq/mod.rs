@@ -11,7 +11,7 @@ pub mod matmul;
 pub mod stats;
 pub mod subgraph;
 
-pub use clip::{clip_search, ClipSearch};
+pub use clip::{clip_search, subsample, ClipSearch};
 pub use lite::{lite_search, lite_search_with, LiteSearch, LossForm};
 pub use stats::*;
 pub use subgraph::{subgraph_search, SubgraphSearch};
