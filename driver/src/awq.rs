@@ -212,8 +212,10 @@ pub fn search(
     if groups.is_empty() {
         return Ok(result);
     }
+    let started = std::time::Instant::now();
     let samples = calibration_inputs(model, &opts.calibration)?;
     let capture = Capture::new(model)?;
+    let mut calibration_time = started.elapsed();
     let by_name: HashMap<&str, &Candidate> = chosen.iter().map(|c| (c.weight.as_str(), *c)).collect();
     let k_of = |gr: &Group| -> usize {
         let c = by_name[gr.weights[0].as_str()];
@@ -245,7 +247,9 @@ pub fn search(
     let clip_alphas = awq::clip_alphas(opts.clip_alpha_min, opts.clip_alpha_step);
     for wave in waves {
         let names: Vec<String> = wave.iter().map(|g| g.activation.clone()).collect();
+        let wave_start = std::time::Instant::now();
         let captured = capture.run(&names, &samples)?;
+        calibration_time += wave_start.elapsed();
         for (gi, gr) in wave.iter().enumerate() {
             let k = k_of(gr);
             let mut x: Vec<f32> = Vec::new();
@@ -341,6 +345,15 @@ pub fn search(
         }
     }
     progress.finish_and_clear();
+    if opts.verbose {
+        let total = started.elapsed();
+        eprintln!(
+            "nibble: AWQ: calibration (ONNX Runtime, {} samples) {:.2} s, searches {:.2} s",
+            samples.len(),
+            calibration_time.as_secs_f64(),
+            (total - calibration_time).as_secs_f64()
+        );
+    }
     Ok(result)
 }
 
