@@ -12,7 +12,7 @@
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_f32};
+use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_f32, CodeBounds};
 use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -87,13 +87,26 @@ impl<P: Precision> WithSimd for Qdq<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, bits, cols, scale, zero_point, error, out, _p: _ } = self;
+        // The width as a constant in each arm, so the bounds are literals to the optimizer.
+        match self.bits {
+            Bits::Four => self.body::<S, 4>(simd),
+            Bits::Eight => self.body::<S, 8>(simd),
+        }
+    }
+}
+
+impl<P: Precision> Qdq<'_, P> {
+    #[inline(always)]
+    fn body<S: Simd, const BITS: u32>(self, simd: S) {
+        let bits = if BITS == 8 { Bits::Eight } else { Bits::Four };
+        let Self { w, bits: _, cols, scale, zero_point, error, out, _p: _ } = self;
+        let bounds = CodeBounds::new(simd, bits);
         for (row, out) in w.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
             for_each_chunk::<S>(cols, |j, n| {
                 let x = load_f32(simd, &row[j..j + n]);
                 let s = load_f32(simd, &scale[j..j + n]);
                 let zp = zero_point.map(|z| load_f32(simd, &z[j..j + n]));
-                let q = quantize_lanes::<S, P>(simd, bits, x, s, zp);
+                let q = quantize_lanes::<S, P>(simd, &bounds, x, s, zp);
                 let dq = match zp {
                     None => simd.mul_f32s(q, s),
                     Some(zp) => simd.mul_f32s(simd.sub_f32s(q, zp), s),

@@ -12,7 +12,7 @@
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_low_bytes, to_int};
+use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_low_bytes, to_int, CodeBounds};
 use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -74,7 +74,20 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, bits, cols, scale, zero_point, codes, _p: _ } = self;
+        // The width as a constant in each arm, so the bounds are literals to the optimizer.
+        match self.bits {
+            Bits::Four => self.body::<S, 4>(simd),
+            Bits::Eight => self.body::<S, 8>(simd),
+        }
+    }
+}
+
+impl<P: Precision> Quantize<'_, P> {
+    #[inline(always)]
+    fn body<S: Simd, const BITS: u32>(self, simd: S) {
+        let bits = if BITS == 8 { Bits::Eight } else { Bits::Four };
+        let Self { w, bits: _, cols, scale, zero_point, codes, _p: _ } = self;
+        let bounds = CodeBounds::new(simd, bits);
         // The zero-point choice stays outside the loops, so each loop is specialized.
         let rows = w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols));
         match zero_point {
@@ -83,7 +96,7 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
                     for_each_chunk::<S>(cols, |j, n| {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
-                        let q = quantize_lanes::<S, P>(simd, bits, x, s, None);
+                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, None);
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }
@@ -94,7 +107,7 @@ impl<P: Precision> WithSimd for Quantize<'_, P> {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
                         let zp = load_f32(simd, &zero_point[j..j + n]);
-                        let q = quantize_lanes::<S, P>(simd, bits, x, s, Some(zp));
+                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, Some(zp));
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }

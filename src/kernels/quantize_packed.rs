@@ -11,7 +11,7 @@
 
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, lanes_u32, load_f32, quantize_lanes, to_int};
+use crate::simd::{for_each_chunk, lanes_u32, load_f32, quantize_lanes, to_int, CodeBounds};
 use crate::{Error, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -77,6 +77,7 @@ impl<P: Precision> WithSimd for Job<'_, P> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { w, cols, scale, zero_point, packed, _p: _ } = self;
+        let bounds = CodeBounds::new(simd, crate::Bits::Four);
         let nib = simd.splat_u32s(0xf);
         // One-lane tiers pair columns through a row of codes (kept in L1).
         let odd_lanes = S::F32_LANES % 2 == 1;
@@ -86,7 +87,7 @@ impl<P: Precision> WithSimd for Job<'_, P> {
                 let x = load_f32(simd, &row[j..j + m]);
                 let s = load_f32(simd, &scale[j..j + m]);
                 let zp = zero_point.map(|z| load_f32(simd, &z[j..j + m]));
-                let q = quantize_lanes::<S, P>(simd, crate::Bits::Four, x, s, zp);
+                let q = quantize_lanes::<S, P>(simd, &bounds, x, s, zp);
                 let q = simd.and_u32s(to_int(simd, q), nib);
                 let lanes = lanes_u32::<S>(&q);
                 if odd_lanes {
