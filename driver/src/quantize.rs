@@ -598,6 +598,13 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let mut candidates = plan(&model, &patterns);
     if opts.int8_layers.is_some() || opts.mixed_precision {
         crate::mixed::apply(&model, &mut candidates, opts.int8_layers.as_deref())?;
+        if !candidates.iter().any(|c| c.bits == Bits::Eight) {
+            let why = match &opts.int8_layers {
+                Some(p) => format!("no quantized MatMul/Gemm node name contains the tokens of '{p}'"),
+                None => "no MatMul is named /model/layers.N/(self_)attn/(qkv|v)_proj/MatMul or /model/layers.N/mlp/down_proj/MatMul (give --int8-layers)".into(),
+            };
+            eprintln!("nibble: warning: every layer stays INT4: {why}");
+        }
     }
     let gather_block = match opts.gather_axis {
         Some(axis) => {

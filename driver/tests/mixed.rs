@@ -136,6 +136,11 @@ fn mixed_precision_default_choice_formats_and_awq() {
         assert!(e > 0.0 && e < e4 * 1.5, "{method}: error {e}");
     }
 
+    // A pattern that matches nothing says so (and quantizes everything to INT4).
+    let none = d.path().join("none.onnx");
+    let o = nibble(&["quantize", src.to_str().unwrap(), "-o", none.to_str().unwrap(), "--int8-layers", "nosuch"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("every layer stays INT4"));
     // Bad patterns and per-subgraph are refused with a clear message.
     let o = nibble(&["quantize", src.to_str().unwrap(), "-o", "/tmp/never.onnx", "--int8-layers", "layers.(1)"]);
     assert_eq!(o.status.code(), Some(1));
