@@ -1,5 +1,6 @@
-//! Arbitrary bytes as an ONNX model: decode, plan, check the opset upgrade, and quantize every
-//! planned weight. Errors are fine; panics are not. Nothing touches the filesystem.
+//! Arbitrary bytes as an ONNX model: decode, plan (with and without INT8 layers), check the opset
+//! upgrade, build the bf16 float32 twin, quantize every planned weight and lay it out for
+//! MatMulNBits. Errors are fine; panics are not. Nothing touches the filesystem.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,14 +13,32 @@ fuzz_target!(|data: &[u8]| {
     let candidates = plan(&model, &patterns);
     let mut copy = model.proto.clone();
     let _ = nibble_driver::opset::upgrade(&mut copy);
-    for c in candidates.iter().filter(|c| c.quantized()) {
+    if nibble_driver::twin::needs_twin(&model.proto) {
+        let _ = nibble_driver::twin::f32_twin(&model);
+    }
+    let mut mixed = candidates.clone();
+    let _ = nibble_driver::mixed::apply(&model, &mut mixed, None);
+    let _ = nibble_driver::mixed::apply(&model, &mut mixed, Some("layers.0,model"));
+    for c in candidates.iter().chain(&mixed).filter(|c| c.quantized()) {
         // Bound the work: the fuzzer's inputs are small, but dims are free-form.
         if c.bytes > 1 << 20 {
             continue;
         }
         for block in [nibble::BlockSize::Blocked(32), nibble::BlockSize::PerChannel] {
-            let _ = nibble_driver::quantize::quantize_candidate(&model, c, block, false);
-            let _ = nibble_driver::quantize::quantize_candidate(&model, c, block, true);
+            for zero_point in [false, true] {
+                let q = nibble_driver::quantize::quantize_candidate(&model, c, block, zero_point);
+                // The MatMulNBits layout of a blocked (or INT8, one block per column) weight.
+                if let (Ok(q), nibble::BlockSize::Blocked(_)) = (q, block) {
+                    if c.op != "Gather" {
+                        let k = match c.decision {
+                            nibble_driver::plan::Decision::Quantize { axis: 1 } => c.dims[1] as usize,
+                            _ => c.dims[0] as usize,
+                        };
+                        let (_, node_block) = nibble_driver::nbits::node_layout(c, k, 32);
+                        let _ = nibble_driver::nbits::tensors(c, &q, node_block);
+                    }
+                }
+            }
         }
     }
 });
