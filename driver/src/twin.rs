@@ -15,6 +15,7 @@ use crate::onnx::{
 };
 use crate::Result;
 use bytes::Bytes;
+use nibble::FloatFormat;
 
 const BF16: i32 = DataType::Bfloat16 as i32;
 const F32: i32 = DataType::Float as i32;
@@ -47,10 +48,8 @@ fn graph_has_bf16(g: &GraphProto) -> bool {
 
 /// bf16 bytes (little endian) widened to f32 bytes.
 fn widen(bytes: &[u8]) -> Vec<u8> {
-    bytes
-        .chunks_exact(2)
-        .flat_map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16).to_le_bytes())
-        .collect()
+    use crate::quantize::{decode_floats, encode_floats};
+    encode_floats(FloatFormat::F32, &decode_floats(FloatFormat::BF16, bytes))
 }
 
 /// The tensor as f32 with inline data, if it is bf16 (`data` its bytes, external data resolved).

@@ -149,6 +149,13 @@ fn quantize(src: &Path, out: &Path, method: &str, calib: &Path, extra: &[&str]) 
     Model::load(out).unwrap()
 }
 
+/// RTN at the AWQ tests' block size, the baseline AWQ must beat.
+fn quantize_rtn(src: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32"];
+    args.extend_from_slice(extra);
+    nibble_ok(&args);
+}
+
 fn has_node(m: &Model, name: &str) -> bool {
     m.proto.graph.as_ref().unwrap().node.iter().any(|n| n.name.as_deref() == Some(name))
 }
@@ -167,15 +174,7 @@ fn awq_methods_beat_rtn_and_write_modelopt_graphs() {
         let held_out = outlier_inputs(256, 99);
         let reference = output(&src, &held_out);
         let rtn = d.path().join("rtn.onnx");
-        nibble_ok(&[
-            "quantize",
-            src.to_str().unwrap(),
-            "-o",
-            rtn.to_str().unwrap(),
-            "--block-size",
-            "32",
-            "--no-default-exclude",
-        ]);
+        quantize_rtn(&src, &rtn, &["--no-default-exclude"]);
         let rtn_err = err(&output(&rtn, &held_out), &reference);
         for method in ["awq_lite", "awq_clip", "awq_full"] {
             let out = d.path().join(format!("{method}.onnx"));
@@ -225,15 +224,7 @@ fn awq_lite_per_subgraph() {
     let held_out = outlier_inputs(256, 99);
     let reference = output(&src, &held_out);
     let rtn = d.path().join("rtn.onnx");
-    nibble_ok(&[
-        "quantize",
-        src.to_str().unwrap(),
-        "-o",
-        rtn.to_str().unwrap(),
-        "--block-size",
-        "32",
-        "--no-default-exclude",
-    ]);
+    quantize_rtn(&src, &rtn, &["--no-default-exclude"]);
     let out = d.path().join("sub.onnx");
     let q = quantize(&src, &out, "awq_lite", &calib, &["--no-default-exclude", "--per-subgraph"]);
     assert!(has_init(&q, "Wq_i4") && !has_node(&q, "h1_pre_quant_scale_mul"));
@@ -342,15 +333,7 @@ fn awq_on_bf16_models_calibrates_through_the_f32_twin() {
     assert!(open(&src, SessionOptions::default()).is_err(), "ORT's CPU provider runs bf16 MatMul now?");
     let reference = twin_output(&src, &held_out);
     let rtn = d.path().join("rtn.onnx");
-    nibble_ok(&[
-        "quantize",
-        src.to_str().unwrap(),
-        "-o",
-        rtn.to_str().unwrap(),
-        "--block-size",
-        "32",
-        "--no-default-exclude",
-    ]);
+    quantize_rtn(&src, &rtn, &["--no-default-exclude"]);
     let rtn_err = err(&twin_output(&rtn, &held_out), &reference);
     for method in ["awq_lite", "awq_clip", "awq_full"] {
         let out = d.path().join(format!("{method}.onnx"));
@@ -417,7 +400,7 @@ fn bf16_inputs_and_outputs() {
     let calib = d.path().join("calib.npz");
     write_npz(&calib, 2, 16);
     let rtn = d.path().join("rtn.onnx");
-    nibble_ok(&["quantize", src.to_str().unwrap(), "-o", rtn.to_str().unwrap(), "--block-size", "32"]);
+    quantize_rtn(&src, &rtn, &[]);
     // Held-out inputs from each calibration's own distribution: plain normals for the random
     // calibration, outlier channels for the file.
     for (name, held_out) in [("random", Rng::new(9).normals(32 * H, 1.0)), ("file", outlier_inputs(32, 8))] {
