@@ -7,7 +7,7 @@
 use nibble::kernels::unpack_nibbles;
 use nibble::quantize_weight::quantize_weight_with;
 use nibble::{reference, BlockSize, Error, FloatFormat, QuantParams, Tier, WeightData};
-use nibble_driver::npy::{read_arrays, Array, DType};
+use nibble_driver::calibrate::npy::{read_arrays, Array, DType};
 use std::collections::HashMap;
 use std::path::PathBuf;
 

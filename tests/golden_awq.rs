@@ -3,7 +3,7 @@
 //! a chosen alpha bit for bit, chosen alphas equal, losses within a stated relative bound.
 
 use nibble::{awq, FloatFormat};
-use nibble_driver::npy::{read_arrays, Array, DType};
+use nibble_driver::calibrate::npy::{read_arrays, Array, DType};
 use std::collections::HashMap;
 use std::path::PathBuf;
 

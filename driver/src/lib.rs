@@ -1,24 +1,29 @@
-//! The nibble driver: ONNX model I/O, graph rewriting and the pipeline behind the `nibble` CLI.
+//! The nibble driver: ONNX models in, 4-bit models out, behind the `nibble` CLI.
+//!
+//! The code is laid out as the stages of the data's trip, each depending only on the ones before it:
+//!
+//! - [`graph`]: the ONNX model (prost types, load/save, builders, readers, opset upgrade);
+//! - [`plan`]: which weights are quantized, and how (exclusions, INT8 layers, Gather tables);
+//! - [`calibrate`]: ONNX Runtime, calibration inputs, activation capture;
+//! - [`methods`]: RTN and AWQ, from weights (and activations) to quantized tensors;
+//! - [`emit`]: one writer per output form (DQ/QDQ, MatMulNBits, pre-quant scales);
+//! - [`pipeline`]: `quantize_file`, the stages in order;
+//! - [`cli`]: the `nibble` command (quantize, inspect, compare, example).
+//!
+//! Beside them: [`error`] (every failure, naming the file, node or tensor), [`cleanup`] (temporary
+//! outputs removed on Ctrl-C), [`rng`] (seeded values for synthetic models and inputs).
 
+pub mod calibrate;
 pub mod cleanup;
+pub mod cli;
+pub mod emit;
 pub mod error;
-pub mod model;
-pub mod npy;
-#[rustfmt::skip]
-pub mod onnx;
-
-pub use error::{Error, Result};
-pub mod awq;
-pub mod calibration;
-pub mod capture;
-pub mod compare;
-pub mod inspect;
-pub mod mixed;
-pub mod nbits;
-pub mod opset;
+pub mod graph;
+pub mod methods;
+pub mod pipeline;
 pub mod plan;
-pub mod pqs;
-pub mod quantize;
-pub mod runtime;
-pub mod synth;
-pub mod twin;
+pub mod rng;
+
+pub use calibrate::runtime;
+pub use error::{Error, Result};
+pub use pipeline::{default_output, quantize_file, Format, Method, Options, Summary};

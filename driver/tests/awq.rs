@@ -7,10 +7,12 @@ mod common;
 
 use common::*;
 use nibble::FloatFormat;
-use nibble_driver::model::{ExternalData, Model};
-use nibble_driver::onnx::{tensor_proto::DataType, GraphProto, ModelProto};
+use nibble_driver::graph::build::{attr_f, attr_i, init, io, model, node};
+use nibble_driver::graph::floats::onnx_type;
+use nibble_driver::graph::model::{ExternalData, Model};
+use nibble_driver::graph::onnx::{tensor_proto::DataType, GraphProto, ModelProto};
+use nibble_driver::rng::Rng;
 use nibble_driver::runtime::{open, run, Input, InputData, SessionOptions};
-use nibble_driver::synth::{attr_f, attr_i, init, io, model, node, onnx_type, Rng};
 use std::path::Path;
 
 const H: usize = 64;
@@ -48,7 +50,7 @@ fn awq_model(format: FloatFormat) -> ModelProto {
             "/rms/Mean",
             &["sq"],
             &["ms"],
-            vec![nibble_driver::synth::attr_ints("axes", &[-1]), attr_i("keepdims", 1)],
+            vec![nibble_driver::graph::build::attr_ints("axes", &[-1]), attr_i("keepdims", 1)],
         ),
         node("Add", "/rms/Add", &["ms", "eps"], &["mse"], vec![]),
         node("Sqrt", "/rms/Sqrt", &["mse"], &["rms"], vec![]),
@@ -313,11 +315,11 @@ fn calibration_errors_name_the_input() {
 /// next to it and run on `x`.
 fn twin_output(path: &Path, x: &[f32]) -> Vec<f32> {
     let m = Model::load(path).unwrap();
-    assert!(nibble_driver::twin::needs_twin(&m.proto), "{}: no bf16", path.display());
-    let twin = nibble_driver::twin::f32_twin(&m).unwrap();
-    assert!(!nibble_driver::twin::needs_twin(&twin), "the twin is all f32");
+    assert!(nibble_driver::calibrate::twin::needs_twin(&m.proto), "{}: no bf16", path.display());
+    let twin = nibble_driver::calibrate::twin::f32_twin(&m).unwrap();
+    assert!(!nibble_driver::calibrate::twin::needs_twin(&twin), "the twin is all f32");
     let t = path.with_extension("twin.onnx");
-    nibble_driver::model::save(twin, &t, ExternalData::Never).unwrap();
+    nibble_driver::graph::model::save(twin, &t, ExternalData::Never).unwrap();
     output(&t, x)
 }
 
@@ -369,9 +371,9 @@ fn bf16_matmulnbits_and_compare() {
         let e = err(&twin_output(&nb, &held_out), &twin_output(&dq, &held_out));
         assert!(e < 1e-5, "{method}: bf16 MatMulNBits twin differs from the DQ twin by {e}");
     }
-    let same = nibble_driver::compare::compare(&src, &src, 3).unwrap();
+    let same = nibble_driver::cli::compare::compare(&src, &src, 3).unwrap();
     assert_eq!(same[0].relative_error, 0.0);
-    let q = nibble_driver::compare::compare(&src, &d.path().join("dq.onnx"), 3).unwrap();
+    let q = nibble_driver::cli::compare::compare(&src, &d.path().join("dq.onnx"), 3).unwrap();
     assert!(q[0].relative_error > 1e-3 && q[0].relative_error < 0.5, "{:?}", q[0]);
 }
 

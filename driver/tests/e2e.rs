@@ -6,9 +6,11 @@ mod common;
 
 use common::*;
 use nibble::FloatFormat;
-use nibble_driver::model::{ExternalData, Model};
-use nibble_driver::onnx::{tensor_proto::DataType, GraphProto, TensorProto};
-use nibble_driver::synth::{attr_i, init, io, model, node, transformer, Rng, TransformerConfig};
+use nibble_driver::cli::example::{transformer, TransformerConfig};
+use nibble_driver::graph::build::{attr_i, init, io, model, node};
+use nibble_driver::graph::model::{ExternalData, Model};
+use nibble_driver::graph::onnx::{tensor_proto::DataType, GraphProto, TensorProto};
+use nibble_driver::rng::Rng;
 use std::path::Path;
 
 fn small_transformer(format: FloatFormat) -> TransformerConfig {
@@ -75,7 +77,7 @@ fn transformer_f32_runs_and_matches_structure() {
     // The structure ModelOpt writes.
     let q = Model::load(&d.path().join("q.onnx")).unwrap();
     assert_eq!(q.proto.ir_version, Some(10));
-    assert_eq!(nibble_driver::opset::default_opset(&q.proto), 21);
+    assert_eq!(nibble_driver::graph::opset::default_opset(&q.proto), 21);
     let g = q.proto.graph.as_ref().unwrap();
     let w = "model.layers.0.attn.q_proj.weight";
     let codes = initializer(g, &format!("{w}_i4"));
@@ -125,7 +127,7 @@ fn transformer_bf16_weights() {
 }
 
 /// x[batch, K] -> MatMul(K x N) -> Relu -> MatMul(N x M), weights as initializers.
-fn matmul_chain(k: usize, n: usize, m: usize, seed: u64) -> nibble_driver::onnx::ModelProto {
+fn matmul_chain(k: usize, n: usize, m: usize, seed: u64) -> nibble_driver::graph::onnx::ModelProto {
     let mut rng = Rng::new(seed);
     let g = GraphProto {
         node: vec![
@@ -186,7 +188,7 @@ fn zero_point() {
 }
 
 /// y = Gemm(x, W, b) with W stored [K, N] (transB=0) or [N, K] (transB=1).
-fn gemm(trans_b: bool, k: usize, n: usize) -> nibble_driver::onnx::ModelProto {
+fn gemm(trans_b: bool, k: usize, n: usize) -> nibble_driver::graph::onnx::ModelProto {
     let mut rng = Rng::new(11);
     let wdims = if trans_b { [n, k] } else { [k, n] };
     let g = GraphProto {
@@ -225,7 +227,7 @@ fn constant_node_weights_are_quantized() {
     let mut rng = Rng::new(13);
     let weight = init("Wc", &[64, 32], &rng.normals(64 * 32, 0.1), FloatFormat::F32);
     let mut constant = node("Constant", "/const", &[], &["Wc"], vec![]);
-    constant.attribute.push(nibble_driver::onnx::AttributeProto {
+    constant.attribute.push(nibble_driver::graph::onnx::AttributeProto {
         name: Some("value".into()),
         t: Some(weight.clone()),
         r#type: Some(4),
@@ -344,7 +346,7 @@ fn inspect_lists_weights_and_opset() {
 #[test]
 fn matmulnbits_format_equals_dq_form() {
     let d = tmp();
-    let cases: Vec<(nibble_driver::onnx::ModelProto, Vec<nibble_driver::runtime::NamedTensor>)> = vec![
+    let cases: Vec<(nibble_driver::graph::onnx::ModelProto, Vec<nibble_driver::runtime::NamedTensor>)> = vec![
         (transformer(&small_transformer(FloatFormat::F32)), vec![random_input("input", &[2, 5, 64], 1)]),
         (transformer(&small_transformer(FloatFormat::F16)), vec![random_input("input", &[1, 7, 64], 2)]),
         (gemm(false, 96, 40), vec![random_input("x", &[3, 96], 3)]),
@@ -446,7 +448,7 @@ fn gather_tables_are_quantized_and_gather_dequantized_rows() {
         ]);
         let q = Model::load(&out).unwrap();
         let g = q.proto.graph.as_ref().unwrap();
-        let attrs = |n: &nibble_driver::onnx::NodeProto| -> Vec<(String, i64)> {
+        let attrs = |n: &nibble_driver::graph::onnx::NodeProto| -> Vec<(String, i64)> {
             n.attribute.iter().map(|a| (a.name.clone().unwrap(), a.i.unwrap())).collect()
         };
         if form == "dq" {
@@ -555,9 +557,9 @@ fn compare_reports_known_differences() {
     let json = |x: &Path, y: &Path| nibble_ok(&["compare", x.to_str().unwrap(), y.to_str().unwrap(), "--json"]);
     let same = json(&a, &a);
     assert!(same.contains("\"relative_error\":0,") && same.contains("\"top1_agreement\":1"), "{same}");
-    let r = nibble_driver::compare::compare(&a, &a, 3).unwrap();
+    let r = nibble_driver::cli::compare::compare(&a, &a, 3).unwrap();
     assert!(r[0].relative_error == 0.0 && r[0].max_abs_error == 0.0 && (r[0].cosine - 1.0).abs() < 1e-12, "{:?}", r[0]);
-    let r = nibble_driver::compare::compare(&a, &b, 0).unwrap();
+    let r = nibble_driver::cli::compare::compare(&a, &b, 0).unwrap();
     assert_eq!(r.len(), 1);
     assert!((r[0].relative_error - 0.01).abs() < 1e-5, "{:?}", r[0]);
     assert!((r[0].cosine - 1.0).abs() < 1e-9 && r[0].top1_agreement == Some(1.0), "{:?}", r[0]);
@@ -603,8 +605,8 @@ fn compare_per_layer_matches_an_independent_computation() {
     let src = write(matmul_chain(64, 48, 16, 41), &d.path().join("m.onnx"), ExternalData::Never);
     let out = d.path().join("q.onnx");
     nibble_ok(&["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32"]);
-    let samples = nibble_driver::compare::samples(&src, None, 9).unwrap();
-    let layers = nibble_driver::compare::compare_layers(&src, &out, &samples).unwrap();
+    let samples = nibble_driver::cli::compare::samples(&src, None, 9).unwrap();
+    let layers = nibble_driver::cli::compare::compare_layers(&src, &out, &samples).unwrap();
     assert_eq!(layers.len(), 2);
     assert!(layers[0].relative_error >= layers[1].relative_error);
     let fc1 = layers.iter().find(|l| l.node == "/fc1/MatMul").unwrap();

@@ -5,9 +5,10 @@ mod common;
 
 use common::*;
 use nibble::FloatFormat;
-use nibble_driver::model::ExternalData;
-use nibble_driver::onnx::{GraphProto, ModelProto};
-use nibble_driver::synth::{init, io, model, node, Rng};
+use nibble_driver::graph::build::{init, io, model, node};
+use nibble_driver::graph::model::ExternalData;
+use nibble_driver::graph::onnx::{GraphProto, ModelProto};
+use nibble_driver::rng::Rng;
 use prost::Message;
 use std::path::Path;
 

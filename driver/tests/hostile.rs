@@ -6,9 +6,11 @@ mod common;
 
 use common::*;
 use nibble::FloatFormat;
-use nibble_driver::model::{ExternalData, Model};
-use nibble_driver::onnx::GraphProto;
-use nibble_driver::synth::{init, io, model, node, transformer, Rng, TransformerConfig};
+use nibble_driver::cli::example::{transformer, TransformerConfig};
+use nibble_driver::graph::build::{init, io, model, node};
+use nibble_driver::graph::model::{ExternalData, Model};
+use nibble_driver::graph::onnx::GraphProto;
+use nibble_driver::rng::Rng;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -143,7 +145,7 @@ fn fuzz_regressions_do_not_panic() {
                         for c in
                             nibble_driver::plan::plan(&m, &p).iter().filter(|c| c.quantized() && c.bytes <= 1 << 20)
                         {
-                            let _ = nibble_driver::quantize::quantize_candidate(
+                            let _ = nibble_driver::methods::rtn::quantize_candidate(
                                 &m,
                                 c,
                                 nibble::BlockSize::Blocked(32),
@@ -153,8 +155,8 @@ fn fuzz_regressions_do_not_panic() {
                     }
                 }
                 _ => {
-                    let _ = nibble_driver::npy::parse_npz("r.npz", &data);
-                    let _ = nibble_driver::npy::parse_npy("r.npy", &data);
+                    let _ = nibble_driver::calibrate::npy::parse_npz("r.npz", &data);
+                    let _ = nibble_driver::calibrate::npy::parse_npy("r.npy", &data);
                 }
             }
             replayed += 1;

@@ -7,9 +7,9 @@ mod common;
 
 use common::*;
 use nibble::FloatFormat;
-use nibble_driver::model::{ExternalData, Model};
-use nibble_driver::onnx::{tensor_proto::DataType, GraphProto, NodeProto};
-use nibble_driver::synth::{transformer, TransformerConfig};
+use nibble_driver::cli::example::{transformer, TransformerConfig};
+use nibble_driver::graph::model::{ExternalData, Model};
+use nibble_driver::graph::onnx::{tensor_proto::DataType, GraphProto, NodeProto};
 
 fn config(format: FloatFormat) -> TransformerConfig {
     TransformerConfig { hidden: 64, intermediate: 96, layers: 3, vocab: 80, format, opset: 17, seed: 11 }

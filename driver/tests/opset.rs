@@ -6,13 +6,14 @@ mod common;
 
 use common::*;
 use nibble::FloatFormat;
-use nibble_driver::model::{ExternalData, Model};
-use nibble_driver::onnx::{
+use nibble_driver::graph::build::{attr_f, attr_i, attr_ints, init, init_i64, io, model, node};
+use nibble_driver::graph::model::{ExternalData, Model};
+use nibble_driver::graph::onnx::{
     attribute_proto::AttributeType, AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto,
     OperatorSetIdProto,
 };
+use nibble_driver::rng::Rng;
 use nibble_driver::runtime::{open, Input, InputData, SessionOptions};
-use nibble_driver::synth::{attr_f, attr_i, attr_ints, init, init_i64, io, model, node, Rng};
 use std::path::Path;
 
 fn attr_s(name: &str, v: &str) -> AttributeProto {
@@ -27,7 +28,7 @@ fn attr_s(name: &str, v: &str) -> AttributeProto {
 /// A graph with `ops` computing output `r` from input `x` (shape `xs`), plus a MatMul on `m` to quantize.
 fn with_matmul(
     ops: Vec<NodeProto>,
-    mut inits: Vec<nibble_driver::onnx::TensorProto>,
+    mut inits: Vec<nibble_driver::graph::onnx::TensorProto>,
     xs: &[usize],
     rs_rank: usize,
     opset: i64,
@@ -64,12 +65,12 @@ fn outputs(path: &Path, inputs: &[Input]) -> Vec<nibble_driver::runtime::NamedTe
 /// Quantizes, checks the opset and that `r` is unchanged bit for bit; returns the output model.
 fn upgraded_equal(m: ModelProto, xs: &[usize], positive: bool) -> Model {
     let d = tmp();
-    let from = nibble_driver::opset::default_opset(&m);
+    let from = nibble_driver::graph::opset::default_opset(&m);
     let src = write(m, &d.path().join("m.onnx"), ExternalData::Never);
     let out = d.path().join("q.onnx");
     nibble_ok(&["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "16"]);
     let q = Model::load(&out).unwrap();
-    assert_eq!(nibble_driver::opset::default_opset(&q.proto), 21, "from opset {from}");
+    assert_eq!(nibble_driver::graph::opset::default_opset(&q.proto), 21, "from opset {from}");
     let ins = inputs(xs, positive);
     let (a, b) = (outputs(&src, &ins), outputs(&out, &ins));
     let (ra, rb) = (a.iter().find(|t| t.name == "r").unwrap(), b.iter().find(|t| t.name == "r").unwrap());
@@ -184,11 +185,11 @@ fn batch_normalization_unused_training_outputs_are_dropped() {
     let g = m.graph.as_mut().unwrap();
     g.node.insert(0, node("BatchNormalization", "/bn", &["x", "s", "b", "mean", "var"], &["r", "rm", "rv"], vec![]));
     let mut copy = m.clone();
-    assert!(nibble_driver::opset::upgrade(&mut copy).unwrap().is_some());
+    assert!(nibble_driver::graph::opset::upgrade(&mut copy).unwrap().is_some());
     assert_eq!(copy.graph.unwrap().node[0].output, vec!["r"]);
     // A used training output cannot be converted: a precise error.
     m.graph.as_mut().unwrap().node.push(node("Identity", "/id", &["rm"], &["rm_out"], vec![]));
-    let e = nibble_driver::opset::upgrade(&mut m).unwrap_err().to_string();
+    let e = nibble_driver::graph::opset::upgrade(&mut m).unwrap_err().to_string();
     assert!(e.contains("/bn") && e.contains("BatchNormalization") && e.contains("'rm'"), "{e}");
 }
 
@@ -279,7 +280,7 @@ fn models_at_21_are_not_touched() {
     let n = node("ReduceMean", "/r", &["x", "ax"], &["r"], vec![attr_i("keepdims", 0)]);
     let m = with_matmul(vec![n], vec![init_i64("ax", &[1], &[1])], &[2, 3, 4], 2, 21);
     let mut copy = m.clone();
-    assert!(nibble_driver::opset::upgrade(&mut copy).unwrap().is_none());
+    assert!(nibble_driver::graph::opset::upgrade(&mut copy).unwrap().is_none());
     assert_eq!(copy, m);
 }
 

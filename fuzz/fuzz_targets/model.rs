@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nibble_driver::model::Model;
+use nibble_driver::graph::model::Model;
 use nibble_driver::plan::{compile_patterns, plan};
 
 fuzz_target!(|data: &[u8]| {
@@ -12,13 +12,13 @@ fuzz_target!(|data: &[u8]| {
     let patterns = compile_patterns(&["/lm_head".to_string()]).expect("valid pattern");
     let candidates = plan(&model, &patterns);
     let mut copy = model.proto.clone();
-    let _ = nibble_driver::opset::upgrade(&mut copy);
-    if nibble_driver::twin::needs_twin(&model.proto) {
-        let _ = nibble_driver::twin::f32_twin(&model);
+    let _ = nibble_driver::graph::opset::upgrade(&mut copy);
+    if nibble_driver::calibrate::twin::needs_twin(&model.proto) {
+        let _ = nibble_driver::calibrate::twin::f32_twin(&model);
     }
     let mut mixed = candidates.clone();
-    let _ = nibble_driver::mixed::apply(&model, &mut mixed, None);
-    let _ = nibble_driver::mixed::apply(&model, &mut mixed, Some("layers.0,model"));
+    let _ = nibble_driver::plan::mixed::apply(&model, &mut mixed, None);
+    let _ = nibble_driver::plan::mixed::apply(&model, &mut mixed, Some("layers.0,model"));
     for c in candidates.iter().chain(&mixed).filter(|c| c.quantized()) {
         // Bound the work: the fuzzer's inputs are small, but dims are free-form.
         if c.bytes > 1 << 20 {
@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         }
         for block in [nibble::BlockSize::Blocked(32), nibble::BlockSize::PerChannel] {
             for zero_point in [false, true] {
-                let q = nibble_driver::quantize::quantize_candidate(&model, c, block, zero_point);
+                let q = nibble_driver::methods::rtn::quantize_candidate(&model, c, block, zero_point);
                 // The MatMulNBits layout of a blocked (or INT8, one block per column) weight.
                 if let (Ok(q), nibble::BlockSize::Blocked(_)) = (q, block) {
                     if c.op != "Gather" {
@@ -34,8 +34,8 @@ fuzz_target!(|data: &[u8]| {
                             nibble_driver::plan::Decision::Quantize { axis: 1 } => c.dims[1] as usize,
                             _ => c.dims[0] as usize,
                         };
-                        let (_, node_block) = nibble_driver::nbits::node_layout(c, k, 32);
-                        let _ = nibble_driver::nbits::tensors(c, &q, node_block);
+                        let (_, node_block) = nibble_driver::emit::matmulnbits::node_layout(c, k, 32);
+                        let _ = nibble_driver::emit::matmulnbits::tensors(c, &q, node_block);
                     }
                 }
             }

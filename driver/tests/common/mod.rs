@@ -4,10 +4,11 @@
 #![allow(dead_code)]
 
 use nibble::{reference, FloatFormat};
-use nibble_driver::model::{save, ExternalData, Model};
-use nibble_driver::onnx::{ModelProto, TensorProto};
+use nibble_driver::graph::build::init;
+use nibble_driver::graph::model::{save, ExternalData, Model};
+use nibble_driver::graph::onnx::{ModelProto, TensorProto};
+use nibble_driver::rng::Rng;
 use nibble_driver::runtime::{open, run_f32, NamedTensor, SessionOptions};
-use nibble_driver::synth::{init, Rng};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 

@@ -3,20 +3,18 @@
 //! regular expressions anchored at the start of the node name, like Python's `re.match` in
 //! ModelOpt (default `/lm_head`).
 
-use crate::model::{byte_size, dtype_name, Model};
-use crate::onnx::{tensor_proto::DataType, NodeProto, TensorProto};
+//!
+//! INT8 layers (ModelOpt's `layers_8bit`, `enable_mixed_quant`) are chosen in [`mixed`]; Gather
+//! (embedding) tables by [`plan_gather`].
+
+pub mod mixed;
+
+use crate::graph::model::{byte_size, dtype_name, Model};
+use crate::graph::onnx::tensor_proto::DataType;
+use crate::graph::read::{attr_int, constants, Source};
 use crate::{Error, Result};
 use nibble::{Bits, FloatFormat};
 use regex::Regex;
-
-/// Where a constant lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// `graph.initializer[index]`.
-    Initializer(usize),
-    /// The `value` attribute of Constant node `graph.node[index]`.
-    ConstantNode(usize),
-}
 
 /// What happens to one candidate weight.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,30 +101,6 @@ pub fn compile_patterns(patterns: &[String]) -> Result<Vec<(String, Regex)>> {
         .collect()
 }
 
-fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
-    node.attribute.iter().find(|a| a.name.as_deref() == Some(name)).and_then(|a| a.i)
-}
-
-/// The constant tensors of the top-level graph by name.
-pub fn constants(model: &Model) -> std::collections::HashMap<String, (Source, &TensorProto)> {
-    let g = model.proto.graph.as_ref().expect("graph");
-    let mut map = std::collections::HashMap::new();
-    for (i, t) in g.initializer.iter().enumerate() {
-        map.insert(t.name.clone().unwrap_or_default(), (Source::Initializer(i), t));
-    }
-    for (i, n) in g.node.iter().enumerate() {
-        if n.op_type.as_deref() == Some("Constant") && matches!(n.domain.as_deref(), None | Some("")) {
-            if let (Some(out), Some(t)) = (
-                n.output.first(),
-                n.attribute.iter().find(|a| a.name.as_deref() == Some("value")).and_then(|a| a.t.as_ref()),
-            ) {
-                map.insert(out.clone(), (Source::ConstantNode(i), t));
-            }
-        }
-    }
-    map
-}
-
 /// Lists every MatMul/Gemm weight and decides its fate.
 pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
     let g = model.proto.graph.as_ref().expect("graph");
@@ -145,7 +119,7 @@ pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
         };
         let name = node.name.clone().unwrap_or_default();
         let dtype = t.data_type.unwrap_or(0);
-        let axis = if op == "Gemm" && attr_i(node, "transB") == Some(1) { 1 } else { 0 };
+        let axis = if op == "Gemm" && attr_int(node, "transB") == Some(1) { 1 } else { 0 };
         let mut decision = if let Some((p, _)) = exclude.iter().find(|(_, r)| r.is_match(&name)) {
             Decision::Excluded { pattern: p.clone() }
         } else if t.dims.len() != 2 {

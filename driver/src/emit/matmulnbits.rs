@@ -21,11 +21,12 @@
 //!
 //! The names follow ONNX Runtime's own MatMulNBitsQuantizer. No opset upgrade is needed.
 
-use crate::model::Model;
-use crate::onnx::{tensor_proto::DataType, OperatorSetIdProto, TensorProto};
-use crate::plan::{Candidate, Decision, Source};
-use crate::quantize::tensor;
-use crate::synth::{attr_i, node};
+use crate::graph::build::tensor;
+use crate::graph::build::{attr_i, node};
+use crate::graph::model::Model;
+use crate::graph::onnx::{tensor_proto::DataType, NodeProto, OperatorSetIdProto, TensorProto};
+use crate::graph::read::Source;
+use crate::plan::{Candidate, Decision};
 use crate::{Error, Result};
 use nibble::{Bits, FloatFormat, QuantizedWeight};
 use std::collections::{HashMap, HashSet};
@@ -112,8 +113,8 @@ pub fn tensors(c: &Candidate, q: &QuantizedWeight, block: usize) -> Vec<TensorPr
         tensor(
             format!("{w}_scales"),
             vec![(n * nb) as i64],
-            crate::synth::onnx_type(format),
-            crate::quantize::encode_floats(format, &scales),
+            crate::graph::floats::onnx_type(format),
+            crate::graph::floats::encode_floats(format, &scales),
         ),
     ];
     if let Some(z) = &q.zero_point {
@@ -147,8 +148,8 @@ pub fn gather_tensors(c: &Candidate, q: QuantizedWeight) -> Vec<TensorProto> {
         tensor(
             format!("{w}_scales"),
             scale_dims.clone(),
-            crate::synth::onnx_type(format),
-            crate::quantize::encode_floats(format, &q.scale),
+            crate::graph::floats::onnx_type(format),
+            crate::graph::floats::encode_floats(format, &q.scale),
         ),
     ];
     if let Some(z) = &q.zero_point {
@@ -157,7 +158,8 @@ pub fn gather_tensors(c: &Candidate, q: QuantizedWeight) -> Vec<TensorProto> {
     out
 }
 
-/// Replaces the consumers of the quantized weights by MatMulNBits nodes.
+/// Replaces the consumers of the quantized weights by MatMulNBits (and GatherBlockQuantized) nodes;
+/// returns the bytes of the added codes, scales and zero points.
 pub fn rewrite(
     model: &mut Model,
     chosen: &[&Candidate],
@@ -165,7 +167,8 @@ pub fn rewrite(
     block: usize,
     gather_block: usize,
     accuracy_level: i64,
-) -> Result<()> {
+) -> Result<u64> {
+    let before = model.proto.graph.as_ref().map_or(0, |g| g.initializer.len());
     let g = model.proto.graph.as_mut().expect("graph");
     if chosen.iter().any(|c| c.format() == Some(FloatFormat::BF16)) {
         eprintln!(
@@ -273,11 +276,20 @@ pub fn rewrite(
     if !model.proto.opset_import.iter().any(|o| o.domain.as_deref() == Some("com.microsoft")) {
         model.proto.opset_import.push(OperatorSetIdProto { domain: Some("com.microsoft".into()), version: Some(1) });
     }
-    Ok(())
+    let g = model.proto.graph.as_ref().expect("graph");
+    Ok(g.initializer[before.saturating_sub(chosen.len())..]
+        .iter()
+        .filter(|t| {
+            t.name
+                .as_deref()
+                .is_some_and(|n| n.ends_with("_Q4") || n.ends_with("_scales") || n.ends_with("_zero_points"))
+        })
+        .map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64))
+        .sum())
 }
 
 /// The GatherBlockQuantized replacing Gather `n` of table `c`.
-fn gather_node(n: &crate::onnx::NodeProto, c: &Candidate, zero_point: bool, block: usize) -> crate::onnx::NodeProto {
+fn gather_node(n: &NodeProto, c: &Candidate, zero_point: bool, block: usize) -> NodeProto {
     let Decision::Quantize { axis } = c.decision else { unreachable!("planned") };
     let w = &c.weight;
     let rank = c.dims.len() as i64;

@@ -21,10 +21,11 @@
 //! QuantizeLinear/DequantizeLinear 19/21 types). Subgraphs (If/Loop/Scan bodies) and model-local
 //! functions are converted too; other domains (`com.microsoft`, ...) are kept as they are.
 
-use crate::onnx::{
-    attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto,
+use super::build::{attr_i, constant_i64, node, Names};
+use super::onnx::{
+    attribute_proto::AttributeType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
 };
+use super::read::{attr, node_label, take_attr};
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -73,85 +74,6 @@ pub struct Report {
     pub from: i64,
     /// Nodes rewritten (not counting added Constant/shape nodes).
     pub converted: usize,
-}
-
-fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
-    n.attribute.iter().find(|a| a.name.as_deref() == Some(name))
-}
-
-fn take_attr(n: &mut NodeProto, name: &str) -> Option<AttributeProto> {
-    let i = n.attribute.iter().position(|a| a.name.as_deref() == Some(name))?;
-    Some(n.attribute.remove(i))
-}
-
-fn node_label(n: &NodeProto) -> String {
-    n.name.clone().filter(|s| !s.is_empty()).or_else(|| n.output.first().cloned()).unwrap_or_default()
-}
-
-fn constant_i64(output: &str, dims: &[i64], values: &[i64]) -> NodeProto {
-    let t = TensorProto {
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Int64 as i32),
-        raw_data: Some(Bytes::from(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())),
-        ..Default::default()
-    };
-    NodeProto {
-        op_type: Some("Constant".into()),
-        name: Some(format!("{output}_Constant")),
-        output: vec![output.to_string()],
-        attribute: vec![AttributeProto {
-            name: Some("value".into()),
-            t: Some(t),
-            r#type: Some(AttributeType::Tensor as i32),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
-fn simple(op: &str, name: String, inputs: Vec<String>, output: String, attrs: Vec<AttributeProto>) -> NodeProto {
-    NodeProto {
-        op_type: Some(op.into()),
-        name: Some(name),
-        input: inputs,
-        output: vec![output],
-        attribute: attrs,
-        ..Default::default()
-    }
-}
-
-fn int_attr(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
-    }
-}
-
-/// Names already used in a graph, so that added tensors never collide.
-struct Names(HashSet<String>);
-
-impl Names {
-    fn of(nodes: &[NodeProto], extra: impl Iterator<Item = String>) -> Names {
-        let mut s: HashSet<String> = extra.collect();
-        for n in nodes {
-            s.extend(n.input.iter().cloned());
-            s.extend(n.output.iter().cloned());
-        }
-        Names(s)
-    }
-
-    fn fresh(&mut self, base: &str) -> String {
-        let mut name = base.to_string();
-        let mut i = 1;
-        while self.0.contains(&name) {
-            name = format!("{base}_{i}");
-            i += 1;
-        }
-        self.0.insert(name.clone());
-        name
-    }
 }
 
 /// Converts one node list from `version` to 21; returns the number of nodes rewritten.
@@ -232,18 +154,12 @@ fn convert_nodes(nodes: &mut Vec<NodeProto>, version: i64, names: &mut Names, us
             let (shape, c, g, cg, target, flat) =
                 (p("shape"), p("channels"), p("groups"), p("per_group"), p("expand_shape"), p("flat"));
             let (idx, unsq_axes) = (p("channel_index"), p("unsqueeze_axes"));
-            out.push(simple("Shape", format!("{shape}_Shape"), vec![n.input[0].clone()], shape.clone(), vec![]));
+            out.push(node("Shape", &format!("{shape}_Shape"), &[&n.input[0]], &[&shape], vec![]));
             out.push(constant_i64(&idx, &[1], &[1]));
-            out.push(simple("Gather", format!("{c}_Gather"), vec![shape.clone(), idx], c.clone(), vec![]));
+            out.push(node("Gather", &format!("{c}_Gather"), &[&shape, &idx], &[&c], vec![]));
             out.push(constant_i64(&g, &[1], &[groups]));
-            out.push(simple("Div", format!("{cg}_Div"), vec![c, g.clone()], cg.clone(), vec![]));
-            out.push(simple(
-                "Concat",
-                format!("{target}_Concat"),
-                vec![g, cg],
-                target.clone(),
-                vec![int_attr("axis", 0)],
-            ));
+            out.push(node("Div", &format!("{cg}_Div"), &[&c, &g], &[&cg], vec![]));
+            out.push(node("Concat", &format!("{target}_Concat"), &[&g, &cg], &[&target], vec![attr_i("axis", 0)]));
             out.push(constant_i64(&flat, &[1], &[-1]));
             out.push(constant_i64(&unsq_axes, &[1], &[1]));
             for slot in [1, 2] {
@@ -251,15 +167,9 @@ fn convert_nodes(nodes: &mut Vec<NodeProto>, version: i64, names: &mut Names, us
                 let u = names.fresh(&format!("{label}_in{slot}_col"));
                 let e = names.fresh(&format!("{label}_in{slot}_expanded"));
                 let r = names.fresh(&format!("{label}_in{slot}_per_channel"));
-                out.push(simple(
-                    "Unsqueeze",
-                    format!("{u}_Unsqueeze"),
-                    vec![src, unsq_axes.clone()],
-                    u.clone(),
-                    vec![],
-                ));
-                out.push(simple("Expand", format!("{e}_Expand"), vec![u, target.clone()], e.clone(), vec![]));
-                out.push(simple("Reshape", format!("{r}_Reshape"), vec![e, flat.clone()], r.clone(), vec![]));
+                out.push(node("Unsqueeze", &format!("{u}_Unsqueeze"), &[&src, &unsq_axes], &[&u], vec![]));
+                out.push(node("Expand", &format!("{e}_Expand"), &[&u, &target], &[&e], vec![]));
+                out.push(node("Reshape", &format!("{r}_Reshape"), &[&e, &flat], &[&r], vec![]));
                 n.input[slot] = r;
             }
             converted += 1;

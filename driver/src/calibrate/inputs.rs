@@ -12,11 +12,11 @@
 //! they index (the row count of the Gather table fed by the input), `*mask*` inputs are ones and
 //! `position_ids` count up along the sequence.
 
-use crate::model::{dtype_name, Model};
-use crate::npy::{read_arrays, Array, DType};
-use crate::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto, ValueInfoProto};
-use crate::runtime::{Input, InputData};
-use crate::synth::Rng;
+use crate::calibrate::npy::{read_arrays, Array, DType};
+use crate::calibrate::runtime::{Input, InputData};
+use crate::graph::model::{dtype_name, Model};
+use crate::graph::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto, ValueInfoProto};
+use crate::rng::Rng;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -18,10 +18,10 @@
 //! Mul constant becomes a `[K]` vector; any other shape is not folded. A producer whose own weight is
 //! quantized is divided before that weight is quantized (ModelOpt loses the division there).
 
-use crate::awq::{AwqResult, Group};
-use crate::model::Model;
-use crate::onnx::{GraphProto, NodeProto, TensorProto};
-use crate::quantize::{decode_floats, encode_floats};
+use crate::graph::floats::{decode_floats, encode_floats};
+use crate::graph::model::Model;
+use crate::graph::onnx::{GraphProto, NodeProto, TensorProto};
+use crate::methods::awq::{AwqResult, Group};
 use crate::Result;
 use bytes::Bytes;
 use nibble::FloatFormat;
@@ -115,7 +115,7 @@ fn divide(model: &Model, t: &mut TensorProto, s: &[f32], rows: bool) -> Result<(
 /// `1/s` as a `[1, K]` initializer of `format`.
 fn inverse(name: String, s: &[f32], format: FloatFormat) -> TensorProto {
     let inv: Vec<f32> = s.iter().map(|&v| format.round(1.0 / v)).collect();
-    crate::synth::init(&name, &[1, s.len()], &inv, format)
+    crate::graph::build::init(&name, &[1, s.len()], &inv, format)
 }
 
 /// Mul nodes and initializers to add after the DQ rewrite.
@@ -154,7 +154,13 @@ pub fn apply(
                 let scale = format!("{w}_awq_scale");
                 let out = format!("{w}_PQS_Tensor");
                 ins.initializers.push(inverse(scale.clone(), s, format));
-                ins.nodes.push(crate::synth::node("Mul", &format!("{w}_PQS"), &[activation, &scale], &[&out], vec![]));
+                ins.nodes.push(crate::graph::build::node(
+                    "Mul",
+                    &format!("{w}_PQS"),
+                    &[activation, &scale],
+                    &[&out],
+                    vec![],
+                ));
                 ins.rewire.push((n, out));
             }
             continue;
@@ -185,7 +191,7 @@ pub fn apply(
                 let scale = format!("{parent_out}_pre_quant_scale");
                 let out = format!("{parent_out}_pre_quant_scale_out");
                 ins.initializers.push(inverse(scale.clone(), s, format));
-                ins.nodes.push(crate::synth::node(
+                ins.nodes.push(crate::graph::build::node(
                     "Mul",
                     &format!("{activation}_pre_quant_scale_mul"),
                     &[activation, &scale],

@@ -11,13 +11,15 @@
 //! Activations are captured in waves whose size is bounded by a memory budget, so memory does not
 //! grow with the model's depth.
 
-use crate::calibration::{calibration_inputs, CalibrationOptions};
-use crate::capture::Capture;
-use crate::model::Model;
+use crate::calibrate::capture::Capture;
+use crate::calibrate::inputs::{calibration_inputs, CalibrationOptions};
+use crate::graph::floats::decode_floats;
+use crate::graph::model::Model;
+use crate::graph::read::{attr_int, constants};
 use crate::plan::{Candidate, Decision};
 use crate::{Error, Result};
 use nibble::awq::{self, clip_search, lite_search};
-use nibble::{Bits, BlockSize, FloatFormat, QuantParams, Tier};
+use nibble::{Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, Tier, WeightData};
 use std::collections::HashMap;
 
 /// Which AWQ variant.
@@ -105,17 +107,13 @@ pub struct AwqResult {
     pub plain: Vec<(String, String)>,
 }
 
-fn attr_i(n: &crate::onnx::NodeProto, name: &str) -> Option<i64> {
-    n.attribute.iter().find(|a| a.name.as_deref() == Some(name)).and_then(|a| a.i)
-}
-
 /// The `[K, N]` view of a planned weight as f32 values of its format.
 pub fn weight_kn(model: &Model, c: &Candidate) -> Result<(Vec<f32>, [usize; 2])> {
-    let consts = crate::plan::constants(model);
+    let consts = constants(model);
     let (_, t) = consts.get(&c.weight).expect("planned from this model");
     let format = c.format().expect("float weight");
     let bytes = model.tensor_bytes(t)?;
-    let v = crate::quantize::decode_floats(format, &bytes);
+    let v = decode_floats(format, &bytes);
     let (r, cols) = (c.dims[0] as usize, c.dims[1] as usize);
     match c.decision {
         Decision::Quantize { axis: 1 } => {
@@ -134,7 +132,7 @@ pub fn weight_kn(model: &Model, c: &Candidate) -> Result<(Vec<f32>, [usize; 2])>
 /// Groups the planned weights by activation; weights that cannot take AWQ go to `plain`.
 fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, String)>) {
     let g = model.proto.graph.as_ref().expect("graph");
-    let consts = crate::plan::constants(model);
+    let consts = constants(model);
     let mut groups: Vec<Group> = Vec::new();
     let mut plain = Vec::new();
     for c in chosen.iter().filter(|c| c.op != "Gather") {
@@ -152,7 +150,7 @@ fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, Str
         } else {
             let n = &g.node[users[0]];
             let act = n.input.first().cloned().unwrap_or_default();
-            if n.op_type.as_deref() == Some("Gemm") && attr_i(n, "transA") == Some(1) {
+            if n.op_type.as_deref() == Some("Gemm") && attr_int(n, "transA") == Some(1) {
                 Some("Gemm with transA=1".to_string())
             } else if act.is_empty() || consts.contains_key(&act) {
                 Some("its activation is a constant".to_string())
@@ -177,8 +175,8 @@ fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, Str
 }
 
 /// Tokens per sample, estimated from the inputs (for sizing the waves).
-fn tokens_per_sample(sample: &[crate::runtime::Input]) -> usize {
-    use crate::runtime::InputData;
+fn tokens_per_sample(sample: &[crate::calibrate::runtime::Input]) -> usize {
+    use crate::calibrate::runtime::InputData;
     sample
         .iter()
         .map(|i| match i.data {
@@ -357,7 +355,97 @@ pub fn search(
     Ok(result)
 }
 
-/// ONNX type of a float format.
-pub fn onnx_type(format: FloatFormat) -> i32 {
-    crate::synth::onnx_type(format)
+/// Quantizes a weight with its AWQ outcome: rows of the `[K, N]` view multiplied by the
+/// pre-quant scale, and the clip ratios per block.
+pub fn quantize_candidate_awq(
+    model: &Model,
+    c: &Candidate,
+    block: BlockSize,
+    zero_point: bool,
+    awq: &WeightAwq,
+) -> Result<QuantizedWeight> {
+    let Decision::Quantize { axis } = c.decision else { unreachable!("only planned weights") };
+    let format = c.format().expect("float weight");
+    if let Some(s) = &awq.scale64 {
+        return quantize_scaled_f64(model, c, block, zero_point, s, axis);
+    }
+    let consts = constants(model);
+    let (_, t) = consts.get(&c.weight).expect("planned from the same model");
+    let mut v = decode_floats(format, &model.tensor_bytes(t)?);
+    let shape = [c.dims[0] as usize, c.dims[1] as usize];
+    if let Some(s) = &awq.scale {
+        let cols = shape[1];
+        for (e, x) in v.iter_mut().enumerate() {
+            // K runs along rows for axis 0, along columns for a transB=1 weight stored [N, K].
+            let k = if axis == 0 { e / cols } else { e % cols };
+            *x = format.round(*x * s[k]);
+        }
+    }
+    let params = QuantParams { block_size: c.block(block), axis, zero_point, alpha: 1.0, bits: c.bits };
+    let halves: Vec<half::f16>;
+    let bhalves: Vec<half::bf16>;
+    let data = match format {
+        FloatFormat::F32 => WeightData::F32(&v),
+        FloatFormat::F16 => {
+            halves = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            WeightData::F16(&halves)
+        }
+        FloatFormat::BF16 => {
+            bhalves = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            WeightData::BF16(&bhalves)
+        }
+    };
+    nibble::quantize_weight::quantize_weight_alphas_with(
+        nibble::Tier::best(),
+        data,
+        shape,
+        &params,
+        awq.alphas.as_deref(),
+    )
+    .map_err(|e| Error::kernel(&c.weight, e))
+}
+
+/// A per-subgraph AWQ weight: `W * s` and its quantization in float64 (ModelOpt's promotion), the
+/// scales cast to the weight dtype; back in the stored layout for `transB=1` weights.
+fn quantize_scaled_f64(
+    model: &Model,
+    c: &Candidate,
+    block: BlockSize,
+    zero_point: bool,
+    s: &[f64],
+    axis: usize,
+) -> Result<QuantizedWeight> {
+    let format = c.format().expect("float weight");
+    let (kn, [k, n]) = weight_kn(model, c)?;
+    let scaled: Vec<f64> = kn.iter().enumerate().map(|(e, &v)| v as f64 * s[e / n]).collect();
+    let params = QuantParams { block_size: c.block(block), axis: 0, zero_point, alpha: 1.0, bits: c.bits };
+    let q = nibble::awq::subgraph::quantize_f64(format, &scaled, [k, n], &params);
+    if axis == 0 {
+        return Ok(q);
+    }
+    // Stored [N, K]: transpose codes, scales and zero points back.
+    let codes: Vec<i8> = match c.bits {
+        Bits::Four => {
+            nibble::kernels::unpack_nibbles(&q.packed, k * n, false).map_err(|e| Error::kernel(&c.weight, e))?
+        }
+        Bits::Eight => q.packed.iter().map(|&b| b as i8).collect(),
+    };
+    let mut t = vec![0u8; k * n];
+    for r in 0..k {
+        for col in 0..n {
+            t[col * k + r] = codes[r * n + col] as u8;
+        }
+    }
+    let nb = q.scale_shape[0];
+    let tr = |v: &[f32]| -> Vec<f32> { (0..n * nb).map(|e| v[(e % nb) * n + e / nb]).collect() };
+    Ok(QuantizedWeight {
+        packed: match c.bits {
+            Bits::Four => nibble::reference::pack(&t),
+            Bits::Eight => t,
+        },
+        scale: tr(&q.scale),
+        scale_shape: [n, nb],
+        zero_point: q.zero_point.map(|z| (0..n * nb).map(|e| z[(e % nb) * n + e / nb]).collect()),
+        block: q.block,
+    })
 }

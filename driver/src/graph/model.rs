@@ -10,7 +10,7 @@
 //! partial model behind (with `sync`, `--fsync`, the files are also flushed to disk before the
 //! rename, for a machine crash). The input is only ever read.
 
-use crate::onnx::{
+use crate::graph::onnx::{
     tensor_proto::DataLocation, tensor_proto::DataType, ModelProto, StringStringEntryProto, TensorProto,
 };
 use crate::{Error, Result};

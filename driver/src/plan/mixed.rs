@@ -16,7 +16,7 @@
 //! nodes whose activation is not itself an initializer are considered, and the last consuming node
 //! decides for a shared weight.
 
-use crate::model::Model;
+use crate::graph::model::Model;
 use crate::plan::{Candidate, Decision};
 use crate::{Error, Result};
 use nibble::Bits;

@@ -6,10 +6,10 @@
 //! Inputs: seeded random values for float inputs (normal) and integer inputs (ids in `0..10`),
 //! symbolic dimensions set to 1 (the first) and 16 (the others).
 
-use crate::model::Model;
-use crate::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto};
-use crate::runtime::{Input, InputData, NamedTensor};
-use crate::synth::Rng;
+use crate::calibrate::runtime::{Input, InputData, NamedTensor};
+use crate::graph::model::Model;
+use crate::graph::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto};
+use crate::rng::Rng;
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -93,7 +93,7 @@ pub fn random_inputs(model: &Model, seed: u64) -> Result<Vec<Input>> {
             _ => {
                 return Err(Error::Usage(format!(
                 "input '{name}' has element type {}; nibble compare feeds float32/16, bfloat16, int64 and int32 inputs",
-                crate::model::dtype_name(t.elem_type.unwrap_or(0))
+                crate::graph::model::dtype_name(t.elem_type.unwrap_or(0))
             )))
             }
         };
@@ -108,15 +108,19 @@ pub fn compare(original: &Path, quantized: &Path, seed: u64) -> Result<Vec<Outpu
     compare_on(original, quantized, &[inputs])
 }
 
-/// Runs both models on every sample of a calibration file (see [`crate::calibration`]) and
+/// Runs both models on every sample of a calibration file (see [`crate::calibrate::inputs`]) and
 /// compares the outputs over all samples.
 pub fn compare_with_data(original: &Path, quantized: &Path, data: &Path) -> Result<Vec<OutputReport>> {
-    let opts = crate::calibration::CalibrationOptions { data: Some(data.to_path_buf()), ..Default::default() };
-    let samples = crate::calibration::calibration_inputs(&Model::load(original)?, &opts)?;
+    let opts = crate::calibrate::inputs::CalibrationOptions { data: Some(data.to_path_buf()), ..Default::default() };
+    let samples = crate::calibrate::inputs::calibration_inputs(&Model::load(original)?, &opts)?;
     compare_on(original, quantized, &samples)
 }
 
-fn compare_on(original: &Path, quantized: &Path, samples: &[Vec<crate::runtime::Input>]) -> Result<Vec<OutputReport>> {
+fn compare_on(
+    original: &Path,
+    quantized: &Path,
+    samples: &[Vec<crate::calibrate::runtime::Input>],
+) -> Result<Vec<OutputReport>> {
     let (om, qm) = (Model::load(original)?, Model::load(quantized)?);
     let names: Vec<String> =
         om.proto.graph.as_ref().expect("graph").output.iter().filter_map(|v| v.name.clone()).collect();
@@ -131,8 +135,8 @@ fn compare_on(original: &Path, quantized: &Path, samples: &[Vec<crate::runtime::
     }
     // Through Capture, so that bfloat16 models run as their float32 twins on a CPU.
     let runs = [
-        crate::capture::Capture::new(&om)?.run(&names, samples)?,
-        crate::capture::Capture::new(&qm)?.run(&names, samples)?,
+        crate::calibrate::capture::Capture::new(&om)?.run(&names, samples)?,
+        crate::calibrate::capture::Capture::new(&qm)?.run(&names, samples)?,
     ];
     let [o, q] = runs.map(|per_sample| {
         let mut acc: Vec<NamedTensor> = Vec::new();
@@ -196,7 +200,7 @@ fn quantized_layers(quantized: &Model) -> Vec<(String, String)> {
 pub fn compare_layers(
     original: &Path,
     quantized: &Path,
-    samples: &[Vec<crate::runtime::Input>],
+    samples: &[Vec<crate::calibrate::runtime::Input>],
 ) -> Result<Vec<LayerReport>> {
     let (o_model, q_model) = (Model::load(original)?, Model::load(quantized)?);
     let layers = quantized_layers(&q_model);
@@ -204,8 +208,8 @@ pub fn compare_layers(
     if names.is_empty() {
         return Ok(vec![]);
     }
-    let o = crate::capture::Capture::new(&o_model)?.run(&names, samples)?;
-    let q = crate::capture::Capture::new(&q_model)?.run(&names, samples)?;
+    let o = crate::calibrate::capture::Capture::new(&o_model)?.run(&names, samples)?;
+    let q = crate::calibrate::capture::Capture::new(&q_model)?.run(&names, samples)?;
     let mut reports: Vec<LayerReport> = layers
         .into_iter()
         .enumerate()
@@ -225,12 +229,13 @@ pub fn compare_layers(
 }
 
 /// The samples `compare` uses: every sample of a calibration file, or one seeded random sample.
-pub fn samples(original: &Path, data: Option<&Path>, seed: u64) -> Result<Vec<Vec<crate::runtime::Input>>> {
+pub fn samples(original: &Path, data: Option<&Path>, seed: u64) -> Result<Vec<Vec<crate::calibrate::runtime::Input>>> {
     let model = Model::load(original)?;
     match data {
         Some(d) => {
-            let opts = crate::calibration::CalibrationOptions { data: Some(d.to_path_buf()), ..Default::default() };
-            crate::calibration::calibration_inputs(&model, &opts)
+            let opts =
+                crate::calibrate::inputs::CalibrationOptions { data: Some(d.to_path_buf()), ..Default::default() };
+            crate::calibrate::inputs::calibration_inputs(&model, &opts)
         }
         None => Ok(vec![random_inputs(&model, seed)?]),
     }

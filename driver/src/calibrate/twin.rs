@@ -8,8 +8,8 @@
 //! bf16 rounding of intermediate results, which the AWQ searches apply to what they read anyway.
 //! The twin is used for calibration (AWQ) and by `nibble compare`; the written model stays bf16.
 
-use crate::model::Model;
-use crate::onnx::{
+use crate::graph::model::Model;
+use crate::graph::onnx::{
     tensor_proto::{DataLocation, DataType},
     type_proto, GraphProto, ModelProto, TensorProto, TypeProto, ValueInfoProto,
 };
@@ -48,7 +48,7 @@ fn graph_has_bf16(g: &GraphProto) -> bool {
 
 /// bf16 bytes (little endian) widened to f32 bytes.
 fn widen(bytes: &[u8]) -> Vec<u8> {
-    use crate::quantize::{decode_floats, encode_floats};
+    use crate::graph::floats::{decode_floats, encode_floats};
     encode_floats(FloatFormat::F32, &decode_floats(FloatFormat::BF16, bytes))
 }
 

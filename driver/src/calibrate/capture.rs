@@ -7,9 +7,9 @@
 //! so ONNX Runtime computes only what the wave needs. The caller sizes the waves to bound memory.
 //! A bfloat16 model is captured through its float32 twin ([`crate::twin`]).
 
-use crate::model::{save, ExternalData, Model};
-use crate::onnx::{ModelProto, ValueInfoProto};
-use crate::runtime::{open, run, Input, NamedTensor, SessionOptions};
+use crate::calibrate::runtime::{open, run, Input, NamedTensor, SessionOptions};
+use crate::graph::model::{save, ExternalData, Model};
+use crate::graph::onnx::{ModelProto, ValueInfoProto};
 use crate::{Error, Result};
 use prost::Message;
 
@@ -43,9 +43,9 @@ impl Capture {
             .map_err(|e| Error::Runtime(format!("cannot create a temporary folder for calibration: {e}")))?;
         crate::cleanup::register(dir.path());
         let base_path = dir.path().join("base.onnx");
-        let base = if crate::twin::needs_twin(&model.proto) {
+        let base = if crate::calibrate::twin::needs_twin(&model.proto) {
             // bfloat16: ONNX Runtime's CPU provider runs the float32 twin instead.
-            save(crate::twin::f32_twin(model)?, &base_path, ExternalData::Always)?;
+            save(crate::calibrate::twin::f32_twin(model)?, &base_path, ExternalData::Always)?;
             Model::load(&base_path)?.proto
         } else if model.has_external_data() && !model.external_files().is_empty() {
             // Link the (checked) external data files instead of writing the weights again.

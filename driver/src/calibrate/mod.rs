@@ -1,0 +1,15 @@
+//! Calibration: running the model in ONNX Runtime on sample inputs and capturing the activations
+//! the AWQ searches need.
+//!
+//! - [`runtime`]: finding, loading and running ONNX Runtime (the library from the PyPI wheel).
+//! - [`inputs`]: the calibration samples: from a `.npz`/`.npy` file ([`npy`]), in memory, or seeded random.
+//! - [`capture`]: a copy of the model whose graph outputs are the activations asked for, run in waves.
+//! - [`twin`]: the float32 twin of a bfloat16 model, which ONNX Runtime's CPU provider can run.
+
+pub mod capture;
+pub mod inputs;
+pub mod npy;
+pub mod runtime;
+pub mod twin;
+
+pub use inputs::{calibration_inputs, parse_shapes, CalibrationOptions};

@@ -1,0 +1,77 @@
+//! Readers over an ONNX graph: attributes of a node, the constant tensors (initializers and
+//! `Constant` nodes) by name, and the names that If/Loop/Scan bodies read from the outer scope.
+
+use super::model::Model;
+use super::onnx::{AttributeProto, GraphProto, NodeProto, TensorProto};
+use std::collections::{HashMap, HashSet};
+
+/// Where a constant tensor lives in the top-level graph.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `graph.initializer[i]`.
+    Initializer(usize),
+    /// The `value` of the `Constant` node `graph.node[i]`.
+    ConstantNode(usize),
+}
+
+/// The attribute `name` of `n`.
+pub fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    n.attribute.iter().find(|a| a.name.as_deref() == Some(name))
+}
+
+/// The integer attribute `name` of `n`.
+pub fn attr_int(n: &NodeProto, name: &str) -> Option<i64> {
+    attr(n, name).and_then(|a| a.i)
+}
+
+/// Removes and returns the attribute `name` of `n`.
+pub fn take_attr(n: &mut NodeProto, name: &str) -> Option<AttributeProto> {
+    let i = n.attribute.iter().position(|a| a.name.as_deref() == Some(name))?;
+    Some(n.attribute.remove(i))
+}
+
+/// A node's name for messages: its name, else its first output.
+pub fn node_label(n: &NodeProto) -> String {
+    n.name.clone().filter(|s| !s.is_empty()).or_else(|| n.output.first().cloned()).unwrap_or_default()
+}
+
+/// The constant tensors of the top-level graph by name.
+pub fn constants(model: &Model) -> HashMap<String, (Source, &TensorProto)> {
+    let g = model.proto.graph.as_ref().expect("graph");
+    let mut map = HashMap::new();
+    for (i, t) in g.initializer.iter().enumerate() {
+        map.insert(t.name.clone().unwrap_or_default(), (Source::Initializer(i), t));
+    }
+    for (i, n) in g.node.iter().enumerate() {
+        if n.op_type.as_deref() == Some("Constant") && matches!(n.domain.as_deref(), None | Some("")) {
+            if let (Some(out), Some(t)) = (n.output.first(), attr(n, "value").and_then(|a| a.t.as_ref())) {
+                map.insert(out.clone(), (Source::ConstantNode(i), t));
+            }
+        }
+    }
+    map
+}
+
+/// Every name read by a node inside the subgraphs (If/Loop/Scan bodies, recursively) of `g`'s
+/// nodes: the outer-scope names those bodies may reference.
+pub fn subgraph_inputs(g: &GraphProto) -> HashSet<String> {
+    fn collect(g: &GraphProto, acc: &mut HashSet<String>) {
+        for n in &g.node {
+            acc.extend(n.input.iter().cloned());
+            for a in &n.attribute {
+                for s in a.g.iter().chain(&a.graphs) {
+                    collect(s, acc);
+                }
+            }
+        }
+    }
+    let mut acc = HashSet::new();
+    for n in &g.node {
+        for a in &n.attribute {
+            for s in a.g.iter().chain(&a.graphs) {
+                collect(s, &mut acc);
+            }
+        }
+    }
+    acc
+}

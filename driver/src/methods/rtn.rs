@@ -1,0 +1,74 @@
+//! Round to nearest (ModelOpt's `rtn`/`rtn_dq` numbers): one planned weight straight from its
+//! stored bytes to INT4/INT8 codes, scales and zero points, through the kernel crate
+//! ([`nibble::quantize_weight`]: `scale = amax / 7` per block, or `(max - min) / 15` with a zero point).
+
+use crate::graph::model::dtype_name;
+use crate::graph::model::Model;
+use crate::graph::read::constants;
+use crate::plan::{Candidate, Decision};
+use crate::{Error, Result};
+use bytes::Bytes;
+use nibble::{BlockSize, FloatFormat, QuantParams, QuantizedWeight, WeightData};
+
+/// The weight's elements, borrowed when aligned, copied otherwise.
+enum Elements {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    BF16(Vec<half::bf16>),
+    Borrowed,
+}
+
+fn weight_data<'a>(format: FloatFormat, bytes: &'a Bytes, copy: &'a mut Elements) -> WeightData<'a> {
+    match format {
+        FloatFormat::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            Ok(v) => WeightData::F32(v),
+            Err(_) => {
+                *copy =
+                    Elements::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect());
+                match copy {
+                    Elements::F32(v) => WeightData::F32(v),
+                    _ => unreachable!(),
+                }
+            }
+        },
+        FloatFormat::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
+            Ok(v) => WeightData::F16(v),
+            Err(_) => {
+                *copy = Elements::F16(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect());
+                match copy {
+                    Elements::F16(v) => WeightData::F16(v),
+                    _ => unreachable!(),
+                }
+            }
+        },
+        FloatFormat::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
+            Ok(v) => WeightData::BF16(v),
+            Err(_) => {
+                *copy =
+                    Elements::BF16(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect());
+                match copy {
+                    Elements::BF16(v) => WeightData::BF16(v),
+                    _ => unreachable!(),
+                }
+            }
+        },
+    }
+}
+
+/// Quantizes one candidate weight (`block` is the run's; an INT8 layer takes one block per channel).
+pub fn quantize_candidate(model: &Model, c: &Candidate, block: BlockSize, zero_point: bool) -> Result<QuantizedWeight> {
+    let Decision::Quantize { axis } = c.decision else { unreachable!("only planned weights") };
+    let consts = constants(model);
+    let (_, t) = consts.get(&c.weight).expect("planned from the same model");
+    let format = c.format().ok_or_else(|| Error::UnsupportedDtype {
+        tensor: c.weight.clone(),
+        node: c.node.clone(),
+        dtype: dtype_name(c.dtype),
+    })?;
+    let bytes = model.tensor_bytes(t)?;
+    let mut copy = Elements::Borrowed;
+    let data = weight_data(format, &bytes, &mut copy);
+    let shape = [c.dims[0] as usize, c.dims[1] as usize];
+    let params = QuantParams { block_size: c.block(block), axis, zero_point, alpha: 1.0, bits: c.bits };
+    nibble::quantize_weight(data, shape, &params).map_err(|e| Error::kernel(&c.weight, e))
+}

@@ -1,0 +1,360 @@
+//! The `quantize` pipeline, one stage after the other: load the model ([`crate::graph`]), plan which
+//! weights to quantize and how ([`crate::plan`]), calibrate and search (AWQ methods:
+//! [`crate::calibrate`], [`crate::methods::awq`]), quantize every chosen weight (in parallel across
+//! weights, and across blocks inside each: [`crate::methods`]), write the output form
+//! ([`crate::emit`]), raise the opset, save atomically.
+
+use crate::emit::dq::Form;
+use crate::emit::matmulnbits;
+use crate::emit::pqs::{self, Insertions};
+use crate::graph::floats::decode_floats;
+use crate::graph::model::{dtype_name, external_data_path, save_with, ExternalData, Model};
+use crate::graph::opset;
+use crate::graph::read::constants;
+use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
+use crate::plan::{compile_patterns, plan, Candidate, Decision};
+use crate::{Error, Result};
+use nibble::{Bits, BlockSize, FloatFormat, QuantizedWeight};
+use rayon::prelude::*;
+use regex::Regex;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Quantization algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// Round to nearest, DequantizeLinear only (ModelOpt `rtn_dq`).
+    #[value(name = "rtn_dq")]
+    RtnDq,
+    /// Round to nearest, QuantizeLinear -> DequantizeLinear on the float weight (ModelOpt `rtn`).
+    #[value(name = "rtn")]
+    Rtn,
+    /// Activation-aware pre-quant scales, calibrated in ONNX Runtime (ModelOpt `awq_lite`).
+    #[value(name = "awq_lite")]
+    AwqLite,
+    /// Activation-aware clip ratios per block (ModelOpt `awq_clip`).
+    #[value(name = "awq_clip")]
+    AwqClip,
+    /// awq_lite, then awq_clip on the scaled weights (ModelOpt `awq_full`).
+    #[value(name = "awq_full")]
+    AwqFull,
+}
+
+impl Method {
+    /// The AWQ variant, for AWQ methods.
+    pub fn awq(self) -> Option<AwqMethod> {
+        match self {
+            Method::RtnDq | Method::Rtn => None,
+            Method::AwqLite => Some(AwqMethod::Lite),
+            Method::AwqClip => Some(AwqMethod::Clip),
+            Method::AwqFull => Some(AwqMethod::Full),
+        }
+    }
+}
+
+/// What `quantize` was asked to do.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The algorithm.
+    pub method: Method,
+    /// Block size along K; -1 for per-channel.
+    pub block_size: i64,
+    /// UINT4 with zero points.
+    pub zero_point: bool,
+    /// Node-name patterns to leave unquantized.
+    pub exclude: Vec<String>,
+    /// Where tensor data goes.
+    pub external_data: ExternalData,
+    /// Overwrite an existing output.
+    pub force: bool,
+    /// AWQ settings (AWQ methods only).
+    pub awq: AwqOptions,
+    /// Leave weights holding NaN or Inf unquantized (with a warning) instead of failing.
+    pub skip_nonfinite: bool,
+    /// Output form.
+    pub format: Format,
+    /// MatMulNBits `accuracy_level` (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 activations).
+    pub accuracy_level: i64,
+    /// Quantize Gather (embedding) tables, blocked along this axis (ModelOpt's
+    /// `gather_quantize_axis`; off by default).
+    pub gather_axis: Option<usize>,
+    /// Block size of the Gather tables (ModelOpt's `gather_block_size`).
+    pub gather_block_size: i64,
+    /// Node patterns kept at INT8 per channel (ModelOpt's `layers_8bit`; see [`crate::plan::mixed`]).
+    pub int8_layers: Option<String>,
+    /// ModelOpt's default INT8 layer choice (`enable_mixed_quant`), when `int8_layers` is unset.
+    pub mixed_precision: bool,
+    /// Flush the output to disk (fsync) before renaming it into place.
+    pub fsync: bool,
+}
+
+/// The operator the quantized weights feed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// INT4 initializers and DequantizeLinear (ModelOpt's form; opset 21).
+    Dq,
+    /// ONNX Runtime's com.microsoft MatMulNBits (fastest on ONNX Runtime CPUs).
+    #[value(name = "matmulnbits")]
+    MatMulNBits,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            method: Method::RtnDq,
+            block_size: 128,
+            zero_point: false,
+            exclude: vec!["/lm_head".into()],
+            external_data: ExternalData::Auto,
+            force: false,
+            awq: Default::default(),
+            skip_nonfinite: false,
+            format: Format::Dq,
+            accuracy_level: 0,
+            gather_axis: None,
+            gather_block_size: 32,
+            int8_layers: None,
+            mixed_precision: false,
+            fsync: false,
+        }
+    }
+}
+
+/// What `quantize` did.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// Weights quantized.
+    pub quantized: usize,
+    /// Of which kept at INT8.
+    pub int8: usize,
+    /// MatMul/Gemm weights found.
+    pub candidates: usize,
+    /// Bytes of the quantized weights before.
+    pub weight_bytes_before: u64,
+    /// Bytes of their replacements (codes, scales, zero points).
+    pub weight_bytes_after: u64,
+    /// Model + external data size of the input.
+    pub model_bytes_before: u64,
+    /// Bytes written.
+    pub model_bytes_after: u64,
+    /// Whether the opset was raised to 21.
+    pub opset_raised: bool,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Refuses output paths that would overwrite the input or its data, or an existing file without
+/// `force`.
+pub fn check_output(model: &Model, out: &Path, force: bool) -> Result<()> {
+    let err = |why: String| Error::Output { path: out.to_path_buf(), why };
+    let data = external_data_path(out);
+    if same_file(out, &model.path) || same_file(&data, &model.path) {
+        return Err(err("is the input model; write the quantized model to another path".into()));
+    }
+    for ext in model.external_files() {
+        if same_file(out, &ext) || same_file(&data, &ext) {
+            return Err(err(format!(
+                "(or its {}) is the input's external data file; choose another output name",
+                data.display()
+            )));
+        }
+    }
+    if out.is_dir() {
+        return Err(err("is a directory; give a file name such as model_int4.onnx".into()));
+    }
+    if out.exists() && !force {
+        return Err(err("already exists; pass --force to overwrite it".into()));
+    }
+    match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(err(format!("folder {} does not exist", dir.display()))),
+        _ => Ok(()),
+    }
+}
+
+/// Marks weights holding NaN or Inf as skipped, with a warning naming each.
+fn skip_nonfinite(model: &Model, candidates: &mut [Candidate]) -> Result<()> {
+    let consts = constants(model);
+    for c in candidates.iter_mut().filter(|c| c.quantized()) {
+        let Some(format) = c.format() else { continue };
+        let (_, t) = consts.get(&c.weight).expect("planned from this model");
+        let bad = decode_floats(format, &model.tensor_bytes(t)?).iter().position(|v| !v.is_finite());
+        if let Some(e) = bad {
+            eprintln!(
+                "nibble: warning: weight '{}' holds NaN or Inf (element {e}); left unquantized (--skip-nonfinite)",
+                c.weight
+            );
+            c.decision = Decision::Skipped { reason: "holds NaN or Inf".into() };
+        }
+    }
+    Ok(())
+}
+
+/// Quantizes the model at `input` into `output`: load -> plan -> calibrate and search (AWQ) ->
+/// quantize -> emit -> save. Errors name the file, node or tensor; no output is left on error.
+pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summary> {
+    let start = Instant::now();
+    let block = BlockSize::from_i64(opts.block_size).map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
+    let patterns = compile_patterns(&opts.exclude)?;
+    let mut model = Model::load(input)?;
+    check_output(&model, output, opts.force)?;
+    let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
+        + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
+    let (candidates, gather_block) = choose_weights(&model, &patterns, block, opts)?;
+    let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
+    let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
+    let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
+    let (awq, insertions) = awq_search(&mut model, &chosen, block, opts)?;
+    let quantized: Vec<Result<QuantizedWeight>> = chosen
+        .par_iter()
+        .map(|c| match awq.as_ref().and_then(|a| a.weights.get(&c.weight)) {
+            Some(a) => crate::methods::awq::quantize_candidate_awq(&model, c, block, opts.zero_point, a),
+            None => crate::methods::rtn::quantize_candidate(&model, c, block_of(c), opts.zero_point),
+        })
+        .collect();
+    let quantized = quantized.into_iter().collect::<Result<Vec<_>>>()?;
+    let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();
+    model.inline_external_data()?;
+    let weight_bytes_after = emit(&mut model, &chosen, quantized, &block_of, insertions, opts)?;
+    let proto = std::mem::take(&mut model.proto);
+    let model_bytes_after = save_with(proto, output, opts.external_data, opts.fsync)?;
+    Ok(Summary {
+        quantized: chosen.len(),
+        int8: chosen.iter().filter(|c| c.bits == Bits::Eight).count(),
+        candidates: candidates.len(),
+        weight_bytes_before,
+        weight_bytes_after,
+        model_bytes_before,
+        model_bytes_after,
+        opset_raised,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// The plan stage: every candidate weight with its decision (INT8 layers, Gather tables, skipped
+/// non-finite weights), and the Gather tables' block size. Refuses unsupported weights and block
+/// sizes the output form cannot hold.
+fn choose_weights(
+    model: &Model,
+    patterns: &[(String, Regex)],
+    block: BlockSize,
+    opts: &Options,
+) -> Result<(Vec<Candidate>, BlockSize)> {
+    let mut candidates = plan(model, patterns);
+    if opts.int8_layers.is_some() || opts.mixed_precision {
+        crate::plan::mixed::apply(model, &mut candidates, opts.int8_layers.as_deref())?;
+        if !candidates.iter().any(|c| c.bits == Bits::Eight) {
+            let why = match &opts.int8_layers {
+                Some(p) => format!("no quantized MatMul/Gemm node name contains the tokens of '{p}'"),
+                None => "no MatMul is named /model/layers.N/(self_)attn/(qkv|v)_proj/MatMul or /model/layers.N/mlp/down_proj/MatMul (give --int8-layers)".into(),
+            };
+            eprintln!("nibble: warning: every layer stays INT4: {why}");
+        }
+    }
+    let gather_block = match opts.gather_axis {
+        Some(axis) => {
+            if axis > 1 {
+                return Err(Error::Usage(format!("--gather-axis {axis}: use 0 or 1")));
+            }
+            let b = BlockSize::from_i64(opts.gather_block_size)
+                .map_err(|e| Error::Usage(format!("--gather-block-size: {e}")))?;
+            let gathers = crate::plan::plan_gather(model, patterns, axis, &candidates);
+            candidates.extend(gathers);
+            b
+        }
+        None => block,
+    };
+    if opts.skip_nonfinite {
+        skip_nonfinite(model, &mut candidates)?;
+    }
+    if let Some(c) = candidates.iter().find(|c| matches!(c.decision, Decision::Unsupported { .. })) {
+        return Err(Error::UnsupportedDtype {
+            tensor: c.weight.clone(),
+            node: c.node.clone(),
+            dtype: dtype_name(c.dtype),
+        });
+    }
+    if opts.format == Format::MatMulNBits {
+        matmulnbits::check_block("--block-size", opts.block_size)?;
+        if opts.gather_axis.is_some() {
+            matmulnbits::check_block("--gather-block-size", opts.gather_block_size)?;
+        }
+    }
+    Ok((candidates, gather_block))
+}
+
+/// The AWQ stage (AWQ methods only): calibrates and searches on the original weights, then folds
+/// the pre-quant scales into producers (before their own weights are quantized) and returns the
+/// Mul nodes for the rest.
+fn awq_search(
+    model: &mut Model,
+    chosen: &[&Candidate],
+    block: BlockSize,
+    opts: &Options,
+) -> Result<(Option<AwqResult>, Insertions)> {
+    let Some(method) = opts.method.awq().filter(|_| !chosen.is_empty()) else {
+        return Ok((None, Insertions::default()));
+    };
+    let awq_opts = AwqOptions { method, ..opts.awq.clone() };
+    let result = crate::methods::awq::search(model, chosen, block, opts.zero_point, &awq_opts)?;
+    for (w, why) in &result.plain {
+        eprintln!("nibble: weight '{w}' is quantized without AWQ: {why}");
+    }
+    let formats: HashMap<String, FloatFormat> =
+        chosen.iter().map(|c| (c.weight.clone(), c.format().expect("float weight"))).collect();
+    let insertions = pqs::apply(model, &result, &|w| formats[w], awq_opts.fuse)?;
+    Ok((Some(result), insertions))
+}
+
+/// The emit stage: the output form's nodes and tensors, the pre-quant scale Muls, and the opset
+/// upgrade the DQ form needs. Returns the bytes of the quantized weights' replacements.
+fn emit(
+    model: &mut Model,
+    chosen: &[&Candidate],
+    quantized: Vec<QuantizedWeight>,
+    block_of: &dyn Fn(&Candidate) -> BlockSize,
+    mut insertions: Insertions,
+    opts: &Options,
+) -> Result<u64> {
+    if let Some(g) = model.proto.graph.as_mut() {
+        for (n, input) in &insertions.rewire {
+            g.node[*n].input[0] = input.clone();
+        }
+    }
+    let weight_bytes_after = match opts.format {
+        Format::MatMulNBits => {
+            let nbits_block = matmulnbits::check_block("--block-size", opts.block_size)?;
+            let nbits_gather_block = match opts.gather_axis {
+                Some(_) => matmulnbits::check_block("--gather-block-size", opts.gather_block_size)?,
+                None => nbits_block,
+            };
+            matmulnbits::rewrite(model, chosen, quantized, nbits_block, nbits_gather_block, opts.accuracy_level)?
+        }
+        Format::Dq => {
+            let form = if opts.method == Method::Rtn { Form::Qdq } else { Form::Dq };
+            crate::emit::dq::rewrite(model, chosen, quantized, block_of, form)
+        }
+    };
+    if let Some(g) = model.proto.graph.as_mut() {
+        g.initializer.extend(std::mem::take(&mut insertions.initializers));
+        pqs::insert_after_producers(g, std::mem::take(&mut insertions.nodes));
+    }
+    if !chosen.is_empty() && opts.format == Format::Dq {
+        opset::upgrade(&mut model.proto)?;
+        model.proto.ir_version = Some(model.proto.ir_version.unwrap_or(0).max(10));
+    }
+    Ok(weight_bytes_after)
+}
+
+/// The path the CLI suggests when no `-o` is given: `MODEL_int4.onnx`.
+pub fn default_output(input: &Path) -> PathBuf {
+    let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    input.with_file_name(format!("{stem}_int4.onnx"))
+}
