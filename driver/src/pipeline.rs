@@ -7,13 +7,13 @@
 use crate::emit::dq::Form;
 use crate::emit::matmulnbits;
 use crate::emit::pqs::{self, Insertions};
+use crate::error::{Error, Result};
 use crate::graph::floats::decode_floats;
 use crate::graph::model::{dtype_name, external_data_path, save_with, ExternalData, Model};
 use crate::graph::opset;
 use crate::graph::read::constants;
 use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
 use crate::plan::{compile_patterns, plan, Candidate, Decision};
-use crate::{Error, Result};
 use nibble::{Bits, BlockSize, FloatFormat, QuantizedWeight};
 use rayon::prelude::*;
 use regex::Regex;

@@ -100,16 +100,8 @@ fn outlier_inputs(rows: usize, seed: u64) -> Vec<f32> {
 }
 
 fn write_npz(path: &Path, samples: usize, rows: usize) {
-    let data = outlier_inputs(samples * rows, 1);
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({samples}, {rows}, {H}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-    npy.extend((header.len() as u16).to_le_bytes());
-    npy.extend(header.as_bytes());
-    npy.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    let data: Vec<u8> = outlier_inputs(samples * rows, 1).iter().flat_map(|v| v.to_le_bytes()).collect();
+    let npy = npy("<f4", false, &format!("({samples}, {rows}, {H})"), &data);
     let file = std::fs::File::create(path).unwrap();
     let mut zip = zip::ZipWriter::new(file);
     zip.start_file(

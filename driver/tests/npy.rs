@@ -1,23 +1,11 @@
 //! The `.npy`/`.npz` reader (npyz and zip underneath) on what numpy writes: both byte orders,
 //! Fortran order, every supported dtype, stored and deflated archives; bad input is an error.
 
+mod common;
+
+use common::npy;
 use nibble_driver::calibrate::npy::{parse_npy, parse_npz, DType};
 use std::io::Write;
-
-/// A version-1 `.npy` with numpy's header layout (padded to 64 bytes, ending in a newline).
-fn npy(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
-    let order = if fortran { "True" } else { "False" };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    out.extend(data);
-    out
-}
 
 fn npz(members: &[(&str, Vec<u8>)], method: zip::CompressionMethod) -> Vec<u8> {
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));

@@ -17,10 +17,10 @@
 
 use crate::calibrate::npy::{read_arrays, Array, DType};
 use crate::calibrate::runtime::{Input, InputData};
+use crate::error::{Error, Result};
 use crate::graph::model::{dtype_name, Model};
 use crate::graph::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto, ValueInfoProto};
 use crate::rng::Rng;
-use crate::{Error, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
 

@@ -1,9 +1,9 @@
 //! `nibble inspect`: the model's opset and every MatMul/Gemm weight with what `quantize` would do.
 
+use crate::error::Result;
 use crate::graph::model::{dtype_name, Model};
 use crate::graph::opset;
 use crate::plan::{compile_patterns, plan, Decision};
-use crate::Result;
 use std::fmt::Write;
 use std::path::Path;
 

@@ -21,13 +21,13 @@
 //!
 //! The names follow ONNX Runtime's own MatMulNBitsQuantizer. No opset upgrade is needed.
 
+use crate::error::{Error, Result};
 use crate::graph::build::tensor;
 use crate::graph::build::{attr_i, node};
 use crate::graph::model::Model;
 use crate::graph::onnx::{tensor_proto::DataType, NodeProto, OperatorSetIdProto, TensorProto};
 use crate::graph::read::Source;
 use crate::plan::{Candidate, Decision};
-use crate::{Error, Result};
 use nibble::{Bits, FloatFormat, QuantizedWeight};
 use std::collections::{HashMap, HashSet};
 

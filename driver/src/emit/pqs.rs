@@ -18,11 +18,11 @@
 //! Mul constant becomes a `[K]` vector; any other shape is not folded. A producer whose own weight is
 //! quantized is divided before that weight is quantized (ModelOpt loses the division there).
 
+use crate::error::Result;
 use crate::graph::floats::{decode_floats, encode_floats};
 use crate::graph::model::Model;
 use crate::graph::onnx::{GraphProto, NodeProto, TensorProto};
 use crate::methods::awq::{AwqResult, Group};
-use crate::Result;
 use bytes::Bytes;
 use nibble::FloatFormat;
 use std::collections::HashSet;

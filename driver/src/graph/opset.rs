@@ -26,7 +26,7 @@ use super::onnx::{
     attribute_proto::AttributeType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
 };
 use super::read::{attr, node_label, take_attr};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use bytes::Bytes;
 use std::collections::HashSet;
 

@@ -13,11 +13,11 @@
 
 use crate::calibrate::capture::Capture;
 use crate::calibrate::inputs::{calibration_inputs, CalibrationOptions};
+use crate::error::{Error, Result};
 use crate::graph::floats::decode_floats;
 use crate::graph::model::Model;
 use crate::graph::read::{attr_int, constants};
 use crate::plan::{Candidate, Decision};
-use crate::{Error, Result};
 use nibble::awq::{self, clip_search, lite_search};
 use nibble::{Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, Tier, WeightData};
 use std::collections::HashMap;

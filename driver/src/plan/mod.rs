@@ -9,10 +9,10 @@
 
 pub mod mixed;
 
+use crate::error::{Error, Result};
 use crate::graph::model::{byte_size, dtype_name, Model};
 use crate::graph::onnx::tensor_proto::DataType;
 use crate::graph::read::{attr_int, constants, Source};
-use crate::{Error, Result};
 use nibble::{Bits, FloatFormat};
 use regex::Regex;
 
