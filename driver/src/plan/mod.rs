@@ -11,7 +11,7 @@ pub mod mixed;
 
 use crate::error::{Error, Result};
 use crate::graph::model::{byte_size, dtype_name, Model};
-use crate::graph::onnx::tensor_proto::DataType;
+use crate::graph::onnx::{tensor_proto::DataType, TensorProto};
 use crate::graph::read::{attr_int, constants, Source};
 use nibble::{Bits, FloatFormat};
 use regex::Regex;
@@ -101,6 +101,30 @@ pub fn compile_patterns(patterns: &[String]) -> Result<Vec<(String, Regex)>> {
         .collect()
 }
 
+impl Candidate {
+    /// A 4-bit candidate: constant `t` (`weight`, found at `source`) read by node `node` of type `op`.
+    fn four_bit(
+        weight: &str,
+        node: String,
+        op: &str,
+        t: &TensorProto,
+        source: &Source,
+        decision: Decision,
+    ) -> Candidate {
+        Candidate {
+            weight: weight.to_string(),
+            node,
+            op: op.to_string(),
+            dims: t.dims.clone(),
+            dtype: t.data_type.unwrap_or(0),
+            bytes: byte_size(t).unwrap_or(0),
+            source: source.clone(),
+            decision,
+            bits: Bits::Four,
+        }
+    }
+}
+
 /// Lists every MatMul/Gemm weight and decides its fate.
 pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
     let g = model.proto.graph.as_ref().expect("graph");
@@ -158,17 +182,7 @@ pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Vec<Candidate> {
                 decision = Decision::Skipped { reason: "invalid dims".into() };
             }
         }
-        out.push(Candidate {
-            weight: wname.clone(),
-            node: name,
-            op: op.to_string(),
-            dims: t.dims.clone(),
-            dtype,
-            bytes: byte_size(t).unwrap_or(0),
-            source: source.clone(),
-            decision,
-            bits: Bits::Four,
-        });
+        out.push(Candidate::four_bit(wname, name, op, t, source, decision));
     }
     out
 }
@@ -204,17 +218,7 @@ pub fn plan_gather(model: &Model, exclude: &[(String, Regex)], axis: usize, take
         } else {
             Decision::Quantize { axis }
         };
-        out.push(Candidate {
-            weight: wname.clone(),
-            node: name,
-            op: "Gather".into(),
-            dims: t.dims.clone(),
-            dtype,
-            bytes: byte_size(t).unwrap_or(0),
-            source: source.clone(),
-            decision,
-            bits: Bits::Four,
-        });
+        out.push(Candidate::four_bit(wname, name, "Gather", t, source, decision));
     }
     out
 }
