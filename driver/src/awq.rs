@@ -274,10 +274,13 @@ pub fn search(
                 let s = awq::subgraph_search(format, &xq, k, &ws, &params, &lite_alphas)
                     .map_err(|e| Error::kernel(&gr.weights[0], e))?;
                 if opts.verbose {
-                    say(&progress, format!(
-                        "{}: awq_lite per subgraph alpha {:.2} (loss {:.4e})",
-                        gr.activation, s.alphas[s.best], s.losses[s.best]
-                    ));
+                    say(
+                        &progress,
+                        format!(
+                            "{}: awq_lite per subgraph alpha {:.2} (loss {:.4e})",
+                            gr.activation, s.alphas[s.best], s.losses[s.best]
+                        ),
+                    );
                 }
                 let cast: Vec<f32> = s.best_scale.iter().map(|&v| format.constant(v)).collect();
                 for w in &gr.weights {
@@ -311,17 +314,23 @@ pub fn search(
                 if opts.method != AwqMethod::Clip {
                     let s = lite_search(tier, format, xq, &wkn, shape, &params, &lite_alphas).map_err(kernel_err)?;
                     if opts.verbose {
-                        say(&progress, format!(
-                            "{w}: awq_lite alpha {:.2} (loss {:.4e}, alpha 0 {:.4e})",
-                            s.alphas[s.best], s.losses[s.best], s.losses[0]
-                        ));
+                        say(
+                            &progress,
+                            format!(
+                                "{w}: awq_lite alpha {:.2} (loss {:.4e}, alpha 0 {:.4e})",
+                                s.alphas[s.best], s.losses[s.best], s.losses[0]
+                            ),
+                        );
                         if !s.skipped.is_empty() {
                             let list: Vec<String> = s.skipped.iter().map(|&i| format!("{:.2}", s.alphas[i])).collect();
-                            say(&progress, format!(
-                                "{w}: awq_lite skipped alpha {} (w * s overflows {})",
-                                list.join(", "),
-                                format.name()
-                            ));
+                            say(
+                                &progress,
+                                format!(
+                                    "{w}: awq_lite skipped alpha {} (w * s overflows {})",
+                                    list.join(", "),
+                                    format.name()
+                                ),
+                            );
                         }
                     }
                     clip_input = Some(awq::lite::scale_rows(format, &wkn, &s.best_scale, shape[1]));
