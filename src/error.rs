@@ -45,7 +45,7 @@ pub enum Error {
     /// A block's dequantized values, `(q - zp) * s` or `q * s`, would exceed the largest finite
     /// value of the weight's dtype (a float16 block holding values near +-65504, whose quantization
     /// step rounds outward).
-    #[error("block {block} (elements {start}..{end} along the quantized axis) of column {column} would dequantize to values beyond the largest finite {} ({:e}): scale the weight down (or keep it in float32), or leave the node unquantized with --exclude", .format.name(), .format.max_finite())]
+    #[error("block {block} (elements {start}..{end} along the quantized axis) of column {column} would dequantize to values beyond the largest finite {} ({}): scale the weight down (or keep it in float32), or leave the node unquantized with --exclude", .format.name(), .format.max_finite_text())]
     DequantizedOverflow {
         /// Block index along the quantized axis.
         block: usize,

@@ -56,6 +56,15 @@ impl FloatFormat {
         }
     }
 
+    /// [`max_finite`](Self::max_finite) as text for messages.
+    pub const fn max_finite_text(self) -> &'static str {
+        match self {
+            FloatFormat::F32 => "3.4028235e38",
+            FloatFormat::F16 => "65504",
+            FloatFormat::BF16 => "3.3895314e38",
+        }
+    }
+
     /// Rounds an f32 value to this format and back (the identity for f32).
     #[inline]
     pub fn round(self, x: f32) -> f32 {
