@@ -143,7 +143,7 @@ pub fn scales_zero_point_alphas_with(
 }
 
 /// Scale and zero point of a block whose range `rnd(hi - lo)` overflows `format`: the range and
-/// `range / levels` in f64 (exact for f16 and bf16 ends), rounded once to `format`; then the zero
+/// `range / levels` in f64 (the difference exact for f16 ends), rounded once to `format`; then the zero
 /// point as usual. `min`, `max` finite; `alpha` a value of `format`.
 pub fn zero_point_wide_range(format: FloatFormat, levels: f32, min: f32, max: f32, alpha: f32) -> (f32, f32) {
     let hi = format.round(if max < 0.0 { 0.0 } else { max } * alpha);
