@@ -409,3 +409,59 @@ fn unrepresentable_float16_block_is_refused() {
     assert!(msg.contains("65504") && msg.contains("--exclude"), "{msg}");
     assert!(!out.exists());
 }
+
+/// Two float16 siblings behind a foldable Mul: the small weight's scale for the massive channel
+/// is large, and the mean of the two scales makes the large weight's `w * s` overflow. The group
+/// is then left unfused (each weight its own scale and Mul, reported with `-v`); before, nibble
+/// stopped with "holds NaN or Inf ... fix the weight".
+#[test]
+fn awq_siblings_whose_mean_scale_overflows_keep_their_own() {
+    let mut rng = Rng::new(12);
+    let mut small = rng.normals(128 * 64, 0.05);
+    for v in &mut small[7 * 64..8 * 64] {
+        *v *= 30.0;
+    }
+    let mut large = rng.normals(128 * 64, 1000.0);
+    for v in &mut large[7 * 64..8 * 64] {
+        *v = 2000.0 * v.signum();
+    }
+    let f16 = DataType::Float16 as i32;
+    let g = GraphProto {
+        node: vec![
+            node("Mul", "/norm/Mul", &["x", "gamma"], &["a"], vec![]),
+            node("MatMul", "/small/MatMul", &["a", "W_s"], &["y_s"], vec![]),
+            node("MatMul", "/large/MatMul", &["a", "W_l"], &["y_l"], vec![]),
+        ],
+        initializer: vec![
+            init("gamma", &[128], &[1.0; 128], FloatFormat::F16),
+            init("W_s", &[128, 64], &small, FloatFormat::F16),
+            init("W_l", &[128, 64], &large, FloatFormat::F16),
+        ],
+        input: vec![io("x", f16, &[None, None, Some(128)])],
+        output: vec![io("y_s", f16, &[None, None, Some(64)]), io("y_l", f16, &[None, None, Some(64)])],
+        ..Default::default()
+    };
+    let d = tmp();
+    let src = write(model(g, 17), &d.path().join("m.onnx"), ExternalData::Never);
+    let x = c10_inputs(8);
+    let calib = d.path().join("calib.npz");
+    write_npz(&calib, &[8, 1, 16, 128], &x, true);
+    let input = [Input {
+        name: "x".into(),
+        shape: vec![2, 16, 128],
+        data: InputData::F16(x[..2 * 16 * 128].iter().map(|&v| half::f16::from_f32(v)).collect()),
+    }];
+    let out = d.path().join("q.onnx");
+    for zp in [&[][..], &["--zero-point"]] {
+        // A coarse grid (0, 0.5, 1): the small weight takes alpha 1, the large one cannot.
+        let mut args =
+            vec!["--method", "awq_lite", "--alpha-step", "0.5", "--calibration-data", calib.to_str().unwrap(), "-v"];
+        args.extend_from_slice(zp);
+        let log = quantize(&src, &out, &args);
+        assert!(log.contains("a: siblings keep their own scales") && log.contains("W_l"), "{zp:?}:\n{log}");
+        let errs = errors(&src, &out, &input);
+        for (name, e) in &errs {
+            assert!(*e < 0.25, "{zp:?}: {name} {e} ({errs:?})");
+        }
+    }
+}
