@@ -58,6 +58,12 @@ pub enum Error {
         /// The weight's dtype.
         format: FloatFormat,
     },
+    /// Every AWQ-lite alpha scales the (finite) weight beyond its dtype's range.
+    #[error("every AWQ-lite scale makes the scaled weight w * s overflow {}: quantize this node without AWQ-lite (--method rtn_dq or awq_clip), or leave it unquantized with --exclude", .format.name())]
+    ScaledWeightOverflow {
+        /// The weight's dtype.
+        format: FloatFormat,
+    },
 }
 
 /// `Result` with [`Error`].

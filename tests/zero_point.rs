@@ -316,6 +316,11 @@ fn awq_lite_skips_alphas_whose_scaled_weight_overflows() {
         let scaled = nibble::awq::lite::scale_rows(f16, &w, &s.best_scale, n);
         assert!(scaled.iter().all(|v| v.is_finite()));
     }
+    // A grid of only overflowing alphas: refused, not a NaN-weight message.
+    let params = QuantParams::rtn(BlockSize::Blocked(32));
+    let err = lite_search(Tier::best(), f16, &x, &w, [k, n], &params, &[1.0]).unwrap_err();
+    assert_eq!(err, Error::ScaledWeightOverflow { format: f16 });
+    assert!(err.to_string().contains("overflow float16"), "{err}");
     let mut bad = w.clone();
     bad[5] = f32::NAN;
     let params = QuantParams::rtn(BlockSize::Blocked(32));

@@ -10,7 +10,8 @@
 //! An alpha whose scaled weight `rnd(w * s)` is not finite (a float16 weight times a large scale
 //! passing 65504) is skipped: its loss is `+inf`, so it is never chosen, and it is listed in
 //! [`LiteSearch::skipped`]. (ModelOpt computes that alpha's NaN loss, which `min` never picks either.)
-//! A weight that is itself not finite is an error, as in [`fake_quantize_with`].
+//! A weight that is itself not finite is an error, as in [`fake_quantize_with`]; so is a grid
+//! whose every alpha overflows ([`Error::ScaledWeightOverflow`](crate::Error::ScaledWeightOverflow)).
 //!
 //! Everything elementwise is computed exactly as numpy does in the weight dtype; the products are
 //! float32 SGEMMs (ModelOpt uses BLAS, whose summation order is its own) and the loss is summed in
@@ -175,6 +176,9 @@ pub fn lite_search_with(
     };
     let losses = losses.into_iter().collect::<Result<Vec<Option<f64>>>>()?;
     let skipped: Vec<usize> = (0..losses.len()).filter(|&i| losses[i].is_none()).collect();
+    if !alphas.is_empty() && skipped.len() == alphas.len() {
+        return Err(crate::Error::ScaledWeightOverflow { format });
+    }
     let losses: Vec<f64> = losses.into_iter().map(|l| l.unwrap_or(f64::INFINITY)).collect();
     let best = first_min(&losses);
     let best_scale = awq_scale(format, &act, &wsc, alphas[best]);
