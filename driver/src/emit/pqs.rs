@@ -148,7 +148,11 @@ pub fn apply(
         }
         let format = format_of_weight(&weights[0]);
         let producer = g.node.iter().find(|n| n.output.iter().any(|o| o == activation));
-        let per_weight = !fuse || inputs.contains(activation.as_str()) || producer.is_none();
+        // Siblings with different scales (not fused: see awq::search) need one Mul each.
+        let per_weight = !fuse
+            || inputs.contains(activation.as_str())
+            || producer.is_none()
+            || scales.iter().any(|s| *s != scales[0]);
         if per_weight {
             for ((w, &n), s) in weights.iter().zip(nodes).zip(&scales) {
                 let scale = format!("{w}_awq_scale");
