@@ -10,10 +10,11 @@ mod common;
 
 use common::*;
 use nibble::FloatFormat;
-use nibble_driver::model::ExternalData;
-use nibble_driver::onnx::{tensor_proto::DataType, GraphProto, ModelProto};
+use nibble_driver::graph::build::{init, io, model, node};
+use nibble_driver::graph::model::ExternalData;
+use nibble_driver::graph::onnx::{tensor_proto::DataType, GraphProto, ModelProto};
+use nibble_driver::rng::Rng;
 use nibble_driver::runtime::{open, run, Input, InputData, NamedTensor, SessionOptions};
-use nibble_driver::synth::{init, io, model, node, Rng};
 use std::path::{Path, PathBuf};
 
 const MODES: [SessionOptions; 2] =
