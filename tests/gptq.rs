@@ -10,9 +10,7 @@ use nibble::awq::{clip_alphas, clip_search};
 use nibble::gptq::{gptq_quantize, GptqParams, GroupScales, Hessian, ScaleRule};
 use nibble::quantize_weight::quantize_weight_alphas_with;
 use nibble::scale_search::ScaleGrid;
-use nibble::{
-    quantize_weight, reference, Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, Tier, WeightData,
-};
+use nibble::{quantize_weight, reference, Bits, BlockSize, FloatFormat, QuantParams, Tier, WeightData};
 use proptest::prelude::*;
 
 mod common;
