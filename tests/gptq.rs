@@ -498,6 +498,46 @@ fn block_start_scales_beat_upfront() {
     assert!(start < upfront);
 }
 
+/// The scale rules inside GPTQ, measured on the outlier layers (printed): ModelOpt's formula,
+/// the data-free search, and the search weighted by the Hessian diagonal; and RTN with the
+/// search as the data-free baseline. Asserted: GPTQ with the search stays below RTN with the
+/// search (the same grid without error feedback).
+#[test]
+fn gptq_scale_rules_measured() {
+    let (k, n, t) = (256, 96, 1024);
+    for zero_point in [false, true] {
+        for block in [BlockSize::Blocked(32), BlockSize::Blocked(128)] {
+            let mut line = format!("{block:?} zp {zero_point}:");
+            for seed in [1u64, 2] {
+                let (x, w) = outlier_layer(seed, k, n, t);
+                let hessian = hessian_of(&x, k, 4);
+                let err = |q: &nibble::QuantizedWeight| {
+                    layer_error(&x, t, &w, &dequantize(q, FloatFormat::F32, Bits::Four, [k, n]), [k, n])
+                };
+                let rtn_params = QuantParams { zero_point, ..QuantParams::rtn(block) };
+                let grid = ScaleGrid::default();
+                let rtn_search =
+                    nibble::scale_search::scale_search_weight(WeightData::F32(&w), [k, n], &rtn_params, &grid, None)
+                        .unwrap();
+                let base = GptqParams { zero_point, ..GptqParams::new(block) };
+                let run = |scale_rule: ScaleRule| {
+                    let p = GptqParams { scale_rule, ..base.clone() };
+                    err(&gptq_quantize(WeightData::F32(&w), &hessian, &p).unwrap())
+                };
+                let formula = run(ScaleRule::Formula);
+                let search = run(ScaleRule::Search { grid: grid.clone(), hessian_weighted: false });
+                let weighted = run(ScaleRule::Search { grid: grid.clone(), hessian_weighted: true });
+                let rtn_s = err(&rtn_search);
+                line += &format!(
+                    " seed {seed}: rtn+search {rtn_s:.4e}, gptq formula {formula:.4e}, search {search:.4e}, weighted {weighted:.4e};"
+                );
+                assert!(search < rtn_s && weighted < rtn_s);
+            }
+            eprintln!("{line}");
+        }
+    }
+}
+
 /// Bad inputs are errors, not panics.
 #[test]
 fn bad_inputs_are_errors() {
