@@ -4,6 +4,7 @@
 //! - the factor (dead inputs, dampening, Cholesky, triangular inverse);
 //! - `gptq_quantize` on 576 x 1536 (gate/up) and 1536 x 576 (down), block 128, from the factor;
 //! - the data-free scale search on the same weights.
+//!
 //! `cargo bench --bench gptq -- --warm-up-time 1 --measurement-time 5`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
