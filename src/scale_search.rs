@@ -24,7 +24,7 @@
 //!
 //! Because ModelOpt's formula is the first candidate, the chosen scale's error is never larger
 //! than the formula's. Each candidate is evaluated with the crate's fake-quantization kernel
-//! ([`qdq_error`](crate::kernels::qdq_error), bit-exact with the codes [`quantize`](crate::kernels::quantize)
+//! ([`qdq_error`](crate::kernels::qdq_error()), bit-exact with the codes [`quantize`](crate::kernels::quantize())
 //! writes), so the error minimized is the error of the stored codes. The result is a
 //! [`QuantizedWeight`] like [`quantize_weight`](crate::quantize_weight())'s.
 
