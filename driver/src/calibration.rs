@@ -26,6 +26,10 @@ use std::path::PathBuf;
 pub struct CalibrationOptions {
     /// `.npz`/`.npy` file.
     pub data: Option<PathBuf>,
+    /// Preloaded samples (each a set of named model inputs, e.g. one `CalibrationDataReader.get_next()`
+    /// dict), used exactly as a `.npz` whose arrays stack these samples on a new first axis; takes
+    /// precedence over `data`.
+    pub inputs: Option<Vec<Vec<Input>>>,
     /// Values for symbolic dimensions per input.
     pub shapes: HashMap<String, Vec<usize>>,
     /// Random samples when there is no file.
@@ -36,7 +40,7 @@ pub struct CalibrationOptions {
 
 impl Default for CalibrationOptions {
     fn default() -> Self {
-        CalibrationOptions { data: None, shapes: HashMap::new(), samples: 8, seed: 0 }
+        CalibrationOptions { data: None, inputs: None, shapes: HashMap::new(), samples: 8, seed: 0 }
     }
 }
 
@@ -112,9 +116,10 @@ fn vocabulary(model: &Model, input: &str) -> Option<usize> {
 /// The calibration samples: each a full set of model inputs.
 pub fn calibration_inputs(model: &Model, opts: &CalibrationOptions) -> Result<Vec<Vec<Input>>> {
     let specs = input_specs(model)?;
-    match &opts.data {
-        Some(path) => from_file(&specs, path),
-        None => Ok(random(model, &specs, opts)),
+    match (&opts.inputs, &opts.data) {
+        (Some(samples), _) => from_memory(&specs, samples),
+        (None, Some(path)) => from_file(&specs, path),
+        (None, None) => Ok(random(model, &specs, opts)),
     }
 }
 
@@ -197,10 +202,41 @@ fn convert(spec: &InputSpec, a: &Array, shape: Vec<usize>, range: std::ops::Rang
     })
 }
 
+/// Preloaded samples: each sample goes through the `.npz` path as arrays with a leading axis of 1.
+fn from_memory(specs: &[InputSpec], samples: &[Vec<Input>]) -> Result<Vec<Vec<Input>>> {
+    if samples.is_empty() {
+        return Err(Error::Usage("the calibration data holds no samples".into()));
+    }
+    let mut out = Vec::with_capacity(samples.len());
+    for (i, sample) in samples.iter().enumerate() {
+        let arrays: Vec<(String, Array)> = sample
+            .iter()
+            .map(|x| {
+                let (dtype, data): (DType, Vec<u8>) = match &x.data {
+                    InputData::F32(v) => (DType::F32, bytemuck::cast_slice(v).to_vec()),
+                    InputData::I64(v) => (DType::I64, bytemuck::cast_slice(v).to_vec()),
+                    InputData::I32(v) => (DType::I32, bytemuck::cast_slice(v).to_vec()),
+                    InputData::F16(v) => (DType::F16, v.iter().flat_map(|h| h.to_le_bytes()).collect()),
+                    InputData::Bool(v) => (DType::Bool, v.iter().map(|&b| b as u8).collect()),
+                };
+                let shape = std::iter::once(1).chain(x.shape.iter().copied()).collect();
+                (x.name.clone(), Array { dtype, shape, data })
+            })
+            .collect();
+        out.extend(from_arrays(specs, &arrays, false, &format!("calibration sample {i}"))?);
+    }
+    Ok(out)
+}
+
 fn from_file(specs: &[InputSpec], path: &std::path::Path) -> Result<Vec<Vec<Input>>> {
     let arrays = read_arrays(path).map_err(|e| Error::Usage(format!("--calibration-data: {e}")))?;
     // A .npy (one unnamed array) feeds a single-input model whatever its file name.
     let npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    from_arrays(specs, &arrays, npy, &format!("--calibration-data {}", path.display()))
+}
+
+/// Cuts named arrays into samples; `label` names their source in errors.
+fn from_arrays(specs: &[InputSpec], arrays: &[(String, Array)], npy: bool, label: &str) -> Result<Vec<Vec<Input>>> {
     let single = npy && specs.len() == 1 && arrays.len() == 1;
     let mut per_input: Vec<Vec<Input>> = Vec::new();
     for s in specs {
@@ -210,8 +246,7 @@ fn from_file(specs: &[InputSpec], path: &std::path::Path) -> Result<Vec<Vec<Inpu
             None => {
                 let have: Vec<&str> = arrays.iter().map(|(n, _)| n.as_str()).collect();
                 return Err(Error::Usage(format!(
-                    "--calibration-data {}: no array named '{}' (the model's inputs are {:?}; the file has {have:?})",
-                    path.display(),
+                    "{label}: no array named '{}' (the model's inputs are {:?}; {label} has {have:?})",
                     s.name,
                     specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
                 )));
@@ -262,8 +297,7 @@ fn from_file(specs: &[InputSpec], path: &std::path::Path) -> Result<Vec<Vec<Inpu
     let count = per_input.iter().map(Vec::len).min().unwrap_or(0);
     if count == 0 || per_input.iter().any(|v| v.len() != count) {
         return Err(Error::Usage(format!(
-            "--calibration-data {}: every input needs the same number of samples (got {:?})",
-            path.display(),
+            "{label}: every input needs the same number of samples (got {:?})",
             per_input.iter().map(Vec::len).collect::<Vec<_>>()
         )));
     }

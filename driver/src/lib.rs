@@ -8,9 +8,11 @@ pub mod npy;
 pub mod onnx;
 
 pub use error::{Error, Result};
+pub use quantize::{default_output, quantize_file, Format, Method, Options, Summary};
 pub mod awq;
 pub mod calibration;
 pub mod capture;
+pub mod cli;
 pub mod compare;
 pub mod inspect;
 pub mod mixed;
