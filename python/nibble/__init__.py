@@ -78,7 +78,8 @@ def ort_library() -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``nibble`` command line (``argv`` without the program name; default ``sys.argv[1:]``)
     and returns its exit code: 0 done, 1 error, 2 usage error. Same options and output as the
-    ``nibble`` binary; Ctrl-C exits the process with 130 after removing partial outputs."""
+    ``nibble`` binary. It installs the command's signal handler: from then on Ctrl-C (SIGINT) and
+    SIGTERM remove partial outputs and exit the whole process with code 130, as the binary does."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
