@@ -20,6 +20,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+/// The driver items used below its crate root: after the driver's re-layout into stage folders
+/// (branch `refactor`) these five lines read `cli::compare`, `cli::inspect::inspect`,
+/// `graph::model::{dtype_name, Model}`, `graph::opset` and `plan::{...}` (unchanged).
+mod driver {
+    pub use nibble_driver::compare;
+    pub use nibble_driver::inspect::inspect;
+    pub use nibble_driver::model::{dtype_name, Model};
+    pub use nibble_driver::opset;
+    pub use nibble_driver::plan::{compile_patterns, plan, Decision};
+}
+
 /// Maps a driver error to the Python exception of its kind, keeping nibble's message: files ->
 /// `OSError` (or its `FileNotFoundError`/`PermissionError`/`FileExistsError`/`IsADirectoryError`
 /// subclasses), ONNX Runtime -> `RuntimeError`, everything else (bad model, bad options, bad
@@ -295,15 +306,11 @@ fn main(py: Python<'_>, argv: Vec<OsString>) -> i32 {
 #[pyfunction]
 #[pyo3(signature = (path, exclude=None))]
 fn inspect<'py>(py: Python<'py>, path: PathBuf, exclude: Option<Vec<String>>) -> PyResult<Bound<'py, PyDict>> {
-    // Deeper driver paths than the crate root: after the driver's re-layout these are
-    // nibble_driver::graph::{model::{dtype_name, Model}, opset} and nibble_driver::plan::*.
-    use nibble_driver::model::{dtype_name, Model};
-    use nibble_driver::opset;
-    use nibble_driver::plan::{compile_patterns, plan, Decision};
+    use driver::{compile_patterns, dtype_name, opset, plan, Decision, Model};
     let exclude = exclude.unwrap_or_else(|| vec!["/lm_head".to_string()]);
     let cancel = Arc::new(AtomicBool::new(false));
     let report = interruptible(py, &cancel, move || -> nibble_driver::Result<_> {
-        let text = nibble_driver::inspect::inspect(&path, &exclude)?;
+        let text = driver::inspect(&path, &exclude)?;
         let model = Model::load(&path)?;
         let candidates = plan(&model, &compile_patterns(&exclude)?);
         let mut copy = model.proto.clone();
@@ -356,7 +363,7 @@ fn compare<'py>(
     calibration_data: Option<PathBuf>,
     per_layer: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    use nibble_driver::compare as c;
+    use driver::compare as c;
     let cancel = Arc::new(AtomicBool::new(false));
     let (outputs, layers) = interruptible(py, &cancel, move || -> nibble_driver::Result<_> {
         let outputs = match &calibration_data {
