@@ -3,7 +3,7 @@
 the result with ``benches/quality.py`` (both session options), and write the raw numbers to
 ``benches/results/<model>.json`` and a markdown table to ``benches/results/<model>.md``.
 
-Set-up and a full run from a clean checkout (see benches/README-quality.md):
+Set-up and a full run from a clean checkout (BENCHMARKS.md, "Quality on real trained models"):
 
     python3 -m venv .venv && .venv/bin/pip install numpy onnx onnx_ir onnxruntime==1.32.0 tokenizers gguf
     cargo build --release
