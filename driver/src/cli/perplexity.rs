@@ -181,6 +181,14 @@ pub fn perplexity(model_path: &Path, tokens: &Tokens, logits: Option<&str>) -> R
     let model = Model::load(model_path)?;
     let ids_name = ids_input(&model)?;
     let vocab = vocabulary(&model, &ids_name);
+    let outside = |v: usize| tokens.ids.iter().copied().find(|&id| id as usize >= v);
+    if let Some(bad) = vocab.and_then(outside) {
+        return Err(Error::Usage(format!(
+            "--perplexity: token id {bad} is outside the vocabulary of {} of {}",
+            vocab.unwrap_or(0),
+            model_path.display()
+        )));
+    }
     let env = environment(None)?;
     let err = |e: ort::Error| Error::Runtime(format!("{}: {e}", model_path.display()));
     let mut session = ort::session::Session::builder(env).map_err(err)?.commit_from_file(model_path).map_err(err)?;
