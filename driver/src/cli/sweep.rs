@@ -159,7 +159,7 @@ pub fn table(s: &Sweep) -> String {
         );
     }
     t += &format!(
-        "errors of output '{first}' (all outputs in --json), compare's session options{}\n",
+        "errors of output '{first}' (all outputs in --json), as `nibble compare` measures them{}\n",
         if ppl { format!("; perplexity: {}", super::perplexity::SESSION) } else { String::new() }
     );
     t
