@@ -107,7 +107,7 @@ fn spec(vi: &ValueInfoProto) -> Result<InputSpec> {
 }
 
 /// Rows of the embedding table that `input` indexes through a Gather, if any.
-fn vocabulary(model: &Model, input: &str) -> Option<usize> {
+pub fn vocabulary(model: &Model, input: &str) -> Option<usize> {
     let g = model.proto.graph.as_ref()?;
     let node = g
         .node

@@ -5,6 +5,8 @@
 pub mod compare;
 pub mod example;
 pub mod inspect;
+pub mod perplexity;
+pub mod sweep;
 
 use crate::graph::model::ExternalData;
 use crate::pipeline::{default_output, quantize_file, Method, Options};
@@ -93,12 +95,14 @@ enum Command {
         exclude: Vec<String>,
     },
     /// Run ORIGINAL and QUANTIZED in ONNX Runtime on the same seeded inputs and report the error
-    /// of every output.
+    /// of every output; or, with --methods, quantize ORIGINAL with each method x block size and
+    /// print one table of size, time and error.
     Compare {
         /// The float model.
         original: PathBuf,
-        /// Its quantized form.
-        quantized: PathBuf,
+        /// Its quantized form (not with --methods).
+        #[arg(required_unless_present = "methods", conflicts_with = "methods")]
+        quantized: Option<PathBuf>,
         /// Input seed (random inputs).
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -111,6 +115,8 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        extra: CompareExtra,
     },
     /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out.
     Example {
@@ -141,6 +147,26 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// Perplexity and the method sweep of `compare`.
+#[derive(clap::Args)]
+struct CompareExtra {
+    /// Causal LMs: mean next-token NLL and perplexity of both models on `input_ids` [S, T] (int)
+    /// from this .npz, in a default ONNX Runtime session.
+    #[arg(long, value_name = "TOKENS.npz")]
+    perplexity: Option<PathBuf>,
+    /// The logits output for --perplexity (default: the first output whose last dimension is the
+    /// vocabulary).
+    #[arg(long, value_name = "NAME", requires = "perplexity")]
+    logits: Option<String>,
+    /// Sweep: quantize ORIGINAL with each of these methods (comma-separated) x --block-sizes into a
+    /// temporary folder and print one table.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "METHODS", conflicts_with = "per_layer")]
+    methods: Option<Vec<Method>>,
+    /// Sweep: block sizes (comma-separated; -1 per channel).
+    #[arg(long, value_delimiter = ',', value_name = "SIZES", default_value = "128", allow_negative_numbers = true)]
+    block_sizes: Vec<i64>,
 }
 
 /// Options of the AWQ methods.
@@ -217,6 +243,37 @@ impl AwqArgs {
     }
 }
 
+/// `,"perplexity":{"session":..,"original":{..},"quantized":{..}}` (empty without --perplexity).
+fn perplexity_json(p: &Option<[perplexity::Perplexity; 2]>) -> String {
+    p.as_ref().map_or(String::new(), |[o, q]| {
+        format!(
+            ",\"perplexity\":{{\"session\":{:?},\"original\":{},\"quantized\":{}}}",
+            perplexity::SESSION,
+            perplexity::json(o),
+            perplexity::json(q)
+        )
+    })
+}
+
+/// The perplexity lines of the compare report.
+fn perplexity_text([o, q]: &[perplexity::Perplexity; 2]) -> String {
+    format!(
+        "\n{:<24} {:>12} {:>12}   ({} predictions of '{}'; {})\n{:<24} {:>12.6} {:>12.4}\n{:<24} {:>12.6} {:>12.4}\n",
+        "model",
+        "mean NLL",
+        "perplexity",
+        o.predictions,
+        o.logits,
+        perplexity::SESSION,
+        "original",
+        o.nll,
+        o.perplexity,
+        "quantized",
+        q.nll,
+        q.perplexity
+    )
+}
+
 fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
@@ -288,7 +345,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let exclude = if exclude.is_empty() { vec!["/lm_head".to_string()] } else { exclude };
             print!("{}", inspect::inspect(&model, &exclude)?);
         }
-        Command::Compare { original, quantized, seed, calibration_data, per_layer, json } => {
+        Command::Compare { original, quantized, seed, calibration_data, per_layer, json, extra } => {
+            let tokens = extra.perplexity.as_deref().map(perplexity::read_tokens).transpose()?;
+            if let Some(methods) = extra.methods {
+                let opts = sweep::SweepOptions {
+                    methods,
+                    block_sizes: extra.block_sizes,
+                    calibration_data,
+                    seed,
+                    tokens,
+                    logits: extra.logits,
+                    base: Options::default(),
+                };
+                let s = sweep::sweep(&original, &opts)?;
+                if json {
+                    println!("{}", sweep::json(&s));
+                } else {
+                    print!("{}", sweep::table(&s));
+                }
+                return Ok(());
+            }
+            let quantized = quantized.expect("clap requires QUANTIZED without --methods");
+            let ppl = match &tokens {
+                Some(t) => Some([
+                    perplexity::perplexity(&original, t, extra.logits.as_deref())?,
+                    perplexity::perplexity(&quantized, t, extra.logits.as_deref())?,
+                ]),
+                None => None,
+            };
             let reports = match &calibration_data {
                 Some(data) => compare::compare_with_data(&original, &quantized, data)?,
                 None => compare::compare(&original, &quantized, seed)?,
@@ -323,7 +407,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             )
                         })
                         .collect();
-                    println!("{{\"outputs\":[{}],\"layers\":[{}]}}", items.join(","), l.join(","));
+                    println!(
+                        "{{\"outputs\":[{}],\"layers\":[{}]{}}}",
+                        items.join(","),
+                        l.join(","),
+                        perplexity_json(&ppl)
+                    );
+                } else if ppl.is_some() {
+                    println!("{{\"outputs\":[{}]{}}}", items.join(","), perplexity_json(&ppl));
                 } else {
                     println!("[{}]", items.join(","));
                 }
@@ -335,6 +426,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "{:<24} {:>12.3e} {:>12.3e} {:>10.6} {:>8}",
                         r.name, r.relative_error, r.max_abs_error, r.cosine, top1
                     );
+                }
+                if let Some(p) = &ppl {
+                    print!("{}", perplexity_text(p));
                 }
                 if per_layer {
                     println!("\n{:<56} {:>12}", "quantized layer (worst first)", "rel. error");
