@@ -14,12 +14,13 @@ mod common;
 
 use common::*;
 use nibble::{reference, Bits, FloatFormat};
-use nibble_driver::model::{ExternalData, Model};
-use nibble_driver::onnx::{
+use nibble_driver::graph::build::{attr_i, attr_ints, init, init_i64, io, model, node};
+use nibble_driver::graph::model::{ExternalData, Model};
+use nibble_driver::graph::onnx::{
     attribute_proto::AttributeType, AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
 };
+use nibble_driver::rng::Rng;
 use nibble_driver::runtime::{Input, InputData};
-use nibble_driver::synth::{attr_i, attr_ints, init, init_i64, io, model, node, Rng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -156,8 +157,8 @@ fn w(name: &str, dims: &[usize], seed: u64, scale: f32) -> TensorProto {
 fn graph(
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
-    inputs: Vec<nibble_driver::onnx::ValueInfoProto>,
-    outputs: Vec<nibble_driver::onnx::ValueInfoProto>,
+    inputs: Vec<nibble_driver::graph::onnx::ValueInfoProto>,
+    outputs: Vec<nibble_driver::graph::onnx::ValueInfoProto>,
 ) -> GraphProto {
     GraphProto {
         node: nodes,
@@ -997,12 +998,12 @@ fn scan_and_loop_bodies_with_outer_weights() {
     let loop_body = graph(
         vec![
             node("Identity", "/lb/cond", &["cond_in"], &["cond_out"], vec![]),
-            node("MatMul", "/lb/MatMul", &["acc", "W_s"], &["mm"], vec![]),
+            node("MatMul", "/lb/MatMul", &["acc_l", "W_s"], &["mm"], vec![]),
             node("MatMul", "/lm_head/inner/MatMul", &["mm", "W_s"], &["mm2"], vec![]),
             node("Tanh", "/lb/Tanh", &["mm2"], &["acc_o"], vec![]),
         ],
         vec![],
-        vec![io("iter", 7, &[]), io("cond_in", 9, &[]), io("acc", 1, &b)],
+        vec![io("iter", 7, &[]), io("cond_in", 9, &[]), io("acc_l", 1, &b)],
         vec![io("cond_out", 9, &[]), io("acc_o", 1, &b)],
     );
     let nodes = vec![

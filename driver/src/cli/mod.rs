@@ -268,9 +268,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 fsync,
             };
             let s = quantize_file(&model, &output, &opts)?;
+            for (weight, node, reason) in &s.skipped {
+                eprintln!("nibble: note: weight '{weight}' (read by '{node}') is left float: {reason}");
+            }
             let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };
+            let copies = if s.float_copies > 0 {
+                format!("; float copies kept for other readers: {} ({} bytes)", s.float_copies, s.float_copy_bytes)
+            } else {
+                String::new()
+            };
             println!(
-                "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}; {:.2} s ({} tier) -> {}",
+                "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}{copies}; {:.2} s ({} tier) -> {}",
                 s.quantized,
                 s.candidates,
                 mb(s.weight_bytes_before),
