@@ -182,6 +182,7 @@ pub fn check_output(model: &Model, out: &Path, force: bool) -> Result<()> {
         return Err(err("already exists; pass --force to overwrite it".into()));
     }
     match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) if dir.exists() && !dir.is_dir() => Err(err(format!("{} is not a folder", dir.display()))),
         Some(dir) if !dir.is_dir() => Err(err(format!("folder {} does not exist", dir.display()))),
         _ => Ok(()),
     }
@@ -221,7 +222,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let (awq, insertions) = awq_search(&mut model, &chosen, block, opts, &mut names)?;
     let quantized: Vec<Result<QuantizedWeight>> = chosen
         .par_iter()
-        .map(|c| match awq.as_ref().filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.weight)) {
+        .map(|c| match awq.as_ref().filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
             Some(a) => crate::methods::awq::quantize_candidate_awq(&model, c, block, opts.zero_point, a),
             None => crate::methods::rtn::quantize_candidate(&model, c, block_of(c), opts.zero_point),
         })
@@ -335,7 +336,7 @@ fn awq_search(
     let formats: HashMap<String, FloatFormat> = chosen
         .iter()
         .filter(|c| c.op != "Gather")
-        .map(|c| (c.weight.clone(), c.format().expect("float weight")))
+        .map(|c| (c.base.clone(), c.format().expect("float weight")))
         .collect();
     let insertions = pqs::apply(model, &result, &|w| formats[w], awq_opts.fuse, names)?;
     Ok((Some(result), insertions))

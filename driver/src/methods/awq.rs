@@ -150,18 +150,18 @@ fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, Str
             } else {
                 match groups.iter_mut().find(|gr| gr.activation == act) {
                     Some(gr) => {
-                        gr.weights.push(c.weight.clone());
+                        gr.weights.push(c.base.clone());
                         gr.nodes.push(users[0]);
                     }
                     None => {
-                        groups.push(Group { activation: act, weights: vec![c.weight.clone()], nodes: vec![users[0]] })
+                        groups.push(Group { activation: act, weights: vec![c.base.clone()], nodes: vec![users[0]] })
                     }
                 }
                 None
             }
         };
         if let Some(r) = reason {
-            plain.push((c.weight.clone(), r));
+            plain.push((c.base.clone(), r));
         }
     }
     (groups, plain)
@@ -208,7 +208,7 @@ pub fn search(
     let capture = Capture::new(model)?;
     let mut calibration_time = started.elapsed();
     let by_name: HashMap<&str, &Candidate> =
-        chosen.iter().filter(|c| c.op != "Gather").map(|c| (c.weight.as_str(), *c)).collect();
+        chosen.iter().filter(|c| c.op != "Gather").map(|c| (c.base.as_str(), *c)).collect();
     let k_of = |gr: &Group| -> usize {
         let c = by_name[gr.weights[0].as_str()];
         match c.decision {

@@ -192,7 +192,47 @@ pub fn plan(model: &Model, exclude: &[(String, Regex)]) -> Result<Vec<Candidate>
             order.push(def.clone());
         }
     }
-    order.iter().map(|def| candidate(model, &idx, root, def, exclude)).collect()
+    let mut out = vec![];
+    for def in &order {
+        out.extend(split_layouts(root, candidate(model, &idx, root, def, exclude)?));
+    }
+    Ok(out)
+}
+
+/// The blocking axis a quantized reader asks for: 1 for a Gemm with `transB=1` (weight stored
+/// `[N, K]`), else 0.
+fn axis_of(root: &GraphProto, u: &Use) -> usize {
+    let n = node_at(root, &u.at);
+    usize::from(n.op_type.as_deref() == Some("Gemm") && attr_int(n, "transB") == Some(1))
+}
+
+/// A weight read both as `[K, N]` (MatMul, Gemm) and as `[N, K]` (Gemm with `transB=1`): one
+/// quantized copy per layout, each read by its own readers (the first keeps ModelOpt's names, the
+/// other is named `W_axisA`); the readers of the original are listed under the first.
+fn split_layouts(root: &GraphProto, c: Candidate) -> Vec<Candidate> {
+    let axes: Vec<usize> = c.quantized_uses().map(|u| axis_of(root, u)).collect();
+    if !c.quantized() || axes.iter().all(|&a| a == axes[0]) {
+        return vec![c];
+    }
+    let mut out = vec![];
+    for (i, axis) in [axes[0], 1 - axes[0]].into_iter().enumerate() {
+        let mut k = c.clone();
+        k.readers.retain(|r| match (&r.reads, &r.at) {
+            (Reads::Quantized, Some(u)) => axis_of(root, u) == axis,
+            _ => i == 0,
+        });
+        k.decision = Decision::Quantize { axis };
+        if i > 0 {
+            k.base = format!("{}_axis{axis}", c.weight);
+        }
+        let first = k.quantized_uses().next().map(|u| u.at.clone());
+        if let Some(at) = first {
+            k.node = node_at(root, &at).name.clone().unwrap_or_default();
+            k.op = node_at(root, &at).op_type.clone().unwrap_or_default();
+        }
+        out.push(k);
+    }
+    out
 }
 
 fn is_default_domain(d: Option<&str>) -> bool {
@@ -312,8 +352,6 @@ fn candidate(
     );
     let mut decision = if quantized.is_empty() {
         Decision::Excluded { pattern: first_pattern.unwrap_or_default() }
-    } else if axes.iter().any(|&a| a != axes[0]) {
-        Decision::Skipped { reason: "used both transposed and not by different Gemm/MatMul nodes".into() }
     } else if let Some(why) = fold_error {
         Decision::Skipped { reason: format!("behind a constant chain that cannot be folded: {why}") }
     } else if dims.len() != 2 {
