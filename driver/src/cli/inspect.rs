@@ -58,6 +58,7 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
                 let constant = chain_constant_name(root, c);
                 format!(" (folded from '{constant}' through {})", steps.join(", "))
             }
+            None if c.base != c.weight => format!(" (its own quantized copy, named {}_*)", c.base),
             None => String::new(),
         };
         let _ = writeln!(
@@ -70,7 +71,13 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
             c.bytes,
             c.weight
         );
+        let mut shown: Vec<(String, String)> = vec![];
         for r in &c.readers {
+            let key = (r.label.clone(), format!("{:?}", r.reads));
+            if shown.contains(&key) {
+                continue; // the same node reading it through several inputs
+            }
+            shown.push(key);
             let layout = match (r.op.as_str(), r.at.as_ref()) {
                 ("MatMul" | "Gemm", Some(u)) if u.input == 1 && !r.of_source => {
                     let trans = crate::graph::read::attr_int(node_at(root, &u.at), "transB") == Some(1);
