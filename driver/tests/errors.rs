@@ -140,7 +140,10 @@ fn bad_block_sizes() {
     let m = good_model(d.path(), ExternalData::Never);
     for b in ["0", "1", "3", "33", "-2"] {
         let stderr = fails(d.path(), &m, &["--block-size", b], 1, &["block size", b]);
-        assert!(stderr.starts_with(&format!("nibble: error: --block-size: block size {b} is not supported: ")), "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("nibble: error: --block-size: block size {b} is not supported: ")),
+            "{stderr}"
+        );
     }
 }
 

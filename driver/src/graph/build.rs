@@ -186,6 +186,11 @@ pub struct ModelNames {
 }
 
 impl ModelNames {
+    /// Every tensor name used in `root` and its bodies.
+    pub fn tensors_of(root: &GraphProto) -> HashSet<String> {
+        Self::of(root).tensors
+    }
+
     /// The names used in `root` and its bodies.
     pub fn of(root: &GraphProto) -> ModelNames {
         fn walk(g: &GraphProto, nodes: &mut HashSet<String>, tensors: &mut HashSet<String>) {

@@ -203,7 +203,9 @@ fn convert_graph(g: &mut GraphProto, version: i64) -> Result<usize> {
         .iter()
         .filter_map(|t| t.name.clone())
         .chain(g.input.iter().filter_map(|v| v.name.clone()))
-        .chain(g.output.iter().filter_map(|v| v.name.clone()));
+        .chain(g.output.iter().filter_map(|v| v.name.clone()))
+        // Names in the bodies too: a name added in one scope must not shadow or repeat another's.
+        .chain(super::build::ModelNames::tensors_of(g));
     let mut names = Names::of(&g.node, extra);
     let used = used_names(&g.node, g.output.iter().filter_map(|o| o.name.clone()));
     convert_nodes(&mut g.node, version, &mut names, &used)
