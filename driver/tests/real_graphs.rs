@@ -1049,6 +1049,74 @@ fn scan_and_loop_bodies_with_outer_weights() {
     }
 }
 
+/// A chain inside a body reading an outer constant, a Gemm with a bias inside a branch (MatMulNBits
+/// plus an Add there), and a weight that is also a graph output.
+#[test]
+fn chains_in_bodies_gemm_bias_in_a_branch_and_an_output_weight() {
+    let d = tmp();
+    let b = [None, Some(64)];
+    let then_g = graph(
+        vec![
+            node("Identity", "/t/Identity", &["W1"], &["W1_id"], vec![]),
+            node("MatMul", "/t/MatMul", &["x", "W1_id"], &["t"], vec![]),
+        ],
+        vec![],
+        vec![],
+        vec![io("t", 1, &b)],
+    );
+    let else_g = graph(
+        vec![node("Gemm", "/e/Gemm", &["x", "W2", "bias"], &["e"], vec![attr_i("transB", 1)])],
+        vec![],
+        vec![],
+        vec![io("e", 1, &b)],
+    );
+    let nodes = vec![
+        node("MatMul", "/m/MatMul", &["x", "W3"], &["m"], vec![]),
+        node("If", "/if", &["flag"], &["y"], vec![attr_g("then_branch", then_g), attr_g("else_branch", else_g)]),
+    ];
+    let inits = vec![
+        w("W1", &[64, 64], 141, 0.1),
+        w("W2", &[64, 64], 142, 0.1),
+        w("W3", &[64, 64], 143, 0.1),
+        w("bias", &[64], 144, 0.1),
+    ];
+    let outs = vec![io("y", 1, &b), io("m", 1, &b), io("W3", 1, &[Some(64), Some(64)])];
+    let src =
+        save_model(model(graph(nodes, inits, vec![io("x", 1, &b), io("flag", 9, &[])], outs), 17), d.path(), "m.onnx");
+    // Expected: the Identity's result is W1 itself.
+    let m = Model::load(&src).unwrap();
+    let (w1, _, _) = constant_values(&m, "W1");
+    let mut e = m.proto.clone();
+    e.graph.as_mut().unwrap().initializer.push(init(
+        "W1_q",
+        &[64, 64],
+        &dq_ref(FloatFormat::F32, &w1, [64, 64], 128, 0),
+        FloatFormat::F32,
+    ));
+    all_graphs_mut(e.graph.as_mut().unwrap(), &mut |g: &mut GraphProto| {
+        for n in g.node.iter_mut().filter(|n| n.name.as_deref() == Some("/t/MatMul")) {
+            n.input[1] = "W1_q".into();
+        }
+    });
+    let mid = save_model(e, d.path(), "mid.onnx");
+    let exp = expected(
+        &mid,
+        &[Want { node: "/e/Gemm", input: 1, quant: Some((128, 1)) }, q("/m/MatMul")],
+        &d.path().join("exp.onnx"),
+    );
+    let samples = flag_samples(64);
+    for format in ["dq", "matmulnbits"] {
+        let out = d.path().join(format!("{format}.onnx"));
+        let (stdout, _) = quantize(&src, &out, &["--format", format]);
+        assert!(stdout.contains("; float copies kept for other readers: 1 (16384 bytes)"), "{format}: {stdout}");
+        check(&src, &out, &exp, &samples, &["W3"]);
+        check_unique_names(&out);
+        for o in ["t", "e", "m"] {
+            assert!(quantized_product(&out, o), "{format}: the product writing '{o}' must be quantized");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fault 4: weights behind constant chains
 // ---------------------------------------------------------------------------------------------
