@@ -7,7 +7,7 @@
 use super::floats::{decode_floats, encode_floats, onnx_type};
 use super::model::{dtype_name, Model};
 use super::onnx::{tensor_proto::DataType, GraphProto};
-use super::read::attr;
+use super::read::{attr, is_default_domain};
 use super::readers::{node_at, Def, Index, NodeAt};
 use crate::Result;
 use bytes::Bytes;
@@ -41,7 +41,7 @@ pub fn chain(idx: &Index, root: &GraphProto, def: &Def) -> Option<Chain> {
     let Def::Node(at, 0) = def else { return None };
     let n = node_at(root, at);
     let op = n.op_type.as_deref().unwrap_or("");
-    if !CHAIN_OPS.contains(&op) || !matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx")) {
+    if !CHAIN_OPS.contains(&op) || !is_default_domain(n.domain.as_deref()) {
         return None;
     }
     if op == "Reshape" && !matches!(idx.def_of(at, 1), Some(Def::Constant(_))) {

@@ -25,6 +25,7 @@ use super::build::{attr_i, constant_i64, node, Names};
 use super::onnx::{
     attribute_proto::AttributeType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
 };
+use super::read::is_default_domain;
 use super::read::{attr, node_label, take_attr};
 use crate::{Error, Result};
 use bytes::Bytes;
@@ -46,10 +47,6 @@ const REDUCE_18: &[&str] = &[
     "ReduceLogSumExp",
     "ReduceSumSquare",
 ];
-
-fn is_default_domain(d: Option<&str>) -> bool {
-    matches!(d, None | Some("") | Some("ai.onnx"))
-}
 
 /// The default-domain opset of a model (1 when not imported).
 pub fn default_opset(model: &ModelProto) -> i64 {

@@ -12,7 +12,7 @@
 //! step per body (`graph` is 0 for the attribute's `g`, `i + 1` for `graphs[i]`).
 
 use super::onnx::{GraphProto, NodeProto, TensorProto};
-use super::read::{attr, Source};
+use super::read::{attr, is_default_domain, Source};
 use std::collections::{HashMap, HashSet};
 
 /// A graph of the model: the steps `(node index, attribute index, graph index)` from the main graph
@@ -105,10 +105,6 @@ pub fn bodies(n: &NodeProto) -> impl Iterator<Item = (usize, usize, &GraphProto)
     })
 }
 
-fn is_default_domain(n: &NodeProto) -> bool {
-    matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx"))
-}
-
 impl Index {
     /// Indexes `root` (the model's main graph).
     pub fn build(root: &GraphProto) -> Index {
@@ -131,7 +127,7 @@ impl Index {
         for (i, n) in g.node.iter().enumerate() {
             let at = NodeAt { graph: path.clone(), node: i };
             let constant = n.op_type.as_deref() == Some("Constant")
-                && is_default_domain(n)
+                && is_default_domain(n.domain.as_deref())
                 && attr(n, "value").and_then(|a| a.t.as_ref()).is_some();
             for (j, o) in n.output.iter().enumerate().filter(|(_, o)| !o.is_empty()) {
                 if constant && j == 0 {

@@ -12,8 +12,8 @@ pub mod mixed;
 use crate::graph::fold::{chain, fold, Chain};
 use crate::graph::model::{byte_size, dtype_name, Model};
 use crate::graph::onnx::tensor_proto::DataType;
-use crate::graph::onnx::{GraphProto, TensorProto};
-use crate::graph::read::{attr_int, Source};
+use crate::graph::onnx::GraphProto;
+use crate::graph::read::{attr_int, is_default_domain, Source};
 use crate::graph::readers::{graph_at, node_at, node_label_at, Def, GraphPath, Index, Use};
 use crate::{Error, Result};
 use nibble::{Bits, FloatFormat};
@@ -133,12 +133,6 @@ impl Candidate {
         self.readers.iter().filter(|r| r.reads == Reads::Quantized).filter_map(|r| r.at.as_ref())
     }
 
-    /// Whether some reader still reads the original float tensor (of the weight itself; a folded
-    /// chain's constant is kept by its own other readers).
-    pub fn keeps_original(&self) -> bool {
-        self.readers.iter().any(|r| matches!(r.reads, Reads::Original(_)))
-    }
-
     /// The stored bytes of the weight: the constant's, or the folded chain's result.
     pub fn data(&self, model: &Model) -> Result<bytes::Bytes> {
         if let Some((_, data)) = &self.folded {
@@ -235,14 +229,6 @@ fn split_layouts(root: &GraphProto, c: Candidate) -> Vec<Candidate> {
     out
 }
 
-fn is_default_domain(d: Option<&str>) -> bool {
-    matches!(d, None | Some("") | Some("ai.onnx"))
-}
-
-fn tensor_of<'a>(idx: &Index, root: &'a GraphProto, i: usize) -> &'a TensorProto {
-    idx.tensor(root, i)
-}
-
 fn reader(root: &GraphProto, u: &Use, reads: Reads, of_source: bool) -> Reader {
     let n = node_at(root, &u.at);
     Reader {
@@ -334,7 +320,7 @@ fn candidate(
         }
         Def::Input => unreachable!("constants and chains only"),
     };
-    let t = tensor_of(idx, root, constant);
+    let t = idx.tensor(root, constant);
     let (dims, dtype, bytes) = match &folded {
         Some((_, f)) => (f.dims.clone(), f.dtype, f.data.len()),
         None => (t.dims.clone(), t.data_type.unwrap_or(0), byte_size(t).unwrap_or(0)),
@@ -439,7 +425,7 @@ pub fn plan_gather(
             // Its own copy: the Gathers move to the table's candidate.
             head.readers.retain(|r| !is_gather(r));
         }
-        let t = tensor_of(&idx, root, c);
+        let t = idx.tensor(root, c);
         let head = candidates.iter().find(|k| k.weight == name && k.folded.is_none() && k.op != "Gather");
         let taken = head.is_some_and(|k| k.quantized());
         let head_readers: Vec<Reader> = head.map(|k| k.readers.clone()).unwrap_or_default();
