@@ -1,6 +1,6 @@
 //! The kernel crate's errors: one variant per way a call can be wrong.
 
-use crate::Tier;
+use crate::{FloatFormat, Tier};
 
 /// What went wrong in a kernel call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +41,28 @@ pub enum Error {
         start: usize,
         /// One past the block's last element.
         end: usize,
+    },
+    /// A block's dequantized values, `(q - zp) * s` or `q * s`, would exceed the largest finite
+    /// value of the weight's dtype (a float16 block holding values near +-65504, whose quantization
+    /// step rounds outward).
+    #[error("block {block} (elements {start}..{end} along the quantized axis) of column {column} would dequantize to values beyond the largest finite {} ({}): scale the weight down (or keep it in float32), or leave the node unquantized with --exclude", .format.name(), .format.max_finite_text())]
+    DequantizedOverflow {
+        /// Block index along the quantized axis.
+        block: usize,
+        /// Index across the other axis.
+        column: usize,
+        /// First element of the block along the quantized axis.
+        start: usize,
+        /// One past the block's last element.
+        end: usize,
+        /// The weight's dtype.
+        format: FloatFormat,
+    },
+    /// Every AWQ-lite alpha scales the (finite) weight beyond its dtype's range.
+    #[error("every AWQ-lite scale makes the scaled weight w * s overflow {}: quantize this node without AWQ-lite (--method rtn_dq or awq_clip), or leave it unquantized with --exclude", .format.name())]
+    ScaledWeightOverflow {
+        /// The weight's dtype.
+        format: FloatFormat,
     },
 }
 

@@ -38,6 +38,33 @@ impl FloatFormat {
         }
     }
 
+    /// ONNX's name of the type.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FloatFormat::F32 => "float32",
+            FloatFormat::F16 => "float16",
+            FloatFormat::BF16 => "bfloat16",
+        }
+    }
+
+    /// The largest finite value of this format.
+    pub fn max_finite(self) -> f32 {
+        match self {
+            FloatFormat::F32 => f32::MAX,
+            FloatFormat::F16 => half::f16::MAX.to_f32(),
+            FloatFormat::BF16 => half::bf16::MAX.to_f32(),
+        }
+    }
+
+    /// [`max_finite`](Self::max_finite) as text for messages.
+    pub const fn max_finite_text(self) -> &'static str {
+        match self {
+            FloatFormat::F32 => "3.4028235e38",
+            FloatFormat::F16 => "65504",
+            FloatFormat::BF16 => "3.3895314e38",
+        }
+    }
+
     /// Rounds an f32 value to this format and back (the identity for f32).
     #[inline]
     pub fn round(self, x: f32) -> f32 {

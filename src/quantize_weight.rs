@@ -490,10 +490,50 @@ impl BlockJob<'_> {
         }
         let zp = zero_point.then_some(&zp[..]);
         match output {
-            Output::Packed | Output::Codes => kernels::quantize_with(tier, format, bits, w, s, scale, zp, codes),
+            Output::Packed | Output::Codes => {
+                kernels::quantize_with(tier, format, bits, w, s, scale, zp, codes)?;
+                match dequantized_overflow(format, bits, codes, scale, zp) {
+                    Some(c) => Err(Error::DequantizedOverflow {
+                        block: b,
+                        column: c0 + c,
+                        start: b * block,
+                        end: b * block + rows,
+                        format,
+                    }),
+                    None => Ok(()),
+                }
+            }
             Output::Dequantized => {
                 kernels::qdq_error_with(tier, format, bits, w, s, scale, zp, kernels::QdqOutput::Dequantized, dq_out)
             }
         }
     }
+}
+
+/// The first column of a slab of `codes` (`rows x scale.len()`) whose dequantized value
+/// `rnd((q - zp) * s)` (or `rnd(q * s)`) overflows `format`. Only columns whose widest possible
+/// code, `levels` (or `-qmin`) steps, could overflow are scanned, so the usual case costs one
+/// comparison per column.
+fn dequantized_overflow(
+    format: FloatFormat,
+    bits: Bits,
+    codes: &[u8],
+    scale: &[f32],
+    zp: Option<&[f32]>,
+) -> Option<usize> {
+    let widest = match zp {
+        Some(_) => bits.levels(),
+        None => -bits.qmin(),
+    } as f64;
+    let limit = format.max_finite() as f64;
+    let cols = scale.len();
+    (0..cols).filter(|&c| scale[c] as f64 * widest > limit).find(|&c| {
+        codes.iter().skip(c).step_by(cols.max(1)).any(|&q| {
+            let steps = match zp {
+                Some(z) => q as f32 - z[c],
+                None => q as i8 as f32,
+            };
+            !format.round(steps * scale[c]).is_finite()
+        })
+    })
 }

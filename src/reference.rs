@@ -84,6 +84,10 @@ pub fn scales_symmetric(format: FloatFormat, bits: Bits, amax: &[f32], alpha: f6
 /// `s = (max - min).clip(min=CLIP_MIN) / max_int; z = (-np.round(min / s)).clip(0, max_int)`
 /// (`max_int = 2 ** num_bits - 1`), with `max` and `min` first multiplied by alpha (a no-op at
 /// ModelOpt's alpha = 1).
+///
+/// Two corrections to ModelOpt: the range contains zero (`min = min(min, 0)`, `max = max(max, 0)`;
+/// ModelOpt's own range saturates one-sided blocks), and a range that overflows the dtype
+/// (`rnd(hi - lo) = inf` with finite ends) is divided by `max_int` in float64 and rounded once.
 pub fn scales_zero_point(
     format: FloatFormat,
     bits: Bits,
@@ -96,10 +100,21 @@ pub fn scales_zero_point(
     min.iter()
         .zip(max)
         .map(|(&lo, &hi)| {
+            let hi = if hi < 0.0 { 0.0 } else { hi };
+            let lo = if lo > 0.0 { 0.0 } else { lo };
             let hi = format.round(hi * alpha);
             let lo = format.round(lo * alpha);
             let range = format.round(hi - lo).max(clip_min(format));
-            let s = format.round(range / levels);
+            let s = if range.is_infinite() && hi.is_finite() && lo.is_finite() {
+                // float64 difference and quotient, one rounding to the dtype.
+                match format {
+                    FloatFormat::F32 => ((hi as f64 - lo as f64) / levels as f64) as f32,
+                    FloatFormat::F16 => half::f16::from_f64((hi as f64 - lo as f64) / levels as f64).to_f32(),
+                    FloatFormat::BF16 => half::bf16::from_f64((hi as f64 - lo as f64) / levels as f64).to_f32(),
+                }
+            } else {
+                format.round(range / levels)
+            };
             let temp = format.round(lo / s);
             let temp = rint(temp);
             let temp = -temp;

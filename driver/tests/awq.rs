@@ -100,16 +100,8 @@ fn outlier_inputs(rows: usize, seed: u64) -> Vec<f32> {
 }
 
 fn write_npz(path: &Path, samples: usize, rows: usize) {
-    let data = outlier_inputs(samples * rows, 1);
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({samples}, {rows}, {H}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-    npy.extend((header.len() as u16).to_le_bytes());
-    npy.extend(header.as_bytes());
-    npy.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    let data: Vec<u8> = outlier_inputs(samples * rows, 1).iter().flat_map(|v| v.to_le_bytes()).collect();
+    let npy = npy("<f4", false, &format!("({samples}, {rows}, {H})"), &data);
     let file = std::fs::File::create(path).unwrap();
     let mut zip = zip::ZipWriter::new(file);
     zip.start_file(
@@ -425,4 +417,49 @@ fn bf16_inputs_and_outputs() {
         eprintln!("bf16 I/O, {name} calibration: awq_full {e:.4}, rtn {rtn_err:.4}");
         assert!(e > 0.0 && e < 2.0 * rtn_err, "{name}: {e} vs RTN's {rtn_err}");
     }
+}
+
+/// Preloaded in-memory samples (`CalibrationOptions::inputs`, what the Python package passes from a
+/// `CalibrationDataReader`) give the same output, byte for byte, as the `.npz` holding the same
+/// arrays, for every AWQ method, in f32 and f16 (whose float32 samples are converted to float16).
+#[test]
+fn in_memory_calibration_samples_match_the_npz() {
+    use nibble_driver::calibrate::CalibrationOptions;
+    use nibble_driver::{quantize_file, Method, Options};
+    let (samples, rows) = (4, 64);
+    for format in [FloatFormat::F32, FloatFormat::F16] {
+        let d = tmp();
+        let src = write(awq_model(format), &d.path().join("m.onnx"), ExternalData::Never);
+        let calib = d.path().join("calib.npz");
+        write_npz(&calib, samples, rows);
+        let x = outlier_inputs(samples * rows, 1);
+        let in_memory: Vec<Vec<Input>> = x
+            .chunks(rows * H)
+            .map(|s| vec![Input { name: "x".into(), shape: vec![rows, H], data: InputData::F32(s.to_vec()) }])
+            .collect();
+        for method in [Method::AwqLite, Method::AwqClip, Method::AwqFull] {
+            let run = |name: &str, calibration: CalibrationOptions| {
+                let out = d.path().join(name);
+                let mut opts = Options { method, exclude: vec![], force: true, ..Default::default() };
+                opts.awq.calibration = calibration;
+                quantize_file(&src, &out, &opts).unwrap();
+                std::fs::read(&out).unwrap()
+            };
+            let from_file = run("file.onnx", CalibrationOptions { data: Some(calib.clone()), ..Default::default() });
+            let from_memory =
+                run("memory.onnx", CalibrationOptions { inputs: Some(in_memory.clone()), ..Default::default() });
+            let random = run("random.onnx", CalibrationOptions::default());
+            assert!(from_file == from_memory, "{format:?} {method:?}: in-memory samples give another model");
+            assert!(from_file != random, "{format:?} {method:?}: the calibration data must matter");
+        }
+    }
+    // A sample without the model's input is refused, naming it.
+    let d = tmp();
+    let src = write(awq_model(FloatFormat::F32), &d.path().join("m.onnx"), ExternalData::Never);
+    let mut opts = Options { method: Method::AwqLite, ..Default::default() };
+    opts.awq.calibration.inputs =
+        Some(vec![vec![Input { name: "y".into(), shape: vec![1, H], data: InputData::F32(vec![0.0; H]) }]]);
+    let e = quantize_file(&src, &d.path().join("q.onnx"), &opts).unwrap_err().to_string();
+    assert!(e.contains("no array named 'x'") && e.contains("\"y\""), "{e}");
+    assert!(!d.path().join("q.onnx").exists());
 }

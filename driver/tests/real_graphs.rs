@@ -371,32 +371,19 @@ enum Arr {
 }
 
 fn write_npz(path: &Path, arrays: &[(&str, Arr)]) {
-    let file = std::fs::File::create(path).unwrap();
-    let mut zip = zip::ZipWriter::new(file);
-    for (name, a) in arrays {
-        let (descr, shape, bytes): (&str, &Vec<usize>, Vec<u8>) = match a {
-            Arr::F32(s, v) => ("<f4", s, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            Arr::I64(s, v) => ("<i8", s, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        };
-        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-        npy.extend((header.len() as u16).to_le_bytes());
-        npy.extend(header.as_bytes());
-        npy.extend(bytes);
-        zip.start_file(
-            format!("{name}.npy"),
-            zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored),
-        )
-        .unwrap();
-        std::io::Write::write_all(&mut zip, &npy).unwrap();
-    }
-    zip.finish().unwrap();
+    let members: Vec<(&str, Vec<u8>)> = arrays
+        .iter()
+        .map(|(name, a)| {
+            let (descr, shape, bytes): (&str, &Vec<usize>, Vec<u8>) = match a {
+                Arr::F32(s, v) => ("<f4", s, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                Arr::I64(s, v) => ("<i8", s, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            };
+            let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+            let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+            (*name, npy(descr, false, &tuple, &bytes))
+        })
+        .collect();
+    npz(path, &members);
 }
 
 /// Activations with two outlier channels (as real LLM activations have).

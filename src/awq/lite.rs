@@ -7,6 +7,12 @@
 //! best = first alpha with the smallest loss
 //! ```
 //!
+//! An alpha whose scaled weight `rnd(w * s)` is not finite (a float16 weight times a large scale
+//! passing 65504) is skipped: its loss is `+inf`, so it is never chosen, and it is listed in
+//! [`LiteSearch::skipped`]. (ModelOpt computes that alpha's NaN loss, which `min` never picks either.)
+//! A weight that is itself not finite is an error, as in [`fake_quantize_with`]; so is a grid
+//! whose every alpha overflows ([`Error::ScaledWeightOverflow`](crate::Error::ScaledWeightOverflow)).
+//!
 //! Everything elementwise is computed exactly as numpy does in the weight dtype; the products are
 //! float32 SGEMMs (ModelOpt uses BLAS, whose summation order is its own) and the loss is summed in
 //! f64, so losses agree to a relative 1e-5 or so and the chosen alpha is the same except at genuine
@@ -44,6 +50,8 @@ pub struct LiteSearch {
     pub act_scale: Vec<f32>,
     /// The weight statistic per input channel.
     pub weight_scale: Vec<f32>,
+    /// Indices of the alphas skipped because `rnd(w * s)` overflowed the weight's dtype (loss `+inf`).
+    pub skipped: Vec<usize>,
 }
 
 /// Rounds f32 results to `format` in place (vectorized; nothing to do for f32).
@@ -126,17 +134,24 @@ pub fn lite_search_with(
             LossForm::Direct => false,
             LossForm::Gram => true,
         };
-    let fake_quantized = |alpha: f64| -> Result<(Vec<f32>, Vec<f32>)> {
+    let weight_finite = w.iter().all(|v| v.is_finite());
+    // `None` when the scaled weight overflows (a finite weight only: a NaN weight is the error
+    // fake_quantize_with reports).
+    let fake_quantized = |alpha: f64| -> Result<Option<(Vec<f32>, Vec<f32>)>> {
         let s = awq_scale(format, &act, &wsc, alpha);
-        let dq = fake_quantize_with(tier, format, &scale_rows(format, w, &s, n), [k, n], params, None)?;
-        Ok((s, dq))
+        let scaled = scale_rows(format, w, &s, n);
+        if weight_finite && scaled.iter().any(|v| !v.is_finite()) {
+            return Ok(None);
+        }
+        let dq = fake_quantize_with(tier, format, &scaled, [k, n], params, None)?;
+        Ok(Some((s, dq)))
     };
-    let losses: Vec<Result<f64>> = if gram_form {
+    let losses: Vec<Result<Option<f64>>> = if gram_form {
         let g = super::matmul::gram(x, t, k);
         alphas
             .par_iter()
             .map(|&alpha| {
-                let (s, dq) = fake_quantized(alpha)?;
+                let Some((s, dq)) = fake_quantized(alpha)? else { return Ok(None) };
                 let mut e = dq;
                 for ((erow, wrow), &sk) in e.chunks_exact_mut(n.max(1)).zip(w.chunks_exact(n.max(1))).zip(&s) {
                     for (ev, &wv) in erow.iter_mut().zip(wrow) {
@@ -145,7 +160,7 @@ pub fn lite_search_with(
                 }
                 let ge = matmul(&g, &e, k, k, n);
                 let sum: f64 = e.iter().zip(&ge).map(|(&a, &b)| a as f64 * b as f64).sum();
-                Ok(sum / (t * n).max(1) as f64)
+                Ok(Some(sum / (t * n).max(1) as f64))
             })
             .collect()
     } else {
@@ -153,16 +168,21 @@ pub fn lite_search_with(
         alphas
             .par_iter()
             .map(|&alpha| {
-                let (s, dq) = fake_quantized(alpha)?;
+                let Some((s, dq)) = fake_quantized(alpha)? else { return Ok(None) };
                 let out = matmul(&divide_columns(format, x, &s), &dq, t, k, n);
-                Ok(mse(&reference, &out))
+                Ok(Some(mse(&reference, &out)))
             })
             .collect()
     };
-    let losses = losses.into_iter().collect::<Result<Vec<f64>>>()?;
+    let losses = losses.into_iter().collect::<Result<Vec<Option<f64>>>>()?;
+    let skipped: Vec<usize> = (0..losses.len()).filter(|&i| losses[i].is_none()).collect();
+    if !alphas.is_empty() && skipped.len() == alphas.len() {
+        return Err(crate::Error::ScaledWeightOverflow { format });
+    }
+    let losses: Vec<f64> = losses.into_iter().map(|l| l.unwrap_or(f64::INFINITY)).collect();
     let best = first_min(&losses);
     let best_scale = awq_scale(format, &act, &wsc, alphas[best]);
-    Ok(LiteSearch { alphas: alphas.to_vec(), losses, best, best_scale, act_scale: act, weight_scale: wsc })
+    Ok(LiteSearch { alphas: alphas.to_vec(), losses, best, best_scale, act_scale: act, weight_scale: wsc, skipped })
 }
 
 /// Index of the first smallest value (Python's `min(d, key=d.get)`); NaN never wins.

@@ -86,7 +86,9 @@ pub fn subgraph_scale(x_m: &[f32], w_m: &[f32], alpha: f64) -> Vec<f64> {
 }
 
 /// ModelOpt's `quant_tensor` on float64 weights (`[k, n]`, blocks along k), with the scales cast
-/// to `format` at the end as ModelOpt does: codes packed as usual.
+/// to `format` at the end as ModelOpt does: codes packed as usual. With a zero point the block
+/// range contains zero (`min(min, 0)`, `max(max, 0)`; ModelOpt's own range does not, see
+/// [`scales`](crate::kernels::scales)).
 pub fn quantize_f64(format: FloatFormat, w: &[f64], [k, n]: [usize; 2], params: &QuantParams) -> QuantizedWeight {
     let block = params.block_size.resolve(k);
     let nb = k.div_ceil(block);
@@ -95,11 +97,11 @@ pub fn quantize_f64(format: FloatFormat, w: &[f64], [k, n]: [usize; 2], params: 
     let mut zps = vec![0.0f64; nb * n];
     for b in 0..nb {
         let rows = b * block..((b + 1) * block).min(k);
-        let padded = rows.len() < block;
         for c in 0..n {
             let vals = rows.clone().map(|r| w[r * n + c]);
             if params.zero_point {
-                let (mut lo, mut hi) = if padded { (0.0f64, 0.0f64) } else { (f64::INFINITY, f64::NEG_INFINITY) };
+                // The range contains zero (which also covers the padding zeros of a short block).
+                let (mut lo, mut hi) = (0.0f64, 0.0f64);
                 for v in vals {
                     lo = lo.min(v);
                     hi = hi.max(v);
@@ -154,8 +156,8 @@ fn fake_quantize_f64(w: &[f64], [k, n]: [usize; 2], params: &QuantParams) -> Vec
             let rows = b * block..((b + 1) * block).min(k);
             let vals: Vec<f64> = rows.clone().map(|r| w[r * n + c]).collect();
             if params.zero_point {
-                let padded = rows.len() < block;
-                let (mut lo, mut hi) = if padded { (0.0f64, 0.0f64) } else { (f64::INFINITY, f64::NEG_INFINITY) };
+                // The range contains zero (which also covers the padding zeros of a short block).
+                let (mut lo, mut hi) = (0.0f64, 0.0f64);
                 for &v in &vals {
                     lo = lo.min(v);
                     hi = hi.max(v);

@@ -2,12 +2,23 @@
 //!
 //! ```text
 //! symmetric:  s  = max(rnd(rnd(amax * alpha) / qmax), c)                    c = rnd(1e-5)
-//! zero point: hi = rnd(max * alpha), lo = rnd(min * alpha)
+//! zero point: hi = rnd(max(max, 0) * alpha), lo = rnd(min(min, 0) * alpha)
 //!             s  = rnd(max(rnd(hi - lo), c) / levels)
+//!                  (if rnd(hi - lo) overflows the dtype: s = rnd((hi - lo) / levels) in f64)
 //!             zp = clip(-rint(rnd(lo / s)), 0, levels)
 //! ```
 //!
 //! with `qmax = 7, levels = 15` for 4-bit codes and `127, 255` for 8-bit ones ([`Bits`]).
+//!
+//! The zero-point range always contains zero (`min(min, 0)`, `max(max, 0)`, as ONNX Runtime's and
+//! PyTorch's asymmetric quantizers do): ModelOpt takes the block's own min and max, so a block whose
+//! values are all positive gets zp 0 with `lo > 0` and all its codes saturate at 15 (all negative:
+//! zp 15, codes 0). For blocks that straddle zero the two are the same numbers. NaN stays NaN.
+//!
+//! The range `hi - lo` of a float16 (or bfloat16, float32) block can exceed the dtype's largest
+//! value although both ends are finite (f16: +40000 and -40000); numpy then gets an infinite range
+//! and a NaN zero point. Such lanes are recomputed as `s = rnd((hi - lo) / levels)` with the
+//! difference and quotient in f64, rounded once to the dtype; every other lane is unchanged.
 //!
 //! ModelOpt applies no alpha in the zero-point form (its AWQ-clip then silently ignores the clip
 //! ratio); with alpha = 1 the formulas above are exactly ModelOpt's, and with alpha < 1 they apply the
@@ -121,7 +132,25 @@ pub fn scales_zero_point_alphas_with(
         FloatFormat::F16 => run!(F16),
         FloatFormat::BF16 => run!(BF16),
     }
+    // Lanes whose rounded range overflowed the dtype although both ends are finite (rare; the same
+    // scalar code on every tier).
+    for c in 0..min.len() {
+        if scale[c].is_infinite() && min[c].is_finite() && max[c].is_finite() {
+            (scale[c], zero_point[c]) = zero_point_wide_range(format, levels, min[c], max[c], alphas[c]);
+        }
+    }
     Ok(())
+}
+
+/// Scale and zero point of a block whose range `rnd(hi - lo)` overflows `format`: the range and
+/// `range / levels` in f64 (the difference exact for f16 ends), rounded once to `format`; then the zero
+/// point as usual. `min`, `max` finite; `alpha` a value of `format`.
+pub fn zero_point_wide_range(format: FloatFormat, levels: f32, min: f32, max: f32, alpha: f32) -> (f32, f32) {
+    let hi = format.round(if max < 0.0 { 0.0 } else { max } * alpha);
+    let lo = format.round(if min > 0.0 { 0.0 } else { min } * alpha);
+    let s = format.constant((hi as f64 - lo as f64) / levels as f64);
+    let t = format.round(lo / s).round_ties_even();
+    (s, (-t).clamp(0.0, levels) + 0.0)
 }
 
 struct Symmetric<'a, P> {
@@ -171,10 +200,16 @@ impl<P: Precision> WithSimd for ZeroPoint<'_, P> {
         let clip_min = simd.splat_f32s(clip_min);
         let (lo_q, hi_q) = (simd.splat_f32s(-levels), simd.splat_f32s(0.0));
         let levels = simd.splat_f32s(levels);
+        let zero = simd.splat_f32s(0.0);
         for_each_chunk::<S>(min.len(), |j, n| {
             let alpha = load_f32(simd, &alphas[j..j + n]);
-            let hi = P::round_simd(simd, simd.mul_f32s(load_f32(simd, &max[j..j + n]), alpha));
-            let lo = P::round_simd(simd, simd.mul_f32s(load_f32(simd, &min[j..j + n]), alpha));
+            // The range contains zero: max(max, 0) and min(min, 0) (NaN compares false and stays).
+            let mx = load_f32(simd, &max[j..j + n]);
+            let mn = load_f32(simd, &min[j..j + n]);
+            let mx = simd.select_f32s(simd.less_than_f32s(mx, zero), zero, mx);
+            let mn = simd.select_f32s(simd.greater_than_f32s(mn, zero), zero, mn);
+            let hi = P::round_simd(simd, simd.mul_f32s(mx, alpha));
+            let lo = P::round_simd(simd, simd.mul_f32s(mn, alpha));
             let range = simd.max_f32s(P::round_simd(simd, simd.sub_f32s(hi, lo)), clip_min);
             let s = P::round_simd(simd, simd.div_f32s(range, levels));
             // clip(-rint(t), 0, L) == -rint(clip(t, -L, 0)); adding +0.0 turns -0.0 into +0.0.

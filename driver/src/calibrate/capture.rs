@@ -8,9 +8,9 @@
 //! A bfloat16 model is captured through its float32 twin ([`crate::twin`]).
 
 use crate::calibrate::runtime::{open, run, Input, NamedTensor, SessionOptions};
+use crate::error::{Error, Result};
 use crate::graph::model::{save, ExternalData, Model};
 use crate::graph::onnx::{ModelProto, ValueInfoProto};
-use crate::{Error, Result};
 use prost::Message;
 
 /// A hard link to the data file (ONNX Runtime refuses symbolic links that leave the model's

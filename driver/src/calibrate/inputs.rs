@@ -5,7 +5,10 @@
 //! them. An array of the input's rank is cut into runs of the model's batch size (1 when the batch
 //! is dynamic); an array of rank + 1 holds one sample per entry of its first axis.
 //!
-//! Without a file: seeded random samples of a realistic shape. Symbolic dimensions are set from
+//! In memory ([`CalibrationOptions::inputs`]): each sample a full set of inputs, used as the entry of
+//! a `[samples, ...]` array of an `.npz` would be (same name matching, conversions and checks).
+//!
+//! Without either: seeded random samples of a realistic shape. Symbolic dimensions are set from
 //! `--calibration-shapes name:1x128,...`, else the first to 1 and the others to 128 (a sequence
 //! length), except that a float input `[rows, hidden]` whose only symbolic dimension is the first
 //! gets 128 rows (one token per row would leave the searches two or eight tokens). Float inputs are standard normal; integer inputs are ids inside the embedding table
@@ -14,10 +17,10 @@
 
 use crate::calibrate::npy::{read_arrays, Array, DType};
 use crate::calibrate::runtime::{Input, InputData};
+use crate::error::{Error, Result};
 use crate::graph::model::{dtype_name, Model};
 use crate::graph::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto, ValueInfoProto};
 use crate::rng::Rng;
-use crate::{Error, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -26,6 +29,11 @@ use std::path::PathBuf;
 pub struct CalibrationOptions {
     /// `.npz`/`.npy` file.
     pub data: Option<PathBuf>,
+    /// Preloaded samples, each a full set of model inputs by name (e.g. from a Python
+    /// `CalibrationDataReader`). When set they are the calibration samples, used exactly as the
+    /// entries along the first axis of same-named `[samples, ...]` arrays of an `.npz` (converted to
+    /// the input's element type and checked against its fixed dimensions); `data` is not read.
+    pub inputs: Option<Vec<Vec<Input>>>,
     /// Values for symbolic dimensions per input.
     pub shapes: HashMap<String, Vec<usize>>,
     /// Random samples when there is no file.
@@ -36,7 +44,7 @@ pub struct CalibrationOptions {
 
 impl Default for CalibrationOptions {
     fn default() -> Self {
-        CalibrationOptions { data: None, shapes: HashMap::new(), samples: 8, seed: 0 }
+        CalibrationOptions { data: None, inputs: None, shapes: HashMap::new(), samples: 8, seed: 0 }
     }
 }
 
@@ -112,9 +120,10 @@ fn vocabulary(model: &Model, input: &str) -> Option<usize> {
 /// The calibration samples: each a full set of model inputs.
 pub fn calibration_inputs(model: &Model, opts: &CalibrationOptions) -> Result<Vec<Vec<Input>>> {
     let specs = input_specs(model)?;
-    match &opts.data {
-        Some(path) => from_file(&specs, path),
-        None => Ok(random(model, &specs, opts)),
+    match (&opts.inputs, &opts.data) {
+        (Some(samples), _) => from_memory(&specs, samples),
+        (None, Some(path)) => from_file(&specs, path),
+        (None, None) => Ok(random(model, &specs, opts)),
     }
 }
 
@@ -217,47 +226,7 @@ fn from_file(specs: &[InputSpec], path: &std::path::Path) -> Result<Vec<Vec<Inpu
                 )));
             }
         };
-        let rank = s.dims.len();
-        let (samples, sample_shape): (usize, Vec<usize>) = if a.shape.len() == rank + 1 {
-            (a.shape[0], a.shape[1..].to_vec())
-        } else if a.shape.len() == rank && rank > 0 {
-            let batch = s.dims[0].unwrap_or(1);
-            if a.shape[0] % batch != 0 {
-                return Err(Error::Usage(format!(
-                    "calibration array '{}' has {} rows, not a multiple of the model's batch size {batch}",
-                    s.name, a.shape[0]
-                )));
-            }
-            let mut shape = a.shape.clone();
-            shape[0] = batch;
-            (a.shape[0] / batch, shape)
-        } else {
-            return Err(Error::Usage(format!(
-                "calibration array '{}' has shape {:?}; the model input has rank {rank} (give [samples, ...] or [rows, ...])",
-                s.name, a.shape
-            )));
-        };
-        for (i, (d, &want)) in sample_shape.iter().zip(&s.dims).enumerate() {
-            if let Some(w) = want {
-                if *d != w {
-                    return Err(Error::Usage(format!(
-                        "calibration array '{}' has size {d} in dimension {i} of a sample, the model expects {w}",
-                        s.name
-                    )));
-                }
-            }
-        }
-        let per = sample_shape.iter().product::<usize>();
-        let inputs = (0..samples)
-            .map(|i| {
-                Ok(Input {
-                    name: s.name.clone(),
-                    shape: sample_shape.clone(),
-                    data: convert(s, a, sample_shape.clone(), i * per..(i + 1) * per)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        per_input.push(inputs);
+        per_input.push(samples_of(s, a)?);
     }
     let count = per_input.iter().map(Vec::len).min().unwrap_or(0);
     if count == 0 || per_input.iter().any(|v| v.len() != count) {
@@ -268,4 +237,99 @@ fn from_file(specs: &[InputSpec], path: &std::path::Path) -> Result<Vec<Vec<Inpu
         )));
     }
     Ok((0..count).map(|i| per_input.iter().map(|v| v[i].clone()).collect()).collect())
+}
+
+/// The samples in array `a` for model input `s`: one per entry of the first axis of a rank + 1
+/// array, or runs of the batch size of a rank array.
+fn samples_of(s: &InputSpec, a: &Array) -> Result<Vec<Input>> {
+    let rank = s.dims.len();
+    let (samples, sample_shape): (usize, Vec<usize>) = if a.shape.len() == rank + 1 {
+        (a.shape[0], a.shape[1..].to_vec())
+    } else if a.shape.len() == rank && rank > 0 {
+        let batch = s.dims[0].unwrap_or(1);
+        if !a.shape[0].is_multiple_of(batch) {
+            return Err(Error::Usage(format!(
+                "calibration array '{}' has {} rows, not a multiple of the model's batch size {batch}",
+                s.name, a.shape[0]
+            )));
+        }
+        let mut shape = a.shape.clone();
+        shape[0] = batch;
+        (a.shape[0] / batch, shape)
+    } else {
+        return Err(Error::Usage(format!(
+            "calibration array '{}' has shape {:?}; the model input has rank {rank} (give [samples, ...] or [rows, ...])",
+            s.name, a.shape
+        )));
+    };
+    for (i, (d, &want)) in sample_shape.iter().zip(&s.dims).enumerate() {
+        if let Some(w) = want {
+            if *d != w {
+                return Err(Error::Usage(format!(
+                    "calibration array '{}' has size {d} in dimension {i} of a sample, the model expects {w}",
+                    s.name
+                )));
+            }
+        }
+    }
+    let per = sample_shape.iter().product::<usize>();
+    (0..samples)
+        .map(|i| {
+            Ok(Input {
+                name: s.name.clone(),
+                shape: sample_shape.clone(),
+                data: convert(s, a, sample_shape.clone(), i * per..(i + 1) * per)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+}
+
+/// Preloaded samples: each input of each sample taken as the one entry of a `[1, ...]` array.
+fn from_memory(specs: &[InputSpec], samples: &[Vec<Input>]) -> Result<Vec<Vec<Input>>> {
+    if samples.is_empty() {
+        return Err(Error::Usage("calibration inputs: no samples given".into()));
+    }
+    samples
+        .iter()
+        .map(|sample| {
+            specs
+                .iter()
+                .map(|s| {
+                    let Some(input) = sample.iter().find(|i| i.name == s.name) else {
+                        let have: Vec<&str> = sample.iter().map(|i| i.name.as_str()).collect();
+                        return Err(Error::Usage(format!(
+                            "calibration inputs: no array named '{}' (the model's inputs are {:?}; the sample has {have:?})",
+                            s.name,
+                            specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+                        )));
+                    };
+                    let mut a = array_of(&input.data);
+                    let values = a.len();
+                    a.shape = std::iter::once(1).chain(input.shape.iter().copied()).collect();
+                    if a.len() != values {
+                        return Err(Error::Usage(format!(
+                            "calibration input '{}': shape {:?} does not hold its {values} values",
+                            s.name, input.shape
+                        )));
+                    }
+                    Ok(samples_of(s, &a)?.remove(0))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// In-memory input values as a 1-D array of the same dtype (little-endian, as an `.npy` holds them).
+fn array_of(data: &InputData) -> Array {
+    fn le<const N: usize, T: Copy>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+        v.iter().flat_map(|&x| f(x)).collect()
+    }
+    let (dtype, data) = match data {
+        InputData::F32(v) => (DType::F32, le(v, f32::to_le_bytes)),
+        InputData::F16(v) => (DType::F16, le(v, half::f16::to_le_bytes)),
+        InputData::I64(v) => (DType::I64, le(v, i64::to_le_bytes)),
+        InputData::I32(v) => (DType::I32, le(v, i32::to_le_bytes)),
+        InputData::Bool(v) => (DType::Bool, v.iter().map(|&b| b as u8).collect()),
+    };
+    Array { dtype, shape: vec![data.len() / dtype.size()], data }
 }

@@ -1,10 +1,12 @@
 //! Reading `.npy` arrays and `.npz` archives (numpy's formats), for calibration data and test data.
 //!
-//! Supported: format versions 1-3, little-endian or byte-order-free dtypes
-//! `f2 f4 f8 i1 u1 i2 u2 i4 u4 i8 u8 b1`, C or Fortran order (Fortran arrays are returned in C order),
-//! stored or deflated archive members. Every length and offset is checked; malformed input is an
-//! [`NpyError`], never a panic.
+//! The `.npy` format is read by the `npyz` crate: format versions 1-3, either byte order, dtypes
+//! `f2 f4 f8 i1 u1 i2 u2 i4 u4 i8 u8 b1`, C or Fortran order (Fortran arrays are returned in C order).
+//! An `.npz` is a zip archive of `.npy` members, stored (`numpy.savez`) or deflated
+//! (`numpy.savez_compressed`), read with the `zip` crate. Lengths are checked before anything is
+//! allocated; malformed input is an [`NpyError`], never a panic.
 
+use npyz::{NpyFile, NpyHeader, Order, TypeChar};
 use std::io::Read;
 use std::path::Path;
 
@@ -65,31 +67,6 @@ pub enum DType {
 }
 
 impl DType {
-    fn parse(descr: &str) -> Option<DType> {
-        // The first character is the byte order (any character, not a byte: fuzzing found a
-        // multi-byte one).
-        let mut chars = descr.chars();
-        if !matches!(chars.next()?, '<' | '|' | '=') {
-            return None;
-        }
-        let code = chars.as_str();
-        Some(match code {
-            "f2" => DType::F16,
-            "f4" => DType::F32,
-            "f8" => DType::F64,
-            "i1" => DType::I8,
-            "u1" => DType::U8,
-            "i2" => DType::I16,
-            "u2" => DType::U16,
-            "i4" => DType::I32,
-            "u4" => DType::U32,
-            "i8" => DType::I64,
-            "u8" => DType::U64,
-            "b1" => DType::Bool,
-            _ => return None,
-        })
-    }
-
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -190,101 +167,106 @@ fn malformed(name: &str, why: impl Into<String>) -> NpyError {
     NpyError::Malformed { name: name.to_string(), why: why.into() }
 }
 
+/// Our element type of numpy's type string (`<f4`, `|b1`, `>i8`, ...).
+fn dtype_of(t: &npyz::TypeStr) -> Option<DType> {
+    Some(match (t.type_char(), t.size_field()) {
+        (TypeChar::Float, 2) => DType::F16,
+        (TypeChar::Float, 4) => DType::F32,
+        (TypeChar::Float, 8) => DType::F64,
+        (TypeChar::Int, 1) => DType::I8,
+        (TypeChar::Uint, 1) => DType::U8,
+        (TypeChar::Int, 2) => DType::I16,
+        (TypeChar::Uint, 2) => DType::U16,
+        (TypeChar::Int, 4) => DType::I32,
+        (TypeChar::Uint, 4) => DType::U32,
+        (TypeChar::Int, 8) => DType::I64,
+        (TypeChar::Uint, 8) => DType::U64,
+        (TypeChar::Bool, 1) => DType::Bool,
+        _ => return None,
+    })
+}
+
+/// The elements of `file` in C order as little-endian bytes.
+fn le_bytes<T: npyz::Deserialize + Copy, const N: usize>(
+    file: NpyFile<&[u8]>,
+    shape: &[usize],
+    to_le: fn(T) -> [u8; N],
+) -> std::io::Result<Vec<u8>> {
+    let fortran = file.order() == Order::Fortran;
+    let values: Vec<T> = file.into_vec()?;
+    let values = if fortran && shape.len() > 1 {
+        use ndarray::ShapeBuilder;
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape).f(), values)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        a.iter().copied().collect()
+    } else {
+        values
+    };
+    Ok(values.into_iter().flat_map(to_le).collect())
+}
+
 /// Parses one `.npy` file's bytes; `name` is used in errors.
 pub fn parse_npy(name: &str, bytes: &[u8]) -> Result<Array, NpyError> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(malformed(name, "missing the \\x93NUMPY magic"));
     }
-    let major = bytes[6];
-    let (header_len, start): (usize, usize) = match major {
+    // Checked before npyz sees the header: it must fit in the bytes (npyz allocates the declared
+    // length), must not nest deeper than a plain array's header (npyz parses it recursively), and
+    // its numbers must hold at most 19 digits in all, so that the element count (their product,
+    // which npyz computes unchecked) is below 10^19 < 2^64.
+    let (header_len, start): (usize, usize) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 => {
-            let b = bytes.get(8..12).ok_or_else(|| malformed(name, "truncated header length"))?;
-            (u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize, 12)
-        }
-        v => return Err(malformed(name, format!("unsupported format version {v}"))),
+        _ => match bytes.get(8..12) {
+            Some(b) => (u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize, 12),
+            None => return Err(malformed(name, "truncated header length")),
+        },
     };
-    let end = start.checked_add(header_len).ok_or_else(|| malformed(name, "header length overflows"))?;
-    let header = bytes.get(start..end).ok_or_else(|| malformed(name, "truncated header"))?;
-    let header = std::str::from_utf8(header).map_err(|_| malformed(name, "header is not text"))?;
-    let descr = dict_value(header, "descr").ok_or_else(|| malformed(name, "header has no 'descr'"))?;
-    let descr = descr.trim().trim_matches(|c| c == '\'' || c == '"').to_string();
-    let fortran = match dict_value(header, "fortran_order").map(str::trim) {
-        Some("True") => true,
-        Some("False") => false,
-        _ => return Err(malformed(name, "header has no valid 'fortran_order'")),
-    };
-    let shape_text = dict_value(header, "shape").ok_or_else(|| malformed(name, "header has no 'shape'"))?;
-    let shape_text = shape_text.trim();
-    let inner = shape_text
-        .strip_prefix('(')
-        .and_then(|s| s.strip_suffix(')'))
-        .ok_or_else(|| malformed(name, format!("shape {shape_text:?} is not a tuple")))?;
-    let shape = inner
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| malformed(name, format!("bad dimension {s:?}"))))
+    let header =
+        bytes.get(start..start.saturating_add(header_len)).ok_or_else(|| malformed(name, "truncated header"))?;
+    if header.iter().filter(|&&b| matches!(b, b'(' | b'[' | b'{')).count() > 16 {
+        return Err(malformed(name, "header nests too deeply for a plain array"));
+    }
+    if header.iter().filter(|b| b.is_ascii_digit()).count() > 19 {
+        return Err(malformed(name, "the shape declares more elements than an array can hold"));
+    }
+    let mut data = bytes;
+    let header = NpyHeader::from_reader(&mut data).map_err(|e| malformed(name, e.to_string()))?;
+    let descr = header.dtype().descr();
+    let dtype = match header.dtype() {
+        npyz::DType::Plain(t) => dtype_of(&t),
+        _ => None,
+    }
+    .ok_or_else(|| NpyError::UnsupportedDtype { name: name.to_string(), descr })?;
+    let shape = header
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| malformed(name, "dimension overflows")))
         .collect::<Result<Vec<_>, _>>()?;
-    let dtype = DType::parse(&descr).ok_or_else(|| NpyError::UnsupportedDtype { name: name.to_string(), descr })?;
     let count = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| malformed(name, "element count overflows"))?;
     let nbytes = count.checked_mul(dtype.size()).ok_or_else(|| malformed(name, "byte size overflows"))?;
-    let data = bytes.get(end..).unwrap_or(&[]);
     if data.len() < nbytes {
         return Err(malformed(name, format!("data has {} bytes, the header declares {nbytes}", data.len())));
     }
-    let mut data = data[..nbytes].to_vec();
-    if fortran && shape.len() > 1 {
-        data = fortran_to_c(&data, &shape, dtype.size());
+    let file = NpyFile::with_header(header, data);
+    let data = match dtype {
+        DType::F16 => le_bytes(file, &shape, half::f16::to_le_bytes),
+        DType::F32 => le_bytes(file, &shape, f32::to_le_bytes),
+        DType::F64 => le_bytes(file, &shape, f64::to_le_bytes),
+        DType::I8 => le_bytes(file, &shape, i8::to_le_bytes),
+        DType::U8 => le_bytes(file, &shape, u8::to_le_bytes),
+        DType::I16 => le_bytes(file, &shape, i16::to_le_bytes),
+        DType::U16 => le_bytes(file, &shape, u16::to_le_bytes),
+        DType::I32 => le_bytes(file, &shape, i32::to_le_bytes),
+        DType::U32 => le_bytes(file, &shape, u32::to_le_bytes),
+        DType::I64 => le_bytes(file, &shape, i64::to_le_bytes),
+        DType::U64 => le_bytes(file, &shape, u64::to_le_bytes),
+        DType::Bool => le_bytes(file, &shape, |b: bool| [b as u8]),
     }
+    .map_err(|e| malformed(name, e.to_string()))?;
     Ok(Array { dtype, shape, data })
-}
-
-/// Reorders a Fortran-order buffer into C order.
-fn fortran_to_c(data: &[u8], shape: &[usize], size: usize) -> Vec<u8> {
-    let count: usize = shape.iter().product();
-    let mut out = vec![0u8; data.len()];
-    let mut index = vec![0usize; shape.len()];
-    for c_pos in 0..count {
-        // Fortran offset of the C-order multi-index.
-        let mut f_pos = 0;
-        let mut stride = 1;
-        for (i, &d) in index.iter().zip(shape) {
-            f_pos += i * stride;
-            stride *= d;
-        }
-        out[c_pos * size..(c_pos + 1) * size].copy_from_slice(&data[f_pos * size..(f_pos + 1) * size]);
-        for axis in (0..shape.len()).rev() {
-            index[axis] += 1;
-            if index[axis] < shape[axis] {
-                break;
-            }
-            index[axis] = 0;
-        }
-    }
-    out
-}
-
-/// The text of `'key': value` in a Python dict literal, up to the next top-level comma.
-fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let pos = header.find(&format!("'{key}'")).or_else(|| header.find(&format!("\"{key}\"")))?;
-    let rest = &header[pos + key.len() + 2..];
-    let rest = rest.trim_start().strip_prefix(':')?;
-    let mut depth = 0i32;
-    for (i, ch) in rest.char_indices() {
-        match ch {
-            '(' | '[' | '{' => depth += 1,
-            ')' | ']' => depth -= 1,
-            '}' if depth == 0 => return Some(&rest[..i]),
-            '}' => depth -= 1,
-            ',' if depth == 0 => return Some(&rest[..i]),
-            _ => {}
-        }
-    }
-    Some(rest)
 }
 
 /// Reads a `.npz` archive from bytes: `(name, array)` pairs in archive order, names without `.npy`.
@@ -294,7 +276,7 @@ pub fn parse_npz(path: &str, bytes: &[u8]) -> Result<Vec<(String, Array)>, NpyEr
     let mut out = Vec::with_capacity(zip.len());
     for i in 0..zip.len() {
         let mut file = zip.by_index(i).map_err(|e| archive_err(e.to_string()))?;
-        let name = file.name().trim_end_matches(".npy").to_string();
+        let name = npyz::npz::array_name_from_file_name(file.name()).unwrap_or(file.name()).to_string();
         // Never trust the declared size beyond the archive's own size.
         let limit = (bytes.len() as u64).saturating_mul(1100).min(file.size()).saturating_add(1);
         let mut buf = Vec::new();

@@ -5,7 +5,7 @@
 //! the executable's ancestors, then Python's installed `onnxruntime` package (found with
 //! `importlib.util.find_spec`, which needs no numpy). One environment per process, ever.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use ort::session::{builder::GraphOptimizationLevel, Session};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -8,12 +8,12 @@
 //! bf16 rounding of intermediate results, which the AWQ searches apply to what they read anyway.
 //! The twin is used for calibration (AWQ) and by `nibble compare`; the written model stays bf16.
 
+use crate::error::Result;
 use crate::graph::model::Model;
 use crate::graph::onnx::{
     tensor_proto::{DataLocation, DataType},
     type_proto, GraphProto, ModelProto, TensorProto, TypeProto, ValueInfoProto,
 };
-use crate::Result;
 use bytes::Bytes;
 use nibble::FloatFormat;
 

@@ -13,10 +13,10 @@
 //! symbolic dimensions set to 1 (the first) and 16 (the others).
 
 use crate::calibrate::runtime::{Input, InputData, NamedTensor, SessionOptions};
+use crate::error::{Error, Result};
 use crate::graph::model::Model;
 use crate::graph::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto};
 use crate::rng::Rng;
-use crate::{Error, Result};
 use std::path::Path;
 
 /// Agreement of one output.

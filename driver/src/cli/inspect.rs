@@ -3,12 +3,12 @@
 //! weight every node that reads it with what that reader gets: the quantized weight, or the
 //! original float tensor (kept for it) and why. Weights left float say why.
 
+use crate::error::Result;
 use crate::graph::model::{dtype_name, Model};
 use crate::graph::opset;
 use crate::graph::read::node_label;
 use crate::graph::readers::{node_at, node_label_at};
 use crate::plan::{compile_patterns, plan, Decision, Reads};
-use crate::Result;
 use std::fmt::Write;
 use std::path::Path;
 

@@ -205,6 +205,7 @@ impl AwqArgs {
             fuse: !self.no_fuse_siblings,
             calibration: CalibrationOptions {
                 data: self.calibration_data.clone(),
+                inputs: None,
                 shapes,
                 samples: self.calibration_samples.max(1),
                 seed: self.calibration_seed,

@@ -22,13 +22,13 @@
 //! The names follow ONNX Runtime's own MatMulNBitsQuantizer. No opset upgrade is needed.
 
 use super::Emitted;
+use crate::error::{Error, Result};
 use crate::graph::build::{attr_i, node, tensor, ModelNames};
 use crate::graph::edit::Edits;
 use crate::graph::model::Model;
 use crate::graph::onnx::{tensor_proto::DataType, NodeProto, OperatorSetIdProto, TensorProto};
 use crate::graph::readers::{node_at, Index};
 use crate::plan::{Candidate, Decision};
-use crate::{Error, Result};
 use nibble::{Bits, FloatFormat, QuantizedWeight};
 
 /// Checks that `block` (given as option `flag`) is a block size MatMulNBits and

@@ -18,13 +18,13 @@
 //! Mul constant becomes a `[K]` vector; any other shape is not folded. A producer whose own weight is
 //! quantized is divided before that weight is quantized (ModelOpt loses the division there).
 
+use crate::error::Result;
 use crate::graph::build::ModelNames;
 use crate::graph::floats::{decode_floats, encode_floats};
 use crate::graph::model::Model;
 use crate::graph::onnx::{GraphProto, NodeProto, TensorProto};
 use crate::graph::readers::{Def, Index, NodeAt};
 use crate::methods::awq::{AwqResult, Group};
-use crate::Result;
 use bytes::Bytes;
 use nibble::FloatFormat;
 use std::collections::HashSet;
@@ -159,7 +159,11 @@ pub fn apply(
         }
         let format = format_of_weight(&weights[0]);
         let producer = g.node.iter().find(|n| n.output.iter().any(|o| o == activation));
-        let per_weight = !fuse || inputs.contains(activation.as_str()) || producer.is_none();
+        // Siblings with different scales (not fused: see awq::search) need one Mul each.
+        let per_weight = !fuse
+            || inputs.contains(activation.as_str())
+            || producer.is_none()
+            || scales.iter().any(|s| *s != scales[0]);
         if per_weight {
             for ((w, &n), s) in weights.iter().zip(nodes).zip(&scales) {
                 let scale = names.tensor(&format!("{w}_awq_scale"));

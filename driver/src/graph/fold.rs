@@ -9,7 +9,7 @@ use super::model::{dtype_name, Model};
 use super::onnx::{tensor_proto::DataType, GraphProto};
 use super::read::{attr, is_default_domain};
 use super::readers::{node_at, Def, Index, NodeAt};
-use crate::Result;
+use crate::error::Result;
 use bytes::Bytes;
 use nibble::FloatFormat;
 

@@ -10,10 +10,10 @@
 //! partial model behind (with `sync`, `--fsync`, the files are also flushed to disk before the
 //! rename, for a machine crash). The input is only ever read.
 
+use crate::error::{Error, Result};
 use crate::graph::onnx::{
     tensor_proto::DataLocation, tensor_proto::DataType, ModelProto, StringStringEntryProto, TensorProto,
 };
-use crate::{Error, Result};
 use bytes::Bytes;
 use prost::Message;
 use std::collections::HashMap;

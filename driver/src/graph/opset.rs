@@ -27,7 +27,7 @@ use super::onnx::{
 };
 use super::read::is_default_domain;
 use super::read::{attr, node_label, take_attr};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use bytes::Bytes;
 use std::collections::HashSet;
 

@@ -13,11 +13,11 @@
 
 use crate::calibrate::capture::Capture;
 use crate::calibrate::inputs::{calibration_inputs, CalibrationOptions};
+use crate::error::{Error, Result};
 use crate::graph::floats::decode_floats;
 use crate::graph::model::Model;
 use crate::graph::read::{attr_int, constants};
 use crate::plan::{Candidate, Decision};
-use crate::{Error, Result};
 use nibble::awq::{self, clip_search, lite_search};
 use nibble::{Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, Tier, WeightData};
 use std::collections::HashMap;
@@ -266,10 +266,13 @@ pub fn search(
                 let s = awq::subgraph_search(format, &xq, k, &ws, &params, &lite_alphas)
                     .map_err(|e| Error::kernel(&gr.weights[0], e))?;
                 if opts.verbose {
-                    progress.println(format!(
-                        "{}: awq_lite per subgraph alpha {:.2} (loss {:.4e})",
-                        gr.activation, s.alphas[s.best], s.losses[s.best]
-                    ));
+                    say(
+                        &progress,
+                        format!(
+                            "{}: awq_lite per subgraph alpha {:.2} (loss {:.4e})",
+                            gr.activation, s.alphas[s.best], s.losses[s.best]
+                        ),
+                    );
                 }
                 let cast: Vec<f32> = s.best_scale.iter().map(|&v| format.constant(v)).collect();
                 for w in &gr.weights {
@@ -303,10 +306,24 @@ pub fn search(
                 if opts.method != AwqMethod::Clip {
                     let s = lite_search(tier, format, xq, &wkn, shape, &params, &lite_alphas).map_err(kernel_err)?;
                     if opts.verbose {
-                        progress.println(format!(
-                            "{w}: awq_lite alpha {:.2} (loss {:.4e}, alpha 0 {:.4e})",
-                            s.alphas[s.best], s.losses[s.best], s.losses[0]
-                        ));
+                        say(
+                            &progress,
+                            format!(
+                                "{w}: awq_lite alpha {:.2} (loss {:.4e}, alpha 0 {:.4e})",
+                                s.alphas[s.best], s.losses[s.best], s.losses[0]
+                            ),
+                        );
+                        if !s.skipped.is_empty() {
+                            let list: Vec<String> = s.skipped.iter().map(|&i| format!("{:.2}", s.alphas[i])).collect();
+                            say(
+                                &progress,
+                                format!(
+                                    "{w}: awq_lite skipped alpha {} (w * s overflows {})",
+                                    list.join(", "),
+                                    format.name()
+                                ),
+                            );
+                        }
                     }
                     clip_input = Some(awq::lite::scale_rows(format, &wkn, &s.best_scale, shape[1]));
                     scales.push(s.best_scale.clone());
@@ -319,7 +336,7 @@ pub fn search(
                     if opts.verbose {
                         let mean =
                             c.best_alpha.iter().map(|&a| a as f64).sum::<f64>() / c.best_alpha.len().max(1) as f64;
-                        progress.println(format!("{w}: awq_clip mean clip ratio {mean:.3}"));
+                        say(&progress, format!("{w}: awq_clip mean clip ratio {mean:.3}"));
                     }
                     out.alphas = Some(c.best_alpha);
                 }
@@ -330,8 +347,34 @@ pub fn search(
                 let format = by_name[gr.weights[0].as_str()].format().expect("float weight");
                 let refs: Vec<&[f32]> = scales.iter().map(|v| v.as_slice()).collect();
                 let mean = awq::mean_scales(format, &refs);
+                // A sibling whose `w * mean` overflows its dtype (a float16 weight times a scale
+                // another sibling chose) keeps the group unfused: each weight its own scale.
+                let mut overflow = Vec::new();
                 for w in &gr.weights {
-                    result.weights.get_mut(w).expect("searched").scale = Some(mean.clone());
+                    let c = by_name[w.as_str()];
+                    let f = c.format().expect("float weight");
+                    if f != FloatFormat::F16 {
+                        continue; // float32 and bfloat16 reach 3.4e38: only float16 overflows here
+                    }
+                    let (wkn, shape) = weight_kn(model, c)?;
+                    if awq::lite::scale_rows(f, &wkn, &mean, shape[1]).iter().any(|v| !v.is_finite()) {
+                        overflow.push(w.as_str());
+                    }
+                }
+                if overflow.is_empty() {
+                    for w in &gr.weights {
+                        result.weights.get_mut(w).expect("searched").scale = Some(mean.clone());
+                    }
+                } else if opts.verbose {
+                    say(
+                        &progress,
+                        format!(
+                            "{}: siblings keep their own scales (the mean scale makes w * s overflow {} for {})",
+                            gr.activation,
+                            format.name(),
+                            overflow.join(", ")
+                        ),
+                    );
                 }
             }
         }
@@ -440,4 +483,10 @@ fn quantize_scaled_f64(
         zero_point: q.zero_point.map(|z| (0..n * nb).map(|e| z[(e % nb) * n + e / nb]).collect()),
         block: q.block,
     })
+}
+
+/// Prints a `-v` line above the progress bar (`ProgressBar::println` prints nothing when stderr is
+/// not a terminal, which hid every `-v` line from logs and tests).
+fn say(progress: &indicatif::ProgressBar, line: String) {
+    progress.suspend(|| eprintln!("{line}"));
 }

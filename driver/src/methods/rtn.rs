@@ -2,10 +2,10 @@
 //! stored bytes to INT4/INT8 codes, scales and zero points, through the kernel crate
 //! ([`nibble::quantize_weight`]: `scale = amax / 7` per block, or `(max - min) / 15` with a zero point).
 
+use crate::error::{Error, Result};
 use crate::graph::model::dtype_name;
 use crate::graph::model::Model;
 use crate::plan::{Candidate, Decision};
-use crate::{Error, Result};
 use bytes::Bytes;
 use nibble::{BlockSize, FloatFormat, QuantParams, QuantizedWeight, WeightData};
 

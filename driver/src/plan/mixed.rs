@@ -16,9 +16,9 @@
 //! nodes whose activation is not itself an initializer are considered, and the last consuming node
 //! decides for a shared weight.
 
+use crate::error::{Error, Result};
 use crate::graph::model::Model;
 use crate::plan::{Candidate, Decision};
-use crate::{Error, Result};
 use nibble::Bits;
 use regex::Regex;
 use std::collections::{HashMap, HashSet};

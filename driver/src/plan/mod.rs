@@ -9,13 +9,13 @@
 
 pub mod mixed;
 
+use crate::error::{Error, Result};
 use crate::graph::fold::{chain, fold, Chain};
 use crate::graph::model::{byte_size, dtype_name, Model};
 use crate::graph::onnx::tensor_proto::DataType;
 use crate::graph::onnx::GraphProto;
 use crate::graph::read::{attr_int, is_default_domain, Source};
 use crate::graph::readers::{graph_at, node_at, node_label_at, Def, GraphPath, Index, Use};
-use crate::{Error, Result};
 use nibble::{Bits, FloatFormat};
 use regex::Regex;
 
