@@ -354,23 +354,42 @@ fn candidate(
     if decision.is_quantize() && folded.is_none() && byte_size(t).is_none() {
         decision = Decision::Skipped { reason: "invalid dims".into() };
     }
-    let constant_at = &idx.constants[constant];
-    Ok(Candidate {
-        weight: weight.clone(),
-        base: weight,
-        node,
-        op,
-        dims,
-        dtype,
-        bytes,
-        source: constant_at.source.clone(),
-        graph: constant_at.graph.clone(),
-        place,
-        readers,
-        folded: folded.map(|(c, f)| (c, f.data)),
-        decision,
-        bits: Bits::Four,
-    })
+    let mut c = Candidate::four_bit(idx, root, constant, node, &op, readers, decision);
+    (c.weight, c.base, c.dims, c.dtype, c.bytes, c.place) = (weight.clone(), weight, dims, dtype, bytes, place);
+    c.folded = folded.map(|(chain, f)| (chain, f.data));
+    Ok(c)
+}
+
+impl Candidate {
+    /// A 4-bit candidate for constant `k` of `idx` (named after it, placed in its graph), read by
+    /// node `node` of type `op`.
+    fn four_bit(
+        idx: &Index,
+        root: &GraphProto,
+        k: usize,
+        node: String,
+        op: &str,
+        readers: Vec<Reader>,
+        decision: Decision,
+    ) -> Candidate {
+        let (constant, t) = (&idx.constants[k], idx.tensor(root, k));
+        Candidate {
+            weight: constant.name.clone(),
+            base: constant.name.clone(),
+            node,
+            op: op.to_string(),
+            dims: t.dims.clone(),
+            dtype: t.data_type.unwrap_or(0),
+            bytes: byte_size(t).unwrap_or(0),
+            source: constant.source.clone(),
+            graph: constant.graph.clone(),
+            place: constant.graph.clone(),
+            readers,
+            folded: None,
+            decision,
+            bits: Bits::Four,
+        }
+    }
 }
 
 impl Decision {
@@ -473,23 +492,11 @@ pub fn plan_gather(
         } else {
             Decision::Quantize { axis }
         };
-        let table = &idx.constants[c];
-        added.push(Candidate {
-            weight: name.clone(),
-            base: if taken { format!("{name}_gather") } else { name.clone() },
-            node,
-            op: "Gather".into(),
-            dims: t.dims.clone(),
-            dtype,
-            bytes: byte_size(t).unwrap_or(0),
-            source: table.source.clone(),
-            graph: table.graph.clone(),
-            place: table.graph.clone(),
-            readers,
-            folded: None,
-            decision,
-            bits: Bits::Four,
-        });
+        let mut table = Candidate::four_bit(&idx, root, c, node, "Gather", readers, decision);
+        if taken {
+            table.base = format!("{name}_gather");
+        }
+        added.push(table);
     }
     candidates.extend(added);
     Ok(())
