@@ -64,6 +64,41 @@ pub enum Error {
         /// The weight's dtype.
         format: FloatFormat,
     },
+    /// An AWQ pre-quant scale given to [`Hessian::scale_inputs`](crate::gptq::Hessian::scale_inputs)
+    /// is zero or not finite.
+    #[error("input scale {index} is zero or not finite: pre-quant scales must be finite and non-zero")]
+    BadInputScale {
+        /// The input channel.
+        index: usize,
+    },
+    /// The Hessian holds NaN or infinity (a non-finite calibration activation).
+    #[error("the Hessian is not finite at input channel {index}: the calibration activations hold NaN or Inf; check the calibration data")]
+    HessianNotFinite {
+        /// The first input channel with a non-finite entry.
+        index: usize,
+    },
+    /// The dampened Hessian is not positive definite (Cholesky failed).
+    #[error("the dampened Hessian is not positive definite (Cholesky pivot {index}): raise the dampening (--percdamp, e.g. 0.1)")]
+    NotPositiveDefinite {
+        /// The failing pivot.
+        index: usize,
+    },
+    /// The Hessian's K does not match the weight.
+    #[error("the Hessian is for K = {hessian_k} input channels but the weight has {weight_len} elements, not a multiple of it")]
+    HessianShape {
+        /// K of the Hessian.
+        hessian_k: usize,
+        /// Elements of the weight.
+        weight_len: usize,
+    },
+    /// A GPTQ parameter is out of range.
+    #[error("GPTQ parameter {what}: {why}")]
+    BadGptqParam {
+        /// Which parameter.
+        what: &'static str,
+        /// What is wrong and the valid range.
+        why: &'static str,
+    },
 }
 
 /// `Result` with [`Error`].

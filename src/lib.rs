@@ -19,6 +19,8 @@
 //!   over the [`Tier`]s (AVX-512, AVX2, NEON, scalar);
 //! - [`reference`]: the scalar oracle, written step by step like the numpy code it mirrors; every
 //!   kernel tier is tested against it bit for bit, and it is tested against ModelOpt's own outputs;
+//! - [`gptq`]: GPTQ (Hessian accumulation, inverse-Hessian factor, error-feedback quantization);
+//! - [`scale_search`]: the data-free per-block scale search;
 //! - [`quantize_weight`]: a whole tensor (any dtype, axis 0 or 1, any block size) through the kernels,
 //!   in parallel over blocks.
 
@@ -26,9 +28,11 @@ pub mod awq;
 pub mod bits;
 pub mod error;
 pub mod float;
+pub mod gptq;
 pub mod kernels;
 pub mod quantize_weight;
 pub mod reference;
+pub mod scale_search;
 mod simd;
 pub mod tier;
 

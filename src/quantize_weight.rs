@@ -147,6 +147,37 @@ pub struct QuantizedWeight {
     pub block: usize,
 }
 
+impl QuantizedWeight {
+    /// The same quantization of the transposed weight: `self` quantizes `W: [k, n]` along axis 0
+    /// (scales `[nb, n]`); the result quantizes `W^T: [n, k]` along axis 1 (scales `[n, nb]`),
+    /// as a `transB=1` Gemm weight or a Gather table stores it. For methods that work on the
+    /// `[K, N]` view only (GPTQ, the scale search on a transposed view).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] if the codes or scales do not match `[k, n]`.
+    pub fn to_axis1(&self, bits: Bits, [k, n]: [usize; 2]) -> Result<QuantizedWeight> {
+        let nb = k.div_ceil(self.block.max(1));
+        kernels::check_len("scales", nb * n, self.scale.len())?;
+        kernels::check_len("codes", bits.bytes_for(k * n), self.packed.len())?;
+        let codes = match bits {
+            Bits::Four => kernels::unpack_nibbles(&self.packed, k * n, false)?.into_iter().map(|v| v as u8).collect(),
+            Bits::Eight => self.packed.clone(),
+        };
+        let t = transpose(&codes, k, n);
+        let packed = match bits {
+            Bits::Four => crate::reference::pack(&t),
+            Bits::Eight => t,
+        };
+        Ok(QuantizedWeight {
+            packed,
+            scale: transpose(&self.scale, nb, n),
+            scale_shape: [n, nb],
+            zero_point: self.zero_point.as_ref().map(|z| transpose(z, nb, n)),
+            block: self.block,
+        })
+    }
+}
+
 /// Quantizes a row-major weight of `shape` on the best tier.
 pub fn quantize_weight(data: WeightData<'_>, shape: [usize; 2], params: &QuantParams) -> Result<QuantizedWeight> {
     quantize_weight_with(Tier::best(), data, shape, params)

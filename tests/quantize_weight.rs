@@ -86,3 +86,18 @@ fn non_finite_is_located_in_wide_tensors() {
         }
     }
 }
+
+/// `to_axis1` of an axis-0 quantization of `W` equals the axis-1 quantization of `W^T`.
+#[test]
+fn to_axis1_equals_axis1_of_the_transpose() {
+    let (k, n) = (96usize, 37usize);
+    let w: Vec<f32> = (0..k * n).map(|e| ((e * 7919) % 1013) as f32 / 500.0 - 1.0).collect();
+    let t: Vec<f32> = (0..k * n).map(|e| w[(e % k) * n + e / k]).collect();
+    for (bits, zero_point) in [(Bits::Four, false), (Bits::Four, true), (Bits::Eight, false)] {
+        let p0 = QuantParams { zero_point, bits, ..QuantParams::rtn(BlockSize::Blocked(32)) };
+        let q0 = nibble::quantize_weight(WeightData::F32(&w), [k, n], &p0).unwrap();
+        let p1 = QuantParams { axis: 1, ..p0 };
+        let q1 = nibble::quantize_weight(WeightData::F32(&t), [n, k], &p1).unwrap();
+        assert_eq!(q0.to_axis1(bits, [k, n]).unwrap(), q1, "{bits:?} zero point {zero_point}");
+    }
+}

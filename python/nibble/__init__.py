@@ -1,0 +1,467 @@
+"""nibble: 4-bit (INT4/UINT4, block-wise) weight quantization of ONNX models on CPU.
+
+Two ways in:
+
+- ``nibble.quantize(onnx_path, calibration_method=..., calibration_data_reader=..., ...)``: NVIDIA
+  ModelOpt's ``modelopt.onnx.quantization.int4.quantize`` call (same arguments, same defaults, same
+  output graph), returning an ``onnx.ModelProto``. Switching is one changed import.
+- ``nibble.quantize_file(input, output, method=..., ...)``: the fast path for big models, straight
+  from file to file with no ``ModelProto`` in Python memory; ``nibble.inspect`` and
+  ``nibble.compare`` beside it. All return plain ``dict``/``list`` data.
+
+Quantization (per block of ``block_size`` rows along K of a ``[K, N]`` MatMul/Gemm weight ``W``):
+symmetric ``s = amax(|W_block|) / 7``, ``q = clip(round_half_even(W / s), -8, 7)`` stored as INT4; with
+a zero point ``s = (max - min) / 15``, ``zp = clip(-round(min / s), 0, 15)``, UINT4. AWQ (Lin et al.,
+"AWQ: Activation-aware Weight Quantization", 2023) adds per-input-channel pre-quant scales
+(``awq_lite``), per-block clip ratios (``awq_clip``) or both (``awq_full``), calibrated by running the
+model in ONNX Runtime.
+
+Errors: ``ValueError`` (bad options, model or calibration data), ``OSError`` and its subclasses
+(files: ``FileNotFoundError``, ``FileExistsError``, ...), ``RuntimeError`` (ONNX Runtime), each with
+nibble's message naming the file, node or tensor and the fix. Ctrl-C raises ``KeyboardInterrupt``
+and leaves no output file.
+
+ONNX Runtime's shared library is the one inside the installed ``onnxruntime`` package (or
+``$ORT_DYLIB_PATH`` when set).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+__all__ = ["quantize", "quantize_file", "inspect", "compare", "main", "ort_library", "__version__"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _find_onnxruntime_library() -> Optional[str]:
+    """The shared library inside the installed ``onnxruntime`` package, located without importing
+    it (``importlib.util.find_spec`` needs no numpy), or None."""
+    try:
+        spec = importlib.util.find_spec("onnxruntime")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    capi = os.path.join(os.path.dirname(spec.origin), "capi")
+    patterns = ("libonnxruntime.so.*", "libonnxruntime.*.dylib", "libonnxruntime.dylib", "onnxruntime.dll")
+    found = sorted(p for pattern in patterns for p in glob.glob(os.path.join(capi, pattern)))
+    return found[-1] if found else None
+
+
+# The Rust side looks up $ORT_DYLIB_PATH first: point it at this interpreter's onnxruntime
+# (an explicit setting wins).
+if not os.environ.get("ORT_DYLIB_PATH"):
+    _lib = _find_onnxruntime_library()
+    if _lib is not None:
+        os.environ["ORT_DYLIB_PATH"] = _lib
+
+from . import _nibble  # noqa: E402  (after the library lookup above)
+
+__version__: str = _nibble.__version__
+
+Sample = Mapping[str, Any]
+"""One calibration sample: model input name -> numpy array (or anything ``numpy.asarray`` takes)."""
+
+
+def ort_library() -> str:
+    """The path of the ONNX Runtime shared library nibble loads (``RuntimeError`` if none is found)."""
+    return os.fspath(_nibble.ort_library())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``nibble`` command line (``argv`` without the program name; default ``sys.argv[1:]``)
+    and returns its exit code: 0 done, 1 error, 2 usage error. Same options and output as the
+    ``nibble`` binary. It installs the command's signal handler: from then on Ctrl-C (SIGINT) and
+    SIGTERM remove partial outputs and exit the whole process with code 130, as the binary does."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return int(_nibble.main(["nibble", *args]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data from Python objects
+
+
+def _read_samples(data: Any) -> List[Sample]:
+    """Every sample of an ONNX Runtime ``CalibrationDataReader`` (``get_next()`` until None) or of
+    an iterable of dicts."""
+    if hasattr(data, "get_next"):
+        samples = []
+        while True:
+            item = data.get_next()
+            if item is None:
+                break
+            samples.append(item)
+        return samples
+    if isinstance(data, Mapping):
+        raise ValueError(
+            "calibration data: got one dict; pass a list of dicts (one per sample) or a reader with get_next()"
+        )
+    try:
+        return list(data)
+    except TypeError:
+        raise ValueError(
+            f"calibration data: {type(data).__name__} is neither a path, a reader with get_next() nor a list of dicts"
+        ) from None
+
+
+def _raw_samples(data: Any) -> List[List[tuple]]:
+    """Samples as (name, numpy dtype name, shape, little-endian C-order bytes) for the Rust side."""
+    try:
+        import numpy as np
+    except ImportError:
+        raise ImportError(
+            "calibration data from a reader or a list of dicts needs numpy: pip install numpy"
+        ) from None
+    out = []
+    for i, sample in enumerate(_read_samples(data)):
+        if not isinstance(sample, Mapping):
+            raise ValueError(
+                f"calibration sample {i}: {type(sample).__name__}, not a dict of input name -> array"
+            )
+        arrays = []
+        for name, value in sample.items():
+            a = np.asarray(value)
+            if a.dtype.kind not in "fiub":
+                raise ValueError(
+                    f"calibration sample {i}, input '{name}': dtype {a.dtype} is not numeric; "
+                    "give float32, float16, int64, int32 or bool arrays"
+                )
+            a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+            arrays.append((str(name), a.dtype.name, [int(d) for d in a.shape], a.tobytes()))
+        out.append(arrays)
+    if not out:
+        raise ValueError("calibration data: the reader or list holds no samples")
+    return out
+
+
+def _calibration(calibration_data: Any) -> Dict[str, Any]:
+    if calibration_data is None:
+        return {}
+    if isinstance(calibration_data, (str, bytes, os.PathLike)):
+        return {"calibration_data": os.fsdecode(calibration_data)}
+    return {"calibration_inputs": _raw_samples(calibration_data)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Pythonic API
+
+
+def quantize_file(
+    input: PathLike,
+    output: Optional[PathLike] = None,
+    *,
+    method: str = "rtn_dq",
+    block_size: int = 128,
+    zero_point: bool = False,
+    exclude: Optional[Sequence[str]] = None,
+    external_data: str = "auto",
+    force: bool = False,
+    fsync: bool = False,
+    skip_nonfinite: bool = False,
+    format: str = "dq",
+    accuracy_level: int = 0,
+    gather_axis: Optional[int] = None,
+    gather_block_size: int = 32,
+    int8_layers: Optional[Union[str, Sequence[str]]] = None,
+    mixed_precision: bool = False,
+    calibration_data: Any = None,
+    calibration_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+    calibration_samples: int = 8,
+    calibration_seed: int = 0,
+    alpha_step: float = 0.1,
+    clip_alpha_step: float = 0.05,
+    clip_alpha_min: float = 0.5,
+    fuse: bool = True,
+    per_subgraph: bool = False,
+    calibration_memory_mb: int = 1024,
+    verbose: bool = False,
+) -> Dict[str, Any]:
+    """Quantizes the MatMul/Gemm weights of the ONNX model at ``input`` and writes ``output``
+    (default ``INPUT_int4.onnx`` next to the input), as ``nibble quantize`` does (same options, same
+    bytes). The input is never modified; the output appears atomically or not at all.
+
+    Args:
+        input: the model (``.onnx``, external data next to it).
+        output: the quantized model; with external data also ``OUTPUT_data``.
+        method: ``"rtn_dq"`` (round to nearest, DequantizeLinear), ``"rtn"`` (QuantizeLinear ->
+            DequantizeLinear on the float weight), ``"awq_lite"``, ``"awq_clip"``, ``"awq_full"``.
+        block_size: rows of K per block (even, >= 2), or -1 for one scale per output channel.
+        zero_point: UINT4 codes with a UINT4 zero point per block instead of symmetric INT4.
+        exclude: regular expressions matched at the start of node names; matching nodes stay float.
+            Default ``["/lm_head"]``; ``[]`` quantizes every weight.
+        external_data: ``"auto"`` (``OUTPUT_data`` only above protobuf's 2 GiB), ``"always"``, ``"never"``.
+        force: overwrite an existing output.
+        fsync: flush the output to disk before renaming it into place.
+        skip_nonfinite: leave weights holding NaN/Inf float (with a warning) instead of raising.
+        format: ``"dq"`` (INT4 initializers + DequantizeLinear, opset 21, ModelOpt's form) or
+            ``"matmulnbits"`` (ONNX Runtime's com.microsoft MatMulNBits).
+        accuracy_level: MatMulNBits ``accuracy_level`` (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
+        gather_axis: also quantize Gather (embedding) tables, blocked along this axis (0 or 1).
+        gather_block_size: block size of the Gather tables.
+        int8_layers: keep these layers at INT8 per channel (ModelOpt's ``layers_8bit``): node names
+            or dot/slash-separated parts of them, comma-separated or as a list.
+        mixed_precision: ModelOpt's default INT8 choice (``enable_mixed_quant``).
+        calibration_data: AWQ calibration inputs: a ``.npz``/``.npy`` path (arrays keyed by input
+            name, samples stacked on the first axis), an ONNX Runtime ``CalibrationDataReader``
+            (``get_next()`` returning ``{input name: numpy array}``, None at the end) or a list of
+            such dicts (each one sample, fed to the model as is). A reader or list gives the same
+            bytes as the ``.npz`` stacking its samples. Default: seeded random inputs.
+        calibration_shapes: sizes of symbolic input dimensions for random calibration,
+            e.g. ``{"input_ids": [1, 128]}``.
+        calibration_samples: number of random calibration samples.
+        calibration_seed: seed of the random calibration samples.
+        alpha_step: awq_lite alpha grid step in (0, 1] (ModelOpt's ``awqlite_alpha_step``).
+        clip_alpha_step: awq_clip ratio grid step in (0, 1] (``awqclip_alpha_step``).
+        clip_alpha_min: smallest awq_clip ratio in (0, 1] (``awqclip_alpha_min``).
+        fuse: average the pre-quant scales of weights sharing an activation and fold them into the
+            producing node (``awqlite_fuse_nodes``).
+        per_subgraph: awq_lite searches one scale per activation on the summed loss of the weights
+            sharing it (``awqlite_run_per_subgraph``).
+        calibration_memory_mb: activation memory held at once during calibration, MiB.
+        verbose: print each weight's AWQ choice to stderr.
+
+    Returns:
+        ``{"output": path, "quantized": weights quantized, "int8": of which INT8, "candidates":
+        MatMul/Gemm weights found, "weight_bytes_before"/"weight_bytes_after": bytes of those
+        weights before and of their replacements after, "model_bytes_before"/"model_bytes_after":
+        model + external data bytes, "opset_raised": bool, "seconds": wall time}``.
+
+    Raises:
+        ValueError: bad option, model or calibration data. OSError: unreadable input, existing
+        output without ``force`` (``FileExistsError``), unwritable output. RuntimeError: ONNX
+        Runtime missing or failing (AWQ methods only).
+    """
+    input = os.fspath(input)
+    if output is None:
+        stem = os.path.splitext(os.path.basename(input))[0] or "model"
+        output = os.path.join(os.path.dirname(input), f"{stem}_int4.onnx")
+    if isinstance(int8_layers, (list, tuple)):
+        int8_layers = ",".join(int8_layers)
+    result = _nibble.quantize_file(
+        input,
+        os.fspath(output),
+        method=method,
+        block_size=block_size,
+        zero_point=zero_point,
+        exclude=None if exclude is None else list(exclude),
+        external_data=external_data,
+        force=force,
+        fsync=fsync,
+        skip_nonfinite=skip_nonfinite,
+        format=format,
+        accuracy_level=accuracy_level,
+        gather_axis=gather_axis,
+        gather_block_size=gather_block_size,
+        int8_layers=int8_layers,
+        mixed_precision=mixed_precision,
+        calibration_shapes=None
+        if calibration_shapes is None
+        else {str(k): [int(d) for d in v] for k, v in calibration_shapes.items()},
+        calibration_samples=calibration_samples,
+        calibration_seed=calibration_seed,
+        alpha_step=alpha_step,
+        clip_alpha_step=clip_alpha_step,
+        clip_alpha_min=clip_alpha_min,
+        fuse=fuse,
+        per_subgraph=per_subgraph,
+        calibration_memory_mb=calibration_memory_mb,
+        verbose=verbose,
+        **_calibration(calibration_data),
+    )
+    result["output"] = os.fspath(result["output"])
+    return result
+
+
+def inspect(path: PathLike, exclude: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """What ``quantize_file`` would do with the model at ``path``, without writing anything.
+
+    Returns ``{"ir_version": int, "opset": default-domain opset, "opset_after": opset after
+    quantizing (21 when raised), "weights": [{"node", "weight", "op", "shape": [dims], "dtype",
+    "bytes", "decision": "quantize" | "excluded" | "skipped" | "error", "detail"}], "report": the
+    text ``nibble inspect`` prints}``. ``exclude`` as for ``quantize_file``.
+    """
+    return _nibble.inspect(os.fspath(path), None if exclude is None else list(exclude))
+
+
+def compare(
+    original: PathLike,
+    quantized: PathLike,
+    *,
+    seed: int = 0,
+    calibration_data: Optional[PathLike] = None,
+    per_layer: bool = False,
+) -> Dict[str, Any]:
+    """Runs ``original`` and ``quantized`` in ONNX Runtime on the same inputs (one seeded random
+    sample, or every sample of a ``.npz``/``.npy``) and measures the error of every output.
+
+    Sessions use ONNX Runtime's default optimizations with
+    ``session.qdq_matmulnbits_accuracy_level = 1`` (fused MatMulNBits computes in fp32).
+
+    Returns ``{"outputs": [{"output", "relative_error": ||q - o|| / ||o||, "max_abs_error":
+    max |q - o|, "cosine": cosine similarity, "top1_agreement": fraction of rows whose argmax over
+    the last axis agrees, or None}], "layers": [{"node", "output", "relative_error"}] worst first,
+    with ``per_layer`` only}``.
+    """
+    return _nibble.compare(
+        os.fspath(original),
+        os.fspath(quantized),
+        seed=seed,
+        calibration_data=None if calibration_data is None else os.fspath(calibration_data),
+        per_layer=per_layer,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelOpt's call: modelopt.onnx.quantization.int4.quantize (0.47.0)
+
+_MODELOPT_EPS = ["cpu", "cuda:0", "trt"]
+_METHODS = ("rtn", "rtn_dq", "awq_lite", "awq_clip", "awq_full")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# ModelOpt kwarg -> (nibble option, converter); None: accepted, no effect on nibble's result.
+_KWARGS = {
+    "awqlite_alpha_step": ("alpha_step", float),
+    "awqclip_alpha_step": ("clip_alpha_step", float),
+    "awqclip_alpha_min": ("clip_alpha_min", float),
+    "awqlite_run_per_subgraph": ("per_subgraph", bool),
+    "awqlite_fuse_nodes": ("fuse", bool),
+    "gather_quantize_axis": ("gather_axis", lambda v: None if v is None else int(v)),
+    "gather_block_size": ("gather_block_size", int),
+    "layers_8bit": ("int8_layers", lambda v: None if not v else v if isinstance(v, str) else ",".join(v)),
+    "enable_mixed_quant": ("mixed_precision", bool),
+    # Column batching of ModelOpt's awq_clip (memory only) and the TensorRT-RTX backend choice.
+    "awqclip_bsz_col": (None, None),
+    "trt_rtx_backend": (None, None),
+    # nibble's own options, for the same call.
+    "calibration_shapes": ("calibration_shapes", None),
+    "calibration_samples": ("calibration_samples", int),
+    "calibration_seed": ("calibration_seed", int),
+    "calibration_memory_mb": ("calibration_memory_mb", int),
+    "skip_nonfinite": ("skip_nonfinite", bool),
+}
+
+
+def quantize(
+    onnx_path: Union[str, "os.PathLike[str]", Any],
+    calibration_method: str = "awq_lite",
+    calibration_data_reader: Any = None,
+    calibration_eps: List[str] = _MODELOPT_EPS,
+    use_external_data_format: bool = True,
+    use_zero_point: bool = False,
+    block_size: Optional[int] = None,
+    nodes_to_exclude: Optional[List[str]] = [r"/lm_head"],  # noqa: B006  (ModelOpt's default)
+    log_level: str = "INFO",
+    input_shapes_profile: Optional[Sequence[Dict[str, str]]] = None,
+    **kwargs: Any,
+) -> Any:
+    """INT4 weight-only quantization with ModelOpt's signature and defaults
+    (``modelopt.onnx.quantization.int4.quantize``, ModelOpt 0.47.0), returning an ``onnx.ModelProto``.
+
+    Args:
+        onnx_path: the model: a path, or an ``onnx.ModelProto``.
+        calibration_method: ``"awq_lite"`` (ModelOpt's default), ``"awq_clip"``, ``"awq_full"``,
+            ``"rtn_dq"`` or ``"rtn"``.
+        calibration_data_reader: an ONNX Runtime ``CalibrationDataReader`` (``get_next()`` returning
+            ``{input name: numpy array}``, None at the end) or a list of such dicts; each dict is one
+            sample. None: nibble's seeded random inputs (ModelOpt draws one unseeded random token).
+        calibration_eps: execution providers; nibble calibrates on CPU, and warns when others are
+            asked for explicitly.
+        use_external_data_format: accepted for compatibility; the returned ``ModelProto`` holds its
+            tensors in memory either way (save it with ``onnx.save(..., save_as_external_data=True)``).
+        use_zero_point: UINT4 with a zero point per block instead of symmetric INT4.
+        block_size: rows of K per block; None means 128, -1 per channel.
+        nodes_to_exclude: regular expressions matched at the start of node names (``re.match``);
+            matching nodes stay float. Default ``["/lm_head"]``; None or ``[]`` excludes nothing.
+        log_level: ``"DEBUG"`` prints each weight's AWQ choice; other levels print warnings only.
+        input_shapes_profile: TensorRT only; ignored with a warning.
+        **kwargs: ModelOpt's ``awqlite_alpha_step`` (0.1), ``awqclip_alpha_step`` (0.05),
+            ``awqclip_alpha_min`` (0.5), ``awqlite_run_per_subgraph`` (False),
+            ``awqlite_fuse_nodes`` (True), ``gather_quantize_axis`` (None), ``gather_block_size``
+            (32), ``layers_8bit`` (comma-separated patterns), ``enable_mixed_quant`` (False),
+            ``awqclip_bsz_col`` and ``trt_rtx_backend`` (no effect), ``use_column_major`` (False
+            only); and nibble's ``calibration_shapes``, ``calibration_samples``,
+            ``calibration_seed``, ``calibration_memory_mb``, ``skip_nonfinite``. Any other name
+            raises ``TypeError``.
+
+    Returns:
+        The quantized ``onnx.ModelProto`` (needs the ``onnx`` package): the same graph, bytes for
+        bytes, as ``nibble quantize --method M`` writes.
+    """
+    unknown = sorted(k for k in kwargs if k not in _KWARGS and k != "use_column_major")
+    if unknown:
+        raise TypeError(
+            f"nibble.quantize: unknown keyword argument(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted([*_KWARGS, 'use_column_major']))}"
+        )
+    if kwargs.get("use_column_major"):
+        raise ValueError(
+            "use_column_major=True (transposed weights for some execution providers) is not supported by nibble"
+        )
+    if calibration_method not in _METHODS:
+        raise ValueError(
+            f"calibration_method={calibration_method!r}: use one of {', '.join(_METHODS)} "
+            "(the TensorRT variants are not supported)"
+        )
+    if not isinstance(log_level, str) or log_level.upper() not in _LOG_LEVELS:
+        raise ValueError(f"log_level={log_level!r}: use one of {', '.join(_LOG_LEVELS)}")
+    if calibration_eps is not _MODELOPT_EPS and any(ep != "cpu" for ep in calibration_eps):
+        warnings.warn(
+            f"nibble calibrates with ONNX Runtime on CPU; calibration_eps {list(calibration_eps)} ignored",
+            stacklevel=2,
+        )
+    if input_shapes_profile is not None:
+        warnings.warn("input_shapes_profile (TensorRT only) ignored", stacklevel=2)
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError(
+            "nibble.quantize returns an onnx.ModelProto and needs the onnx package: pip install onnx "
+            "(nibble.quantize_file writes the model without it)"
+        ) from None
+
+    options: Dict[str, Any] = {}
+    for key, value in kwargs.items():
+        name, convert = _KWARGS.get(key, (None, None))
+        if name is not None:
+            options[name] = convert(value) if convert is not None else value
+
+    tmp = tempfile.mkdtemp(prefix="nibble-")
+    try:
+        if isinstance(onnx_path, (str, bytes, os.PathLike)):
+            source = os.fsdecode(onnx_path)
+        elif isinstance(onnx_path, onnx.ModelProto):
+            source = os.path.join(tmp, "input.onnx")
+            try:
+                large = onnx_path.ByteSize() > (1 << 31) - (64 << 20)
+            except ValueError:
+                large = True
+            onnx.save_model(onnx_path, source, save_as_external_data=large, location="input.onnx_data")
+        else:
+            raise ValueError(f"onnx_path: {type(onnx_path).__name__} is neither a path nor an onnx.ModelProto")
+        out = os.path.join(tmp, "model_int4.onnx")
+        quantize_file(
+            source,
+            out,
+            method=calibration_method,
+            block_size=128 if block_size is None else int(block_size),
+            zero_point=bool(use_zero_point),
+            exclude=list(nodes_to_exclude or []),
+            calibration_data=calibration_data_reader,
+            verbose=log_level.upper() == "DEBUG",
+            **options,
+        )
+        return onnx.load_model(out, load_external_data=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+

@@ -1,0 +1,151 @@
+"""nibble.quantize (ModelOpt's call) and nibble.quantize_file give the bytes `nibble quantize`
+writes, and the quantized models run in ONNX Runtime."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import nibble
+from conftest import Reader, run_cli
+
+METHODS = ["rtn_dq", "rtn", "awq_lite", "awq_clip", "awq_full"]
+
+
+def cli_bytes(tmp_path, model, *args):
+    out = tmp_path / "cli.onnx"
+    run_cli("quantize", model, "-o", out, *args, check=0)
+    assert not (tmp_path / "cli.onnx_data").exists(), "expected an inline model"
+    return out.read_bytes()
+
+
+def run_both_ways(path):
+    """Runs the model with default session options and with optimizations disabled (fused
+    MatMulNBits pinned to fp32 accumulation, accuracy level 1); returns both outputs."""
+    x = np.random.default_rng(0).standard_normal((1, 8, 64)).astype(np.float32)
+    outs = []
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        outs.append(s.run(None, {"input": x})[0])
+    return outs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantize_equals_cli(tmp_path, example, method):
+    expected = cli_bytes(tmp_path, example, "--method", method)
+    model = nibble.quantize(str(example), calibration_method=method)
+    assert isinstance(model, onnx.ModelProto)
+    assert model.SerializeToString() == expected
+    # The file API too.
+    summary = nibble.quantize_file(example, tmp_path / "api.onnx", method=method)
+    assert (tmp_path / "api.onnx").read_bytes() == expected
+    assert summary["quantized"] == 12 and summary["candidates"] == 13 and summary["opset_raised"]
+    # And the result runs in ONNX Runtime, optimized or not, to within 1e-4 of each other.
+    a, b = run_both_ways(tmp_path / "api.onnx")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_options_map_to_cli_flags(tmp_path, example):
+    expected = cli_bytes(
+        tmp_path, example, "--method", "awq_full", "--block-size", "32", "--zero-point", "--alpha-step", "0.25",
+        "--clip-alpha-step", "0.1", "--clip-alpha-min", "0.6", "--exclude", "", "--gather-axis", "0",
+        "--gather-block-size", "16", "--int8-layers", "layers.1", "--calibration-samples", "3",
+        "--calibration-seed", "5",
+    )
+    model = nibble.quantize(
+        example, calibration_method="awq_full", use_zero_point=True, block_size=32, nodes_to_exclude=None,
+        awqlite_alpha_step=0.25, awqclip_alpha_step=0.1, awqclip_alpha_min=0.6, gather_quantize_axis=0,
+        gather_block_size=16, layers_8bit="layers.1", calibration_samples=3, calibration_seed=5,
+        awqclip_bsz_col=64,
+    )
+    assert model.SerializeToString() == expected
+
+
+def test_per_subgraph_and_no_fusion(tmp_path, example):
+    expected = cli_bytes(tmp_path, example, "--method", "awq_lite", "--per-subgraph", "--no-fuse-siblings")
+    model = nibble.quantize(example, "awq_lite", awqlite_run_per_subgraph=True, awqlite_fuse_nodes=False)
+    assert model.SerializeToString() == expected
+
+
+def test_modelproto_input_equals_path_input(example):
+    from_path = nibble.quantize(str(example), calibration_method="awq_clip")
+    from_proto = nibble.quantize(onnx.load(str(example)), calibration_method="awq_clip")
+    assert from_proto.SerializeToString() == from_path.SerializeToString()
+
+
+@pytest.mark.parametrize("method", ["awq_lite", "awq_clip", "awq_full"])
+def test_reader_and_list_equal_npz(tmp_path, example, samples, method):
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, input=np.stack([s["input"] for s in samples]))  # [4, 1, 16, 64]
+    expected = cli_bytes(tmp_path, example, "--method", method, "--calibration-data", npz)
+    by_reader = nibble.quantize(example, method, calibration_data_reader=Reader(samples))
+    assert by_reader.SerializeToString() == expected
+    by_list = nibble.quantize(example, method, calibration_data_reader=samples)
+    assert by_list.SerializeToString() == expected
+    nibble.quantize_file(example, tmp_path / "api.onnx", method=method, calibration_data=Reader(samples))
+    assert (tmp_path / "api.onnx").read_bytes() == expected
+    # Random calibration gives other bytes: the samples were used.
+    assert nibble.quantize(example, method).SerializeToString() != expected
+
+
+def test_reader_dtypes_convert_as_npz_does(tmp_path, example, samples):
+    # float64 arrays narrow to float32, as the .npz reader does.
+    npz = tmp_path / "calib64.npz"
+    np.savez(npz, input=np.stack([s["input"].astype(np.float64) * 1.1 for s in samples]))
+    expected = cli_bytes(tmp_path, example, "--method", "awq_clip", "--calibration-data", npz)
+    as64 = [{"input": s["input"].astype(np.float64) * 1.1} for s in samples]
+    assert nibble.quantize(example, "awq_clip", calibration_data_reader=as64).SerializeToString() == expected
+
+
+def test_float16_model_and_external_data(tmp_path):
+    model = tmp_path / "f16.onnx"
+    run_cli("example", model, "--hidden", "64", "--intermediate", "128", "--layers", "1", "--vocab", "50",
+            "--dtype", "f16", "--external-data", "always", check=0)
+    # Same file names in two folders: the .onnx names its data file.
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "api").mkdir()
+    out = tmp_path / "cli" / "q.onnx"
+    run_cli("quantize", model, "-o", out, "--method", "awq_lite", "--external-data", "always", check=0)
+    nibble.quantize_file(model, tmp_path / "api" / "q.onnx", method="awq_lite", external_data="always")
+    assert (tmp_path / "api" / "q.onnx").read_bytes() == out.read_bytes()
+    assert (tmp_path / "api" / "q.onnx_data").read_bytes() == (tmp_path / "cli" / "q.onnx_data").read_bytes()
+    # ModelOpt's call loads the external data into the returned ModelProto.
+    proto = nibble.quantize(str(model), "awq_lite")
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in proto.graph.initializer)
+    assert onnx.load(str(out), load_external_data=True).graph.initializer[0].raw_data == \
+        proto.graph.initializer[0].raw_data
+
+
+def test_inspect_returns_plain_data(example):
+    info = nibble.inspect(example)
+    assert info["opset"] == 17 and info["opset_after"] == 21
+    decisions = {w["node"]: w["decision"] for w in info["weights"]}
+    assert len(decisions) == 13
+    assert decisions["/lm_head/MatMul"] == "excluded"
+    assert sum(d == "quantize" for d in decisions.values()) == 12
+    w = info["weights"][0]
+    assert w["shape"] == [64, 64] and w["dtype"] == "float" and w["bytes"] == 64 * 64 * 4
+    assert info["report"] == run_cli("inspect", example, check=0).stdout
+    assert nibble.inspect(example, exclude=[])["weights"][-1]["decision"] == "quantize"
+
+
+def test_compare_returns_plain_data(tmp_path, example):
+    q = tmp_path / "q.onnx"
+    nibble.quantize_file(example, q)
+    r = nibble.compare(example, q, per_layer=True)
+    (out,) = r["outputs"]
+    assert out["output"] == "logits"
+    assert 0 < out["relative_error"] < 0.5 and 0.9 < out["cosine"] <= 1.0
+    assert 0.0 <= out["top1_agreement"] <= 1.0
+    assert len(r["layers"]) == 12
+    errors = [layer["relative_error"] for layer in r["layers"]]
+    assert errors == sorted(errors, reverse=True)
+    # The same numbers as the CLI's --json.
+    import json
+
+    cli = json.loads(run_cli("compare", example, q, "--json", check=0).stdout)
+    assert cli[0]["relative_error"] == out["relative_error"]
+    assert cli[0]["cosine"] == out["cosine"]
