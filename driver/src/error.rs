@@ -1,4 +1,6 @@
 //! The driver's errors: one variant per failure, each naming the file, node or tensor and the fix.
+//! A cause that a message already includes is not also its `source()`, so that printing the error
+//! chain (`{:#}`) says it once.
 
 use std::path::PathBuf;
 
@@ -6,12 +8,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The model file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {cause}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not a `source`: it would be printed twice).
+        cause: std::io::Error,
     },
     /// The bytes are not an ONNX model.
     #[error("{} is not a valid ONNX model ({why}); check that it is a complete .onnx file", path.display())]
@@ -62,12 +64,12 @@ pub enum Error {
         end: usize,
     },
     /// A kernel refused its input.
-    #[error("weight '{tensor}': {source}")]
+    #[error("weight '{tensor}': {cause}")]
     Kernel {
         /// The weight.
         tensor: String,
-        /// The kernel's error.
-        source: nibble::Error,
+        /// The kernel's error (in the message, so not a `source`).
+        cause: nibble::Error,
     },
     /// An invalid option value.
     #[error("{0}")]
@@ -99,12 +101,12 @@ pub enum Error {
         why: String,
     },
     /// Writing the output failed.
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}: {cause}", path.display())]
     Write {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not a `source`).
+        cause: std::io::Error,
     },
     /// ONNX Runtime could not be found, loaded or run.
     #[error("ONNX Runtime: {0}")]
@@ -118,7 +120,7 @@ impl Error {
             nibble::Error::NonFinite { block, column, start, end } => {
                 Error::NonFinite { tensor: tensor.to_string(), block, column, start, end }
             }
-            source => Error::Kernel { tensor: tensor.to_string(), source },
+            cause => Error::Kernel { tensor: tensor.to_string(), cause },
         }
     }
 }

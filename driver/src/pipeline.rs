@@ -7,11 +7,12 @@
 use crate::emit::dq::Form;
 use crate::emit::matmulnbits;
 use crate::emit::pqs::{self, Insertions};
+use crate::emit::Emitted;
 use crate::error::{Error, Result};
+use crate::graph::build::ModelNames;
 use crate::graph::floats::decode_floats;
 use crate::graph::model::{dtype_name, external_data_path, save_with, ExternalData, Model};
 use crate::graph::opset;
-use crate::graph::read::constants;
 use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
 use crate::plan::{compile_patterns, plan, Candidate, Decision};
 use nibble::{Bits, BlockSize, FloatFormat, QuantizedWeight};
@@ -140,6 +141,13 @@ pub struct Summary {
     pub model_bytes_after: u64,
     /// Whether the opset was raised to 21.
     pub opset_raised: bool,
+    /// Original float weights kept for readers that do not read the quantized form (excluded
+    /// nodes, other operators, Gathers, graph outputs).
+    pub float_copies: usize,
+    /// Their bytes.
+    pub float_copy_bytes: u64,
+    /// Weights left float for a reason other than `--exclude`: `(weight, first reader, reason)`.
+    pub skipped: Vec<(String, String, String)>,
     /// Wall time.
     pub seconds: f64,
 }
@@ -174,6 +182,7 @@ pub fn check_output(model: &Model, out: &Path, force: bool) -> Result<()> {
         return Err(err("already exists; pass --force to overwrite it".into()));
     }
     match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) if dir.exists() && !dir.is_dir() => Err(err(format!("{} is not a folder", dir.display()))),
         Some(dir) if !dir.is_dir() => Err(err(format!("folder {} does not exist", dir.display()))),
         _ => Ok(()),
     }
@@ -181,11 +190,9 @@ pub fn check_output(model: &Model, out: &Path, force: bool) -> Result<()> {
 
 /// Marks weights holding NaN or Inf as skipped, with a warning naming each.
 fn skip_nonfinite(model: &Model, candidates: &mut [Candidate]) -> Result<()> {
-    let consts = constants(model);
     for c in candidates.iter_mut().filter(|c| c.quantized()) {
         let Some(format) = c.format() else { continue };
-        let (_, t) = consts.get(&c.weight).expect("planned from this model");
-        let bad = decode_floats(format, &model.tensor_bytes(t)?).iter().position(|v| !v.is_finite());
+        let bad = decode_floats(format, &c.data(model)?).iter().position(|v| !v.is_finite());
         if let Some(e) = bad {
             eprintln!(
                 "nibble: warning: weight '{}' holds NaN or Inf (element {e}); left unquantized (--skip-nonfinite)",
@@ -211,10 +218,11 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
     let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
-    let (awq, insertions) = awq_search(&mut model, &chosen, block, opts)?;
+    let mut names = ModelNames::of(model.proto.graph.as_ref().expect("graph"));
+    let (awq, insertions) = awq_search(&mut model, &chosen, block, opts, &mut names)?;
     let quantized: Vec<Result<QuantizedWeight>> = chosen
         .par_iter()
-        .map(|c| match awq.as_ref().and_then(|a| a.weights.get(&c.weight)) {
+        .map(|c| match awq.as_ref().filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
             Some(a) => crate::methods::awq::quantize_candidate_awq(&model, c, block, opts.zero_point, a),
             None => crate::methods::rtn::quantize_candidate(&model, c, block_of(c), opts.zero_point),
         })
@@ -222,7 +230,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let quantized = quantized.into_iter().collect::<Result<Vec<_>>>()?;
     let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();
     model.inline_external_data()?;
-    let weight_bytes_after = emit(&mut model, &chosen, quantized, &block_of, insertions, opts)?;
+    let emitted = emit(&mut model, &chosen, quantized, &block_of, insertions, opts, &mut names)?;
     let proto = std::mem::take(&mut model.proto);
     let model_bytes_after = save_with(proto, output, opts.external_data, opts.fsync)?;
     Ok(Summary {
@@ -230,10 +238,19 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
         int8: chosen.iter().filter(|c| c.bits == Bits::Eight).count(),
         candidates: candidates.len(),
         weight_bytes_before,
-        weight_bytes_after,
+        weight_bytes_after: emitted.bytes,
         model_bytes_before,
         model_bytes_after,
         opset_raised,
+        float_copies: emitted.copies,
+        float_copy_bytes: emitted.copy_bytes,
+        skipped: candidates
+            .iter()
+            .filter_map(|c| match &c.decision {
+                Decision::Skipped { reason } => Some((c.weight.clone(), c.node.clone(), reason.clone())),
+                _ => None,
+            })
+            .collect(),
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -247,7 +264,7 @@ fn choose_weights(
     block: BlockSize,
     opts: &Options,
 ) -> Result<(Vec<Candidate>, BlockSize)> {
-    let mut candidates = plan(model, patterns);
+    let mut candidates = plan(model, patterns)?;
     if opts.int8_layers.is_some() || opts.mixed_precision {
         crate::plan::mixed::apply(model, &mut candidates, opts.int8_layers.as_deref())?;
         if !candidates.iter().any(|c| c.bits == Bits::Eight) {
@@ -265,8 +282,16 @@ fn choose_weights(
             }
             let b = BlockSize::from_i64(opts.gather_block_size)
                 .map_err(|e| Error::Usage(format!("--gather-block-size: {e}")))?;
-            let gathers = crate::plan::plan_gather(model, patterns, axis, &candidates);
-            candidates.extend(gathers);
+            // A tied table is shared with its head only where that is exact: the head quantized by
+            // plain RTN in the DQ form, blocked along the same axis with the same block size.
+            let shared = |c: &Candidate| {
+                c.decision == Decision::Quantize { axis }
+                    && c.bits == Bits::Four
+                    && b == block
+                    && opts.method.awq().is_none()
+                    && opts.format == Format::Dq
+            };
+            crate::plan::plan_gather(model, patterns, axis, &mut candidates, &shared)?;
             b
         }
         None => block,
@@ -298,6 +323,7 @@ fn awq_search(
     chosen: &[&Candidate],
     block: BlockSize,
     opts: &Options,
+    names: &mut ModelNames,
 ) -> Result<(Option<AwqResult>, Insertions)> {
     let Some(method) = opts.method.awq().filter(|_| !chosen.is_empty()) else {
         return Ok((None, Insertions::default()));
@@ -307,9 +333,12 @@ fn awq_search(
     for (w, why) in &result.plain {
         eprintln!("nibble: weight '{w}' is quantized without AWQ: {why}");
     }
-    let formats: HashMap<String, FloatFormat> =
-        chosen.iter().map(|c| (c.weight.clone(), c.format().expect("float weight"))).collect();
-    let insertions = pqs::apply(model, &result, &|w| formats[w], awq_opts.fuse)?;
+    let formats: HashMap<String, FloatFormat> = chosen
+        .iter()
+        .filter(|c| c.op != "Gather")
+        .map(|c| (c.base.clone(), c.format().expect("float weight")))
+        .collect();
+    let insertions = pqs::apply(model, &result, &|w| formats[w], awq_opts.fuse, names)?;
     Ok((Some(result), insertions))
 }
 
@@ -322,24 +351,26 @@ fn emit(
     block_of: &dyn Fn(&Candidate) -> BlockSize,
     mut insertions: Insertions,
     opts: &Options,
-) -> Result<u64> {
+    names: &mut ModelNames,
+) -> Result<Emitted> {
     if let Some(g) = model.proto.graph.as_mut() {
         for (n, input) in &insertions.rewire {
             g.node[*n].input[0] = input.clone();
         }
     }
-    let weight_bytes_after = match opts.format {
+    let emitted = match opts.format {
         Format::MatMulNBits => {
             let nbits_block = matmulnbits::check_block("--block-size", opts.block_size)?;
             let nbits_gather_block = match opts.gather_axis {
                 Some(_) => matmulnbits::check_block("--gather-block-size", opts.gather_block_size)?,
                 None => nbits_block,
             };
-            matmulnbits::rewrite(model, chosen, quantized, nbits_block, nbits_gather_block, opts.accuracy_level)?
+            let layout = (nbits_block, nbits_gather_block);
+            matmulnbits::rewrite(model, chosen, quantized, layout, opts.accuracy_level, names)?
         }
         Format::Dq => {
             let form = if opts.method == Method::Rtn { Form::Qdq } else { Form::Dq };
-            crate::emit::dq::rewrite(model, chosen, quantized, block_of, form)
+            crate::emit::dq::rewrite(model, chosen, quantized, block_of, form, names)
         }
     };
     if let Some(g) = model.proto.graph.as_mut() {
@@ -350,7 +381,7 @@ fn emit(
         opset::upgrade(&mut model.proto)?;
         model.proto.ir_version = Some(model.proto.ir_version.unwrap_or(0).max(10));
     }
-    Ok(weight_bytes_after)
+    Ok(emitted)
 }
 
 /// The path the CLI suggests when no `-o` is given: `MODEL_int4.onnx`.

@@ -40,6 +40,11 @@ fn fails(dir: &Path, model: &Path, extra: &[&str], code: i32, needles: &[&str]) 
         assert!(stderr.contains(n), "{args:?}: message lacks {n:?}: {stderr}");
     }
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // Each cause is said once (a cause printed both in the message and as its source repeated it).
+    let parts: Vec<&str> = stderr.trim_end().split(": ").filter(|p| p.len() > 6).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "{args:?}: cause repeated ('{p}'): {stderr}");
+    }
     assert_eq!(snapshot(dir), before, "{args:?} changed the folder");
     stderr
 }
@@ -47,7 +52,9 @@ fn fails(dir: &Path, model: &Path, extra: &[&str], code: i32, needles: &[&str]) 
 #[test]
 fn unreadable_file() {
     let d = tmp();
-    fails(d.path(), &d.path().join("missing.onnx"), &[], 1, &["cannot read", "missing.onnx"]);
+    let m = d.path().join("missing.onnx");
+    let stderr = fails(d.path(), &m, &[], 1, &["cannot read", "missing.onnx"]);
+    assert_eq!(stderr, format!("nibble: error: cannot read {}: No such file or directory (os error 2)\n", m.display()));
 }
 
 #[test]
@@ -120,7 +127,11 @@ fn unsupported_dtype() {
     t.data_type = Some(11); // DOUBLE
     t.raw_data = Some(bytes::Bytes::from(vec![0u8; 32 * 8 * 8]));
     let m = write(proto, &d.path().join("m.onnx"), ExternalData::Never);
-    fails(d.path(), &m, &[], 1, &["fc.weight", "/fc/MatMul", "DOUBLE", "--exclude"]);
+    let stderr = fails(d.path(), &m, &[], 1, &["fc.weight", "/fc/MatMul", "DOUBLE", "--exclude"]);
+    assert_eq!(
+        stderr,
+        "nibble: error: weight 'fc.weight' of node '/fc/MatMul' has data type DOUBLE; only float32, float16 and bfloat16 weights can be quantized (exclude the node with --exclude '/fc/MatMul')\n"
+    );
 }
 
 #[test]
@@ -128,7 +139,11 @@ fn bad_block_sizes() {
     let d = tmp();
     let m = good_model(d.path(), ExternalData::Never);
     for b in ["0", "1", "3", "33", "-2"] {
-        fails(d.path(), &m, &["--block-size", b], 1, &["block size", b]);
+        let stderr = fails(d.path(), &m, &["--block-size", b], 1, &["block size", b]);
+        assert!(
+            stderr.starts_with(&format!("nibble: error: --block-size: block size {b} is not supported: ")),
+            "{stderr}"
+        );
     }
 }
 

@@ -17,8 +17,10 @@ use nibble_driver::rng::Rng;
 use nibble_driver::runtime::{open, run, Input, InputData, NamedTensor, SessionOptions};
 use std::path::{Path, PathBuf};
 
-const MODES: [SessionOptions; 2] =
-    [SessionOptions { no_optimization: false }, SessionOptions { no_optimization: true }];
+const MODES: [SessionOptions; 2] = [
+    SessionOptions { no_optimization: false, ort_defaults: false },
+    SessionOptions { no_optimization: true, ort_defaults: false },
+];
 
 fn outputs(path: &Path, inputs: &[Input], opts: SessionOptions) -> Vec<NamedTensor> {
     let mut s = open(path, opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -34,7 +36,7 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 /// Per output name, the worst relative error of `quantized` against `original` over both session
 /// modes; every quantized output must be finite wherever the float model's is.
 fn errors(original: &Path, quantized: &Path, inputs: &[Input]) -> Vec<(String, f64)> {
-    let want = outputs(original, inputs, SessionOptions { no_optimization: true });
+    let want = outputs(original, inputs, SessionOptions { no_optimization: true, ort_defaults: false });
     let mut worst: Vec<(String, f64)> = want.iter().map(|t| (t.name.clone(), 0.0)).collect();
     for opts in MODES {
         let got = outputs(quantized, inputs, opts);

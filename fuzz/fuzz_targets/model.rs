@@ -10,7 +10,7 @@ use nibble_driver::plan::{compile_patterns, plan};
 fuzz_target!(|data: &[u8]| {
     let Ok(model) = Model::from_bytes(bytes::Bytes::copy_from_slice(data)) else { return };
     let patterns = compile_patterns(&["/lm_head".to_string()]).expect("valid pattern");
-    let candidates = plan(&model, &patterns);
+    let Ok(candidates) = plan(&model, &patterns) else { return };
     let mut copy = model.proto.clone();
     let _ = nibble_driver::graph::opset::upgrade(&mut copy);
     if nibble_driver::calibrate::twin::needs_twin(&model.proto) {

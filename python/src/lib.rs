@@ -43,7 +43,7 @@ fn to_py(e: Error) -> PyErr {
         _ => PyOSError::new_err(msg.clone()),
     };
     match &e {
-        Error::Read { source, .. } | Error::Write { source, .. } => io(source),
+        Error::Read { cause, .. } | Error::Write { cause, .. } => io(cause),
         Error::Output { why, .. } if why.starts_with("already exists") => PyFileExistsError::new_err(msg),
         Error::Output { why, .. } if why.starts_with("is a directory") => PyIsADirectoryError::new_err(msg),
         Error::Output { .. } => PyOSError::new_err(msg),
@@ -183,6 +183,8 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary, output: &Path) -> PyResult<Bo
     d.set_item("model_bytes_before", s.model_bytes_before)?;
     d.set_item("model_bytes_after", s.model_bytes_after)?;
     d.set_item("opset_raised", s.opset_raised)?;
+    d.set_item("float_copies", s.float_copies)?;
+    d.set_item("float_copy_bytes", s.float_copy_bytes)?;
     d.set_item("seconds", s.seconds)?;
     Ok(d)
 }
@@ -312,7 +314,7 @@ fn inspect<'py>(py: Python<'py>, path: PathBuf, exclude: Option<Vec<String>>) ->
     let report = interruptible(py, &cancel, move || -> nibble_driver::Result<_> {
         let text = driver::inspect(&path, &exclude)?;
         let model = Model::load(&path)?;
-        let candidates = plan(&model, &compile_patterns(&exclude)?);
+        let candidates = plan(&model, &compile_patterns(&exclude)?)?;
         let mut copy = model.proto.clone();
         let upgrade = match opset::upgrade(&mut copy) {
             Ok(Some(_)) => Some(opset::TARGET),
@@ -388,6 +390,7 @@ fn compare<'py>(
         o.set_item("max_abs_error", r.max_abs_error)?;
         o.set_item("cosine", r.cosine)?;
         o.set_item("top1_agreement", r.top1_agreement)?;
+        o.set_item("weight_only_relative_error", r.weight_only_relative_error)?;
         list.append(o)?;
     }
     d.set_item("outputs", list)?;

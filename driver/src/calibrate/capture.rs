@@ -18,7 +18,7 @@ use prost::Message;
 fn link_file(target: &std::path::Path, link: &std::path::Path) -> Result<()> {
     std::fs::hard_link(target, link)
         .or_else(|_| std::fs::copy(target, link).map(|_| ()))
-        .map_err(|source| Error::Write { path: link.to_path_buf(), source })
+        .map_err(|source| Error::Write { path: link.to_path_buf(), cause: source })
 }
 
 impl Drop for Capture {
@@ -61,11 +61,11 @@ impl Capture {
                         .dir()
                         .join(&loc)
                         .canonicalize()
-                        .map_err(|source| Error::Read { path: model.dir().join(&loc), source })?;
+                        .map_err(|source| Error::Read { path: model.dir().join(&loc), cause: source })?;
                     let link = dir.path().join(&loc);
                     if let Some(parent) = link.parent() {
                         std::fs::create_dir_all(parent)
-                            .map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
+                            .map_err(|source| Error::Write { path: parent.to_path_buf(), cause: source })?;
                     }
                     link_file(&target, &link)?;
                 }
@@ -81,14 +81,25 @@ impl Capture {
     /// Runs every sample with `outputs` as the graph outputs; returns, per sample, the tensors in
     /// the order of `outputs` (float16 widened to float32).
     pub fn run(&self, outputs: &[String], samples: &[Vec<Input>]) -> Result<Vec<Vec<NamedTensor>>> {
+        self.run_with(outputs, samples, SessionOptions::default())
+    }
+
+    /// [`Capture::run`] in a session built with `opts`.
+    pub fn run_with(
+        &self,
+        outputs: &[String],
+        samples: &[Vec<Input>],
+        opts: SessionOptions,
+    ) -> Result<Vec<Vec<NamedTensor>>> {
         let mut proto = self.base.clone();
         let g = proto.graph.as_mut().expect("graph");
         g.output = outputs.iter().map(|n| ValueInfoProto { name: Some(n.clone()), ..Default::default() }).collect();
         let i = self.waves.get();
         self.waves.set(i + 1);
         let path = self.dir.path().join(format!("wave{i}.onnx"));
-        std::fs::write(&path, proto.encode_to_vec()).map_err(|source| Error::Write { path: path.clone(), source })?;
-        let mut session = open(&path, SessionOptions::default())?;
+        std::fs::write(&path, proto.encode_to_vec())
+            .map_err(|source| Error::Write { path: path.clone(), cause: source })?;
+        let mut session = open(&path, opts)?;
         let result = samples
             .iter()
             .enumerate()

@@ -86,15 +86,26 @@ pub fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Envi
 pub struct SessionOptions {
     /// Disable all graph optimizations (the plainest execution of the graph as written).
     pub no_optimization: bool,
+    /// ONNX Runtime's own defaults, as a user's session has them: DQ(INT4)+MatMul fused into
+    /// MatMulNBits running with int8 activations (`session.qdq_matmulnbits_accuracy_level` 4).
+    /// Without it the fused node computes in fp32 (level 1): the weight-only error.
+    pub ort_defaults: bool,
 }
 
-/// Opens a model file in ONNX Runtime, with MatMulNBits (if ORT fuses DQ+MatMul) computing in fp32
-/// (`accuracy_level` 1) so that results compare tightly with the unfused graph.
+/// The session option that sets the accuracy level of the MatMulNBits nodes ONNX Runtime fuses
+/// from DequantizeLinear(INT4) + MatMul (its default is 4: int8 activations).
+pub const FUSED_ACCURACY_OPTION: &str = "session.qdq_matmulnbits_accuracy_level";
+
+/// Opens a model file in ONNX Runtime. Unless `opts.ort_defaults`, MatMulNBits fused from
+/// DQ+MatMul computes in fp32 (`accuracy_level` 1) so that results compare tightly with the unfused
+/// graph.
 pub fn open(model: &Path, opts: SessionOptions) -> Result<Session> {
     let env = environment(None)?;
     let err = |e: ort::Error| Error::Runtime(format!("{}: {e}", model.display()));
     let mut b = Session::builder(env).map_err(err)?;
-    b = b.with_config_entry("session.qdq_matmulnbits_accuracy_level", "1").map_err(|e| err(e.into()))?;
+    if !opts.ort_defaults {
+        b = b.with_config_entry(FUSED_ACCURACY_OPTION, "1").map_err(|e| err(e.into()))?;
+    }
     if opts.no_optimization {
         b = b.with_optimization_level(GraphOptimizationLevel::Disable).map_err(|e| err(e.into()))?;
     }

@@ -3,10 +3,16 @@
 //! difference, the cosine similarity, and (for outputs with a last axis wider than 1, such as
 //! logits) how often the arg-max along the last axis agrees.
 //!
+//! The quantized model runs in a session with ONNX Runtime's defaults, as its users will run it:
+//! DequantizeLinear(INT4) + MatMul is fused into MatMulNBits computing with int8 activations
+//! (`session.qdq_matmulnbits_accuracy_level` 4), which can add much error on activations with
+//! outlier channels. Where the weights alone (the same session at level 1, fp32 activations) give
+//! an error more than 1% apart, that is reported too (`weight_only_relative_error`).
+//!
 //! Inputs: seeded random values for float inputs (normal) and integer inputs (ids in `0..10`),
 //! symbolic dimensions set to 1 (the first) and 16 (the others).
 
-use crate::calibrate::runtime::{Input, InputData, NamedTensor};
+use crate::calibrate::runtime::{Input, InputData, NamedTensor, SessionOptions};
 use crate::error::{Error, Result};
 use crate::graph::model::Model;
 use crate::graph::onnx::{tensor_proto::DataType, tensor_shape_proto::dimension::Value, type_proto};
@@ -26,6 +32,10 @@ pub struct OutputReport {
     pub cosine: f64,
     /// Fraction of rows whose arg-max along the last axis agrees (None for width-1 outputs).
     pub top1_agreement: Option<f64>,
+    /// The relative error of the weights alone (fused MatMulNBits computing in fp32,
+    /// `session.qdq_matmulnbits_accuracy_level=1`), when it differs by more than 1% from the
+    /// default session's `relative_error`.
+    pub weight_only_relative_error: Option<f64>,
 }
 
 /// Metrics of two equally shaped outputs.
@@ -54,6 +64,7 @@ pub fn metrics(name: &str, q: &NamedTensor, o: &NamedTensor) -> OutputReport {
         max_abs_error: maxabs,
         cosine: if o2 > 0.0 && q2 > 0.0 { (dot / (o2.sqrt() * q2.sqrt())).clamp(-1.0, 1.0) } else { f64::NAN },
         top1_agreement: top1,
+        weight_only_relative_error: None,
     }
 }
 
@@ -133,12 +144,17 @@ fn compare_on(
             quantized.display()
         )));
     }
-    // Through Capture, so that bfloat16 models run as their float32 twins on a CPU.
+    // Through Capture, so that bfloat16 models run as their float32 twins on a CPU. The quantized
+    // model runs twice: in a session with ONNX Runtime's defaults (what a user gets), and with the
+    // fused MatMulNBits computing in fp32 (the weights' own error).
+    let defaults = SessionOptions { ort_defaults: true, ..Default::default() };
+    let quantized_capture = crate::calibrate::capture::Capture::new(&qm)?;
     let runs = [
         crate::calibrate::capture::Capture::new(&om)?.run(&names, samples)?,
-        crate::calibrate::capture::Capture::new(&qm)?.run(&names, samples)?,
+        quantized_capture.run_with(&names, samples, defaults)?,
+        quantized_capture.run(&names, samples)?,
     ];
-    let [o, q] = runs.map(|per_sample| {
+    let [o, q, weight_only] = runs.map(|per_sample| {
         let mut acc: Vec<NamedTensor> = Vec::new();
         for out in per_sample {
             if acc.is_empty() {
@@ -164,7 +180,13 @@ fn compare_on(
             if q.shape != o.shape {
                 return Err(Error::Usage(format!("output '{}' has shape {:?} vs {:?}", o.name, q.shape, o.shape)));
             }
-            Ok(metrics(&o.name, q, o))
+            let mut r = metrics(&o.name, q, o);
+            let w = weight_only.iter().find(|w| w.name == o.name).expect("same outputs");
+            let wo = metrics(&o.name, w, o).relative_error;
+            if (wo - r.relative_error).abs() > 0.01 * wo.max(r.relative_error) {
+                r.weight_only_relative_error = Some(wo);
+            }
+            Ok(r)
         })
         .collect()
 }

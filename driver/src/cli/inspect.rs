@@ -1,9 +1,14 @@
-//! `nibble inspect`: the model's opset and every MatMul/Gemm weight with what `quantize` would do.
+//! `nibble inspect`: the model's opset and every MatMul/Gemm weight (If/Loop/Scan bodies included,
+//! and weights reached through constant chains) with what `quantize` would do, and under each
+//! weight every node that reads it with what that reader gets: the quantized weight, or the
+//! original float tensor (kept for it) and why. Weights left float say why.
 
 use crate::error::Result;
 use crate::graph::model::{dtype_name, Model};
 use crate::graph::opset;
-use crate::plan::{compile_patterns, plan, Decision};
+use crate::graph::read::node_label;
+use crate::graph::readers::{node_at, node_label_at};
+use crate::plan::{compile_patterns, plan, Decision, Reads};
 use std::fmt::Write;
 use std::path::Path;
 
@@ -11,7 +16,8 @@ use std::path::Path;
 pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
     let model = Model::load(path)?;
     let patterns = compile_patterns(exclude)?;
-    let candidates = plan(&model, &patterns);
+    let candidates = plan(&model, &patterns)?;
+    let root = model.proto.graph.as_ref().expect("graph");
     let mut s = String::new();
     let version = opset::default_opset(&model.proto);
     let mut copy = model.proto.clone();
@@ -37,17 +43,65 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
             Decision::Skipped { reason } => format!("skipped: {reason}"),
             Decision::Unsupported { reason } => format!("error: {reason} cannot be quantized (--exclude the node)"),
         };
+        let first = c.quantized_uses().next().or_else(|| c.readers.iter().find_map(|r| r.at.as_ref()));
+        let label = first.map_or_else(|| c.node.clone(), |u| node_label_at(root, &u.at));
+        let source = match &c.folded {
+            Some((chain, _)) => {
+                let steps: Vec<String> = chain
+                    .nodes
+                    .iter()
+                    .map(|at| {
+                        let n = node_at(root, at);
+                        format!("{} '{}'", n.op_type.as_deref().unwrap_or(""), node_label(n))
+                    })
+                    .collect();
+                let constant = chain_constant_name(root, c);
+                format!(" (folded from '{constant}' through {})", steps.join(", "))
+            }
+            None if c.base != c.weight => format!(" (its own quantized copy, named {}_*)", c.base),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "{:<48} {:<6} {:<14} {:<9} {:>12}  {decision}\n  {}",
-            c.node,
+            "{:<48} {:<6} {:<14} {:<9} {:>12}  {decision}\n  {}{source}",
+            label,
             c.op,
             format!("{:?}", c.dims),
             dtype_name(c.dtype).to_lowercase(),
             c.bytes,
             c.weight
         );
+        let mut shown: Vec<(String, String)> = vec![];
+        for r in &c.readers {
+            let key = (r.label.clone(), format!("{:?}", r.reads));
+            if shown.contains(&key) {
+                continue; // the same node reading it through several inputs
+            }
+            shown.push(key);
+            let layout = match (r.op.as_str(), r.at.as_ref()) {
+                ("MatMul" | "Gemm", Some(u)) if u.input == 1 && !r.of_source => {
+                    let trans = crate::graph::read::attr_int(node_at(root, &u.at), "transB") == Some(1);
+                    format!(", blocks along axis {}", if r.op == "Gemm" && trans { 1 } else { 0 })
+                }
+                _ => String::new(),
+            };
+            let what = match (&r.reads, c.quantized()) {
+                (Reads::Quantized, true) => "reads the quantized weight".to_string(),
+                (Reads::Quantized, false) => "float (the weight stays float)".to_string(),
+                (Reads::Original(why), true) => format!("float: {why} (a float copy is kept)"),
+                (Reads::Original(why), false) => format!("float: {why}"),
+            };
+            let op = if r.op.is_empty() { String::new() } else { format!(" ({}{layout})", r.op) };
+            let _ = writeln!(s, "    reader {}{op}: {what}", r.label);
+        }
     }
     let _ = writeln!(s, "{quantized} of {} weights would be quantized ({total} bytes)", candidates.len());
     Ok(s)
+}
+
+/// The name of the constant a folded chain starts from.
+fn chain_constant_name(root: &crate::graph::onnx::GraphProto, c: &crate::plan::Candidate) -> String {
+    let Some((chain, _)) = &c.folded else { return c.weight.clone() };
+    let first = node_at(root, &chain.nodes[0]);
+    first.input.first().cloned().unwrap_or_default()
 }

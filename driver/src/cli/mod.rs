@@ -326,9 +326,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 fsync,
             };
             let s = quantize_file(&model, &output, &opts)?;
+            for (weight, node, reason) in &s.skipped {
+                eprintln!("nibble: note: weight '{weight}' (read by '{node}') is left float: {reason}");
+            }
             let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };
+            let copies = if s.float_copies > 0 {
+                format!("; float copies kept for other readers: {} ({} bytes)", s.float_copies, s.float_copy_bytes)
+            } else {
+                String::new()
+            };
             println!(
-                "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}; {:.2} s ({} tier) -> {}",
+                "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}{copies}; {:.2} s ({} tier) -> {}",
                 s.quantized,
                 s.candidates,
                 mb(s.weight_bytes_before),
@@ -387,8 +395,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let items: Vec<String> = reports
                     .iter()
                     .map(|r| {
+                        let weight_only = r
+                            .weight_only_relative_error
+                            .map_or(String::new(), |v| format!(",\"weight_only_relative_error\":{v}"));
                         format!(
-                            "{{\"output\":{:?},\"relative_error\":{},\"max_abs_error\":{},\"cosine\":{},\"top1_agreement\":{}}}",
+                            "{{\"output\":{:?},\"relative_error\":{},\"max_abs_error\":{},\"cosine\":{},\"top1_agreement\":{}{weight_only}}}",
                             r.name,
                             r.relative_error,
                             r.max_abs_error,
@@ -420,11 +431,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             } else {
                 println!("{:<24} {:>12} {:>12} {:>10} {:>8}", "output", "rel. error", "max |diff|", "cosine", "top-1");
-                for r in reports {
+                for r in &reports {
                     let top1 = r.top1_agreement.map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0));
                     println!(
                         "{:<24} {:>12.3e} {:>12.3e} {:>10.6} {:>8}",
                         r.name, r.relative_error, r.max_abs_error, r.cosine, top1
+                    );
+                }
+                let gaps: Vec<&compare::OutputReport> =
+                    reports.iter().filter(|r| r.weight_only_relative_error.is_some()).collect();
+                if !gaps.is_empty() {
+                    let option = crate::calibrate::runtime::FUSED_ACCURACY_OPTION;
+                    println!(
+                        "\nThe errors above are a default ONNX Runtime session's: it fuses DequantizeLinear+MatMul into MatMulNBits\nwith int8 activations ({option}=4). The weights alone ({option}=1, fp32 activations) give:"
+                    );
+                    for r in gaps {
+                        println!("{:<24} {:>12.3e}", r.name, r.weight_only_relative_error.unwrap_or(0.0));
+                    }
+                    println!(
+                        "To get that in deployment, set the session option {option}=1, or quantize with --format matmulnbits --accuracy-level 1."
                     );
                 }
                 if let Some(p) = &ppl {

@@ -10,11 +10,13 @@
 //!
 //! Only graph edits: the numbers come in as [`QuantizedWeight`]s.
 
-use crate::graph::build::{attr_i, tensor, value_info};
+use super::Emitted;
+use crate::graph::build::{attr_i, tensor, value_info, ModelNames};
+use crate::graph::edit::Edits;
 use crate::graph::floats::{encode_floats, onnx_type};
 use crate::graph::model::Model;
 use crate::graph::onnx::{tensor_proto::DataType, NodeProto, TensorProto, ValueInfoProto};
-use crate::graph::read::{subgraph_inputs, Source};
+use crate::graph::readers::{graph_at_mut, Index};
 use crate::plan::{Candidate, Decision};
 use nibble::{Bits, BlockSize, QuantizedWeight};
 
@@ -27,38 +29,52 @@ pub enum Form {
     Qdq,
 }
 
-/// Replaces every chosen weight of the top-level graph by its quantized form; `quantized[i]` is
-/// `chosen[i]`'s, blocked as `block_of` says. Returns the bytes of the added codes, scales and zero points.
+/// Replaces every chosen weight by its quantized form, in whichever graph it lives (bodies
+/// included); `quantized[i]` is `chosen[i]`'s, blocked as `block_of` says. Only the quantized
+/// readers are rewired; the original stays for every other reader (see
+/// [`super::remove_originals`]). Names are ModelOpt's where `names` says they are free.
 pub fn rewrite(
     model: &mut Model,
     chosen: &[&Candidate],
     quantized: Vec<QuantizedWeight>,
     block_of: impl Fn(&Candidate) -> BlockSize,
     form: Form,
-) -> u64 {
+    names: &mut ModelNames,
+) -> Emitted {
+    let root = model.proto.graph.as_ref().expect("graph");
+    let idx = Index::build(root);
+    let mut edits = Edits::default();
+    let mut out = super::remove_originals(root, &idx, chosen, form == Form::Qdq, &mut edits);
     let replacements: Vec<Replacement> =
-        chosen.iter().zip(quantized).map(|(c, q)| replacement(c, q, block_of(c), form)).collect();
-    let bytes = replacements.iter().map(|r| r.bytes).sum();
-    let sources: Vec<(String, Source)> = chosen.iter().map(|c| (c.weight.clone(), c.source.clone())).collect();
-    apply(model, replacements, &sources);
-    bytes
+        chosen.iter().zip(quantized).map(|(c, q)| replacement(c, q, block_of(c), form, names)).collect();
+    out.bytes = replacements.iter().map(|r| r.bytes).sum();
+    let root = model.proto.graph.as_mut().expect("graph");
+    for (c, r) in chosen.iter().zip(replacements) {
+        for u in c.quantized_uses() {
+            graph_at_mut(root, &u.at.graph).node[u.at.node].input[u.input] = r.dq_output.clone();
+        }
+        let e = edits.graph(&c.place);
+        e.before.entry(super::anchor(c)).or_default().extend(r.nodes);
+        e.initializers.extend(r.initializers);
+        e.value_info.extend(r.value_info);
+    }
+    edits.apply(root);
+    out
 }
 
 /// The nodes and tensors replacing one weight.
 struct Replacement {
-    weight: String,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     value_info: Vec<ValueInfoProto>,
     dq_output: String,
-    keep_original: bool,
     bytes: u64,
 }
 
-fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, form: Form) -> Replacement {
+fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, form: Form, names: &mut ModelNames) -> Replacement {
     let Decision::Quantize { axis } = c.decision else { unreachable!() };
     let format = c.format().expect("float weight");
-    let w = &c.weight;
+    let w = &c.base;
     let code_type = match (c.bits, q.zero_point.is_some()) {
         (Bits::Four, false) => DataType::Int4,
         (Bits::Four, true) => DataType::Uint4,
@@ -77,38 +93,37 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, form: Form) 
             attrs.push(attr_i("block_size", b as i64));
         }
     }
-    let scale_name = format!("{w}_scale");
-    let zp_name = format!("{w}_zp");
-    let dq_out = format!("{w}_DequantizeLinear_Output");
-    let mut initializers =
-        vec![tensor(scale_name.clone(), scale_dims.clone(), onnx_type(format), encode_floats(format, &q.scale))];
+    let codes = (form == Form::Dq).then(|| names.tensor(&format!("{w}_i4")));
+    let scale_name = names.tensor(&format!("{w}_scale"));
     let zp_bytes = match &q.zero_point {
         Some(z) if c.bits == Bits::Four => Some(nibble::reference::pack(z)),
         Some(z) => Some(z.clone()),
         None if form == Form::Qdq => Some(vec![0u8; c.bits.bytes_for(q.scale.len())]),
         None => None,
     };
-    if let Some(zb) = zp_bytes {
-        initializers.push(tensor(zp_name.clone(), scale_dims.clone(), code_type, zb));
+    let zp_name = zp_bytes.as_ref().map(|_| names.tensor(&format!("{w}_zp")));
+    let mut initializers =
+        vec![tensor(scale_name.clone(), scale_dims.clone(), onnx_type(format), encode_floats(format, &q.scale))];
+    if let (Some(zb), Some(zp)) = (zp_bytes, &zp_name) {
+        initializers.push(tensor(zp.clone(), scale_dims.clone(), code_type, zb));
     }
     let mut dq_inputs = vec![String::new(), scale_name.clone()];
-    if initializers.len() == 2 {
-        dq_inputs.push(zp_name.clone());
+    if let Some(zp) = &zp_name {
+        dq_inputs.push(zp.clone());
     }
     let mut nodes = vec![];
     let mut value_infos = vec![];
-    match form {
-        Form::Dq => {
-            let codes = format!("{w}_i4");
+    match (form, codes) {
+        (Form::Dq, Some(codes)) => {
             initializers.insert(0, tensor(codes.clone(), c.dims.clone(), code_type, q.packed));
             dq_inputs[0] = codes;
         }
-        Form::Qdq => {
-            let q_out = format!("{w}_QuantizeLinear_Output");
-            let mut q_inputs = vec![w.clone(), scale_name.clone()];
-            q_inputs.push(zp_name.clone());
+        _ => {
+            let q_node = names.node(&format!("{w}_QuantizeLinear"));
+            let q_out = names.tensor(&format!("{w}_QuantizeLinear_Output"));
+            let q_inputs = vec![c.weight.clone(), scale_name.clone(), zp_name.clone().expect("QDQ has a zero point")];
             nodes.push(NodeProto {
-                name: Some(format!("{w}_QuantizeLinear")),
+                name: Some(q_node),
                 op_type: Some("QuantizeLinear".into()),
                 input: q_inputs,
                 output: vec![q_out.clone()],
@@ -119,8 +134,10 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, form: Form) 
             dq_inputs[0] = q_out;
         }
     }
+    let dq_node = names.node(&format!("{w}_DequantizeLinear"));
+    let dq_out = names.tensor(&format!("{w}_DequantizeLinear_Output"));
     nodes.push(NodeProto {
-        name: Some(format!("{w}_DequantizeLinear")),
+        name: Some(dq_node),
         op_type: Some("DequantizeLinear".into()),
         input: dq_inputs,
         output: vec![dq_out.clone()],
@@ -129,61 +146,5 @@ fn replacement(c: &Candidate, q: QuantizedWeight, block: BlockSize, form: Form) 
     });
     value_infos.push(value_info(dq_out.clone(), onnx_type(format), &c.dims));
     let bytes = initializers.iter().map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64)).sum();
-    Replacement {
-        weight: w.clone(),
-        nodes,
-        initializers,
-        value_info: value_infos,
-        dq_output: dq_out,
-        keep_original: form == Form::Qdq,
-        bytes,
-    }
-}
-
-/// Applies the replacements to the top-level graph.
-fn apply(model: &mut Model, replacements: Vec<Replacement>, sources: &[(String, Source)]) {
-    let g = model.proto.graph.as_mut().expect("graph");
-    let by_weight: std::collections::HashMap<&str, &Replacement> =
-        replacements.iter().map(|r| (r.weight.as_str(), r)).collect();
-    // Names still needed elsewhere (graph outputs, subgraphs) keep their original tensor.
-    let mut outer_refs = std::collections::HashSet::new();
-    for o in &g.output {
-        outer_refs.insert(o.name.clone().unwrap_or_default());
-    }
-    outer_refs.extend(subgraph_inputs(g));
-    let removed_constant_nodes: std::collections::HashSet<usize> = sources
-        .iter()
-        .filter(|(w, _)| !by_weight[w.as_str()].keep_original && !outer_refs.contains(w))
-        .filter_map(|(_, s)| if let Source::ConstantNode(i) = s { Some(*i) } else { None })
-        .collect();
-    let removed_initializers: std::collections::HashSet<String> = sources
-        .iter()
-        .filter(|(w, s)| {
-            matches!(s, Source::Initializer(_)) && !by_weight[w.as_str()].keep_original && !outer_refs.contains(w)
-        })
-        .map(|(w, _)| w.clone())
-        .collect();
-    let old_nodes = std::mem::take(&mut g.node);
-    let mut inserted = std::collections::HashSet::new();
-    for (i, mut node) in old_nodes.into_iter().enumerate() {
-        if removed_constant_nodes.contains(&i) {
-            continue;
-        }
-        for input in node.input.iter_mut() {
-            if let Some(r) = by_weight.get(input.as_str()) {
-                if inserted.insert(r.weight.clone()) {
-                    g.node.extend(r.nodes.iter().cloned());
-                }
-                *input = r.dq_output.clone();
-            }
-        }
-        g.node.push(node);
-    }
-    g.initializer.retain(|t| !removed_initializers.contains(t.name.as_deref().unwrap_or("")));
-    // Older exports also list initializers as graph inputs: drop those entries with them.
-    g.input.retain(|v| !removed_initializers.contains(v.name.as_deref().unwrap_or("")));
-    for r in replacements {
-        g.initializer.extend(r.initializers);
-        g.value_info.extend(r.value_info);
-    }
+    Replacement { nodes, initializers, value_info: value_infos, dq_output: dq_out, bytes }
 }

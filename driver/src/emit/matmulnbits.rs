@@ -21,15 +21,15 @@
 //!
 //! The names follow ONNX Runtime's own MatMulNBitsQuantizer. No opset upgrade is needed.
 
+use super::Emitted;
 use crate::error::{Error, Result};
-use crate::graph::build::tensor;
-use crate::graph::build::{attr_i, node};
+use crate::graph::build::{attr_i, node, tensor, ModelNames};
+use crate::graph::edit::Edits;
 use crate::graph::model::Model;
 use crate::graph::onnx::{tensor_proto::DataType, NodeProto, OperatorSetIdProto, TensorProto};
-use crate::graph::read::Source;
+use crate::graph::readers::{node_at, Index};
 use crate::plan::{Candidate, Decision};
 use nibble::{Bits, FloatFormat, QuantizedWeight};
-use std::collections::{HashMap, HashSet};
 
 /// Checks that `block` (given as option `flag`) is a block size MatMulNBits and
 /// GatherBlockQuantized run.
@@ -107,7 +107,7 @@ pub fn tensors(c: &Candidate, q: &QuantizedWeight, block: usize) -> Vec<TensorPr
     let format = c.format().expect("float weight");
     let scales: Vec<f32> =
         (0..n).flat_map(|nn| (0..nb).map(move |b| (b, nn))).map(|(b, nn)| at(&q.scale, b, nn)).collect();
-    let w = &c.weight;
+    let w = &c.base;
     let mut out = vec![
         tensor(format!("{w}_Q4"), vec![n as i64, nb as i64, blob as i64], DataType::Uint8 as i32, b_bytes),
         tensor(
@@ -141,7 +141,7 @@ pub fn tensors(c: &Candidate, q: &QuantizedWeight, block: usize) -> Vec<TensorPr
 pub fn gather_tensors(c: &Candidate, q: QuantizedWeight) -> Vec<TensorProto> {
     let format = c.format().expect("float table");
     let code_type = if q.zero_point.is_some() { DataType::Uint4 } else { DataType::Int4 } as i32;
-    let w = &c.weight;
+    let w = &c.base;
     let scale_dims: Vec<i64> = q.scale_shape.iter().map(|&d| d as i64).collect();
     let mut out = vec![
         tensor(format!("{w}_Q4"), c.dims.clone(), code_type, q.packed),
@@ -158,18 +158,18 @@ pub fn gather_tensors(c: &Candidate, q: QuantizedWeight) -> Vec<TensorProto> {
     out
 }
 
-/// Replaces the consumers of the quantized weights by MatMulNBits (and GatherBlockQuantized) nodes;
-/// returns the bytes of the added codes, scales and zero points.
+/// Replaces the quantized readers of the chosen weights (in any graph, bodies included) by
+/// MatMulNBits (and GatherBlockQuantized) nodes; every other reader keeps the original weight (see
+/// [`super::remove_originals`]). Names are ONNX Runtime's quantizer's where `names` says they are free.
 pub fn rewrite(
     model: &mut Model,
     chosen: &[&Candidate],
     quantized: Vec<QuantizedWeight>,
-    block: usize,
-    gather_block: usize,
+    layout: (usize, usize),
     accuracy_level: i64,
-) -> Result<u64> {
-    let before = model.proto.graph.as_ref().map_or(0, |g| g.initializer.len());
-    let g = model.proto.graph.as_mut().expect("graph");
+    names: &mut ModelNames,
+) -> Result<Emitted> {
+    let (block, gather_block) = layout;
     if chosen.iter().any(|c| c.format() == Some(FloatFormat::BF16)) {
         eprintln!(
             "nibble: note: bfloat16 MatMulNBits/GatherBlockQuantized run on ONNX Runtime's CUDA provider; its CPU provider has no bfloat16 kernels (use --format dq, or a float16/float32 model, for CPU inference)"
@@ -179,131 +179,110 @@ pub fn rewrite(
         Decision::Quantize { axis: 1 } => c.dims[1] as usize,
         _ => c.dims[0] as usize,
     };
-    let by_weight: HashMap<&str, (&Candidate, Vec<TensorProto>)> = chosen
-        .iter()
-        .zip(quantized)
-        .map(|(c, q)| {
-            let t =
-                if c.op == "Gather" { gather_tensors(c, q) } else { tensors(c, &q, node_layout(c, k_of(c), block).1) };
-            (c.weight.as_str(), (*c, t))
-        })
-        .collect();
-    // Every consumer of a quantized weight must be a MatMul/Gemm reading it as B (a Gather reading
-    // it as data, for a table).
-    for n in &g.node {
-        for (i, input) in n.input.iter().enumerate() {
-            if let Some((c, _)) = by_weight.get(input.as_str()) {
-                let op = n.op_type.as_deref().unwrap_or("");
-                if c.op == "Gather" {
-                    if i != 0 || op != "Gather" {
-                        return Err(Error::Usage(format!(
-                            "table '{input}' is also read by node '{}' ({op}), which GatherBlockQuantized cannot replace; use --format dq",
-                            n.name.clone().unwrap_or_default()
-                        )));
-                    }
-                    continue;
-                }
+    let root = model.proto.graph.as_ref().expect("graph");
+    let idx = Index::build(root);
+    let mut edits = Edits::default();
+    let mut out = super::remove_originals(root, &idx, chosen, false, &mut edits);
+    for (c, q) in chosen.iter().zip(quantized) {
+        let mut ts =
+            if c.op == "Gather" { gather_tensors(c, q) } else { tensors(c, &q, node_layout(c, k_of(c), block).1) };
+        for t in ts.iter_mut() {
+            t.name = Some(names.tensor(t.name.as_deref().unwrap_or("")));
+        }
+        let tname = |i: usize| ts.get(i).and_then(|t| t.name.clone());
+        let (q4, scales, zps) = (tname(0).expect("codes"), tname(1).expect("scales"), tname(2));
+        for u in c.quantized_uses() {
+            let n = node_at(root, &u.at);
+            let op = n.op_type.as_deref().unwrap_or("");
+            let label = crate::graph::read::node_label(n);
+            let nodes = if c.op == "Gather" {
+                vec![gather_node(n, c, [&q4, &scales], zps.as_deref(), gather_block, names)]
+            } else {
                 let gemm_ok = op == "Gemm"
                     && n.attribute.iter().all(|a| match a.name.as_deref() {
                         Some("transA") => a.i.unwrap_or(0) == 0,
                         Some("alpha") | Some("beta") => a.f.unwrap_or(1.0) == 1.0,
                         _ => true,
                     });
-                if i != 1 || !(op == "MatMul" || gemm_ok) {
+                if u.input != 1 || !(op == "MatMul" || gemm_ok) {
                     return Err(Error::Usage(format!(
-                        "weight '{input}' is read by node '{}' ({op}), which MatMulNBits cannot replace; use --format dq or --exclude it",
-                        n.name.clone().unwrap_or_default()
+                        "weight '{}' is read by node '{label}' ({op}), which MatMulNBits cannot replace; use --format dq or --exclude it",
+                        c.weight
                     )));
                 }
-            }
+                let Decision::Quantize { axis } = c.decision else { unreachable!() };
+                let (r, cols) = (c.dims[0], c.dims[1]);
+                let (k, nn) = if axis == 0 { (r, cols) } else { (cols, r) };
+                let mut inputs = vec![n.input[0].clone(), q4.clone(), scales.clone()];
+                inputs.extend(zps.clone());
+                let name = n.name.clone().unwrap_or_else(|| n.output[0].clone());
+                let bias = n.input.get(2).filter(|b| !b.is_empty()).cloned();
+                let product_out = n.output[0].clone();
+                let product = if bias.is_some() {
+                    names.tensor(&format!("{product_out}_MatMulNBits"))
+                } else {
+                    product_out.clone()
+                };
+                let input_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                let (bits, node_block) = node_layout(c, k as usize, block);
+                let mut m = node(
+                    "MatMulNBits",
+                    &names.node(&format!("{name}_Q4")),
+                    &input_refs,
+                    &[&product],
+                    vec![
+                        attr_i("K", k),
+                        attr_i("N", nn),
+                        attr_i("bits", bits.count() as i64),
+                        attr_i("block_size", node_block as i64),
+                        attr_i("accuracy_level", accuracy_level),
+                    ],
+                );
+                m.domain = Some("com.microsoft".into());
+                let mut nodes = vec![m];
+                if let Some(b) = bias {
+                    nodes.push(node(
+                        "Add",
+                        &names.node(&format!("{name}_bias_Add")),
+                        &[&product, &b],
+                        &[&product_out],
+                        vec![],
+                    ));
+                }
+                nodes
+            };
+            edits.graph(&u.at.graph).replace.insert(u.at.node, nodes);
         }
+        out.bytes += ts.iter().map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64)).sum::<u64>();
+        edits.graph(&c.place).initializers.extend(ts);
     }
-    let old = std::mem::take(&mut g.node);
-    let removed_constants: HashSet<String> =
-        chosen.iter().filter(|c| matches!(c.source, Source::ConstantNode(_))).map(|c| c.weight.clone()).collect();
-    for n in old {
-        if n.op_type.as_deref() == Some("Constant") && n.output.first().is_some_and(|o| removed_constants.contains(o)) {
-            continue;
-        }
-        if n.op_type.as_deref() == Some("Gather") {
-            if let Some((c, t)) = n.input.first().and_then(|w| by_weight.get(w.as_str())) {
-                g.node.push(gather_node(&n, c, t.len() == 3, gather_block));
-                continue;
-            }
-        }
-        let Some((c, _)) = n.input.get(1).and_then(|w| by_weight.get(w.as_str())) else {
-            g.node.push(n);
-            continue;
-        };
-        let Decision::Quantize { axis } = c.decision else { unreachable!() };
-        let (r, cols) = (c.dims[0], c.dims[1]);
-        let (k, nn) = if axis == 0 { (r, cols) } else { (cols, r) };
-        let w = &c.weight;
-        let mut inputs = vec![n.input[0].clone(), format!("{w}_Q4"), format!("{w}_scales")];
-        if by_weight[w.as_str()].1.len() == 3 {
-            inputs.push(format!("{w}_zero_points"));
-        }
-        let name = n.name.clone().unwrap_or_else(|| n.output[0].clone());
-        let bias = n.input.get(2).filter(|b| !b.is_empty()).cloned();
-        let out = n.output[0].clone();
-        let product = if bias.is_some() { format!("{out}_MatMulNBits") } else { out.clone() };
-        let input_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let (bits, node_block) = node_layout(c, k as usize, block);
-        let mut m = node(
-            "MatMulNBits",
-            &format!("{name}_Q4"),
-            &input_refs,
-            &[&product],
-            vec![
-                attr_i("K", k),
-                attr_i("N", nn),
-                attr_i("bits", bits.count() as i64),
-                attr_i("block_size", node_block as i64),
-                attr_i("accuracy_level", accuracy_level),
-            ],
-        );
-        m.domain = Some("com.microsoft".into());
-        g.node.push(m);
-        if let Some(b) = bias {
-            g.node.push(node("Add", &format!("{name}_bias_Add"), &[&product, &b], &[&out], vec![]));
-        }
-    }
-    g.initializer.retain(|t| !by_weight.contains_key(t.name.as_deref().unwrap_or("")));
-    g.input.retain(|v| !by_weight.contains_key(v.name.as_deref().unwrap_or("")));
-    for c in chosen {
-        g.initializer.extend(by_weight[c.weight.as_str()].1.iter().cloned());
-    }
+    edits.apply(model.proto.graph.as_mut().expect("graph"));
     if !model.proto.opset_import.iter().any(|o| o.domain.as_deref() == Some("com.microsoft")) {
         model.proto.opset_import.push(OperatorSetIdProto { domain: Some("com.microsoft".into()), version: Some(1) });
     }
-    let g = model.proto.graph.as_ref().expect("graph");
-    Ok(g.initializer[before.saturating_sub(chosen.len())..]
-        .iter()
-        .filter(|t| {
-            t.name
-                .as_deref()
-                .is_some_and(|n| n.ends_with("_Q4") || n.ends_with("_scales") || n.ends_with("_zero_points"))
-        })
-        .map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64))
-        .sum())
+    Ok(out)
 }
 
-/// The GatherBlockQuantized replacing Gather `n` of table `c`.
-fn gather_node(n: &NodeProto, c: &Candidate, zero_point: bool, block: usize) -> NodeProto {
+/// The GatherBlockQuantized replacing Gather `n` of table `c` (codes and scales `[q4, scales]`).
+fn gather_node(
+    n: &NodeProto,
+    c: &Candidate,
+    [q4, scales]: [&String; 2],
+    zero_points: Option<&str>,
+    block: usize,
+    names: &mut ModelNames,
+) -> NodeProto {
     let Decision::Quantize { axis } = c.decision else { unreachable!("planned") };
-    let w = &c.weight;
     let rank = c.dims.len() as i64;
     let gather_axis = n.attribute.iter().find(|a| a.name.as_deref() == Some("axis")).and_then(|a| a.i).unwrap_or(0);
     let gather_axis = if gather_axis < 0 { gather_axis + rank } else { gather_axis };
-    let mut inputs = vec![format!("{w}_Q4"), n.input[1].clone(), format!("{w}_scales")];
-    if zero_point {
-        inputs.push(format!("{w}_zero_points"));
-    }
+    let mut inputs = vec![q4.clone(), n.input[1].clone(), scales.clone()];
+    inputs.extend(zero_points.map(str::to_string));
     let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     let name = n.name.clone().unwrap_or_else(|| n.output[0].clone());
     let mut m = node(
         "GatherBlockQuantized",
-        &format!("{name}_Q4"),
+        &names.node(&format!("{name}_Q4")),
         &refs,
         &[&n.output[0]],
         vec![

@@ -8,3 +8,107 @@
 pub mod dq;
 pub mod matmulnbits;
 pub mod pqs;
+
+use crate::graph::edit::Edits;
+use crate::graph::model::byte_size;
+use crate::graph::onnx::GraphProto;
+use crate::graph::read::Source;
+use crate::graph::readers::{node_at, Def, Index, NodeAt, Use};
+use crate::plan::Candidate;
+use std::collections::HashSet;
+
+/// What an output form did besides adding the quantized tensors.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Emitted {
+    /// Bytes of the added codes, scales and zero points.
+    pub bytes: u64,
+    /// Original float weights kept because another reader (an excluded node, a non-MatMul operator,
+    /// a Gather, a graph output) still reads them.
+    pub copies: usize,
+    /// Their bytes.
+    pub copy_bytes: u64,
+}
+
+/// The index of a candidate's constant in `idx`.
+pub(crate) fn constant_of(idx: &Index, c: &Candidate) -> usize {
+    idx.constants.iter().position(|k| k.graph == c.graph && k.source == c.source).expect("planned from this model")
+}
+
+/// Where the quantized form of `c` goes in its graph: before the first node that reads it, or that
+/// holds a body reading it.
+pub(crate) fn anchor(c: &Candidate) -> usize {
+    c.quantized_uses()
+        .map(|u| if u.at.graph.len() == c.place.len() { u.at.node } else { u.at.graph[c.place.len()].0 })
+        .min()
+        .unwrap_or(0)
+}
+
+/// Removes what nothing reads any more once the quantized readers of `chosen` are rewired: each
+/// folded chain's nodes (last first) whose output only rewired readers or removed nodes read, then
+/// each constant whose readers are all rewired or removed (a Reshape's shape included). The
+/// constants that stay are the float copies other readers need (counted in the returned
+/// [`Emitted`]; `keep` keeps every original without counting it, as the QDQ form does).
+pub(crate) fn remove_originals(
+    root: &GraphProto,
+    idx: &Index,
+    chosen: &[&Candidate],
+    keep: bool,
+    edits: &mut Edits,
+) -> Emitted {
+    let mut out = Emitted::default();
+    if keep {
+        return out;
+    }
+    let rewired: HashSet<&Use> = chosen.iter().flat_map(|c| c.quantized_uses()).collect();
+    let mut dropped: HashSet<NodeAt> = HashSet::new();
+    let gone = |d: &Def, dropped: &HashSet<NodeAt>| {
+        !idx.outputs.contains(d) && idx.readers(d).iter().all(|u| rewired.contains(u) || dropped.contains(&u.at))
+    };
+    for c in chosen {
+        let Some((chain, _)) = &c.folded else { continue };
+        for at in chain.nodes.iter().rev() {
+            if !gone(&Def::Node(at.clone(), 0), &dropped) {
+                break;
+            }
+            dropped.insert(at.clone());
+        }
+    }
+    let mut removed: Vec<usize> = vec![];
+    let mut kept: Vec<usize> = vec![];
+    for c in chosen {
+        let k = constant_of(idx, c);
+        if removed.contains(&k) || kept.contains(&k) {
+            continue;
+        }
+        if gone(&Def::Constant(k), &dropped) {
+            removed.push(k);
+        } else {
+            kept.push(k);
+        }
+    }
+    // Constants only the removed chain nodes read (a Reshape's shape).
+    for at in &dropped {
+        for i in 0..node_at(root, at).input.len() {
+            if let Some(Def::Constant(k)) = idx.def_of(at, i) {
+                if !removed.contains(k) && !kept.contains(k) && gone(&Def::Constant(*k), &dropped) {
+                    removed.push(*k);
+                }
+            }
+        }
+    }
+    for at in &dropped {
+        edits.remove(at);
+    }
+    for k in removed {
+        let constant = &idx.constants[k];
+        match constant.source {
+            Source::Initializer(_) => {
+                edits.graph(&constant.graph).remove_initializers.insert(constant.name.clone());
+            }
+            Source::ConstantNode(i) => edits.remove(&NodeAt { graph: constant.graph.clone(), node: i }),
+        }
+    }
+    out.copies = kept.len();
+    out.copy_bytes = kept.iter().map(|&k| byte_size(idx.tensor(root, k)).unwrap_or(0) as u64).sum();
+    out
+}

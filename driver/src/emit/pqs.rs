@@ -19,9 +19,11 @@
 //! quantized is divided before that weight is quantized (ModelOpt loses the division there).
 
 use crate::error::Result;
+use crate::graph::build::ModelNames;
 use crate::graph::floats::{decode_floats, encode_floats};
 use crate::graph::model::Model;
 use crate::graph::onnx::{GraphProto, NodeProto, TensorProto};
+use crate::graph::readers::{Def, Index, NodeAt};
 use crate::methods::awq::{AwqResult, Group};
 use bytes::Bytes;
 use nibble::FloatFormat;
@@ -136,10 +138,19 @@ pub fn apply(
     awq: &AwqResult,
     format_of_weight: &dyn Fn(&str) -> FloatFormat,
     fuse: bool,
+    names: &mut ModelNames,
 ) -> Result<Insertions> {
     let mut ins = Insertions::default();
     let g = model.proto.graph.clone().expect("graph");
+    let idx = Index::build(&g);
     let inputs: HashSet<&str> = g.input.iter().filter_map(|v| v.name.as_deref()).collect();
+    // An initializer of the main graph read by its producer alone (in the whole model) can be divided.
+    let read_once = |name: &str| {
+        idx.constants.iter().position(|k| k.graph.is_empty() && k.name == name).is_some_and(|k| {
+            let d = Def::Constant(k);
+            !idx.outputs.contains(&d) && idx.readers(&d).iter().map(|u| &u.at).collect::<HashSet<_>>().len() == 1
+        })
+    };
     for Group { activation, weights, nodes } in &awq.groups {
         let scales: Vec<&Vec<f32>> =
             weights.iter().filter_map(|w| awq.weights.get(w).and_then(|a| a.scale.as_ref())).collect();
@@ -155,12 +166,12 @@ pub fn apply(
             || scales.iter().any(|s| *s != scales[0]);
         if per_weight {
             for ((w, &n), s) in weights.iter().zip(nodes).zip(&scales) {
-                let scale = format!("{w}_awq_scale");
-                let out = format!("{w}_PQS_Tensor");
+                let scale = names.tensor(&format!("{w}_awq_scale"));
+                let out = names.tensor(&format!("{w}_PQS_Tensor"));
                 ins.initializers.push(inverse(scale.clone(), s, format));
                 ins.nodes.push(crate::graph::build::node(
                     "Mul",
-                    &format!("{w}_PQS"),
+                    &names.node(&format!("{w}_PQS")),
                     &[activation, &scale],
                     &[&out],
                     vec![],
@@ -171,10 +182,19 @@ pub fn apply(
         }
         let parent = producer.expect("checked");
         let s = scales[0];
-        let consumers = g.node.iter().filter(|n| n.input.iter().any(|i| i == activation)).count();
-        let all_quantized = consumers == nodes.len() && !g.output.iter().any(|o| o.name.as_deref() == Some(activation));
+        // Every reader of the activation, bodies included, must be one of the quantized nodes.
+        let parent_at =
+            NodeAt { graph: vec![], node: g.node.iter().position(|n| std::ptr::eq(n, parent)).expect("in g") };
+        let act_def = Def::Node(parent_at, 0);
+        let consumers: HashSet<&NodeAt> = idx.readers(&act_def).iter().map(|u| &u.at).collect();
+        let all_quantized = consumers.len() == nodes.len()
+            && consumers.iter().all(|a| a.graph.is_empty())
+            && !idx.outputs.contains(&act_def);
         let first_output = parent.output.first() == Some(activation);
-        let plan = (all_quantized && first_output).then(|| fold_plan(parent, &g, s.len())).flatten();
+        let plan = (all_quantized && first_output)
+            .then(|| fold_plan(parent, &g, s.len()))
+            .flatten()
+            .filter(|folds| folds.iter().all(|f| read_once(&f.initializer)));
         match plan {
             Some(folds) => {
                 let graph = model.proto.graph.take().expect("graph");
@@ -192,12 +212,12 @@ pub fn apply(
             }
             None => {
                 let parent_out = parent.output.first().cloned().unwrap_or_default();
-                let scale = format!("{parent_out}_pre_quant_scale");
-                let out = format!("{parent_out}_pre_quant_scale_out");
+                let scale = names.tensor(&format!("{parent_out}_pre_quant_scale"));
+                let out = names.tensor(&format!("{parent_out}_pre_quant_scale_out"));
                 ins.initializers.push(inverse(scale.clone(), s, format));
                 ins.nodes.push(crate::graph::build::node(
                     "Mul",
-                    &format!("{activation}_pre_quant_scale_mul"),
+                    &names.node(&format!("{activation}_pre_quant_scale_mul")),
                     &[activation, &scale],
                     &[&out],
                     vec![],

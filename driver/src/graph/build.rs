@@ -176,3 +176,60 @@ impl Names {
         name
     }
 }
+
+/// Every name of a model (node names and tensor names, in the main graph and every If/Loop/Scan
+/// body), so that what nibble adds never collides with anything, in any scope. Names are handed
+/// out as asked when free (ModelOpt's and ONNX Runtime's names), else with `_1`, `_2`, ... appended.
+pub struct ModelNames {
+    nodes: HashSet<String>,
+    tensors: HashSet<String>,
+}
+
+impl ModelNames {
+    /// Every tensor name used in `root` and its bodies.
+    pub fn tensors_of(root: &GraphProto) -> HashSet<String> {
+        Self::of(root).tensors
+    }
+
+    /// The names used in `root` and its bodies.
+    pub fn of(root: &GraphProto) -> ModelNames {
+        fn walk(g: &GraphProto, nodes: &mut HashSet<String>, tensors: &mut HashSet<String>) {
+            tensors.extend(g.input.iter().chain(&g.output).chain(&g.value_info).filter_map(|v| v.name.clone()));
+            tensors.extend(g.initializer.iter().filter_map(|t| t.name.clone()));
+            tensors.extend(g.sparse_initializer.iter().filter_map(|s| s.values.as_ref().and_then(|v| v.name.clone())));
+            for n in &g.node {
+                nodes.extend(n.name.clone().filter(|s| !s.is_empty()));
+                tensors.extend(n.input.iter().chain(&n.output).filter(|s| !s.is_empty()).cloned());
+                for a in &n.attribute {
+                    for s in a.g.iter().chain(&a.graphs) {
+                        walk(s, nodes, tensors);
+                    }
+                }
+            }
+        }
+        let (mut nodes, mut tensors) = (HashSet::new(), HashSet::new());
+        walk(root, &mut nodes, &mut tensors);
+        ModelNames { nodes, tensors }
+    }
+
+    fn fresh_in(set: &mut HashSet<String>, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut i = 1;
+        while set.contains(&name) {
+            name = format!("{base}_{i}");
+            i += 1;
+        }
+        set.insert(name.clone());
+        name
+    }
+
+    /// A tensor name: `base` if unused anywhere in the model, else `base_1`, `base_2`, ...
+    pub fn tensor(&mut self, base: &str) -> String {
+        Self::fresh_in(&mut self.tensors, base)
+    }
+
+    /// A node name: `base` if no node of the model has it, else `base_1`, `base_2`, ...
+    pub fn node(&mut self, base: &str) -> String {
+        Self::fresh_in(&mut self.nodes, base)
+    }
+}

@@ -69,7 +69,10 @@ pub fn byte_size(t: &TensorProto) -> Option<usize> {
 impl Model {
     /// Maps and decodes `path`.
     pub fn load(path: &Path) -> Result<Model> {
-        let read_err = |source| Error::Read { path: path.to_path_buf(), source };
+        let read_err = |source| Error::Read { path: path.to_path_buf(), cause: source };
+        if path.is_dir() {
+            return Err(read_err(std::io::Error::other("is a directory, not an .onnx file")));
+        }
         let file = std::fs::File::open(path).map_err(read_err)?;
         let len = file.metadata().map_err(read_err)?.len();
         let bytes = if len == 0 {
@@ -314,20 +317,24 @@ impl TempFile {
         name.push(target.file_name().unwrap_or_default());
         name.push(format!(".nibble-tmp-{}", std::process::id()));
         let path = target.with_file_name(name);
-        let file = std::fs::File::create(&path).map_err(|source| Error::Write { path: path.clone(), source })?;
+        let file = std::fs::File::create(&path).map_err(|source| Error::Write { path: path.clone(), cause: source })?;
         crate::cleanup::register(&path);
         Ok(TempFile { path, file: Some(std::io::BufWriter::with_capacity(1 << 20, file)) })
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
         let path = &self.path;
-        self.file.as_mut().expect("open").write_all(bytes).map_err(|source| Error::Write { path: path.clone(), source })
+        self.file
+            .as_mut()
+            .expect("open")
+            .write_all(bytes)
+            .map_err(|source| Error::Write { path: path.clone(), cause: source })
     }
 
     /// Flushes the buffer, and with `sync` waits until the data is on disk.
     fn finish(&mut self, sync: bool) -> Result<()> {
         let path = self.path.clone();
-        let w = |source| Error::Write { path: path.clone(), source };
+        let w = |source| Error::Write { path: path.clone(), cause: source };
         let file = self.file.take().expect("open").into_inner().map_err(|e| w(e.into_error()))?;
         if sync {
             file.sync_all().map_err(w)?;
@@ -336,7 +343,8 @@ impl TempFile {
     }
 
     fn commit(mut self, target: &Path) -> Result<()> {
-        std::fs::rename(&self.path, target).map_err(|source| Error::Write { path: target.to_path_buf(), source })?;
+        std::fs::rename(&self.path, target)
+            .map_err(|source| Error::Write { path: target.to_path_buf(), cause: source })?;
         crate::cleanup::unregister(&self.path);
         self.path = PathBuf::new();
         Ok(())

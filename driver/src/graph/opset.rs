@@ -25,6 +25,7 @@ use super::build::{attr_i, constant_i64, node, Names};
 use super::onnx::{
     attribute_proto::AttributeType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
 };
+use super::read::is_default_domain;
 use super::read::{attr, node_label, take_attr};
 use crate::error::{Error, Result};
 use bytes::Bytes;
@@ -46,10 +47,6 @@ const REDUCE_18: &[&str] = &[
     "ReduceLogSumExp",
     "ReduceSumSquare",
 ];
-
-fn is_default_domain(d: Option<&str>) -> bool {
-    matches!(d, None | Some("") | Some("ai.onnx"))
-}
 
 /// The default-domain opset of a model (1 when not imported).
 pub fn default_opset(model: &ModelProto) -> i64 {
@@ -203,7 +200,9 @@ fn convert_graph(g: &mut GraphProto, version: i64) -> Result<usize> {
         .iter()
         .filter_map(|t| t.name.clone())
         .chain(g.input.iter().filter_map(|v| v.name.clone()))
-        .chain(g.output.iter().filter_map(|v| v.name.clone()));
+        .chain(g.output.iter().filter_map(|v| v.name.clone()))
+        // Names in the bodies too: a name added in one scope must not shadow or repeat another's.
+        .chain(super::build::ModelNames::tensors_of(g));
     let mut names = Names::of(&g.node, extra);
     let used = used_names(&g.node, g.output.iter().filter_map(|o| o.name.clone()));
     convert_nodes(&mut g.node, version, &mut names, &used)

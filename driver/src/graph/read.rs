@@ -30,6 +30,11 @@ pub fn take_attr(n: &mut NodeProto, name: &str) -> Option<AttributeProto> {
     Some(n.attribute.remove(i))
 }
 
+/// Whether an operator domain is ONNX's default one (`""` or `ai.onnx`; unset means default).
+pub fn is_default_domain(d: Option<&str>) -> bool {
+    matches!(d, None | Some("") | Some("ai.onnx"))
+}
+
 /// A node's name for messages: its name, else its first output.
 pub fn node_label(n: &NodeProto) -> String {
     n.name.clone().filter(|s| !s.is_empty()).or_else(|| n.output.first().cloned()).unwrap_or_default()

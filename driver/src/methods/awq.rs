@@ -109,11 +109,8 @@ pub struct AwqResult {
 
 /// The `[K, N]` view of a planned weight as f32 values of its format.
 pub fn weight_kn(model: &Model, c: &Candidate) -> Result<(Vec<f32>, [usize; 2])> {
-    let consts = constants(model);
-    let (_, t) = consts.get(&c.weight).expect("planned from this model");
     let format = c.format().expect("float weight");
-    let bytes = model.tensor_bytes(t)?;
-    let v = decode_floats(format, &bytes);
+    let v = decode_floats(format, &c.data(model)?);
     let (r, cols) = (c.dims[0] as usize, c.dims[1] as usize);
     match c.decision {
         Decision::Quantize { axis: 1 } => {
@@ -136,16 +133,12 @@ fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, Str
     let mut groups: Vec<Group> = Vec::new();
     let mut plain = Vec::new();
     for c in chosen.iter().filter(|c| c.op != "Gather") {
-        let users: Vec<usize> = g
-            .node
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| {
-                matches!(n.op_type.as_deref(), Some("MatMul" | "Gemm")) && n.input.get(1) == Some(&c.weight)
-            })
-            .map(|(i, _)| i)
-            .collect();
-        let reason = if users.len() != 1 {
+        // The quantized readers: AWQ scales the weight they alone read (others read the original).
+        let uses: Vec<&crate::graph::readers::Use> = c.quantized_uses().collect();
+        let users: Vec<usize> = uses.iter().map(|u| u.at.node).collect();
+        let reason = if uses.iter().any(|u| !u.at.graph.is_empty()) {
+            Some("read inside an If/Loop/Scan body, whose activations calibration cannot capture".to_string())
+        } else if users.len() != 1 {
             Some(format!("used by {} nodes", users.len()))
         } else {
             let n = &g.node[users[0]];
@@ -157,18 +150,18 @@ fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, Str
             } else {
                 match groups.iter_mut().find(|gr| gr.activation == act) {
                     Some(gr) => {
-                        gr.weights.push(c.weight.clone());
+                        gr.weights.push(c.base.clone());
                         gr.nodes.push(users[0]);
                     }
                     None => {
-                        groups.push(Group { activation: act, weights: vec![c.weight.clone()], nodes: vec![users[0]] })
+                        groups.push(Group { activation: act, weights: vec![c.base.clone()], nodes: vec![users[0]] })
                     }
                 }
                 None
             }
         };
         if let Some(r) = reason {
-            plain.push((c.weight.clone(), r));
+            plain.push((c.base.clone(), r));
         }
     }
     (groups, plain)
@@ -214,7 +207,8 @@ pub fn search(
     let samples = calibration_inputs(model, &opts.calibration)?;
     let capture = Capture::new(model)?;
     let mut calibration_time = started.elapsed();
-    let by_name: HashMap<&str, &Candidate> = chosen.iter().map(|c| (c.weight.as_str(), *c)).collect();
+    let by_name: HashMap<&str, &Candidate> =
+        chosen.iter().filter(|c| c.op != "Gather").map(|c| (c.base.as_str(), *c)).collect();
     let k_of = |gr: &Group| -> usize {
         let c = by_name[gr.weights[0].as_str()];
         match c.decision {
@@ -412,9 +406,7 @@ pub fn quantize_candidate_awq(
     if let Some(s) = &awq.scale64 {
         return quantize_scaled_f64(model, c, block, zero_point, s, axis);
     }
-    let consts = constants(model);
-    let (_, t) = consts.get(&c.weight).expect("planned from the same model");
-    let mut v = decode_floats(format, &model.tensor_bytes(t)?);
+    let mut v = decode_floats(format, &c.data(model)?);
     let shape = [c.dims[0] as usize, c.dims[1] as usize];
     if let Some(s) = &awq.scale {
         let cols = shape[1];

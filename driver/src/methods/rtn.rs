@@ -5,7 +5,6 @@
 use crate::error::{Error, Result};
 use crate::graph::model::dtype_name;
 use crate::graph::model::Model;
-use crate::graph::read::constants;
 use crate::plan::{Candidate, Decision};
 use bytes::Bytes;
 use nibble::{BlockSize, FloatFormat, QuantParams, QuantizedWeight, WeightData};
@@ -58,14 +57,12 @@ fn weight_data<'a>(format: FloatFormat, bytes: &'a Bytes, copy: &'a mut Elements
 /// Quantizes one candidate weight (`block` is the run's; an INT8 layer takes one block per channel).
 pub fn quantize_candidate(model: &Model, c: &Candidate, block: BlockSize, zero_point: bool) -> Result<QuantizedWeight> {
     let Decision::Quantize { axis } = c.decision else { unreachable!("only planned weights") };
-    let consts = constants(model);
-    let (_, t) = consts.get(&c.weight).expect("planned from the same model");
     let format = c.format().ok_or_else(|| Error::UnsupportedDtype {
         tensor: c.weight.clone(),
         node: c.node.clone(),
         dtype: dtype_name(c.dtype),
     })?;
-    let bytes = model.tensor_bytes(t)?;
+    let bytes = c.data(model)?;
     let mut copy = Elements::Borrowed;
     let data = weight_data(format, &bytes, &mut copy);
     let shape = [c.dims[0] as usize, c.dims[1] as usize];
