@@ -251,16 +251,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
             for (w, why) in &cal.plain {
                 eprintln!("nibble: weight '{w}' is quantized without GPTQ (round to nearest): {why}");
             }
-            crate::methods::gptq::quantize(
-                cal,
-                &model,
-                &chosen,
-                block,
-                opts.zero_point,
-                &gptq_opts,
-                &opts.awq,
-                awq.as_ref(),
-            )?
+            crate::methods::gptq::quantize(cal, &model, &chosen, block, opts.zero_point, &gptq_opts, awq.as_ref())?
         }
         None => HashMap::new(),
     };

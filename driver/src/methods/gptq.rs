@@ -78,18 +78,28 @@ pub struct Calibration {
     capture: Capture,
     samples: Vec<Vec<Input>>,
     groups: Vec<Group>,
+    memory_budget: usize,
+    verbose: bool,
     /// Weights quantized without GPTQ (round to nearest), with the reason.
     pub plain: Vec<(String, String)>,
 }
 
-/// Groups the planned weights by activation and prepares ONNX Runtime on the float model.
+/// Groups the planned weights by activation and prepares ONNX Runtime on the float model (with
+/// AWQ's calibration inputs, memory budget and verbosity).
 pub fn prepare(model: &Model, chosen: &[&Candidate], cal: &AwqOptions) -> Result<Calibration> {
     let (groups, mut plain) = groups(model, chosen);
     for c in chosen.iter().filter(|c| c.op == "Gather") {
         plain.push((c.weight.clone(), "a Gather table (no activation)".into()));
     }
     let samples = if groups.is_empty() { vec![] } else { calibration_inputs(model, &cal.calibration)? };
-    Ok(Calibration { capture: Capture::new(model)?, samples, groups, plain })
+    Ok(Calibration {
+        capture: Capture::new(model)?,
+        samples,
+        groups,
+        memory_budget: cal.memory_budget,
+        verbose: cal.verbose,
+        plain,
+    })
 }
 
 /// Quantizes every grouped weight with GPTQ (with `awq`'s pre-quant scales for awq_gptq), reading
@@ -101,7 +111,6 @@ pub fn quantize(
     block: BlockSize,
     zero_point: bool,
     opts: &GptqOptions,
-    calib: &AwqOptions,
     awq: Option<&AwqResult>,
 ) -> Result<HashMap<String, QuantizedWeight>> {
     opts.check()?;
@@ -113,7 +122,7 @@ pub fn quantize(
     let by_name: HashMap<&str, &Candidate> = chosen.iter().map(|c| (c.weight.as_str(), *c)).collect();
     let k_of = |gr: &Group| group_k(&by_name, gr);
     let tokens = tokens_per_sample(&cal.samples[0]) * cal.samples.len();
-    let waves = plan_waves(&cal.groups, tokens, &k_of, calib.memory_budget);
+    let waves = plan_waves(&cal.groups, tokens, &k_of, cal.memory_budget);
     let progress = indicatif::ProgressBar::new(cal.groups.iter().map(|g| g.weights.len() as u64).sum()).with_style(
         indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} weights, {elapsed}")
             .expect("template"),
@@ -162,7 +171,7 @@ pub fn quantize(
                     }
                 };
                 let q = quantize_weight(model, c, block, zero_point, opts, &factors[fi].1, s.as_deref())?;
-                if calib.verbose {
+                if cal.verbose {
                     let dead = factors[fi].1.dead.iter().filter(|&&d| d).count();
                     let pqs = if s.is_some() { " on W * s (awq_lite scale)" } else { "" };
                     say(
@@ -176,7 +185,7 @@ pub fn quantize(
         }
     }
     progress.finish_and_clear();
-    if calib.verbose {
+    if cal.verbose {
         let total = started.elapsed();
         eprintln!(
             "nibble: GPTQ: calibration (ONNX Runtime, {} samples) {:.2} s, Hessians {:.2} s, factors and quantization {:.2} s",
