@@ -244,7 +244,7 @@ pub fn scale_search_weight_with(
             })?;
             kernels::quantize_with(tier, format, params.bits, wb, n, scale, zp.as_deref(), &mut codes[..wb.len()])
         })?;
-    let codes = if params.axis == 1 { transpose(&codes, n, k) } else { codes };
+    let codes = if params.axis == 1 { transpose(&codes, k, n) } else { codes };
     let packed = match params.bits {
         Bits::Four => {
             let mut packed = vec![0u8; (k * n).div_ceil(2)];

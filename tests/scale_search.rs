@@ -139,7 +139,8 @@ proptest! {
     }
 }
 
-/// Every tier gives the same result, bit for bit; axis 1 is the transpose of axis 0.
+/// Every tier gives the same result, bit for bit; axis 1 is the transpose of axis 0 (codes,
+/// scales and zero points).
 #[test]
 fn scale_search_tiers_agree_and_axis1_transposes() {
     let (k, n) = (96, 70);
@@ -156,6 +157,8 @@ fn scale_search_tiers_agree_and_axis1_transposes() {
         let p1 = QuantParams { axis: 1, ..params };
         let got: QuantizedWeight = scale_search_weight(WeightData::F32(&t), [n, k], &p1, &grid, None).unwrap();
         assert_eq!(got.scale_shape, [n, k.div_ceil(32)]);
+        // The codes too (a non-square weight: the transpose once used swapped dimensions).
+        assert_eq!(got, want.to_axis1(params.bits, [k, n]).unwrap());
         let nb = k.div_ceil(32);
         for b in 0..nb {
             for j in 0..n {

@@ -14,6 +14,7 @@ use crate::graph::floats::decode_floats;
 use crate::graph::model::{dtype_name, external_data_path, save_with, ExternalData, Model};
 use crate::graph::opset;
 use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
+use crate::methods::gptq::GptqOptions;
 use crate::plan::{compile_patterns, plan, Candidate, Decision};
 use nibble::{Bits, BlockSize, FloatFormat, QuantizedWeight};
 use rayon::prelude::*;
@@ -40,17 +41,29 @@ pub enum Method {
     /// awq_lite, then awq_clip on the scaled weights (ModelOpt `awq_full`).
     #[value(name = "awq_full")]
     AwqFull,
+    /// GPTQ (Frantar et al. 2022): error feedback through the inverse Hessian of the calibrated
+    /// activations, static block scales.
+    #[value(name = "gptq")]
+    Gptq,
+    /// awq_lite's pre-quant scales, then GPTQ on the scaled weights.
+    #[value(name = "awq_gptq")]
+    AwqGptq,
 }
 
 impl Method {
     /// The AWQ variant, for AWQ methods.
     pub fn awq(self) -> Option<AwqMethod> {
         match self {
-            Method::RtnDq | Method::Rtn => None,
-            Method::AwqLite => Some(AwqMethod::Lite),
+            Method::RtnDq | Method::Rtn | Method::Gptq => None,
+            Method::AwqLite | Method::AwqGptq => Some(AwqMethod::Lite),
             Method::AwqClip => Some(AwqMethod::Clip),
             Method::AwqFull => Some(AwqMethod::Full),
         }
+    }
+
+    /// Whether GPTQ quantizes the weights.
+    pub fn gptq(self) -> bool {
+        matches!(self, Method::Gptq | Method::AwqGptq)
     }
 }
 
@@ -69,8 +82,12 @@ pub struct Options {
     pub external_data: ExternalData,
     /// Overwrite an existing output.
     pub force: bool,
-    /// AWQ settings (AWQ methods only).
+    /// AWQ settings (AWQ methods only) and the calibration of every calibrated method.
     pub awq: AwqOptions,
+    /// GPTQ settings (gptq, awq_gptq); its `scale_search` is set from [`Options::scale_search`].
+    pub gptq: GptqOptions,
+    /// Block scales by the data-free search (rtn_dq, rtn, gptq, awq_gptq).
+    pub scale_search: bool,
     /// Leave weights holding NaN or Inf unquantized (with a warning) instead of failing.
     pub skip_nonfinite: bool,
     /// Output form.
@@ -110,6 +127,8 @@ impl Default for Options {
             external_data: ExternalData::Auto,
             force: false,
             awq: Default::default(),
+            gptq: Default::default(),
+            scale_search: false,
             skip_nonfinite: false,
             format: Format::Dq,
             accuracy_level: 0,
@@ -218,13 +237,51 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
     let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
+    let gptq_opts = GptqOptions { scale_search: opts.scale_search, ..opts.gptq.clone() };
+    if opts.method.gptq() {
+        gptq_opts.check()?;
+    }
+    if opts.scale_search && opts.method.awq().is_some() && !opts.method.gptq() {
+        return Err(Error::Usage("--scale-search works with --method rtn_dq, rtn, gptq or awq_gptq".into()));
+    }
+    if opts.method == Method::AwqGptq && opts.awq.per_subgraph {
+        return Err(Error::Usage("--per-subgraph works with --method awq_lite only (as in ModelOpt)".into()));
+    }
+    // GPTQ calibrates the float model: prepared before awq_gptq folds pre-quant scales into it.
+    let calibration = match opts.method.gptq() && !chosen.is_empty() {
+        true => Some(crate::methods::gptq::prepare(&model, &chosen, &opts.awq)?),
+        false => None,
+    };
     let mut names = ModelNames::of(model.proto.graph.as_ref().expect("graph"));
     let (awq, insertions) = awq_search(&mut model, &chosen, block, opts, &mut names)?;
+    let mut gptq = match &calibration {
+        Some(cal) => {
+            for (w, why) in &cal.plain {
+                eprintln!("nibble: weight '{w}' is quantized without GPTQ (round to nearest): {why}");
+            }
+            crate::methods::gptq::quantize(cal, &model, &chosen, block, opts.zero_point, &gptq_opts, awq.as_ref())?
+        }
+        None => HashMap::new(),
+    };
+    drop(calibration);
     let quantized: Vec<Result<QuantizedWeight>> = chosen
-        .par_iter()
-        .map(|c| match awq.as_ref().filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
-            Some(a) => crate::methods::awq::quantize_candidate_awq(&model, c, block, opts.zero_point, a),
-            None => crate::methods::rtn::quantize_candidate(&model, c, block_of(c), opts.zero_point),
+        .iter()
+        .map(|c| gptq.remove(&c.base))
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .zip(chosen.par_iter())
+        .map(|(done, c)| match done {
+            Some(q) => Ok(q),
+            None => match awq.as_ref().filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
+                Some(a) => crate::methods::awq::quantize_candidate_awq(&model, c, block, opts.zero_point, a),
+                None => crate::methods::rtn::quantize_candidate_with(
+                    &model,
+                    c,
+                    block_of(c),
+                    opts.zero_point,
+                    opts.scale_search,
+                ),
+            },
         })
         .collect();
     let quantized = quantized.into_iter().collect::<Result<Vec<_>>>()?;

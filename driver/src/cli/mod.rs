@@ -83,8 +83,15 @@ enum Command {
         /// last eighth and every third of the qkv/v_proj and down_proj MatMuls.
         #[arg(long)]
         mixed_precision: bool,
+        /// Choose each block's scale by a data-free search (ModelOpt's 15-level and ONNX Runtime's
+        /// 16-level grids, clip ratios 0.5..1; lowest weight error) instead of ModelOpt's formula
+        /// (rtn_dq, rtn, gptq, awq_gptq).
+        #[arg(long)]
+        scale_search: bool,
         #[command(flatten)]
         awq: AwqArgs,
+        #[command(flatten)]
+        gptq: GptqArgs,
     },
     /// List the model's opset and each MatMul/Gemm weight with what quantize would do.
     Inspect {
@@ -167,6 +174,21 @@ struct CompareExtra {
     /// Sweep: block sizes (comma-separated; -1 per channel).
     #[arg(long, value_delimiter = ',', value_name = "SIZES", default_value = "128", allow_negative_numbers = true)]
     block_sizes: Vec<i64>,
+}
+
+/// Options of the GPTQ methods.
+#[derive(clap::Args)]
+#[command(next_help_heading = "GPTQ (gptq, awq_gptq; calibration options as for AWQ)")]
+struct GptqArgs {
+    /// Dampening added to the Hessian diagonal, as a fraction of its mean.
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    percdamp: f64,
+    /// Rows (input channels) per lazy batch update.
+    #[arg(long, default_value_t = 128)]
+    gptq_batch: usize,
+    /// Quantize input channels by decreasing Hessian diagonal (block scales fixed upfront).
+    #[arg(long)]
+    act_order: bool,
 }
 
 /// Options of the AWQ methods.
@@ -298,7 +320,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gather_block_size,
             int8_layers,
             mixed_precision,
+            scale_search,
             awq,
+            gptq,
         } => {
             let output = output.unwrap_or_else(|| default_output(&model));
             let exclude = if no_default_exclude {
@@ -316,6 +340,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 external_data,
                 force,
                 awq: awq.options()?,
+                gptq: crate::methods::gptq::GptqOptions {
+                    percdamp: gptq.percdamp,
+                    lazy_batch: gptq.gptq_batch,
+                    act_order: gptq.act_order,
+                    scale_search,
+                },
+                scale_search,
                 skip_nonfinite,
                 format,
                 accuracy_level,

@@ -19,7 +19,7 @@ use crate::graph::model::Model;
 use crate::graph::read::{attr_int, constants};
 use crate::plan::{Candidate, Decision};
 use nibble::awq::{self, clip_search, lite_search};
-use nibble::{Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, Tier, WeightData};
+use nibble::{Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, Tier};
 use std::collections::HashMap;
 
 /// Which AWQ variant.
@@ -127,7 +127,7 @@ pub fn weight_kn(model: &Model, c: &Candidate) -> Result<(Vec<f32>, [usize; 2])>
 }
 
 /// Groups the planned weights by activation; weights that cannot take AWQ go to `plain`.
-fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, String)>) {
+pub(crate) fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, String)>) {
     let g = model.proto.graph.as_ref().expect("graph");
     let consts = constants(model);
     let mut groups: Vec<Group> = Vec::new();
@@ -168,7 +168,7 @@ fn groups(model: &Model, chosen: &[&Candidate]) -> (Vec<Group>, Vec<(String, Str
 }
 
 /// Tokens per sample, estimated from the inputs (for sizing the waves).
-fn tokens_per_sample(sample: &[crate::calibrate::runtime::Input]) -> usize {
+pub(crate) fn tokens_per_sample(sample: &[crate::calibrate::runtime::Input]) -> usize {
     use crate::calibrate::runtime::InputData;
     sample
         .iter()
@@ -179,6 +179,37 @@ fn tokens_per_sample(sample: &[crate::calibrate::runtime::Input]) -> usize {
         .max()
         .unwrap_or(1)
         .max(1)
+}
+
+/// Cuts the groups (in graph order) into waves whose activations (`tokens` rows of K float32 per
+/// group, all samples) fit in `budget` bytes; a group larger than the budget gets a wave alone.
+pub(crate) fn plan_waves<'g>(
+    groups: &'g [Group],
+    tokens: usize,
+    k_of: &dyn Fn(&Group) -> usize,
+    budget: usize,
+) -> Vec<Vec<&'g Group>> {
+    let mut waves: Vec<Vec<&Group>> = vec![];
+    let mut used = usize::MAX;
+    for gr in groups {
+        let bytes = tokens * k_of(gr) * 4;
+        if used.saturating_add(bytes) > budget {
+            waves.push(vec![]);
+            used = 0;
+        }
+        waves.last_mut().expect("pushed").push(gr);
+        used += bytes;
+    }
+    waves
+}
+
+/// The K of a group's weights (rows of the `[K, N]` view).
+pub(crate) fn group_k(by_name: &HashMap<&str, &Candidate>, gr: &Group) -> usize {
+    let c = by_name[gr.weights[0].as_str()];
+    match c.decision {
+        Decision::Quantize { axis: 1 } => c.dims[1] as usize,
+        _ => c.dims[0] as usize,
+    }
 }
 
 /// Runs calibration and the searches for the planned weights.
@@ -209,26 +240,9 @@ pub fn search(
     let mut calibration_time = started.elapsed();
     let by_name: HashMap<&str, &Candidate> =
         chosen.iter().filter(|c| c.op != "Gather").map(|c| (c.base.as_str(), *c)).collect();
-    let k_of = |gr: &Group| -> usize {
-        let c = by_name[gr.weights[0].as_str()];
-        match c.decision {
-            Decision::Quantize { axis: 1 } => c.dims[1] as usize,
-            _ => c.dims[0] as usize,
-        }
-    };
-    // Waves of activations within the memory budget.
+    let k_of = |gr: &Group| group_k(&by_name, gr);
     let tokens = tokens_per_sample(&samples[0]) * samples.len();
-    let mut waves: Vec<Vec<&Group>> = vec![];
-    let mut used = usize::MAX;
-    for gr in &groups {
-        let bytes = tokens * k_of(gr) * 4;
-        if used.saturating_add(bytes) > opts.memory_budget {
-            waves.push(vec![]);
-            used = 0;
-        }
-        waves.last_mut().expect("pushed").push(gr);
-        used += bytes;
-    }
+    let waves = plan_waves(&groups, tokens, &k_of, opts.memory_budget);
     let progress = indicatif::ProgressBar::new(chosen.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} weights, {elapsed}")
             .expect("template"),
@@ -417,22 +431,10 @@ pub fn quantize_candidate_awq(
         }
     }
     let params = QuantParams { block_size: c.block(block), axis, zero_point, alpha: 1.0, bits: c.bits };
-    let halves: Vec<half::f16>;
-    let bhalves: Vec<half::bf16>;
-    let data = match format {
-        FloatFormat::F32 => WeightData::F32(&v),
-        FloatFormat::F16 => {
-            halves = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-            WeightData::F16(&halves)
-        }
-        FloatFormat::BF16 => {
-            bhalves = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
-            WeightData::BF16(&bhalves)
-        }
-    };
+    let data = super::OwnedWeight::new(format, v);
     nibble::quantize_weight::quantize_weight_alphas_with(
         nibble::Tier::best(),
-        data,
+        data.data(),
         shape,
         &params,
         awq.alphas.as_deref(),
@@ -487,6 +489,6 @@ fn quantize_scaled_f64(
 
 /// Prints a `-v` line above the progress bar (`ProgressBar::println` prints nothing when stderr is
 /// not a terminal, which hid every `-v` line from logs and tests).
-fn say(progress: &indicatif::ProgressBar, line: String) {
+pub(crate) fn say(progress: &indicatif::ProgressBar, line: String) {
     progress.suspend(|| eprintln!("{line}"));
 }

@@ -1,12 +1,14 @@
 //! Round to nearest (ModelOpt's `rtn`/`rtn_dq` numbers): one planned weight straight from its
 //! stored bytes to INT4/INT8 codes, scales and zero points, through the kernel crate
-//! ([`nibble::quantize_weight`]: `scale = amax / 7` per block, or `(max - min) / 15` with a zero point).
+//! ([`nibble::quantize_weight`]: `scale = amax / 7` per block, or `(max - min) / 15` with a zero point),
+//! or with the data-free scale search (`--scale-search`).
 
 use crate::error::{Error, Result};
 use crate::graph::model::dtype_name;
 use crate::graph::model::Model;
 use crate::plan::{Candidate, Decision};
 use bytes::Bytes;
+use nibble::scale_search::ScaleGrid;
 use nibble::{BlockSize, FloatFormat, QuantParams, QuantizedWeight, WeightData};
 
 /// The weight's elements, borrowed when aligned, copied otherwise.
@@ -56,6 +58,20 @@ fn weight_data<'a>(format: FloatFormat, bytes: &'a Bytes, copy: &'a mut Elements
 
 /// Quantizes one candidate weight (`block` is the run's; an INT8 layer takes one block per channel).
 pub fn quantize_candidate(model: &Model, c: &Candidate, block: BlockSize, zero_point: bool) -> Result<QuantizedWeight> {
+    quantize_candidate_with(model, c, block, zero_point, false)
+}
+
+/// [`quantize_candidate`], with the data-free scale search if `scale_search`
+/// ([`nibble::scale_search::scale_search_weight`] over [`ScaleGrid::default`]: per block, the
+/// scale of ModelOpt's 15-level and ONNX Runtime's 16-level grids at clip ratios 0.5..1 with the
+/// lowest weight reconstruction error; 16-level scales can be negative, `extreme / -8`).
+pub fn quantize_candidate_with(
+    model: &Model,
+    c: &Candidate,
+    block: BlockSize,
+    zero_point: bool,
+    scale_search: bool,
+) -> Result<QuantizedWeight> {
     let Decision::Quantize { axis } = c.decision else { unreachable!("only planned weights") };
     let format = c.format().ok_or_else(|| Error::UnsupportedDtype {
         tensor: c.weight.clone(),
@@ -67,5 +83,9 @@ pub fn quantize_candidate(model: &Model, c: &Candidate, block: BlockSize, zero_p
     let data = weight_data(format, &bytes, &mut copy);
     let shape = [c.dims[0] as usize, c.dims[1] as usize];
     let params = QuantParams { block_size: c.block(block), axis, zero_point, alpha: 1.0, bits: c.bits };
+    if scale_search {
+        return nibble::scale_search::scale_search_weight(data, shape, &params, &ScaleGrid::default(), None)
+            .map_err(|e| Error::kernel(&c.weight, e));
+    }
     nibble::quantize_weight(data, shape, &params).map_err(|e| Error::kernel(&c.weight, e))
 }
