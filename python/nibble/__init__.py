@@ -186,6 +186,10 @@ def quantize_file(
     per_subgraph: bool = False,
     calibration_memory_mb: int = 1024,
     verbose: bool = False,
+    scale_search: bool = False,
+    percdamp: float = 0.01,
+    gptq_batch: int = 128,
+    act_order: bool = False,
 ) -> Dict[str, Any]:
     """Quantizes the MatMul/Gemm weights of the ONNX model at ``input`` and writes ``output``
     (default ``INPUT_int4.onnx`` next to the input), as ``nibble quantize`` does (same options, same
@@ -195,7 +199,9 @@ def quantize_file(
         input: the model (``.onnx``, external data next to it).
         output: the quantized model; with external data also ``OUTPUT_data``.
         method: ``"rtn_dq"`` (round to nearest, DequantizeLinear), ``"rtn"`` (QuantizeLinear ->
-            DequantizeLinear on the float weight), ``"awq_lite"``, ``"awq_clip"``, ``"awq_full"``.
+            DequantizeLinear on the float weight), ``"awq_lite"``, ``"awq_clip"``, ``"awq_full"``, ``"gptq"`` (Frantar et al. 2022: error feedback
+            through the inverse Hessian ``H = 2 X^T X / T`` of the calibration activations),
+            ``"awq_gptq"`` (AWQ-lite pre-quant scales, then GPTQ on the scaled weight).
         block_size: rows of K per block (even, >= 2), or -1 for one scale per output channel.
         zero_point: UINT4 codes with a UINT4 zero point per block instead of symmetric INT4.
         exclude: regular expressions matched at the start of node names; matching nodes stay float.
@@ -230,6 +236,11 @@ def quantize_file(
             sharing it (``awqlite_run_per_subgraph``).
         calibration_memory_mb: activation memory held at once during calibration, MiB.
         verbose: print each weight's AWQ choice to stderr.
+        scale_search: choose each block's scale by a data-free search over ONNX Runtime's 16-level
+            and ModelOpt's 15-level grids times clip ratios (rtn_dq, rtn, gptq, awq_gptq).
+        percdamp: GPTQ dampening, a fraction of the mean Hessian diagonal added to it.
+        gptq_batch: GPTQ rows (input channels) per lazy batch update.
+        act_order: GPTQ processes input channels by decreasing Hessian diagonal.
 
     Returns:
         ``{"output": path, "quantized": weights quantized, "int8": of which INT8, "candidates":
@@ -277,6 +288,10 @@ def quantize_file(
         per_subgraph=per_subgraph,
         calibration_memory_mb=calibration_memory_mb,
         verbose=verbose,
+        scale_search=scale_search,
+        percdamp=percdamp,
+        gptq_batch=gptq_batch,
+        act_order=act_order,
         **_calibration(calibration_data),
     )
     result["output"] = os.fspath(result["output"])
@@ -329,7 +344,7 @@ def compare(
 # ModelOpt's call: modelopt.onnx.quantization.int4.quantize (0.47.0)
 
 _MODELOPT_EPS = ["cpu", "cuda:0", "trt"]
-_METHODS = ("rtn", "rtn_dq", "awq_lite", "awq_clip", "awq_full")
+_METHODS = ("rtn", "rtn_dq", "awq_lite", "awq_clip", "awq_full", "gptq", "awq_gptq")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # ModelOpt kwarg -> (nibble option, converter); None: accepted, no effect on nibble's result.

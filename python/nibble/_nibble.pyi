@@ -40,6 +40,10 @@ def quantize_file(
     per_subgraph: bool = False,
     calibration_memory_mb: int = 1024,
     verbose: bool = False,
+    scale_search: bool = False,
+    percdamp: float = 0.01,
+    gptq_batch: int = 128,
+    act_order: bool = False,
 ) -> Dict[str, Any]: ...
 def main(argv: List[str]) -> int: ...
 def inspect(path: _Path, exclude: Optional[Sequence[str]] = None) -> Dict[str, Any]: ...

@@ -9,7 +9,7 @@ import pytest
 import nibble
 from conftest import Reader, run_cli
 
-METHODS = ["rtn_dq", "rtn", "awq_lite", "awq_clip", "awq_full"]
+METHODS = ["rtn_dq", "rtn", "awq_lite", "awq_clip", "awq_full", "gptq", "awq_gptq"]
 
 
 def cli_bytes(tmp_path, model, *args):
@@ -62,6 +62,21 @@ def test_quantize_options_map_to_cli_flags(tmp_path, example):
         awqclip_bsz_col=64,
     )
     assert model.SerializeToString() == expected
+
+
+def test_gptq_options_map_to_cli_flags(tmp_path, example):
+    expected = cli_bytes(
+        tmp_path, example, "--method", "gptq", "--block-size", "32", "--zero-point", "--scale-search",
+        "--percdamp", "0.05", "--gptq-batch", "16", "--act-order",
+    )
+    nibble.quantize_file(
+        example, tmp_path / "api.onnx", method="gptq", block_size=32, zero_point=True, scale_search=True,
+        percdamp=0.05, gptq_batch=16, act_order=True,
+    )
+    assert (tmp_path / "api.onnx").read_bytes() == expected
+    with pytest.raises(ValueError, match="percdamp"):
+        nibble.quantize_file(example, tmp_path / "bad.onnx", method="gptq", percdamp=-1.0)
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_per_subgraph_and_no_fusion(tmp_path, example):
