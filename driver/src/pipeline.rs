@@ -322,6 +322,11 @@ fn choose_weights(
     opts: &Options,
 ) -> Result<(Vec<Candidate>, BlockSize)> {
     let mut candidates = plan(model, patterns)?;
+    for (function, node, op) in crate::plan::function_matmuls(model) {
+        eprintln!(
+            "nibble: warning: {op} '{node}' in model-local function '{function}' stays float: nibble does not quantize inside function bodies (export with functions inlined to quantize it)"
+        );
+    }
     if opts.int8_layers.is_some() || opts.mixed_precision {
         crate::plan::mixed::apply(model, &mut candidates, opts.int8_layers.as_deref())?;
         if !candidates.iter().any(|c| c.bits == Bits::Eight) {

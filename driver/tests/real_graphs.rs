@@ -1533,3 +1533,51 @@ fn messages_say_each_cause_once() {
         "nibble: error: weight 'W' holds NaN or Inf in block 0 (rows 0..128 along the quantized axis, column 0); fix the weight, or leave the node unquantized with --exclude\n"
     );
 }
+
+/// A MatMul inside a model-local function (its weight passed in from the main graph) is not
+/// quantized, and that is said: a warning naming node and function on stderr, a line in `inspect`;
+/// the plain MatMul beside it is quantized and the model runs in both session modes with the
+/// function's output unchanged.
+#[test]
+fn matmuls_in_model_local_functions_are_reported_not_skipped_silently() {
+    use nibble_driver::graph::onnx::{FunctionProto, OperatorSetIdProto};
+    let dir = tempfile::tempdir().unwrap();
+    let body = FunctionProto {
+        name: Some("Linear".into()),
+        domain: Some("local".into()),
+        input: vec!["a".into(), "b".into()],
+        output: vec!["c".into()],
+        node: vec![node("MatMul", "/fn/MatMul", &["a", "b"], &["c"], vec![])],
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        ..Default::default()
+    };
+    let mut call = node("Linear", "/call/Linear", &["x", "Wf"], &["yf"], vec![]);
+    call.domain = Some("local".into());
+    let g = graph(
+        vec![call, node("MatMul", "/plain/MatMul", &["x", "Wp"], &["yp"], vec![])],
+        vec![w("Wf", &[64, 32], 1, 0.1), w("Wp", &[64, 32], 2, 0.1)],
+        vec![io("x", 1, &[None, Some(64)])],
+        vec![io("yf", 1, &[None, Some(32)]), io("yp", 1, &[None, Some(32)])],
+    );
+    let mut m = model(g, 17);
+    m.functions.push(body);
+    m.opset_import.push(OperatorSetIdProto { domain: Some("local".into()), version: Some(1) });
+    let src = save_model(m, dir.path(), "fn.onnx");
+    let out = dir.path().join("q.onnx");
+    let (stdout, stderr) = quantize(&src, &out, &[]);
+    assert!(
+        stderr.contains("MatMul '/fn/MatMul' in model-local function 'Linear' stays float"),
+        "no warning for the function body: {stderr}"
+    );
+    assert!(stdout.contains("1 of 1") || stdout.contains("quantized 1"), "{stdout}");
+    let report = inspect(&src, &[]);
+    line_of(&report, "model-local function 'Linear'");
+    let samples = vec![vec![normal_input("x", &[4, 64], 3)]];
+    for mode in MODES {
+        let want = outputs(&src, Mode::NoOpt, &samples);
+        let got = outputs(&out, mode, &samples);
+        assert_eq!(got["yf"], want["yf"], "the function's output changed ({mode:?})");
+        let e = rel(&got["yp"], &want["yp"]);
+        assert!(e > 0.0 && e < 0.2, "plain MatMul error {e} ({mode:?})");
+    }
+}

@@ -95,6 +95,9 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
             let _ = writeln!(s, "    reader {}{op}: {what}", r.label);
         }
     }
+    for (function, node, op) in crate::plan::function_matmuls(&model) {
+        let _ = writeln!(s, "{op} '{node}' in model-local function '{function}': stays float (function bodies are not quantized; export with functions inlined)");
+    }
     let _ = writeln!(s, "{quantized} of {} weights would be quantized ({total} bytes)", candidates.len());
     Ok(s)
 }

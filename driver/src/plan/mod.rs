@@ -505,3 +505,20 @@ pub fn plan_gather(
 fn gather_name(root: &GraphProto, r: &Reader) -> String {
     r.at.as_ref().and_then(|u| node_at(root, &u.at).name.clone()).unwrap_or_default()
 }
+
+/// MatMul/Gemm nodes inside model-local functions (`ModelProto.functions`), which nibble does not
+/// quantize (a function body is shared by every call site and has no initializers of its own):
+/// `(function, node label, op)`, each reported so no weight stays float silently.
+pub fn function_matmuls(model: &Model) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for f in &model.proto.functions {
+        for n in &f.node {
+            let op = n.op_type.as_deref().unwrap_or("");
+            if matches!(op, "MatMul" | "Gemm") && n.domain.as_deref().unwrap_or("").is_empty() {
+                let name = f.name.clone().unwrap_or_default();
+                out.push((name, crate::graph::read::node_label(n), op.to_string()));
+            }
+        }
+    }
+    out
+}
