@@ -16,7 +16,8 @@ Set-up and a full run from a clean checkout (BENCHMARKS.md, "Quality on real tra
 
 Methods (``--methods``, comma-separated; default: all that exist):
   nibble: rtn_dq, rtn_dq_zp (``--zero-point``), awq_lite, awq_clip, awq_full (with calib.npz);
-          gptq, awq_gptq, rtn_dq_search (``--scale-search``) and gptq_zp: run only when
+          gptq, awq_gptq, rtn_dq_search (``--scale-search``), gptq_zp, and gptq_seq, gptq_zp_seq,
+          awq_gptq_seq (``--sequential``): run only when
           ``nibble quantize --help`` lists them, otherwise skipped with a note.
   ONNX Runtime 1.32: ort_rtn (MatMulNBitsQuantizer + DefaultWeightOnlyQuantConfig, symmetric),
           ort_gptq (GPTQWeightOnlyQuantConfig with the same calib.npz, percdamp 0.01, actorder
@@ -60,10 +61,13 @@ NIBBLE_METHODS = {
     "gptq": (["--method", "gptq"], True, "gptq"),
     "gptq_zp": (["--method", "gptq", "--zero-point"], True, "gptq"),
     "awq_gptq": (["--method", "awq_gptq"], True, "awq_gptq"),
+    "gptq_seq": (["--method", "gptq", "--sequential"], True, "--sequential"),
+    "gptq_zp_seq": (["--method", "gptq", "--zero-point", "--sequential"], True, "--sequential"),
+    "awq_gptq_seq": (["--method", "awq_gptq", "--sequential"], True, "--sequential"),
 }
 ORT_METHODS = ("ort_rtn", "ort_gptq", "ort_gptq_pt")
 ORDER = ["rtn_dq", "rtn_dq_zp", "rtn_dq_search", "awq_lite", "awq_clip", "awq_full", "gptq", "gptq_zp", "awq_gptq",
-         "ort_rtn", "ort_gptq", "ort_gptq_pt"]
+         "gptq_seq", "gptq_zp_seq", "awq_gptq_seq", "ort_rtn", "ort_gptq", "ort_gptq_pt"]
 LABEL = {
     "float": "float (no quantization)",
     "rtn_dq": "nibble rtn_dq (ModelOpt's RTN, amax/7)",
@@ -75,6 +79,9 @@ LABEL = {
     "gptq": "nibble gptq",
     "gptq_zp": "nibble gptq --zero-point",
     "awq_gptq": "nibble awq_gptq",
+    "gptq_seq": "nibble gptq --sequential",
+    "gptq_zp_seq": "nibble gptq --zero-point --sequential",
+    "awq_gptq_seq": "nibble awq_gptq --sequential",
     "ort_rtn": "ONNX Runtime RTN (symmetric)",
     "ort_gptq": "ONNX Runtime GPTQ (perchannel=True: a scale per block and column)",
     "ort_gptq_pt": "ONNX Runtime GPTQ perchannel=False (one scale per block for all columns)",

@@ -178,6 +178,46 @@ impl QuantizedWeight {
     }
 }
 
+impl QuantizedWeight {
+    /// The dequantized values `dq = (q - zp) * s` (symmetric: `q * s`, `q` signed), rounded to
+    /// `format`, of a weight quantized along axis 0 (`self` from a `[k, n]` view: scales
+    /// `[ceil(k / block), n]`), row-major `[k, n]`: the weight the quantized model computes with.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] if the codes, scales or zero points do not match `[k, n]`.
+    pub fn dequantize_axis0(&self, format: FloatFormat, bits: Bits, [k, n]: [usize; 2]) -> Result<Vec<f32>> {
+        let block = self.block.max(1);
+        let nb = k.div_ceil(block);
+        kernels::check_len("scales", nb * n, self.scale.len())?;
+        kernels::check_len("codes", bits.bytes_for(k * n), self.packed.len())?;
+        if let Some(z) = &self.zero_point {
+            kernels::check_len("zero points", nb * n, z.len())?;
+        }
+        let codes: Vec<u8> = match bits {
+            Bits::Four => kernels::unpack_nibbles(&self.packed, k * n, self.zero_point.is_none())?
+                .into_iter()
+                .map(|v| v as u8)
+                .collect(),
+            Bits::Eight => self.packed.clone(),
+        };
+        let zp: Option<Vec<f32>> = self.zero_point.as_ref().map(|z| z.iter().map(|&v| v as f32).collect());
+        let mut out = vec![0.0f32; k * n];
+        for b in 0..nb {
+            let rows = b * block..((b + 1) * block).min(k);
+            let cols = b * n..(b + 1) * n;
+            kernels::dequantize::dequantize(
+                format,
+                &codes[rows.start * n..rows.end * n],
+                n,
+                &self.scale[cols.clone()],
+                zp.as_ref().map(|z| &z[cols]),
+                &mut out[rows.start * n..rows.end * n],
+            )?;
+        }
+        Ok(out)
+    }
+}
+
 /// Quantizes a row-major weight of `shape` on the best tier.
 pub fn quantize_weight(data: WeightData<'_>, shape: [usize; 2], params: &QuantParams) -> Result<QuantizedWeight> {
     quantize_weight_with(Tier::best(), data, shape, params)

@@ -154,6 +154,14 @@ proptest! {
             if axis == 0 {
                 let dq = fake_quantize_with(tier, format, &w, [r, c], &params, None).unwrap();
                 prop_assert_eq!(bits(&dq), bits(&reference::dq_tensor(format, &q, [r, c], &s, block, 0)));
+                // The weight a quantized model computes with, from the stored codes.
+                let back = got.dequantize_axis0(format, width, [r, c]).unwrap();
+                prop_assert_eq!(bits(&back), bits(&dq), "dequantize_axis0 with zero points {:?}", tier);
+                let sym = QuantParams { zero_point: false, ..params };
+                let got = quantize_weight_with(tier, d, [r, c], &sym).unwrap();
+                let back = got.dequantize_axis0(format, width, [r, c]).unwrap();
+                let dq = fake_quantize_with(tier, format, &w, [r, c], &sym, None).unwrap();
+                prop_assert_eq!(bits(&back), bits(&dq), "dequantize_axis0 symmetric {:?}", tier);
             }
         }
     }

@@ -163,6 +163,25 @@ pub fn run_f32(session: &mut Session, inputs: &[NamedTensor]) -> Result<Vec<Name
 /// The input tensors live until the outputs are copied: ONNX Runtime may return an input's own
 /// buffer as an output (a graph input that is also a graph output).
 pub fn run(session: &mut Session, inputs: &[Input]) -> Result<Vec<NamedTensor>> {
+    run_values(session, inputs)?.into_iter().map(Input::into_float).collect()
+}
+
+impl Input {
+    /// A float32 or float16 tensor as float32 (float16 widened); any other type is an error
+    /// naming the tensor.
+    pub fn into_float(self) -> Result<NamedTensor> {
+        let data = match self.data {
+            InputData::F32(d) => d,
+            InputData::F16(d) => d.iter().map(|v| v.to_f32()).collect(),
+            _ => return Err(Error::Runtime(format!("'{}' is neither float32 nor float16", self.name))),
+        };
+        Ok(NamedTensor { name: self.name, shape: self.shape, data })
+    }
+}
+
+/// Runs a session and returns every output with its own element type (float32, float16, int64,
+/// int32 or bool; any other type is an error naming the output), in the session's output order.
+pub fn run_values(session: &mut Session, inputs: &[Input]) -> Result<Vec<Input>> {
     let err = |e: ort::Error| Error::Runtime(e.to_string());
     let mut tensors: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
     for t in inputs {
@@ -183,16 +202,27 @@ pub fn run(session: &mut Session, inputs: &[Input]) -> Result<Vec<NamedTensor>> 
         .into_iter()
         .map(|name| {
             let value = &outputs[name.as_str()];
-            let (shape, data) = match value.try_extract_tensor::<f32>() {
-                Ok((shape, data)) => (shape.clone(), data.to_vec()),
-                Err(_) => {
-                    let (shape, data) = value
-                        .try_extract_tensor::<half::f16>()
-                        .map_err(|e| Error::Runtime(format!("output '{name}' is neither float32 nor float16: {e}")))?;
-                    (shape.clone(), data.iter().map(|v| v.to_f32()).collect())
-                }
+            fn take<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug>(
+                v: &ort::value::DynValue,
+            ) -> Option<(Vec<usize>, Vec<T>)> {
+                v.try_extract_tensor::<T>().ok().map(|(s, d)| (s.iter().map(|&x| x as usize).collect(), d.to_vec()))
+            }
+            let (shape, data) = if let Some((s, d)) = take::<f32>(value) {
+                (s, InputData::F32(d))
+            } else if let Some((s, d)) = take::<half::f16>(value) {
+                (s, InputData::F16(d))
+            } else if let Some((s, d)) = take::<i64>(value) {
+                (s, InputData::I64(d))
+            } else if let Some((s, d)) = take::<i32>(value) {
+                (s, InputData::I32(d))
+            } else if let Some((s, d)) = take::<bool>(value) {
+                (s, InputData::Bool(d))
+            } else {
+                return Err(Error::Runtime(format!(
+                    "output '{name}' is not a float32, float16, int64, int32 or bool tensor"
+                )));
             };
-            Ok(NamedTensor { name, shape: shape.iter().map(|&d| d as usize).collect(), data })
+            Ok(Input { name, shape, data })
         })
         .collect()
 }

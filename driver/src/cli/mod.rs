@@ -189,6 +189,10 @@ struct GptqArgs {
     /// Quantize input channels by decreasing Hessian diagonal (block scales fixed upfront).
     #[arg(long)]
     act_order: bool,
+    /// Calibrate step by step: each group of layers sees the activations produced by the layers
+    /// already quantized before it (every node still runs once; costs a session per step).
+    #[arg(long)]
+    sequential: bool,
 }
 
 /// Options of the AWQ methods.
@@ -345,6 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     lazy_batch: gptq.gptq_batch,
                     act_order: gptq.act_order,
                     scale_search,
+                    sequential: gptq.sequential,
                 },
                 scale_search,
                 skip_nonfinite,

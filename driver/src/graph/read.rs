@@ -60,23 +60,54 @@ pub fn constants(model: &Model) -> HashMap<String, (Source, &TensorProto)> {
 /// Every name read by a node inside the subgraphs (If/Loop/Scan bodies, recursively) of `g`'s
 /// nodes: the outer-scope names those bodies may reference.
 pub fn subgraph_inputs(g: &GraphProto) -> HashSet<String> {
-    fn collect(g: &GraphProto, acc: &mut HashSet<String>) {
-        for n in &g.node {
-            acc.extend(n.input.iter().cloned());
-            for a in &n.attribute {
-                for s in a.g.iter().chain(&a.graphs) {
-                    collect(s, acc);
-                }
-            }
-        }
-    }
     let mut acc = HashSet::new();
     for n in &g.node {
-        for a in &n.attribute {
-            for s in a.g.iter().chain(&a.graphs) {
-                collect(s, &mut acc);
+        body_reads(n, &mut acc);
+    }
+    acc
+}
+
+/// Every name the nodes read: their inputs and, for nodes with bodies, every name read inside them.
+pub fn reads<'a>(nodes: impl IntoIterator<Item = &'a NodeProto>) -> HashSet<String> {
+    let mut acc = HashSet::new();
+    for n in nodes {
+        acc.extend(n.input.iter().filter(|i| !i.is_empty()).cloned());
+        body_reads(n, &mut acc);
+    }
+    acc
+}
+
+/// Adds every name read inside `n`'s bodies (recursively) to `acc`: a superset of the outer-scope
+/// names the bodies reference (names the bodies define themselves are included too).
+fn body_reads(n: &NodeProto, acc: &mut HashSet<String>) {
+    for a in &n.attribute {
+        for s in a.g.iter().chain(&a.graphs) {
+            for m in &s.node {
+                acc.extend(m.input.iter().filter(|i| !i.is_empty()).cloned());
+                body_reads(m, acc);
             }
         }
     }
-    acc
+}
+
+/// The nodes of `g` that the tensors `wanted` depend on, as a mask over `g.node`: their producers
+/// and, transitively, the producers of everything those read (inputs and, for nodes with bodies,
+/// the outer-scope names the bodies read). Backward passes over the nodes until nothing changes
+/// (one pass for a graph in topological order, as ONNX requires).
+pub fn ancestors<'a>(g: &GraphProto, wanted: impl IntoIterator<Item = &'a str>) -> Vec<bool> {
+    let mut need: HashSet<String> = wanted.into_iter().map(str::to_string).collect();
+    let mut keep = vec![false; g.node.len()];
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for (i, n) in g.node.iter().enumerate().rev() {
+            if !keep[i] && n.output.iter().any(|o| !o.is_empty() && need.contains(o)) {
+                keep[i] = true;
+                changed = true;
+                need.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+                body_reads(n, &mut need);
+            }
+        }
+    }
+    keep
 }

@@ -184,7 +184,7 @@ pub(crate) fn tokens_per_sample(sample: &[crate::calibrate::runtime::Input]) -> 
 /// Cuts the groups (in graph order) into waves whose activations (`tokens` rows of K float32 per
 /// group, all samples) fit in `budget` bytes; a group larger than the budget gets a wave alone.
 pub(crate) fn plan_waves<'g>(
-    groups: &'g [Group],
+    groups: impl IntoIterator<Item = &'g Group>,
     tokens: usize,
     k_of: &dyn Fn(&Group) -> usize,
     budget: usize,

@@ -12,20 +12,28 @@
 //! or folded into the producer), then quantizes `W * s` with the Hessian of `X / s`:
 //! `H_s[i, j] = H[i, j] / (s_i s_j)`.
 //!
-//! Activations are captured from the float model (not the already-quantized one).
+//! Activations are captured from the float model, or with `--sequential` step by step from the
+//! model whose earlier steps are already quantized ([`crate::calibrate::sequential`]).
 
 use crate::calibrate::capture::Capture;
 use crate::calibrate::inputs::calibration_inputs;
 use crate::calibrate::runtime::Input;
+use crate::calibrate::runtime::NamedTensor;
+use crate::calibrate::sequential::Sequential;
 use crate::error::{Error, Result};
+use crate::graph::floats::{encode_floats, onnx_type};
 use crate::graph::model::Model;
+use crate::graph::onnx::GraphProto;
+use crate::graph::read::ancestors;
 use crate::methods::awq::{
     group_k, groups, plan_waves, say, tokens_per_sample, weight_kn, AwqOptions, AwqResult, Group,
 };
 use crate::plan::{Candidate, Decision};
 use nibble::gptq::{gptq_quantize_factored, GptqFactor, GptqParams, Hessian, ScaleRule};
 use nibble::scale_search::ScaleGrid;
+use nibble::FloatFormat;
 use nibble::{BlockSize, QuantizedWeight};
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// GPTQ settings.
@@ -40,11 +48,14 @@ pub struct GptqOptions {
     /// Block scales by the data-free search ([`nibble::scale_search`]) instead of ModelOpt's
     /// formula (`--scale-search`).
     pub scale_search: bool,
+    /// Capture each step's activations from the model holding the quantized values of every
+    /// earlier step (`--sequential`) instead of from the float model.
+    pub sequential: bool,
 }
 
 impl Default for GptqOptions {
     fn default() -> Self {
-        GptqOptions { percdamp: 0.01, lazy_batch: 128, act_order: false, scale_search: false }
+        GptqOptions { percdamp: 0.01, lazy_batch: 128, act_order: false, scale_search: false, sequential: false }
     }
 }
 
@@ -103,7 +114,9 @@ pub fn prepare(model: &Model, chosen: &[&Candidate], cal: &AwqOptions) -> Result
 }
 
 /// Quantizes every grouped weight with GPTQ (with `awq`'s pre-quant scales for awq_gptq), reading
-/// the weights from `model` (where the scales may already be folded into producers).
+/// the weights from `model` (where the scales may already be folded into producers). The groups of
+/// a wave are quantized in parallel. With `opts.sequential`, the groups are captured step by step
+/// ([`sequential_steps`]), each from the model holding the quantized values of every earlier step.
 pub fn quantize(
     cal: &Calibration,
     model: &Model,
@@ -123,7 +136,18 @@ pub fn quantize(
         chosen.iter().filter(|c| c.op != "Gather").map(|c| (c.base.as_str(), *c)).collect();
     let k_of = |gr: &Group| group_k(&by_name, gr);
     let tokens = tokens_per_sample(&cal.samples[0]) * cal.samples.len();
-    let waves = plan_waves(&cal.groups, tokens, &k_of, cal.memory_budget);
+    let base = cal.capture.base().graph.as_ref().expect("graph");
+    let waves: Vec<Vec<&Group>> = match opts.sequential {
+        true => sequential_steps(base, &cal.groups)
+            .into_iter()
+            .flat_map(|step| plan_waves(step, tokens, &k_of, cal.memory_budget))
+            .collect(),
+        false => plan_waves(&cal.groups, tokens, &k_of, cal.memory_budget),
+    };
+    let mut sequential = match opts.sequential {
+        true => Some(Sequential::new(&cal.capture, cal.samples.len())?),
+        false => None,
+    };
     let progress = indicatif::ProgressBar::new(cal.groups.iter().map(|g| g.weights.len() as u64).sum()).with_style(
         indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} weights, {elapsed}")
             .expect("template"),
@@ -131,76 +155,194 @@ pub fn quantize(
     progress.set_message("GPTQ");
     let mut calibration_time = std::time::Duration::ZERO;
     let mut hessian_time = std::time::Duration::ZERO;
-    for wave in waves {
+    let job = Job { model, by_name: &by_name, block, zero_point, opts, awq, verbose: cal.verbose, progress: &progress };
+    for wave in &waves {
         let names: Vec<String> = wave.iter().map(|g| g.activation.clone()).collect();
         let t0 = std::time::Instant::now();
-        let captured = cal.capture.run(&names, &cal.samples)?;
+        let captured = match &mut sequential {
+            Some(seq) => seq.step(&names, &cal.samples).map_err(|e| {
+                Error::Runtime(format!(
+                    "{e} (sequential calibration; run without --sequential to calibrate on the float model)"
+                ))
+            })?,
+            None => cal.capture.run(&names, &cal.samples)?,
+        };
         calibration_time += t0.elapsed();
-        for (gi, gr) in wave.iter().enumerate() {
-            let t1 = std::time::Instant::now();
-            let k = k_of(gr);
-            let mut h = Hessian::new(k);
-            for sample in &captured {
-                let t = &sample[gi];
-                if t.shape.last() != Some(&k) {
-                    return Err(Error::Runtime(format!(
-                        "activation '{}' has shape {:?}; its last dimension should be K = {k} of weight '{}'",
-                        gr.activation, t.shape, gr.weights[0]
-                    )));
+        let done = wave
+            .par_iter()
+            .enumerate()
+            .map(|(gi, gr)| job.group(gr, captured.iter().map(|sample| &sample[gi])))
+            .collect::<Result<Vec<_>>>()?;
+        drop(captured);
+        for (gr, (weights, secs)) in wave.iter().zip(done) {
+            hessian_time += secs;
+            for (j, (w, q, values)) in weights.into_iter().enumerate() {
+                if let (Some(seq), Some(values)) = (&mut sequential, values) {
+                    let c = by_name[w.as_str()];
+                    let format = c.format().expect("float weight");
+                    let dtype = cal.capture.weight_type(format);
+                    let stored = if dtype == onnx_type(format) { format } else { FloatFormat::F32 };
+                    let dims: Vec<usize> = c.dims.iter().map(|&d| d as usize).collect();
+                    seq.replace(gr.nodes[j], 1, &dims, dtype, &encode_floats(stored, &values))?;
                 }
-                h.add_batch(&t.data).map_err(|e| Error::kernel(&gr.weights[0], e))?;
-            }
-            hessian_time += t1.elapsed();
-            // One factor per distinct pre-quant scale (siblings share one unless unfused).
-            let mut factors: Vec<(Option<Vec<f32>>, GptqFactor)> = vec![];
-            for w in &gr.weights {
-                let c = by_name[w.as_str()];
-                let s = awq.and_then(|a| a.weights.get(w)).and_then(|a| a.scale.clone());
-                let fi = match factors.iter().position(|(fs, _)| *fs == s) {
-                    Some(i) => i,
-                    None => {
-                        let hs = match &s {
-                            Some(s) => {
-                                let s64: Vec<f64> = s.iter().map(|&v| v as f64).collect();
-                                h.scale_inputs(&s64).map_err(|e| Error::kernel(w, e))?
-                            }
-                            None => h.clone(),
-                        };
-                        let f = GptqFactor::new(&hs, opts.percdamp, opts.act_order).map_err(|e| Error::kernel(w, e))?;
-                        factors.push((s.clone(), f));
-                        factors.len() - 1
-                    }
-                };
-                let q = quantize_weight(model, c, block, zero_point, opts, &factors[fi].1, s.as_deref())?;
-                if cal.verbose {
-                    let dead = factors[fi].1.dead.iter().filter(|&&d| d).count();
-                    let pqs = if s.is_some() { " on W * s (awq_lite scale)" } else { "" };
-                    say(
-                        &progress,
-                        format!("{w}: gptq K = {k}{pqs}, {} dead input channels, {:?} blocks", dead, c.block(block)),
-                    );
-                }
-                out.insert(w.clone(), q);
-                progress.inc(1);
+                out.insert(w, q);
             }
         }
     }
     progress.finish_and_clear();
     if cal.verbose {
         let total = started.elapsed();
+        let steps = match opts.sequential {
+            true => format!(", {} sequential steps", waves.len()),
+            false => String::new(),
+        };
         eprintln!(
-            "nibble: GPTQ: calibration (ONNX Runtime, {} samples) {:.2} s, Hessians {:.2} s, factors and quantization {:.2} s",
+            "nibble: GPTQ: calibration (ONNX Runtime, {} samples{steps}) {:.2} s, Hessians {:.2} s (summed over threads), \
+             factors and quantization {:.2} s",
             cal.samples.len(),
             calibration_time.as_secs_f64(),
             hessian_time.as_secs_f64(),
-            (total - calibration_time - hessian_time).as_secs_f64()
+            (total - calibration_time).as_secs_f64()
         );
     }
     Ok(out)
 }
 
+/// The steps of sequential calibration: the groups in the order of their consumers in the graph,
+/// cut so that no group depends (through the graph) on a weight of its own step. Within a
+/// transformer layer this gives q/k/v, then o, then gate/up, then down (GPTQ's "true sequential").
+pub fn sequential_steps<'g>(graph: &GraphProto, groups: &'g [Group]) -> Vec<Vec<&'g Group>> {
+    let mut order: Vec<&Group> = groups.iter().collect();
+    order.sort_by_key(|g| g.nodes.iter().min().copied().unwrap_or(usize::MAX));
+    let mut steps: Vec<Vec<&Group>> = vec![];
+    let mut consumers: Vec<usize> = vec![];
+    for gr in order {
+        let anc = ancestors(graph, [gr.activation.as_str()]);
+        if steps.is_empty() || consumers.iter().any(|&n| anc[n]) {
+            steps.push(vec![]);
+            consumers.clear();
+        }
+        consumers.extend(&gr.nodes);
+        steps.last_mut().expect("pushed").push(gr);
+    }
+    steps
+}
+
+/// A weight's name, its quantization in the stored layout, and (sequential calibration) the
+/// values it holds in the quantized model, in the stored layout.
+type Quantized = (String, QuantizedWeight, Option<Vec<f32>>);
+
+/// What every group of a run shares.
+struct Job<'a> {
+    model: &'a Model,
+    by_name: &'a HashMap<&'a str, &'a Candidate>,
+    block: BlockSize,
+    zero_point: bool,
+    opts: &'a GptqOptions,
+    awq: Option<&'a AwqResult>,
+    verbose: bool,
+    progress: &'a indicatif::ProgressBar,
+}
+
+impl Job<'_> {
+    /// The Hessian of one activation (from every sample's captured tensor), its factors (one per
+    /// distinct pre-quant scale) and GPTQ on each of its weights: the weights in the group's order,
+    /// and the time spent on the Hessian.
+    fn group<'t>(
+        &self,
+        gr: &Group,
+        captured: impl Iterator<Item = &'t NamedTensor>,
+    ) -> Result<(Vec<Quantized>, std::time::Duration)> {
+        let t1 = std::time::Instant::now();
+        let k = group_k(self.by_name, gr);
+        let mut h = Hessian::new(k);
+        for t in captured {
+            if t.shape.last() != Some(&k) {
+                return Err(Error::Runtime(format!(
+                    "activation '{}' has shape {:?}; its last dimension should be K = {k} of weight '{}'",
+                    gr.activation, t.shape, gr.weights[0]
+                )));
+            }
+            h.add_batch(&t.data).map_err(|e| Error::kernel(&gr.weights[0], e))?;
+        }
+        let hessian_time = t1.elapsed();
+        // One factor per distinct pre-quant scale (siblings share one unless unfused).
+        let mut factors: Vec<(Option<Vec<f32>>, GptqFactor)> = vec![];
+        let mut out = vec![];
+        for w in &gr.weights {
+            let c = self.by_name[w.as_str()];
+            let s = self.awq.and_then(|a| a.weights.get(w)).and_then(|a| a.scale.clone());
+            let fi = match factors.iter().position(|(fs, _)| *fs == s) {
+                Some(i) => i,
+                None => {
+                    let hs = match &s {
+                        Some(s) => {
+                            let s64: Vec<f64> = s.iter().map(|&v| v as f64).collect();
+                            h.scale_inputs(&s64).map_err(|e| Error::kernel(w, e))?
+                        }
+                        None => h.clone(),
+                    };
+                    let f = GptqFactor::new(&hs, self.opts.percdamp, self.opts.act_order)
+                        .map_err(|e| Error::kernel(w, e))?;
+                    factors.push((s.clone(), f));
+                    factors.len() - 1
+                }
+            };
+            let kn =
+                quantize_weight(self.model, c, self.block, self.zero_point, self.opts, &factors[fi].1, s.as_deref())?;
+            let values = match self.opts.sequential {
+                true => Some(dequantized(c, &kn, s.as_deref())?),
+                false => None,
+            };
+            let q = match c.decision {
+                Decision::Quantize { axis: 1 } => kn
+                    .to_axis1(c.bits, [c.dims[1] as usize, c.dims[0] as usize])
+                    .map_err(|e| Error::kernel(&c.weight, e))?,
+                _ => kn,
+            };
+            if self.verbose {
+                let dead = factors[fi].1.dead.iter().filter(|&&d| d).count();
+                let pqs = if s.is_some() { " on W * s (awq_lite scale)" } else { "" };
+                say(
+                    self.progress,
+                    format!("{w}: gptq K = {k}{pqs}, {} dead input channels, {:?} blocks", dead, c.block(self.block)),
+                );
+            }
+            out.push((w.clone(), q, values));
+            self.progress.inc(1);
+        }
+        Ok((out, hessian_time))
+    }
+}
+
+/// The values a quantized weight holds in the model, in the layout its consumer reads (the stored
+/// layout), as the float graph without the pre-quant scale's `x / s` sees them: `dq(Q)[i, :] / s_i`
+/// from the quantization `kn` of the `[K, N]` view.
+fn dequantized(c: &Candidate, kn: &QuantizedWeight, s: Option<&[f32]>) -> Result<Vec<f32>> {
+    let format = c.format().expect("float weight");
+    let (r, cols) = (c.dims[0] as usize, c.dims[1] as usize);
+    let axis1 = matches!(c.decision, Decision::Quantize { axis: 1 });
+    let [k, n] = if axis1 { [cols, r] } else { [r, cols] };
+    let mut v = kn.dequantize_axis0(format, c.bits, [k, n]).map_err(|e| Error::kernel(&c.weight, e))?;
+    if let Some(s) = s {
+        for (i, row) in v.chunks_mut(n).enumerate() {
+            row.iter_mut().for_each(|x| *x /= s[i]);
+        }
+    }
+    if axis1 {
+        let mut t = vec![0.0f32; v.len()];
+        for i in 0..k {
+            for j in 0..n {
+                t[j * k + i] = v[i * n + j];
+            }
+        }
+        v = t;
+    }
+    Ok(v)
+}
+
 /// GPTQ on one weight's `[K, N]` view (times the pre-quant scale `s`, rows, if given), in the
-/// weight's dtype; a `transB=1` weight's result is returned in its stored (axis 1) layout.
+/// weight's dtype; the result quantizes the `[K, N]` view along axis 0.
 fn quantize_weight(
     model: &Model,
     c: &Candidate,
@@ -211,7 +353,7 @@ fn quantize_weight(
     s: Option<&[f32]>,
 ) -> Result<QuantizedWeight> {
     let format = c.format().expect("float weight");
-    let (kn, [k, n]) = weight_kn(model, c)?;
+    let (kn, [_, n]) = weight_kn(model, c)?;
     let kn = match s {
         Some(s) => nibble::awq::lite::scale_rows(format, &kn, s, n),
         None => kn,
@@ -227,9 +369,5 @@ fn quantize_weight(
         scale_rule: opts.scale_rule(),
         ..GptqParams::new(c.block(block))
     };
-    let q = gptq_quantize_factored(data.data(), factor, &params).map_err(|e| Error::kernel(&c.weight, e))?;
-    match c.decision {
-        Decision::Quantize { axis: 1 } => q.to_axis1(c.bits, [k, n]).map_err(|e| Error::kernel(&c.weight, e)),
-        _ => Ok(q),
-    }
+    gptq_quantize_factored(data.data(), factor, &params).map_err(|e| Error::kernel(&c.weight, e))
 }

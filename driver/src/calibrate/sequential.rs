@@ -1,0 +1,190 @@
+//! Sequential calibration (`--sequential`): the activations of each step are captured from the
+//! model in which the weights of every earlier step already hold their quantized values, so a layer
+//! is fitted to the inputs it will see in the quantized model (GPTQ's sequential mode, Frantar et al.
+//! 2022, section 4; with steps as fine as `--true-sequential` in the GPTQ reference code).
+//!
+//! Every node of the model runs once over the whole calibration: a step runs only the nodes its
+//! activations need that no earlier step ran, fed with the tensors earlier steps left for later
+//! nodes (the residual stream, masks, positions), which are held per sample until no node still
+//! needs them. A weight's quantized values enter the model by rewiring its consumer's input to a
+//! new initializer in the temporary folder (written once, as external data), so the nodes that read
+//! it, all still ahead, compute with them.
+
+use crate::calibrate::capture::Capture;
+use crate::calibrate::runtime::{Input, InputData, NamedTensor, SessionOptions};
+use crate::error::{Error, Result};
+use crate::graph::onnx::{tensor_proto, type_proto, StringStringEntryProto, TensorProto};
+use crate::graph::onnx::{TypeProto, ValueInfoProto};
+use crate::graph::read::{ancestors, reads};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+
+/// The state of a sequential calibration over one [`Capture`].
+pub struct Sequential<'c> {
+    capture: &'c Capture,
+    /// Nodes of the captured model that already ran.
+    ran: Vec<bool>,
+    /// Per sample, the tensors produced so far that nodes still to run read.
+    carried: Vec<HashMap<String, Input>>,
+    /// Consumer node -> (input slot, replacement initializer).
+    rewired: HashMap<usize, (usize, String)>,
+    /// The replacement initializers (external data in `values`).
+    replacements: Vec<TensorProto>,
+    values: std::fs::File,
+    values_len: u64,
+}
+
+const VALUES_FILE: &str = "sequential_weights.bin";
+
+impl<'c> Sequential<'c> {
+    /// Starts with nothing run and nothing replaced.
+    pub fn new(capture: &'c Capture, samples: usize) -> Result<Sequential<'c>> {
+        let path = capture.dir().join(VALUES_FILE);
+        let values = std::fs::File::create(&path).map_err(|source| Error::Write { path, cause: source })?;
+        let nodes = capture.base().graph.as_ref().map_or(0, |g| g.node.len());
+        Ok(Sequential {
+            capture,
+            ran: vec![false; nodes],
+            carried: vec![HashMap::new(); samples],
+            rewired: HashMap::new(),
+            replacements: vec![],
+            values,
+            values_len: 0,
+        })
+    }
+
+    /// Captures `activations` on every sample (`samples` as given to [`Sequential::new`]),
+    /// running only the nodes no earlier step ran; returns per sample the tensors in the order of
+    /// `activations`, as float32.
+    pub fn step(&mut self, activations: &[String], samples: &[Vec<Input>]) -> Result<Vec<Vec<NamedTensor>>> {
+        if samples.is_empty() {
+            return Ok(vec![]);
+        }
+        let g = self.capture.base().graph.as_ref().expect("graph");
+        let graph_inputs: HashSet<&str> = g.input.iter().filter_map(|i| i.name.as_deref()).collect();
+        let available =
+            |name: &str, carried: &HashMap<String, Input>| graph_inputs.contains(name) || carried.contains_key(name);
+        let wanted: Vec<&str> =
+            activations.iter().map(String::as_str).filter(|a| !available(a, &self.carried[0])).collect();
+        let need = ancestors(g, wanted.iter().copied());
+        let run: Vec<bool> = need.iter().zip(&self.ran).map(|(&n, &r)| n && !r).collect();
+        for (r, &now) in self.ran.iter_mut().zip(&run) {
+            *r |= now;
+        }
+        // Tensors this step produces that a node still to run reads: carried to later steps.
+        let read_ahead = reads(g.node.iter().zip(&self.ran).filter(|(_, &r)| !r).map(|(n, _)| n));
+        let produced: Vec<String> = g
+            .node
+            .iter()
+            .zip(&run)
+            .filter(|(_, &r)| r)
+            .flat_map(|(n, _)| n.output.iter().filter(|o| !o.is_empty()).cloned())
+            .collect();
+        let mut outputs: Vec<String> = wanted.iter().map(|s| s.to_string()).collect();
+        outputs.extend(produced.iter().filter(|o| read_ahead.contains(*o) && !wanted.contains(&o.as_str())).cloned());
+        if run.iter().any(|&r| r) {
+            // The carried tensors the nodes of this step read become graph inputs.
+            let read_now = reads(g.node.iter().zip(&run).filter(|(_, &r)| r).map(|(n, _)| n));
+            let fed: Vec<String> = self.carried[0].keys().filter(|k| read_now.contains(*k)).cloned().collect();
+            let inputs = fed.iter().map(|n| declared(&self.carried[0][n])).collect();
+            let proto = self.capture.cut(
+                &run,
+                |i, n| match self.rewired.get(&i) {
+                    Some((slot, name)) => {
+                        let mut n = n.clone();
+                        n.input[*slot] = name.clone();
+                        n
+                    }
+                    None => n.clone(),
+                },
+                self.replacements.clone(),
+                inputs,
+                &outputs,
+            );
+            let feeds = samples.iter().zip(&self.carried).map(|(s, c)| {
+                let mut f = s.clone();
+                f.extend(fed.iter().map(|n| c[n].clone()));
+                f
+            });
+            let results = self.capture.run_cut(proto, SessionOptions::default(), feeds)?;
+            for (carried, out) in self.carried.iter_mut().zip(results) {
+                carried.extend(out.into_iter().map(|t| (t.name.clone(), t)));
+            }
+        }
+        let result = samples
+            .iter()
+            .zip(&self.carried)
+            .enumerate()
+            .map(|(s, (sample, carried))| {
+                activations
+                    .iter()
+                    .map(|a| {
+                        let t = carried.get(a).or_else(|| sample.iter().find(|i| &i.name == a)).ok_or_else(|| {
+                            Error::Runtime(format!("calibration sample {s}: activation '{a}' was not produced"))
+                        })?;
+                        t.clone().into_float().map_err(|e| Error::Runtime(format!("calibration sample {s}: {e}")))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Drop what no node still to run reads.
+        for carried in &mut self.carried {
+            carried.retain(|k, _| read_ahead.contains(k));
+        }
+        Ok(result)
+    }
+
+    /// From now on, node `node` of the captured model reads `values` (row-major `dims`, stored as
+    /// ONNX type `data_type`: float32, float16 or bfloat16 bytes in `bytes`) at input `slot`
+    /// instead of its weight. Call it before any step runs the node.
+    pub fn replace(&mut self, node: usize, slot: usize, dims: &[usize], data_type: i32, bytes: &[u8]) -> Result<()> {
+        if self.ran.get(node).copied().unwrap_or(true) {
+            return Err(Error::Runtime(format!(
+                "sequential calibration: node {node} already ran before its weight was quantized"
+            )));
+        }
+        let path = self.capture.dir().join(VALUES_FILE);
+        self.values.write_all(bytes).map_err(|source| Error::Write { path, cause: source })?;
+        let name = format!("nibble_sequential_{}", self.replacements.len());
+        let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+        self.replacements.push(TensorProto {
+            name: Some(name.clone()),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(data_type),
+            data_location: Some(tensor_proto::DataLocation::External as i32),
+            external_data: vec![
+                entry("location", VALUES_FILE.into()),
+                entry("offset", self.values_len.to_string()),
+                entry("length", bytes.len().to_string()),
+            ],
+            ..Default::default()
+        });
+        self.values_len += bytes.len() as u64;
+        self.rewired.insert(node, (slot, name));
+        Ok(())
+    }
+}
+
+/// A graph input for a carried tensor: its element type, its rank with unknown dimensions.
+fn declared(t: &Input) -> ValueInfoProto {
+    use crate::graph::onnx::tensor_proto::DataType as D;
+    let elem = match t.data {
+        InputData::F32(_) => D::Float,
+        InputData::F16(_) => D::Float16,
+        InputData::I64(_) => D::Int64,
+        InputData::I32(_) => D::Int32,
+        InputData::Bool(_) => D::Bool,
+    } as i32;
+    let dim = t.shape.iter().map(|_| Default::default()).collect();
+    ValueInfoProto {
+        name: Some(t.name.clone()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(elem),
+                shape: Some(crate::graph::onnx::TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
