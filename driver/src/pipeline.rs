@@ -237,54 +237,9 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
     let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
-    let gptq_opts = GptqOptions { scale_search: opts.scale_search, ..opts.gptq.clone() };
-    if opts.method.gptq() {
-        gptq_opts.check()?;
-    }
-    if opts.scale_search && opts.method.awq().is_some() && !opts.method.gptq() {
-        return Err(Error::Usage("--scale-search works with --method rtn_dq, rtn, gptq or awq_gptq".into()));
-    }
-    if opts.method == Method::AwqGptq && opts.awq.per_subgraph {
-        return Err(Error::Usage("--per-subgraph works with --method awq_lite only (as in ModelOpt)".into()));
-    }
-    // GPTQ calibrates the float model: prepared before awq_gptq folds pre-quant scales into it.
-    let calibration = match opts.method.gptq() && !chosen.is_empty() {
-        true => Some(crate::methods::gptq::prepare(&model, &chosen, &opts.awq)?),
-        false => None,
-    };
+    check_method_options(opts)?;
     let mut names = ModelNames::of(model.proto.graph.as_ref().expect("graph"));
-    let (awq, insertions) = awq_search(&mut model, &chosen, block, opts, &mut names)?;
-    let mut gptq = match &calibration {
-        Some(cal) => {
-            for (w, why) in &cal.plain {
-                eprintln!("nibble: weight '{w}' is quantized without GPTQ (round to nearest): {why}");
-            }
-            crate::methods::gptq::quantize(cal, &model, &chosen, block, opts.zero_point, &gptq_opts, awq.as_ref())?
-        }
-        None => HashMap::new(),
-    };
-    drop(calibration);
-    let quantized: Vec<Result<QuantizedWeight>> = chosen
-        .iter()
-        .map(|c| gptq.remove(&c.base))
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .zip(chosen.par_iter())
-        .map(|(done, c)| match done {
-            Some(q) => Ok(q),
-            None => match awq.as_ref().filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
-                Some(a) => crate::methods::awq::quantize_candidate_awq(&model, c, block, opts.zero_point, a),
-                None => crate::methods::rtn::quantize_candidate_with(
-                    &model,
-                    c,
-                    block_of(c),
-                    opts.zero_point,
-                    opts.scale_search,
-                ),
-            },
-        })
-        .collect();
-    let quantized = quantized.into_iter().collect::<Result<Vec<_>>>()?;
+    let (quantized, insertions) = quantize_weights(&mut model, &chosen, block, &block_of, opts, &mut names)?;
     let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();
     model.inline_external_data()?;
     let emitted = emit(&mut model, &chosen, quantized, &block_of, insertions, opts, &mut names)?;
@@ -310,6 +265,77 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
             .collect(),
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Refuses option combinations the methods do not take.
+fn check_method_options(opts: &Options) -> Result<()> {
+    if opts.method.gptq() {
+        opts.gptq.check()?;
+    }
+    if opts.scale_search && opts.method.awq().is_some() && !opts.method.gptq() {
+        return Err(Error::Usage("--scale-search works with --method rtn_dq, rtn, gptq or awq_gptq".into()));
+    }
+    if opts.method == Method::AwqGptq && opts.awq.per_subgraph {
+        return Err(Error::Usage("--per-subgraph works with --method awq_lite only (as in ModelOpt)".into()));
+    }
+    if opts.gptq.sequential && !opts.method.gptq() {
+        return Err(Error::Usage("--sequential works with --method gptq or awq_gptq".into()));
+    }
+    Ok(())
+}
+
+/// The calibrate-and-quantize stage: GPTQ's calibration of the float model (gptq, awq_gptq), the
+/// AWQ searches and their pre-quant scales folded into `model` (AWQ methods), then every chosen
+/// weight quantized (in parallel) by its method: GPTQ, AWQ's scales and clip ratios, or round to
+/// nearest. Returns the quantized weights in the order of `chosen` and the pre-quant scale nodes
+/// still to insert.
+fn quantize_weights(
+    model: &mut Model,
+    chosen: &[&Candidate],
+    block: BlockSize,
+    block_of: &(dyn Fn(&Candidate) -> BlockSize + Sync),
+    opts: &Options,
+    names: &mut ModelNames,
+) -> Result<(Vec<QuantizedWeight>, Insertions)> {
+    // GPTQ calibrates the float model: prepared before awq_gptq folds pre-quant scales into it.
+    let calibration = match opts.method.gptq() && !chosen.is_empty() {
+        true => Some(crate::methods::gptq::prepare(model, chosen, &opts.awq)?),
+        false => None,
+    };
+    let (awq, insertions) = awq_search(model, chosen, block, opts, names)?;
+    let mut gptq = match &calibration {
+        Some(cal) => {
+            for (w, why) in &cal.plain {
+                eprintln!("nibble: weight '{w}' is quantized without GPTQ (round to nearest): {why}");
+            }
+            let gptq_opts = GptqOptions { scale_search: opts.scale_search, ..opts.gptq.clone() };
+            crate::methods::gptq::quantize(cal, model, chosen, block, opts.zero_point, &gptq_opts, awq.as_ref())?
+        }
+        None => HashMap::new(),
+    };
+    drop(calibration);
+    let model = &*model;
+    let quantized: Vec<Result<QuantizedWeight>> = chosen
+        .iter()
+        .map(|c| gptq.remove(&c.base))
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .zip(chosen.par_iter())
+        .map(|(done, c)| match done {
+            Some(q) => Ok(q),
+            None => match awq.as_ref().filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
+                Some(a) => crate::methods::awq::quantize_candidate_awq(model, c, block, opts.zero_point, a),
+                None => crate::methods::rtn::quantize_candidate_with(
+                    model,
+                    c,
+                    block_of(c),
+                    opts.zero_point,
+                    opts.scale_search,
+                ),
+            },
+        })
+        .collect();
+    Ok((quantized.into_iter().collect::<Result<Vec<_>>>()?, insertions))
 }
 
 /// The plan stage: every candidate weight with its decision (INT8 layers, Gather tables, skipped

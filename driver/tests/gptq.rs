@@ -296,6 +296,11 @@ fn bad_gptq_options_fail_clearly() {
     ]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("--scale-search"));
+    // --sequential with a method that has no sequential calibration.
+    let r = nibble(&["quantize", fx.src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--sequential"]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--sequential works with --method gptq"));
+    assert!(!out.exists());
 }
 
 /// `--sequential`: the first layer (fed by the graph input) sees the same activations as without

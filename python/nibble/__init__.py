@@ -190,6 +190,7 @@ def quantize_file(
     percdamp: float = 0.01,
     gptq_batch: int = 128,
     act_order: bool = False,
+    sequential: bool = False,
 ) -> Dict[str, Any]:
     """Quantizes the MatMul/Gemm weights of the ONNX model at ``input`` and writes ``output``
     (default ``INPUT_int4.onnx`` next to the input), as ``nibble quantize`` does (same options, same
@@ -241,6 +242,8 @@ def quantize_file(
         percdamp: GPTQ dampening, a fraction of the mean Hessian diagonal added to it.
         gptq_batch: GPTQ rows (input channels) per lazy batch update.
         act_order: GPTQ processes input channels by decreasing Hessian diagonal.
+        sequential: GPTQ calibrates step by step, each layer group on the activations of the
+            layers already quantized before it (``--sequential``).
 
     Returns:
         ``{"output": path, "quantized": weights quantized, "int8": of which INT8, "candidates":
@@ -292,6 +295,7 @@ def quantize_file(
         percdamp=percdamp,
         gptq_batch=gptq_batch,
         act_order=act_order,
+        sequential=sequential,
         **_calibration(calibration_data),
     )
     result["output"] = os.fspath(result["output"])
@@ -367,6 +371,11 @@ _KWARGS = {
     "calibration_seed": ("calibration_seed", int),
     "calibration_memory_mb": ("calibration_memory_mb", int),
     "skip_nonfinite": ("skip_nonfinite", bool),
+    "scale_search": ("scale_search", bool),
+    "percdamp": ("percdamp", float),
+    "gptq_batch": ("gptq_batch", int),
+    "act_order": ("act_order", bool),
+    "sequential": ("sequential", bool),
 }
 
 
@@ -389,7 +398,8 @@ def quantize(
     Args:
         onnx_path: the model: a path, or an ``onnx.ModelProto``.
         calibration_method: ``"awq_lite"`` (ModelOpt's default), ``"awq_clip"``, ``"awq_full"``,
-            ``"rtn_dq"`` or ``"rtn"``.
+            ``"rtn_dq"`` or ``"rtn"``; beyond ModelOpt, ``"gptq"`` and ``"awq_gptq"`` (see
+            :func:`quantize_file`).
         calibration_data_reader: an ONNX Runtime ``CalibrationDataReader`` (``get_next()`` returning
             ``{input name: numpy array}``, None at the end) or a list of such dicts; each dict is one
             sample. None: nibble's seeded random inputs (ModelOpt draws one unseeded random token).
@@ -409,8 +419,9 @@ def quantize(
             (32), ``layers_8bit`` (comma-separated patterns), ``enable_mixed_quant`` (False),
             ``awqclip_bsz_col`` and ``trt_rtx_backend`` (no effect), ``use_column_major`` (False
             only); and nibble's ``calibration_shapes``, ``calibration_samples``,
-            ``calibration_seed``, ``calibration_memory_mb``, ``skip_nonfinite``. Any other name
-            raises ``TypeError``.
+            ``calibration_seed``, ``calibration_memory_mb``, ``skip_nonfinite``, ``scale_search``,
+            ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential`` (as in
+            :func:`quantize_file`). Any other name raises ``TypeError``.
 
     Returns:
         The quantized ``onnx.ModelProto`` (needs the ``onnx`` package): the same graph, bytes for

@@ -198,7 +198,7 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary, output: &Path) -> PyResult<Bo
     gather_block_size=32, int8_layers=None, mixed_precision=false, calibration_data=None, calibration_inputs=None,
     calibration_shapes=None, calibration_samples=8, calibration_seed=0, alpha_step=0.1, clip_alpha_step=0.05,
     clip_alpha_min=0.5, fuse=true, per_subgraph=false, calibration_memory_mb=1024, verbose=false, scale_search=false,
-    percdamp=0.01, gptq_batch=128, act_order=false
+    percdamp=0.01, gptq_batch=128, act_order=false, sequential=false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn quantize_file<'py>(
@@ -235,6 +235,7 @@ fn quantize_file<'py>(
     percdamp: f64,
     gptq_batch: usize,
     act_order: bool,
+    sequential: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     // The same checks and defaults as the CLI's (driver/src/cli.rs), so equal options give equal bytes.
     for (name, v) in [("alpha_step", alpha_step), ("clip_alpha_step", clip_alpha_step)] {
@@ -269,6 +270,7 @@ fn quantize_file<'py>(
     opts.gptq.percdamp = percdamp;
     opts.gptq.lazy_batch = gptq_batch;
     opts.gptq.act_order = act_order;
+    opts.gptq.sequential = sequential;
     opts.awq.alpha_step = alpha_step;
     opts.awq.clip_alpha_step = clip_alpha_step;
     opts.awq.clip_alpha_min = clip_alpha_min;

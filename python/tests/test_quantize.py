@@ -74,6 +74,16 @@ def test_gptq_options_map_to_cli_flags(tmp_path, example):
         percdamp=0.05, gptq_batch=16, act_order=True,
     )
     assert (tmp_path / "api.onnx").read_bytes() == expected
+    model = nibble.quantize(
+        example, calibration_method="gptq", block_size=32, use_zero_point=True, scale_search=True, percdamp=0.05,
+        gptq_batch=16, act_order=True,
+    )
+    assert model.SerializeToString() == expected
+    expected = cli_bytes(tmp_path, example, "--method", "awq_gptq", "--sequential", "--force")
+    nibble.quantize_file(example, tmp_path / "seq.onnx", method="awq_gptq", sequential=True, force=True)
+    assert (tmp_path / "seq.onnx").read_bytes() == expected
+    model = nibble.quantize(example, calibration_method="awq_gptq", sequential=True)
+    assert model.SerializeToString() == expected
     with pytest.raises(ValueError, match="percdamp"):
         nibble.quantize_file(example, tmp_path / "bad.onnx", method="gptq", percdamp=-1.0)
     assert not (tmp_path / "bad.onnx").exists()
