@@ -1581,3 +1581,56 @@ fn matmuls_in_model_local_functions_are_reported_not_skipped_silently() {
         assert!(e > 0.0 && e < 0.2, "plain MatMul error {e} ({mode:?})");
     }
 }
+
+/// `--sequential` on the cases' graphs: shared weights and readers (c05), weights inside If/Loop
+/// bodies with an outer weight also read inside a branch (c08), weights behind constant chains
+/// (c14). Each output runs in both session modes, the readers that must see the original weight
+/// still do, and the error stays that of plain GPTQ's kind (within 25% + 0.03 of it).
+#[test]
+fn sequential_gptq_on_shared_weights_bodies_and_chains() {
+    let d = tmp();
+    let calib = d.path().join("calib.npz");
+    let rows: Vec<f32> = (0..8).flat_map(|s| outlier_rows(16, 64, 90 + s)).collect();
+    write_npz(&calib, &[("x", Arr::F32(vec![8, 1, 16, 64], rows))]);
+    let c05_src = save_model(c05(), d.path(), "c05.onnx");
+    let c08_src = save_model(c08(), d.path(), "c08.onnx");
+    let c14_src = save_model(c14().0, d.path(), "c14.onnx");
+    let c14_samples = vec![vec![normal_input("x", &[4, 96], 7)]];
+    type Case<'a> = (&'a Path, Vec<Vec<Input>>, Vec<&'a str>);
+    let cases: [Case; 3] = [
+        (&c05_src, c05_samples(), vec!["--calibration-data", calib.to_str().unwrap()]),
+        (&c08_src, flag_samples(64), vec![]),
+        (&c14_src, c14_samples, vec![]),
+    ];
+    for (src, samples, extra) in &cases {
+        let name = src.file_stem().unwrap().to_string_lossy().into_owned();
+        let mut errors = vec![];
+        for seq in [false, true] {
+            let out = d.path().join(format!("{name}_{seq}.onnx"));
+            let mut args = vec!["--method", "gptq"];
+            args.extend(extra.iter().copied());
+            if seq {
+                args.push("--sequential");
+            }
+            quantize(src, &out, &args);
+            check_unique_names(&out);
+            let mut worst = 0.0f64;
+            for mode in MODES {
+                let f = outputs(src, mode, samples);
+                let qo = outputs(&out, mode, samples);
+                for (o, v) in &f {
+                    let e = rel(&qo[o], v);
+                    assert!(e.is_finite(), "{name} {mode:?} '{o}': {e}");
+                    worst = worst.max(e);
+                }
+                if name == "c05" {
+                    assert_eq!(qo["wb_sq"], f["wb_sq"], "{mode:?}: /aux/Mul must read the original Wb");
+                }
+            }
+            errors.push(worst);
+        }
+        eprintln!("{name}: worst relative output error gptq {:.4}, --sequential {:.4}", errors[0], errors[1]);
+        assert!(errors[0] > 1e-3, "{name}: the model must actually be quantized");
+        assert!(errors[1] <= 1.25 * errors[0] + 0.03, "{name}: --sequential {} vs {}", errors[1], errors[0]);
+    }
+}
