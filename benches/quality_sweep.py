@@ -16,7 +16,8 @@ Set-up and a full run from a clean checkout (BENCHMARKS.md, "Quality on real tra
 
 Methods (``--methods``, comma-separated; default: all that exist):
   nibble: rtn_dq, rtn_dq_zp (``--zero-point``), awq_lite, awq_clip, awq_full (with calib.npz);
-          gptq, awq_gptq, rtn_dq_search (``--scale-search``), gptq_zp, and gptq_seq, gptq_zp_seq,
+          gptq, awq_gptq, rtn_dq_search (``--scale-search``), rtn_dq_search_clip (with
+          ``--scale-search-clip-min 0.5``), gptq_zp, and gptq_seq, gptq_zp_seq,
           awq_gptq_seq (``--sequential``): run only when
           ``nibble quantize --help`` lists them, otherwise skipped with a note.
   ONNX Runtime 1.32: ort_rtn (MatMulNBitsQuantizer + DefaultWeightOnlyQuantConfig, symmetric),
@@ -57,7 +58,9 @@ NIBBLE_METHODS = {
     "awq_lite": (["--method", "awq_lite"], True, None),
     "awq_clip": (["--method", "awq_clip"], True, None),
     "awq_full": (["--method", "awq_full"], True, None),
-    "rtn_dq_search": (["--method", "rtn_dq", "--scale-search"], False, "--scale-search"),
+    "rtn_dq_search": (["--method", "rtn_dq", "--scale-search"], False, "--scale-search-clip-min"),
+    "rtn_dq_search_clip": (["--method", "rtn_dq", "--scale-search", "--scale-search-clip-min", "0.5"], False,
+                           "--scale-search-clip-min"),
     "gptq": (["--method", "gptq"], True, "gptq"),
     "gptq_zp": (["--method", "gptq", "--zero-point"], True, "gptq"),
     "awq_gptq": (["--method", "awq_gptq"], True, "awq_gptq"),
@@ -66,13 +69,14 @@ NIBBLE_METHODS = {
     "awq_gptq_seq": (["--method", "awq_gptq", "--sequential"], True, "--sequential"),
 }
 ORT_METHODS = ("ort_rtn", "ort_gptq", "ort_gptq_pt")
-ORDER = ["rtn_dq", "rtn_dq_zp", "rtn_dq_search", "awq_lite", "awq_clip", "awq_full", "gptq", "gptq_zp", "awq_gptq",
+ORDER = ["rtn_dq", "rtn_dq_zp", "rtn_dq_search", "rtn_dq_search_clip", "awq_lite", "awq_clip", "awq_full", "gptq", "gptq_zp", "awq_gptq",
          "gptq_seq", "gptq_zp_seq", "awq_gptq_seq", "ort_rtn", "ort_gptq", "ort_gptq_pt"]
 LABEL = {
     "float": "float (no quantization)",
     "rtn_dq": "nibble rtn_dq (ModelOpt's RTN, amax/7)",
     "rtn_dq_zp": "nibble rtn_dq --zero-point",
-    "rtn_dq_search": "nibble rtn_dq --scale-search",
+    "rtn_dq_search": "nibble rtn_dq --scale-search (two grids, no clipping)",
+    "rtn_dq_search_clip": "nibble rtn_dq --scale-search --scale-search-clip-min 0.5",
     "awq_lite": "nibble awq_lite",
     "awq_clip": "nibble awq_clip",
     "awq_full": "nibble awq_full",

@@ -51,6 +51,12 @@ impl Default for ScaleGrid {
 }
 
 impl ScaleGrid {
+    /// Both grids at clip ratios `min, min + 0.05, ..., 1.0` (`min` = 1: the full range only,
+    /// the choice between the two grids per block).
+    pub fn clipped_to(min: f64) -> ScaleGrid {
+        ScaleGrid { clip_ratios: crate::awq::clip_alphas(min, 0.05), ..ScaleGrid::default() }
+    }
+
     fn check(&self) -> Result<()> {
         if self.clip_ratios.iter().any(|r| !(r.is_finite() && *r > 0.0 && *r <= 1.0)) {
             return Err(Error::BadGptqParam { what: "scale search clip ratio", why: "every ratio must be in (0, 1]" });

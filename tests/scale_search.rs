@@ -213,3 +213,12 @@ fn scale_search_improves_on_formula() {
         }
     }
 }
+
+/// `clipped_to(1)` searches the two grids at the full range only; `clipped_to(0.5)` is the default
+/// grid (AWQ-clip's ratios).
+#[test]
+fn clipped_grids() {
+    assert_eq!(ScaleGrid::clipped_to(1.0).clip_ratios, vec![1.0]);
+    assert_eq!(ScaleGrid::clipped_to(0.9).clip_ratios, vec![0.9, 0.95, 1.0]);
+    assert_eq!(ScaleGrid::clipped_to(0.5), ScaleGrid::default());
+}

@@ -16,6 +16,7 @@ use crate::graph::opset;
 use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
 use crate::methods::gptq::GptqOptions;
 use crate::plan::{compile_patterns, plan, Candidate, Decision};
+use nibble::scale_search::ScaleGrid;
 use nibble::{Bits, BlockSize, FloatFormat, QuantizedWeight};
 use rayon::prelude::*;
 use regex::Regex;
@@ -88,6 +89,9 @@ pub struct Options {
     pub gptq: GptqOptions,
     /// Block scales by the data-free search (rtn_dq, rtn, gptq, awq_gptq).
     pub scale_search: bool,
+    /// The smallest clip ratio of the scale search, in (0, 1]; 1 (the default) searches the two
+    /// grids without clipping.
+    pub scale_search_clip_min: f64,
     /// Leave weights holding NaN or Inf unquantized (with a warning) instead of failing.
     pub skip_nonfinite: bool,
     /// Output form.
@@ -129,6 +133,7 @@ impl Default for Options {
             awq: Default::default(),
             gptq: Default::default(),
             scale_search: false,
+            scale_search_clip_min: 1.0,
             skip_nonfinite: false,
             format: Format::Dq,
             accuracy_level: 0,
@@ -278,6 +283,10 @@ fn check_method_options(opts: &Options) -> Result<()> {
     if opts.method == Method::AwqGptq && opts.awq.per_subgraph {
         return Err(Error::Usage("--per-subgraph works with --method awq_lite only (as in ModelOpt)".into()));
     }
+    let r = opts.scale_search_clip_min;
+    if !(r > 0.0 && r <= 1.0) {
+        return Err(Error::Usage(format!("--scale-search-clip-min {r}: use a ratio in (0, 1]")));
+    }
     if opts.gptq.sequential && !opts.method.gptq() {
         return Err(Error::Usage("--sequential works with --method gptq or awq_gptq".into()));
     }
@@ -308,13 +317,18 @@ fn quantize_weights(
             for (w, why) in &cal.plain {
                 eprintln!("nibble: weight '{w}' is quantized without GPTQ (round to nearest): {why}");
             }
-            let gptq_opts = GptqOptions { scale_search: opts.scale_search, ..opts.gptq.clone() };
+            let gptq_opts = GptqOptions {
+                scale_search: opts.scale_search,
+                scale_search_clip_min: opts.scale_search_clip_min,
+                ..opts.gptq.clone()
+            };
             crate::methods::gptq::quantize(cal, model, chosen, block, opts.zero_point, &gptq_opts, awq.as_ref())?
         }
         None => HashMap::new(),
     };
     drop(calibration);
     let model = &*model;
+    let grid = opts.scale_search.then(|| ScaleGrid::clipped_to(opts.scale_search_clip_min));
     let quantized: Vec<Result<QuantizedWeight>> = chosen
         .iter()
         .map(|c| gptq.remove(&c.base))
@@ -325,13 +339,9 @@ fn quantize_weights(
             Some(q) => Ok(q),
             None => match awq.as_ref().filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
                 Some(a) => crate::methods::awq::quantize_candidate_awq(model, c, block, opts.zero_point, a),
-                None => crate::methods::rtn::quantize_candidate_with(
-                    model,
-                    c,
-                    block_of(c),
-                    opts.zero_point,
-                    opts.scale_search,
-                ),
+                None => {
+                    crate::methods::rtn::quantize_candidate_with(model, c, block_of(c), opts.zero_point, grid.as_ref())
+                }
             },
         })
         .collect();

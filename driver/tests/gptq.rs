@@ -180,6 +180,7 @@ fn gptq_beats_rtn_and_awq_at_block_128() {
         for (name, method, extra) in [
             ("rtn_dq", "rtn_dq", vec![]),
             ("rtn_dq --scale-search", "rtn_dq", vec!["--scale-search"]),
+            ("rtn_dq --scale-search clip 0.5", "rtn_dq", vec!["--scale-search", "--scale-search-clip-min", "0.5"]),
             ("awq_clip", "awq_clip", vec![]),
             ("awq_lite", "awq_lite", vec![]),
             ("gptq", "gptq", vec![]),
@@ -203,6 +204,9 @@ fn gptq_beats_rtn_and_awq_at_block_128() {
         assert!(e("gptq") < e("rtn_dq"), "{format:?}: gptq {} vs rtn_dq {}", e("gptq"), e("rtn_dq"));
         assert!(e("gptq") < e("awq_clip"), "{format:?}: gptq {} vs awq_clip {}", e("gptq"), e("awq_clip"));
         assert!(e("rtn_dq --scale-search") < e("rtn_dq"), "{format:?}: scale search not below rtn_dq");
+        // Clip ratios lower the weight error further: they change the result.
+        assert!(e("rtn_dq --scale-search clip 0.5") < e("rtn_dq"), "{format:?}: clipped search not below rtn_dq");
+        assert_ne!(e("rtn_dq --scale-search clip 0.5"), e("rtn_dq --scale-search"), "{format:?}: clip ratios unused");
         assert!(e("awq_gptq") < e("rtn_dq"), "{format:?}: awq_gptq not below rtn_dq");
         assert!(e("gptq --scale-search") < e("rtn_dq --scale-search"), "{format:?}: gptq search not below rtn search");
     }
@@ -296,6 +300,15 @@ fn bad_gptq_options_fail_clearly() {
     ]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("--scale-search"));
+    // A clip ratio outside (0, 1], and a clip ratio without the search.
+    let src = fx.src.to_str().unwrap();
+    let r = nibble(&["quantize", src, "-o", out.to_str().unwrap(), "--scale-search", "--scale-search-clip-min", "0"]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--scale-search-clip-min 0: use a ratio in (0, 1]"));
+    let r = nibble(&["quantize", src, "-o", out.to_str().unwrap(), "--scale-search-clip-min", "0.5"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--scale-search"));
+    assert!(!out.exists());
     // --sequential with a method that has no sequential calibration.
     let r = nibble(&["quantize", fx.src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--sequential"]);
     assert_eq!(r.status.code(), Some(1));

@@ -187,6 +187,7 @@ def quantize_file(
     calibration_memory_mb: int = 1024,
     verbose: bool = False,
     scale_search: bool = False,
+    scale_search_clip_min: float = 1.0,
     percdamp: float = 0.01,
     gptq_batch: int = 128,
     act_order: bool = False,
@@ -238,7 +239,9 @@ def quantize_file(
         calibration_memory_mb: activation memory held at once during calibration, MiB.
         verbose: print each weight's AWQ choice to stderr.
         scale_search: choose each block's scale by a data-free search over ONNX Runtime's 16-level
-            and ModelOpt's 15-level grids times clip ratios (rtn_dq, rtn, gptq, awq_gptq).
+            and ModelOpt's 15-level grids (rtn_dq, rtn, gptq, awq_gptq).
+        scale_search_clip_min: the scale search also tries clip ratios from this one up to 1 in
+            steps of 0.05 (1: no clipping; ``--scale-search-clip-min``).
         percdamp: GPTQ dampening, a fraction of the mean Hessian diagonal added to it.
         gptq_batch: GPTQ rows (input channels) per lazy batch update.
         act_order: GPTQ processes input channels by decreasing Hessian diagonal.
@@ -292,6 +295,7 @@ def quantize_file(
         calibration_memory_mb=calibration_memory_mb,
         verbose=verbose,
         scale_search=scale_search,
+        scale_search_clip_min=scale_search_clip_min,
         percdamp=percdamp,
         gptq_batch=gptq_batch,
         act_order=act_order,
@@ -372,6 +376,7 @@ _KWARGS = {
     "calibration_memory_mb": ("calibration_memory_mb", int),
     "skip_nonfinite": ("skip_nonfinite", bool),
     "scale_search": ("scale_search", bool),
+    "scale_search_clip_min": ("scale_search_clip_min", float),
     "percdamp": ("percdamp", float),
     "gptq_batch": ("gptq_batch", int),
     "act_order": ("act_order", bool),
@@ -420,7 +425,7 @@ def quantize(
             ``awqclip_bsz_col`` and ``trt_rtx_backend`` (no effect), ``use_column_major`` (False
             only); and nibble's ``calibration_shapes``, ``calibration_samples``,
             ``calibration_seed``, ``calibration_memory_mb``, ``skip_nonfinite``, ``scale_search``,
-            ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential`` (as in
+            ``scale_search_clip_min``, ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential`` (as in
             :func:`quantize_file`). Any other name raises ``TypeError``.
 
     Returns:

@@ -41,6 +41,7 @@ def quantize_file(
     calibration_memory_mb: int = 1024,
     verbose: bool = False,
     scale_search: bool = False,
+    scale_search_clip_min: float = 1.0,
     percdamp: float = 0.01,
     gptq_batch: int = 128,
     act_order: bool = False,

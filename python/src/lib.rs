@@ -198,6 +198,7 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary, output: &Path) -> PyResult<Bo
     gather_block_size=32, int8_layers=None, mixed_precision=false, calibration_data=None, calibration_inputs=None,
     calibration_shapes=None, calibration_samples=8, calibration_seed=0, alpha_step=0.1, clip_alpha_step=0.05,
     clip_alpha_min=0.5, fuse=true, per_subgraph=false, calibration_memory_mb=1024, verbose=false, scale_search=false,
+    scale_search_clip_min=1.0,
     percdamp=0.01, gptq_batch=128, act_order=false, sequential=false
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -232,6 +233,7 @@ fn quantize_file<'py>(
     calibration_memory_mb: usize,
     verbose: bool,
     scale_search: bool,
+    scale_search_clip_min: f64,
     percdamp: f64,
     gptq_batch: usize,
     act_order: bool,
@@ -265,6 +267,7 @@ fn quantize_file<'py>(
         int8_layers,
         mixed_precision,
         scale_search,
+        scale_search_clip_min,
         ..Options::default()
     };
     opts.gptq.percdamp = percdamp;

@@ -84,10 +84,14 @@ enum Command {
         #[arg(long)]
         mixed_precision: bool,
         /// Choose each block's scale by a data-free search (ModelOpt's 15-level and ONNX Runtime's
-        /// 16-level grids, clip ratios 0.5..1; lowest weight error) instead of ModelOpt's formula
-        /// (rtn_dq, rtn, gptq, awq_gptq).
+        /// 16-level grids; lowest weight error) instead of ModelOpt's formula (rtn_dq, rtn, gptq,
+        /// awq_gptq).
         #[arg(long)]
         scale_search: bool,
+        /// The scale search also tries clip ratios from this one up to 1 in steps of 0.05 (1: no
+        /// clipping). Clipping helped an encoder and hurt a causal LM (README, "Which method").
+        #[arg(long, value_name = "RATIO", default_value_t = 1.0, requires = "scale_search")]
+        scale_search_clip_min: f64,
         #[command(flatten)]
         awq: AwqArgs,
         #[command(flatten)]
@@ -325,6 +329,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             int8_layers,
             mixed_precision,
             scale_search,
+            scale_search_clip_min,
             awq,
             gptq,
         } => {
@@ -349,9 +354,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     lazy_batch: gptq.gptq_batch,
                     act_order: gptq.act_order,
                     scale_search,
+                    scale_search_clip_min,
                     sequential: gptq.sequential,
                 },
                 scale_search,
+                scale_search_clip_min,
                 skip_nonfinite,
                 format,
                 accuracy_level,

@@ -48,6 +48,8 @@ pub struct GptqOptions {
     /// Block scales by the data-free search ([`nibble::scale_search`]) instead of ModelOpt's
     /// formula (`--scale-search`).
     pub scale_search: bool,
+    /// The smallest clip ratio of the scale search (1: no clipping).
+    pub scale_search_clip_min: f64,
     /// Capture each step's activations from the model holding the quantized values of every
     /// earlier step (`--sequential`) instead of from the float model.
     pub sequential: bool,
@@ -55,7 +57,14 @@ pub struct GptqOptions {
 
 impl Default for GptqOptions {
     fn default() -> Self {
-        GptqOptions { percdamp: 0.01, lazy_batch: 128, act_order: false, scale_search: false, sequential: false }
+        GptqOptions {
+            percdamp: 0.01,
+            lazy_batch: 128,
+            act_order: false,
+            scale_search: false,
+            scale_search_clip_min: 1.0,
+            sequential: false,
+        }
     }
 }
 
@@ -77,7 +86,7 @@ impl GptqOptions {
     /// The block scale rule.
     pub fn scale_rule(&self) -> ScaleRule {
         if self.scale_search {
-            ScaleRule::Search { grid: ScaleGrid::default(), hessian_weighted: false }
+            ScaleRule::Search { grid: ScaleGrid::clipped_to(self.scale_search_clip_min), hessian_weighted: false }
         } else {
             ScaleRule::Formula
         }

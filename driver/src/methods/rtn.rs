@@ -58,19 +58,19 @@ fn weight_data<'a>(format: FloatFormat, bytes: &'a Bytes, copy: &'a mut Elements
 
 /// Quantizes one candidate weight (`block` is the run's; an INT8 layer takes one block per channel).
 pub fn quantize_candidate(model: &Model, c: &Candidate, block: BlockSize, zero_point: bool) -> Result<QuantizedWeight> {
-    quantize_candidate_with(model, c, block, zero_point, false)
+    quantize_candidate_with(model, c, block, zero_point, None)
 }
 
-/// [`quantize_candidate`], with the data-free scale search if `scale_search`
-/// ([`nibble::scale_search::scale_search_weight`] over [`ScaleGrid::default`]: per block, the
-/// scale of ModelOpt's 15-level and ONNX Runtime's 16-level grids at clip ratios 0.5..1 with the
-/// lowest weight reconstruction error; 16-level scales can be negative, `extreme / -8`).
+/// [`quantize_candidate`], with the data-free scale search over `scale_search` if given
+/// ([`nibble::scale_search::scale_search_weight`]: per block, the scale of ModelOpt's 15-level and
+/// ONNX Runtime's 16-level grids at the grid's clip ratios with the lowest weight reconstruction
+/// error; 16-level scales can be negative, `extreme / -8`).
 pub fn quantize_candidate_with(
     model: &Model,
     c: &Candidate,
     block: BlockSize,
     zero_point: bool,
-    scale_search: bool,
+    scale_search: Option<&ScaleGrid>,
 ) -> Result<QuantizedWeight> {
     let Decision::Quantize { axis } = c.decision else { unreachable!("only planned weights") };
     let format = c.format().ok_or_else(|| Error::UnsupportedDtype {
@@ -83,8 +83,8 @@ pub fn quantize_candidate_with(
     let data = weight_data(format, &bytes, &mut copy);
     let shape = [c.dims[0] as usize, c.dims[1] as usize];
     let params = QuantParams { block_size: c.block(block), axis, zero_point, alpha: 1.0, bits: c.bits };
-    if scale_search {
-        return nibble::scale_search::scale_search_weight(data, shape, &params, &ScaleGrid::default(), None)
+    if let Some(grid) = scale_search {
+        return nibble::scale_search::scale_search_weight(data, shape, &params, grid, None)
             .map_err(|e| Error::kernel(&c.weight, e));
     }
     nibble::quantize_weight(data, shape, &params).map_err(|e| Error::kernel(&c.weight, e))
