@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, set-up included: ONNX Runtime library, formatting, lints, every test, and the
 # Python package (wheel built in a fresh venv, then pytest: scripts/test-python.sh).
-# Ends with one line "tests: N passed, M failed" summing every test binary and pytest's results
+# Ends with one line "tests: N passed, M failed, K skipped" summing every test binary and pytest's results
 # (pytest's skipped tests are not counted as passed; its errors count as failed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +24,11 @@ if [ "$pystatus" -ne 0 ] && ! grep -qE '^=+ .* in [0-9.]+s' "$log"; then
   echo "python package: the wheel did not build or install (counted as 1 failed)"
   pyfail=1
 fi
-# cargo: "test result: ok. N passed; M failed; ..."; pytest: "=== N passed, K skipped, M failed in ... ===".
-awk -v f="$pyfail" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+# cargo: "test result: ok. N passed; M failed; K ignored; ..."; pytest: "=== N passed, K skipped, M failed in ... ===".
+# Skipped (pytest) and ignored (cargo) tests are counted apart, never as passed.
+awk -v f="$pyfail" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      /^=+ .*[0-9]+ (passed|failed|error|errors|skipped)/ && / in [0-9.]+s/ {
-       for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^(failed|error|errors)/) f += $i }
+       for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^(failed|error|errors)/) f += $i; if ($(i+1) ~ /^skipped/) s += $i }
      }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"

@@ -136,15 +136,23 @@ fn unsupported_dtype() {
 
 #[test]
 fn bad_block_sizes() {
+    // A block size no model could take is a usage error (exit 2), for quantize and compare's sweep;
+    // the input is untouched and nothing is written.
     let d = tmp();
     let m = good_model(d.path(), ExternalData::Never);
-    for b in ["0", "1", "3", "33", "-2"] {
-        let stderr = fails(d.path(), &m, &["--block-size", b], 1, &["block size", b]);
-        assert!(
-            stderr.starts_with(&format!("nibble: error: --block-size: block size {b} is not supported: ")),
-            "{stderr}"
-        );
+    for b in ["0", "1", "3", "33", "-2", "x"] {
+        let stderr = fails(d.path(), &m, &["--block-size", b], 2, &["--block-size", b]);
+        assert!(stderr.contains(&format!("invalid value '{b}' for '--block-size")), "{stderr}");
+        if b != "x" {
+            assert!(stderr.contains(&format!("block size {b} is not supported: ")), "{stderr}");
+        }
+        let stderr =
+            fails(d.path(), &m, &["--gather-axis", "0", "--gather-block-size", b], 2, &["--gather-block-size"]);
+        assert!(stderr.contains(&format!("invalid value '{b}'")), "{stderr}");
     }
+    let o = nibble(&["compare", m.to_str().unwrap(), "--methods", "rtn_dq", "--block-sizes", "128,3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("block size 3 is not supported"));
 }
 
 #[test]

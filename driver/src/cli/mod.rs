@@ -38,7 +38,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "rtn_dq")]
         method: Method,
         /// Block size along K (even, >= 2), or -1 for per-channel.
-        #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+        #[arg(long, default_value_t = 128, allow_negative_numbers = true, value_parser = block_size_arg)]
         block_size: i64,
         /// UINT4 with a zero point per block instead of symmetric INT4.
         #[arg(long)]
@@ -73,7 +73,7 @@ enum Command {
         #[arg(long)]
         gather_axis: Option<usize>,
         /// Block size of the Gather tables.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, allow_negative_numbers = true, value_parser = block_size_arg)]
         gather_block_size: i64,
         /// Keep these layers at INT8 per channel (ModelOpt's layers_8bit): comma-separated node
         /// names or dot/slash-separated parts of them, e.g. layers.0,/model/layers.5/mlp/down_proj/MatMul.
@@ -176,7 +176,14 @@ struct CompareExtra {
     #[arg(long, value_enum, value_delimiter = ',', value_name = "METHODS", conflicts_with = "per_layer")]
     methods: Option<Vec<Method>>,
     /// Sweep: block sizes (comma-separated; -1 per channel).
-    #[arg(long, value_delimiter = ',', value_name = "SIZES", default_value = "128", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "SIZES",
+        default_value = "128",
+        allow_negative_numbers = true,
+        value_parser = block_size_arg
+    )]
     block_sizes: Vec<i64>,
 }
 
@@ -302,6 +309,13 @@ fn perplexity_text([o, q]: &[perplexity::Perplexity; 2]) -> String {
         q.nll,
         q.perplexity
     )
+}
+
+/// A block size on the command line: even and >= 2, or -1 (per channel). Checked while parsing so
+/// that a value no model could take is a usage error (exit 2), as every other malformed option is.
+fn block_size_arg(text: &str) -> Result<i64, String> {
+    let value: i64 = text.trim().parse().map_err(|_| format!("'{text}' is not a whole number"))?;
+    nibble::BlockSize::from_i64(value).map(|_| value).map_err(|e| e.to_string())
 }
 
 fn mb(bytes: u64) -> String {
