@@ -214,9 +214,15 @@ struct AwqArgs {
     /// axis), or .npy for a single-input model. Default: seeded random inputs.
     #[arg(long, value_name = "FILE")]
     calibration_data: Option<PathBuf>,
-    /// Sizes of symbolic input dimensions for random calibration, e.g. input_ids:1x128.
-    #[arg(long, value_name = "NAME:DIMS,...")]
+    /// Sizes of symbolic input dimensions for random calibration: whole inputs (input_ids:1x128)
+    /// or symbolic dimensions by name (sequence_length=64,past_sequence_length=0); an unknown
+    /// name is an error that lists the model's inputs and dimensions.
+    #[arg(long, value_name = "NAME:DIMS|DIM=N,...")]
     calibration_shapes: Option<String>,
+    /// Calibrate a model fed by token ids on random ids when no data is given (otherwise refused:
+    /// random tokens give a much worse model than text; see README).
+    #[arg(long)]
+    calibration_random: bool,
     /// Number of random calibration samples (without --calibration-data).
     #[arg(long, default_value_t = 8)]
     calibration_samples: usize,
@@ -251,7 +257,7 @@ struct AwqArgs {
 impl AwqArgs {
     fn options(&self) -> anyhow::Result<crate::methods::awq::AwqOptions> {
         use crate::calibrate::{parse_shapes, CalibrationOptions};
-        let shapes = self.calibration_shapes.as_deref().map(parse_shapes).transpose()?.unwrap_or_default();
+        let shape_args = self.calibration_shapes.as_deref().map(parse_shapes).transpose()?.unwrap_or_default();
         for (name, v) in [("--alpha-step", self.alpha_step), ("--clip-alpha-step", self.clip_alpha_step)] {
             if !(v > 0.0 && v <= 1.0) {
                 anyhow::bail!("{name} {v}: use a step in (0, 1]");
@@ -269,8 +275,11 @@ impl AwqArgs {
             calibration: CalibrationOptions {
                 data: self.calibration_data.clone(),
                 inputs: None,
-                shapes,
+                tokens: None,
+                shapes: shape_args.shapes,
+                dims: shape_args.dims,
                 samples: self.calibration_samples.max(1),
+                random: self.calibration_random,
                 seed: self.calibration_seed,
             },
             memory_budget: self.calibration_memory_mb.max(1) << 20,
