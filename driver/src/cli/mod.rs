@@ -3,6 +3,7 @@
 //! (and the Python package) only call it.
 
 pub mod compare;
+pub mod decoder_example;
 pub mod example;
 pub mod inspect;
 pub mod perplexity;
@@ -129,10 +130,15 @@ enum Command {
         #[command(flatten)]
         extra: CompareExtra,
     },
-    /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out.
+    /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out; with
+    /// --kind genai/optimum a decoder LLM folder with a KV cache, config and tokenizer.
     Example {
-        /// Output model.
+        /// Output model (a folder for --kind genai/optimum).
         output: PathBuf,
+        /// A decoder folder as onnxruntime-genai's builder (genai) or Optimum (optimum) writes it,
+        /// instead of the single transformer-like model.
+        #[arg(long, value_enum)]
+        kind: Option<decoder_example::DecoderKind>,
         /// Hidden size.
         #[arg(long, default_value_t = 256)]
         hidden: usize,
@@ -529,7 +535,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Example { output, hidden, intermediate, layers, vocab, dtype, opset, external_data, force } => {
+        Command::Example { output, kind: Some(kind), force, .. } => {
+            let files =
+                decoder_example::write_folder(&output, kind, &decoder_example::DecoderConfig::default(), force)?;
+            println!("wrote {}: {}", output.display(), files.join(", "));
+        }
+        Command::Example {
+            output,
+            kind: None,
+            hidden,
+            intermediate,
+            layers,
+            vocab,
+            dtype,
+            opset,
+            external_data,
+            force,
+        } => {
             let format = match dtype.as_str() {
                 "f32" | "float32" => nibble::FloatFormat::F32,
                 "f16" | "float16" => nibble::FloatFormat::F16,
