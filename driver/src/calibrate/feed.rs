@@ -166,13 +166,13 @@ pub fn plan(model: &Model, specs: &[InputSpec], dims: &HashMap<String, usize>) -
         let lower = s.name.to_lowercase();
         let int = matches!(DataType::try_from(s.elem_type), Ok(DataType::Int64 | DataType::Int32));
         let float = matches!(DataType::try_from(s.elem_type), Ok(DataType::Float | DataType::Float16));
-        let feed = if int && s.dims.len() == 2 && (lower.contains("input_ids") || vocabulary(model, &s.name).is_some())
-        {
-            Feed::Tokens
-        } else if int && s.dims.len() == 2 && lower.contains("attention_mask") {
+        // Names first: position ids also index a table (learned positions).
+        let feed = if int && s.dims.len() == 2 && lower.contains("attention_mask") {
             Feed::Mask
         } else if int && s.dims.len() == 2 && lower.contains("position_ids") {
             Feed::Positions
+        } else if int && s.dims.len() == 2 && (lower.contains("input_ids") || vocabulary(model, &s.name).is_some()) {
+            Feed::Tokens
         } else if int && lower == "seqlens_k" {
             Feed::SeqlensK
         } else if int && (lower == "total_sequence_length" || lower == "total_seq_len") {
