@@ -323,7 +323,10 @@ fn random(model: &Model, specs: &[InputSpec], opts: &CalibrationOptions) -> Resu
                 ids.name, ids.name
             )));
         }
-        eprintln!("nibble: warning: --calibration-random: input '{}' gets random token ids; {RANDOM_TOKENS_EFFECT}", ids.name);
+        eprintln!(
+            "nibble: warning: --calibration-random: input '{}' gets random token ids; {RANDOM_TOKENS_EFFECT}",
+            ids.name
+        );
     }
     let mut rng = Rng::new(opts.seed.wrapping_add(0x5eed));
     let Some(ids) = ids else {
