@@ -68,8 +68,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "dq")]
         format: crate::pipeline::Format,
         /// MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
-        #[arg(long, default_value_t = 0)]
-        accuracy_level: i64,
+        /// Default 4, as onnxruntime-genai's builder writes (ONNX Runtime's fastest CPU kernel).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..=4))]
+        accuracy_level: Option<i64>,
         /// Also quantize Gather (embedding) tables, blocked along this axis (0 or 1).
         #[arg(long)]
         gather_axis: Option<usize>,
@@ -390,7 +391,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 scale_search_clip_min,
                 skip_nonfinite,
                 format,
-                accuracy_level,
+                accuracy_level: accuracy_level.unwrap_or(match format {
+                    crate::pipeline::Format::MatMulNBits => 4,
+                    _ => 0,
+                }),
                 gather_axis,
                 gather_block_size,
                 int8_layers,
