@@ -324,7 +324,7 @@ fn random(model: &Model, specs: &[InputSpec], opts: &CalibrationOptions) -> Resu
             )));
         }
         eprintln!(
-            "nibble: warning: --calibration-random: input '{}' gets random token ids; {RANDOM_TOKENS_EFFECT}",
+            "nibble: warning: no calibration data: input '{}' gets random token ids; {RANDOM_TOKENS_EFFECT}; give text or token arrays",
             ids.name
         );
     }
