@@ -264,9 +264,46 @@ pub fn calibration_inputs(model: &Model, opts: &CalibrationOptions) -> Result<Ve
     match (&opts.inputs, &opts.tokens, &opts.data) {
         (Some(samples), _, _) => from_memory(&specs, samples),
         (None, Some(tokens), _) => from_tokens(model, &specs, tokens, opts),
-        (None, None, Some(path)) => from_file(&specs, path),
+        (None, None, Some(path)) => match file_tokens(model, &specs, path, opts)? {
+            Some(tokens) => from_tokens(model, &specs, &tokens, opts),
+            None => from_file(&specs, path),
+        },
         (None, None, None) => random(model, &specs, opts),
     }
+}
+
+/// The token sequences of a decoder's `.npz` that holds only the token ids (`input_ids` as
+/// `[samples, T]` or `[samples, 1, T]`): the other inputs then come from the feed plan. `None` when
+/// the model is not such a decoder or the file has an array for every input.
+fn file_tokens(
+    model: &Model,
+    specs: &[InputSpec],
+    path: &std::path::Path,
+    opts: &CalibrationOptions,
+) -> Result<Option<Vec<Vec<i64>>>> {
+    let plan = feed::plan(model, specs, &opts.dims)?;
+    let Some((ids, _)) = plan.inputs.iter().find(|(_, f)| *f == Feed::Tokens) else { return Ok(None) };
+    if !plan.is_decoder() {
+        return Ok(None);
+    }
+    let arrays = read_arrays(path).map_err(|e| Error::Usage(format!("--calibration-data: {e}")))?;
+    if specs.iter().all(|s| arrays.iter().any(|(n, _)| n == &s.name)) {
+        return Ok(None);
+    }
+    let Some((_, a)) = arrays.iter().find(|(n, _)| n == &ids.name) else { return Ok(None) };
+    let values = a.as_i64().ok_or_else(|| {
+        Error::Usage(format!("--calibration-data {}: '{}' must hold integer token ids", path.display(), ids.name))
+    })?;
+    let t = *a.shape.last().unwrap_or(&0);
+    if !(a.shape.len() == 2 || a.shape.len() == 3 && a.shape[1] == 1) || t == 0 {
+        return Err(Error::Usage(format!(
+            "--calibration-data {}: '{}' has shape {:?}; give token ids as [samples, T]",
+            path.display(),
+            ids.name,
+            a.shape
+        )));
+    }
+    Ok(Some(values.chunks_exact(t).map(<[i64]>::to_vec).collect()))
 }
 
 /// The feed plan of the model's inputs under `opts`' dimension values.
