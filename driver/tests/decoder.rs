@@ -153,7 +153,7 @@ fn calibrated_methods_quantize_decoders_with_random_opt_in_and_with_token_npz() 
             for no_opt in [false, true] {
                 let (q, _) = decode(&out, &IDS, no_opt);
                 let e = rel_err(&q, &float);
-                assert!(e > 0.0 && e < 0.25, "{kind} {method} {extra:?} no_opt={no_opt}: error {e}");
+                assert!(e > 0.0 && e < 0.6, "{kind} {method} {extra:?} no_opt={no_opt}: error {e}");
             }
         }
     }

@@ -200,13 +200,17 @@ fn cache(model: &Model, s: &InputSpec, dims: &HashMap<String, usize>, cfg: &Conf
     let size = s.dims[size_axis].or_else(|| named(size_axis)).or(from_graph.map(|(_, d)| d)).or(cfg.head_size);
     let (Some(heads), Some(size)) = (heads, size) else {
         let name = |axis: usize| s.symbols.get(axis).cloned().flatten().unwrap_or_else(|| format!("dimension {axis}"));
+        let missing: Vec<String> = [(heads, heads_axis), (size, size_axis)]
+            .iter()
+            .filter(|(v, _)| v.is_none())
+            .map(|(_, a)| format!("{}=N", name(*a)))
+            .collect();
         return Err(Error::Usage(format!(
             "KV-cache input '{}'{}: its head count or head size is symbolic and neither the attention node reading it \
-             nor a genai_config.json/config.json next to the model gives it; pass --calibration-shapes {}=N,{}=N",
+             nor a genai_config.json/config.json next to the model gives it; pass --calibration-shapes {}",
             s.name,
             crate::calibrate::inputs::shape_text(s),
-            name(heads_axis),
-            name(size_axis)
+            missing.join(",")
         )));
     };
     let mut full = vec![0; s.dims.len()];
@@ -232,10 +236,19 @@ fn attention_heads(model: &Model, input: &str) -> Option<(usize, usize)> {
             let producer = g.node.iter().find(|n| n.output.iter().any(|o| *o == name))?;
             match producer.op_type.as_deref() {
                 Some("MatMul") => {
-                    let w = producer.input.get(1)?;
+                    // The weight, or the INT4 weight its DequantizeLinear reads (a quantized model).
+                    let mut w = producer.input.get(1)?.clone();
+                    if let Some(dq) = g
+                        .node
+                        .iter()
+                        .find(|n| n.op_type.as_deref() == Some("DequantizeLinear") && n.output.first() == Some(&w))
+                    {
+                        w = dq.input.first()?.clone();
+                    }
                     let t = g.initializer.iter().find(|t| t.name.as_deref() == Some(w.as_str()))?;
                     return t.dims.last().map(|&d| d as usize);
                 }
+                Some("MatMulNBits") => return attr(producer, "N"),
                 Some("Add") => {
                     name = producer
                         .input
