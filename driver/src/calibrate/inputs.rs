@@ -237,7 +237,7 @@ pub fn vocabulary(model: &Model, input: &str) -> Option<usize> {
             let axis = if transposed { 1 } else { 0 };
             return table.dims.get(axis).map(|&d| d as usize);
         }
-        let producer = g.node.iter().find(|n| n.output.iter().any(|o| *o == name))?;
+        let producer = g.node.iter().find(|n| n.output.contains(&name))?;
         match producer.op_type.as_deref() {
             Some("Identity" | "Cast") => {}
             Some("Transpose") if producer.attribute.iter().all(|a| a.ints.is_empty() || a.ints == [1, 0]) => {
@@ -367,8 +367,9 @@ fn random(model: &Model, specs: &[InputSpec], opts: &CalibrationOptions) -> Resu
     }
     let mut rng = Rng::new(opts.seed.wrapping_add(0x5eed));
     let Some(ids) = ids else {
+        // No token ids: every input random as before (a mask or positions without ids has no length).
         return Ok((0..opts.samples.max(1))
-            .map(|_| plan.sample(&[], |s| random_input(model, s, opts, &mut rng)))
+            .map(|_| specs.iter().map(|s| random_input(model, s, opts, &mut rng)).collect())
             .collect());
     };
     let shape = opts.shapes.get(&ids.name).cloned().unwrap_or_else(|| resolve(&ids, &opts.dims));
