@@ -8,8 +8,13 @@
 //! In memory ([`CalibrationOptions::inputs`]): each sample a full set of inputs, used as the entry of
 //! a `[samples, ...]` array of an `.npz` would be (same name matching, conversions and checks).
 //!
-//! Without either: seeded random samples of a realistic shape. Symbolic dimensions are set from
-//! `--calibration-shapes name:1x128,...`, else the first to 1 and the others to 128 (a sequence
+//! From token sequences ([`CalibrationOptions::tokens`], or a decoder's `.npz` holding only
+//! `input_ids`): each sequence one sample, the other inputs filled by the feed plan
+//! ([`crate::calibrate::feed`]: mask, positions, empty KV cache, ...).
+//!
+//! Without any: seeded random samples of a realistic shape; a model fed by token ids is refused
+//! unless [`CalibrationOptions::random`] is set (random ids make a much worse model than text). Symbolic dimensions are set from
+//! `--calibration-shapes name:1x128,dim=N,...`, else the first to 1 and the others to 128 (a sequence
 //! length), except that a float input `[rows, hidden]` whose only symbolic dimension is the first
 //! gets 128 rows (one token per row would leave the searches two or eight tokens). Float inputs are standard normal; integer inputs are ids inside the embedding table
 //! they index (the row count of the Gather table fed by the input), `*mask*` inputs are ones and

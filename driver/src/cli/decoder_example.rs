@@ -329,6 +329,27 @@ impl Parts {
     fn ones(&mut self, name: &str, n: usize) {
         self.inits.push(init(name, &[n], &vec![1.0; n], FloatFormat::F32));
     }
+    /// The model of these nodes and initializers.
+    fn finish(
+        self,
+        input: Vec<crate::graph::onnx::ValueInfoProto>,
+        output: Vec<crate::graph::onnx::ValueInfoProto>,
+        opset: i64,
+        producer: &str,
+    ) -> ModelProto {
+        let graph = crate::graph::onnx::GraphProto {
+            name: Some("main_graph".into()),
+            node: self.nodes,
+            initializer: self.inits,
+            input,
+            output,
+            ..Default::default()
+        };
+        let mut proto = model(graph, opset);
+        proto.producer_name = Some(producer.into());
+        proto
+    }
+
     /// SiLU MLP: down(silu(gate(x)) * up(x)).
     fn mlp(&mut self, p: &str, x: &str, out: &str, h: usize, m: usize) {
         let t = |s: &str| format!("{p}/mlp/{s}");
@@ -506,17 +527,8 @@ pub fn genai_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
             ));
         }
     }
-    let graph = crate::graph::onnx::GraphProto {
-        name: Some("main_graph".into()),
-        node: p.nodes,
-        initializer: p.inits,
-        input: inputs,
-        output: outputs,
-        ..Default::default()
-    };
-    let mut proto = model(graph, 21);
+    let mut proto = p.finish(inputs, outputs, 21, "nibble example --kind genai (onnxruntime-genai builder layout)");
     proto.opset_import.push(opset("com.microsoft", 1));
-    proto.producer_name = Some("nibble example --kind genai (onnxruntime-genai builder layout)".into());
     proto
 }
 
@@ -648,15 +660,5 @@ pub fn optimum_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
             outputs.push(io_named(&format!("present.{l}.{kvn}"), f, &[b, Dim::Fixed(nh), total, Dim::Fixed(d)]));
         }
     }
-    let graph = crate::graph::onnx::GraphProto {
-        name: Some("main_graph".into()),
-        node: p.nodes,
-        initializer: p.inits,
-        input: inputs,
-        output: outputs,
-        ..Default::default()
-    };
-    let mut proto = model(graph, 17);
-    proto.producer_name = Some("nibble example --kind optimum (Optimum export layout)".into());
-    proto
+    p.finish(inputs, outputs, 17, "nibble example --kind optimum (Optimum export layout)")
 }
