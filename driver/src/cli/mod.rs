@@ -29,9 +29,11 @@ struct Cli {
 enum Command {
     /// Quantize MatMul/Gemm weights of MODEL and write the result.
     Quantize {
-        /// The input model (.onnx, with its external data next to it).
+        /// The input model (.onnx, with its external data next to it), or a model folder
+        /// (onnxruntime-genai's with genai_config.json, or an Optimum export with config.json).
         model: PathBuf,
-        /// Output model; default MODEL_int4.onnx next to the input.
+        /// Output model; default MODEL_int4.onnx next to the input. For a folder: the output
+        /// folder (default FOLDER_int4), every other file copied, weights in MODEL.onnx.data.
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Algorithm.
@@ -322,6 +324,32 @@ fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
+/// The one-line report of a quantized model, and the notes on weights left float.
+fn print_summary(s: &crate::pipeline::Summary, output: &std::path::Path) {
+    for (weight, node, reason) in &s.skipped {
+        eprintln!("nibble: note: weight '{weight}' (read by '{node}') is left float: {reason}");
+    }
+    let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };
+    let copies = if s.float_copies > 0 {
+        format!("; float copies kept for other readers: {} ({} bytes)", s.float_copies, s.float_copy_bytes)
+    } else {
+        String::new()
+    };
+    println!(
+        "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}{copies}; {:.2} s ({} tier) -> {}",
+        s.quantized,
+        s.candidates,
+        mb(s.weight_bytes_before),
+        mb(s.weight_bytes_after),
+        mb(s.model_bytes_before),
+        mb(s.model_bytes_after),
+        if s.opset_raised { "; opset raised to 21" } else { "" },
+        s.seconds,
+        nibble::Tier::best().name(),
+        output.display()
+    );
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quantize {
@@ -347,7 +375,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             awq,
             gptq,
         } => {
-            let output = output.unwrap_or_else(|| default_output(&model));
+            let folder_input = model.is_dir();
+            let output = output.unwrap_or_else(|| match folder_input {
+                true => crate::folder::default_output(&model),
+                false => default_output(&model),
+            });
             let exclude = if no_default_exclude {
                 vec![]
             } else if exclude.is_empty() {
@@ -361,6 +393,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 zero_point,
                 exclude,
                 external_data,
+                external_data_name: None,
                 force,
                 awq: awq.options()?,
                 gptq: crate::methods::gptq::GptqOptions {
@@ -382,29 +415,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mixed_precision,
                 fsync,
             };
-            let s = quantize_file(&model, &output, &opts)?;
-            for (weight, node, reason) in &s.skipped {
-                eprintln!("nibble: note: weight '{weight}' (read by '{node}') is left float: {reason}");
+            if folder_input {
+                let f = crate::folder::quantize_folder(&model, &output, &opts)?;
+                for (file, s) in &f.models {
+                    print_summary(s, &output.join(file));
+                }
+                for file in &f.left_float {
+                    println!("left float and copied: {} (not the decoder)", file.display());
+                }
+                println!(
+                    "{} folder: {} other files copied unchanged; {:.2} s -> {}",
+                    f.layout.name(),
+                    f.copied.len(),
+                    f.seconds,
+                    output.display()
+                );
+                return Ok(());
             }
-            let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };
-            let copies = if s.float_copies > 0 {
-                format!("; float copies kept for other readers: {} ({} bytes)", s.float_copies, s.float_copy_bytes)
-            } else {
-                String::new()
-            };
-            println!(
-                "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}{copies}; {:.2} s ({} tier) -> {}",
-                s.quantized,
-                s.candidates,
-                mb(s.weight_bytes_before),
-                mb(s.weight_bytes_after),
-                mb(s.model_bytes_before),
-                mb(s.model_bytes_after),
-                if s.opset_raised { "; opset raised to 21" } else { "" },
-                s.seconds,
-                nibble::Tier::best().name(),
-                output.display()
-            );
+            let s = quantize_file(&model, &output, &opts)?;
+            print_summary(&s, &output);
         }
         Command::Inspect { model, exclude } => {
             let exclude = if exclude.is_empty() { vec!["/lm_head".to_string()] } else { exclude };
