@@ -470,7 +470,7 @@ fn shared_weight_readers_get_what_they_ask_for() {
     let exp = c05_expected(&src, d.path(), false);
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("q_{format}.onnx"));
-        let (stdout, _) = quantize(&src, &out, &["--format", format]);
+        let (stdout, _) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         check(&src, &out, &exp, &samples, &["wb_sq"]);
         check_unique_names(&out);
         for o in ["h0", "h1", "h2", "a", "b"] {
@@ -771,7 +771,7 @@ fn gather_and_two_matmuls_and_gemm_before_matmul() {
     );
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        quantize(&src, &out, &["--format", format]);
+        quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         check(&src, &out, &exp, &samples, &["e"]);
         check_unique_names(&out);
         assert!(quantized_product(&out, "b"), "{format}: /b/MatMul must be quantized");
@@ -851,7 +851,7 @@ fn weights_inside_if_and_loop_bodies_are_quantized() {
     let samples = flag_samples(64);
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        let (stdout, _) = quantize(&src, &out, &["--format", format]);
+        let (stdout, _) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         assert!(stdout.starts_with("quantized 3 of 3 weights"), "{format}: {stdout}");
         check(&src, &out, &exp, &samples, &[]);
         check_unique_names(&out);
@@ -948,7 +948,7 @@ fn merged_decoder_layout_is_quantized() {
         }
         for format in ["dq", "matmulnbits"] {
             let out = d.path().join(format!("{format}_{nested}.onnx"));
-            let (stdout, _) = quantize(&src, &out, &["--format", format]);
+            let (stdout, _) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
             assert!(stdout.starts_with("quantized 2 of 2 weights"), "{format}: {stdout}");
             let r = check(&src, &out, &exp, &samples, &[]);
             let (eq, _) = r.errors[&("NoOpt".to_string(), "y".to_string())];
@@ -1026,7 +1026,7 @@ fn scan_and_loop_bodies_with_outer_weights() {
     let samples: Vec<Vec<Input>> = (0..2).map(|s| vec![normal_input("x", &[6, 64], 400 + s)]).collect();
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        quantize(&src, &out, &["--format", format]);
+        quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         check(&src, &out, &exp, &samples, &[]);
         check_unique_names(&out);
         for o in ["h", "r1", "r2", "mm"] {
@@ -1094,7 +1094,7 @@ fn chains_in_bodies_gemm_bias_in_a_branch_and_an_output_weight() {
     let samples = flag_samples(64);
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        let (stdout, _) = quantize(&src, &out, &["--format", format]);
+        let (stdout, _) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         assert!(stdout.contains("; float copies kept for other readers: 1 (16384 bytes)"), "{format}: {stdout}");
         check(&src, &out, &exp, &samples, &["W3"]);
         check_unique_names(&out);
@@ -1205,7 +1205,7 @@ fn weights_behind_constant_chains_are_folded_and_quantized() {
     let samples: Vec<Vec<Input>> = (0..2).map(|s| vec![normal_input("x", &[4, 96], 500 + s)]).collect();
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        let (stdout, stderr) = quantize(&src, &out, &["--format", format]);
+        let (stdout, stderr) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         assert!(stdout.starts_with("quantized 9 of 10 weights"), "{format}: {stdout}");
         // The rank-3 weight stays float and the run says why.
         assert!(
@@ -1332,7 +1332,11 @@ fn generated_names_never_collide() {
         e.graph.as_mut().unwrap().initializer.push(init(&format!("{k}__expected"), &[64, 64], v, FloatFormat::F32));
     }
     let exp = save_model(e, d.path(), "exp.onnx");
-    for (tag, args) in [("dq", vec![]), ("qdq", vec!["--method", "rtn"]), ("nbits", vec!["--format", "matmulnbits"])] {
+    for (tag, args) in [
+        ("dq", vec![]),
+        ("qdq", vec!["--method", "rtn"]),
+        ("nbits", vec!["--format", "matmulnbits", "--accuracy-level", "0"]),
+    ] {
         let out = d.path().join(format!("{tag}.onnx"));
         quantize(&src, &out, &args);
         check_unique_names(&out);

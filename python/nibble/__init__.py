@@ -170,7 +170,7 @@ def quantize_file(
     fsync: bool = False,
     skip_nonfinite: bool = False,
     format: str = "dq",
-    accuracy_level: int = 0,
+    accuracy_level: Optional[int] = None,
     gather_axis: Optional[int] = None,
     gather_block_size: int = 32,
     int8_layers: Optional[Union[str, Sequence[str]]] = None,
@@ -214,7 +214,8 @@ def quantize_file(
         skip_nonfinite: leave weights holding NaN/Inf float (with a warning) instead of raising.
         format: ``"dq"`` (INT4 initializers + DequantizeLinear, opset 21, ModelOpt's form) or
             ``"matmulnbits"`` (ONNX Runtime's com.microsoft MatMulNBits).
-        accuracy_level: MatMulNBits ``accuracy_level`` (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
+        accuracy_level: MatMulNBits ``accuracy_level`` (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8); default
+            4 with ``format="matmulnbits"`` (as the command line and onnxruntime-genai's builder).
         gather_axis: also quantize Gather (embedding) tables, blocked along this axis (0 or 1).
         gather_block_size: block size of the Gather tables.
         int8_layers: keep these layers at INT8 per channel (ModelOpt's ``layers_8bit``): node names
@@ -277,7 +278,7 @@ def quantize_file(
         fsync=fsync,
         skip_nonfinite=skip_nonfinite,
         format=format,
-        accuracy_level=accuracy_level,
+        accuracy_level=(4 if format == "matmulnbits" else 0) if accuracy_level is None else accuracy_level,
         gather_axis=gather_axis,
         gather_block_size=gather_block_size,
         int8_layers=int8_layers,

@@ -285,6 +285,9 @@ fn quantize_file<'py>(
     opts.awq.calibration.shapes = calibration_shapes.unwrap_or_default();
     opts.awq.calibration.samples = calibration_samples.max(1);
     opts.awq.calibration.seed = calibration_seed;
+    // ModelOpt's call with no reader calibrates on random inputs: kept, with the warning the
+    // driver prints for token-id models (random ids give a much worse model than text).
+    opts.awq.calibration.random = true;
     opts.awq.calibration.inputs = calibration_inputs
         .map(|samples| {
             samples

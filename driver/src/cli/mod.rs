@@ -3,6 +3,7 @@
 //! (and the Python package) only call it.
 
 pub mod compare;
+pub mod decoder_example;
 pub mod example;
 pub mod inspect;
 pub mod perplexity;
@@ -69,8 +70,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "dq")]
         format: crate::pipeline::Format,
         /// MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
-        #[arg(long, default_value_t = 0)]
-        accuracy_level: i64,
+        /// Default 4, as onnxruntime-genai's builder writes (ONNX Runtime's fastest CPU kernel).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..=4))]
+        accuracy_level: Option<i64>,
         /// Also quantize Gather (embedding) tables, blocked along this axis (0 or 1).
         #[arg(long)]
         gather_axis: Option<usize>,
@@ -131,10 +133,15 @@ enum Command {
         #[command(flatten)]
         extra: CompareExtra,
     },
-    /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out.
+    /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out; with
+    /// --kind genai/optimum a decoder LLM folder with a KV cache, config and tokenizer.
     Example {
-        /// Output model.
+        /// Output model (a folder for --kind genai/optimum).
         output: PathBuf,
+        /// A decoder folder as onnxruntime-genai's builder (genai) or Optimum (optimum) writes it,
+        /// instead of the single transformer-like model.
+        #[arg(long, value_enum)]
+        kind: Option<decoder_example::DecoderKind>,
         /// Hidden size.
         #[arg(long, default_value_t = 256)]
         hidden: usize,
@@ -216,9 +223,15 @@ struct AwqArgs {
     /// axis), or .npy for a single-input model. Default: seeded random inputs.
     #[arg(long, value_name = "FILE")]
     calibration_data: Option<PathBuf>,
-    /// Sizes of symbolic input dimensions for random calibration, e.g. input_ids:1x128.
-    #[arg(long, value_name = "NAME:DIMS,...")]
+    /// Sizes of symbolic input dimensions for random calibration: whole inputs (input_ids:1x128)
+    /// or symbolic dimensions by name (sequence_length=64,past_sequence_length=0); an unknown
+    /// name is an error that lists the model's inputs and dimensions.
+    #[arg(long, value_name = "NAME:DIMS|DIM=N,...")]
     calibration_shapes: Option<String>,
+    /// Calibrate a model fed by token ids on random ids when no data is given (otherwise refused:
+    /// random tokens give a much worse model than text; see README).
+    #[arg(long)]
+    calibration_random: bool,
     /// Number of random calibration samples (without --calibration-data).
     #[arg(long, default_value_t = 8)]
     calibration_samples: usize,
@@ -253,7 +266,7 @@ struct AwqArgs {
 impl AwqArgs {
     fn options(&self) -> anyhow::Result<crate::methods::awq::AwqOptions> {
         use crate::calibrate::{parse_shapes, CalibrationOptions};
-        let shapes = self.calibration_shapes.as_deref().map(parse_shapes).transpose()?.unwrap_or_default();
+        let shape_args = self.calibration_shapes.as_deref().map(parse_shapes).transpose()?.unwrap_or_default();
         for (name, v) in [("--alpha-step", self.alpha_step), ("--clip-alpha-step", self.clip_alpha_step)] {
             if !(v > 0.0 && v <= 1.0) {
                 anyhow::bail!("{name} {v}: use a step in (0, 1]");
@@ -271,8 +284,11 @@ impl AwqArgs {
             calibration: CalibrationOptions {
                 data: self.calibration_data.clone(),
                 inputs: None,
-                shapes,
+                tokens: None,
+                shapes: shape_args.shapes,
+                dims: shape_args.dims,
                 samples: self.calibration_samples.max(1),
+                random: self.calibration_random,
                 seed: self.calibration_seed,
             },
             memory_budget: self.calibration_memory_mb.max(1) << 20,
@@ -408,7 +424,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 scale_search_clip_min,
                 skip_nonfinite,
                 format,
-                accuracy_level,
+                accuracy_level: accuracy_level.unwrap_or(match format {
+                    crate::pipeline::Format::MatMulNBits => 4,
+                    _ => 0,
+                }),
                 gather_axis,
                 gather_block_size,
                 int8_layers,
@@ -549,7 +568,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Example { output, hidden, intermediate, layers, vocab, dtype, opset, external_data, force } => {
+        Command::Example { output, kind: Some(kind), force, .. } => {
+            let files =
+                decoder_example::write_folder(&output, kind, &decoder_example::DecoderConfig::default(), force)?;
+            println!("wrote {}: {}", output.display(), files.join(", "));
+        }
+        Command::Example {
+            output,
+            kind: None,
+            hidden,
+            intermediate,
+            layers,
+            vocab,
+            dtype,
+            opset,
+            external_data,
+            force,
+        } => {
             let format = match dtype.as_str() {
                 "f32" | "float32" => nibble::FloatFormat::F32,
                 "f16" | "float16" => nibble::FloatFormat::F16,
