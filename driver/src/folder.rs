@@ -183,6 +183,25 @@ pub fn detect(dir: &Path) -> Result<ModelFolder> {
     Ok(ModelFolder { dir: dir.to_path_buf(), layout, models, other_models })
 }
 
+/// The model file of `path`: `path` itself when it is a file, else the one decoder of the model
+/// folder `path` (an error when it has several: name one by its path).
+pub fn model_file(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let folder = detect(path)?;
+    match folder.models.as_slice() {
+        [one] => Ok(path.join(one)),
+        many => Err(folder_err(
+            path,
+            format!(
+                "has several decoders ({}); give the one to use by its path",
+                many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
 /// The folder the CLI writes when no `-o` is given: `IN_int4` next to `IN`.
 pub fn default_output(input: &Path) -> PathBuf {
     let name = input.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
