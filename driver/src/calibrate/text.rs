@@ -32,7 +32,10 @@ pub fn find_tokenizer(explicit: Option<&Path>, model: &Path) -> Result<PathBuf> 
 /// Loads a Hugging Face `tokenizer.json`.
 pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     if !path.is_file() {
-        return Err(Error::Read { path: path.to_path_buf(), cause: std::io::Error::other("no such tokenizer file") });
+        return Err(Error::Read {
+            path: path.to_path_buf(),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such tokenizer file"),
+        });
     }
     tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Parse {
         path: path.to_path_buf(),
