@@ -173,6 +173,11 @@ fn refused(args: &[&str], out: &Path, message: &str) {
     assert!(!out.exists(), "{} was written", out.display());
 }
 
+/// `base` followed by `extra`.
+fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    base.iter().chain(extra).copied().collect()
+}
+
 #[test]
 fn text_errors_name_the_fix() {
     let t = tmp();
@@ -181,15 +186,14 @@ fn text_errors_name_the_fix() {
     let short = write_text(t.path(), 20);
     let base =
         ["quantize", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--method", "gptq", "--calibration-text"];
-    let args = |extra: &[&str]| base.iter().chain(extra).copied().collect::<Vec<&str>>();
-    refused(&args(&[short.to_str().unwrap()]), &out, "tokens, fewer than 16 samples x 512 tokens");
+    refused(&with(&base, &[short.to_str().unwrap()]), &out, "tokens, fewer than 16 samples x 512 tokens");
     // A missing, a broken and an unfitting tokenizer.
     let missing = t.path().join("nope.json");
-    refused(&args(&[short.to_str().unwrap(), "--tokenizer", missing.to_str().unwrap()]), &out, "nope.json");
+    refused(&with(&base, &[short.to_str().unwrap(), "--tokenizer", missing.to_str().unwrap()]), &out, "nope.json");
     let broken = t.path().join("broken.json");
     std::fs::write(&broken, "{\"model\": 3}").unwrap();
     refused(
-        &args(&[short.to_str().unwrap(), "--tokenizer", broken.to_str().unwrap()]),
+        &with(&base, &[short.to_str().unwrap(), "--tokenizer", broken.to_str().unwrap()]),
         &out,
         "not a Hugging Face tokenizer.json",
     );
@@ -216,5 +220,5 @@ fn text_errors_name_the_fix() {
     // Not UTF-8.
     let bin = t.path().join("bin.txt");
     std::fs::write(&bin, [0x66u8, 0x6f, 0xff, 0xfe]).unwrap();
-    refused(&args(&[bin.to_str().unwrap()]), &out, "not UTF-8 text (byte 2)");
+    refused(&with(&base, &[bin.to_str().unwrap()]), &out, "not UTF-8 text (byte 2)");
 }
