@@ -229,7 +229,7 @@ fn attention_heads(model: &Model, input: &str) -> Option<(usize, usize)> {
         let mut name = node.input.first()?.clone();
         // Back through a bias Add to the MatMul whose constant weight gives the width.
         for _ in 0..3 {
-            let producer = g.node.iter().find(|n| n.output.iter().any(|o| *o == name))?;
+            let producer = g.node.iter().find(|n| n.output.contains(&name))?;
             match producer.op_type.as_deref() {
                 Some("MatMul") => {
                     let w = producer.input.get(1)?;

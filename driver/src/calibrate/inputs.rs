@@ -237,7 +237,7 @@ pub fn vocabulary(model: &Model, input: &str) -> Option<usize> {
             let axis = if transposed { 1 } else { 0 };
             return table.dims.get(axis).map(|&d| d as usize);
         }
-        let producer = g.node.iter().find(|n| n.output.iter().any(|o| *o == name))?;
+        let producer = g.node.iter().find(|n| n.output.contains(&name))?;
         match producer.op_type.as_deref() {
             Some("Identity" | "Cast") => {}
             Some("Transpose") if producer.attribute.iter().all(|a| a.ints.is_empty() || a.ints == [1, 0]) => {

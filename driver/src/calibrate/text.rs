@@ -82,7 +82,7 @@ pub fn windows(tokens: &[i64], count: usize, len: usize, what: &Path) -> Result<
     if count == 0 || len == 0 {
         return Err(Error::Usage("the number of samples and the sequence length must be at least 1".into()));
     }
-    let need = count.checked_mul(len).unwrap_or(usize::MAX);
+    let need = count.saturating_mul(len);
     if tokens.len() < need {
         let fits = tokens.len() / len;
         return Err(Error::Usage(format!(
