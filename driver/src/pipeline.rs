@@ -11,7 +11,7 @@ use crate::emit::Emitted;
 use crate::error::{Error, Result};
 use crate::graph::build::ModelNames;
 use crate::graph::floats::decode_floats;
-use crate::graph::model::{dtype_name, external_data_path, save_with, ExternalData, Model};
+use crate::graph::model::{dtype_name, external_data_path, save_with_data, ExternalData, Model};
 use crate::graph::opset;
 use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
 use crate::methods::gptq::GptqOptions;
@@ -81,6 +81,9 @@ pub struct Options {
     pub exclude: Vec<String>,
     /// Where tensor data goes.
     pub external_data: ExternalData,
+    /// File name of the external data, in the output's folder (default: `OUT.onnx_data`; folders
+    /// use `OUT.onnx.data`, as onnxruntime-genai's model builder names it).
+    pub external_data_name: Option<String>,
     /// Overwrite an existing output.
     pub force: bool,
     /// AWQ settings (AWQ methods only) and the calibration of every calibrated method.
@@ -129,6 +132,7 @@ impl Default for Options {
             zero_point: false,
             exclude: vec!["/lm_head".into()],
             external_data: ExternalData::Auto,
+            external_data_name: None,
             force: false,
             awq: Default::default(),
             gptq: Default::default(),
@@ -183,11 +187,20 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Refuses output paths that would overwrite the input or its data, or an existing file without
-/// `force`.
-pub fn check_output(model: &Model, out: &Path, force: bool) -> Result<()> {
+/// The external data file of the output `out`: `opts.external_data_name` in `out`'s folder, or
+/// `OUT.onnx_data`.
+pub fn output_data_path(out: &Path, opts: &Options) -> PathBuf {
+    match &opts.external_data_name {
+        Some(name) => out.with_file_name(name),
+        None => external_data_path(out),
+    }
+}
+
+/// Refuses output paths that would overwrite the input or its data (`data`: the output's external
+/// data file), or an existing file without `force`.
+pub fn check_output(model: &Model, out: &Path, data: &Path, force: bool) -> Result<()> {
     let err = |why: String| Error::Output { path: out.to_path_buf(), why };
-    let data = external_data_path(out);
+    let data = data.to_path_buf();
     if same_file(out, &model.path) || same_file(&data, &model.path) {
         return Err(err("is the input model; write the quantized model to another path".into()));
     }
@@ -235,7 +248,8 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let block = BlockSize::from_i64(opts.block_size).map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
     let patterns = compile_patterns(&opts.exclude)?;
     let mut model = Model::load(input)?;
-    check_output(&model, output, opts.force)?;
+    let data_path = output_data_path(output, opts);
+    check_output(&model, output, &data_path, opts.force)?;
     let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
         + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
     let (candidates, gather_block) = choose_weights(&model, &patterns, block, opts)?;
@@ -249,7 +263,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     model.inline_external_data()?;
     let emitted = emit(&mut model, &chosen, quantized, &block_of, insertions, opts, &mut names)?;
     let proto = std::mem::take(&mut model.proto);
-    let model_bytes_after = save_with(proto, output, opts.external_data, opts.fsync)?;
+    let model_bytes_after = save_with_data(proto, output, &data_path, opts.external_data, opts.fsync)?;
     Ok(Summary {
         quantized: chosen.len(),
         int8: chosen.iter().filter(|c| c.bits == Bits::Eight).count(),

@@ -177,8 +177,11 @@ def quantize_file(
     mixed_precision: bool = False,
     calibration_data: Any = None,
     calibration_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-    calibration_samples: int = 8,
+    calibration_samples: Optional[int] = None,
     calibration_seed: int = 0,
+    calibration_text: Optional[PathLike] = None,
+    tokenizer: Optional[PathLike] = None,
+    calibration_seq_len: int = 512,
     alpha_step: float = 0.1,
     clip_alpha_step: float = 0.05,
     clip_alpha_min: float = 0.5,
@@ -197,9 +200,15 @@ def quantize_file(
     (default ``INPUT_int4.onnx`` next to the input), as ``nibble quantize`` does (same options, same
     bytes). The input is never modified; the output appears atomically or not at all.
 
+    ``input`` may be a model folder (onnxruntime-genai's with ``genai_config.json`` or an Optimum
+    export with ``config.json``): ``output`` (default ``INPUT_int4``) is then a folder with every
+    other file copied byte for byte and the decoder quantized under its own name, its weights in
+    ``<model>.onnx.data`` (README, "LLM folders").
+
     Args:
-        input: the model (``.onnx``, external data next to it).
-        output: the quantized model; with external data also ``OUTPUT_data``.
+        input: the model (``.onnx``, external data next to it), or a model folder.
+        output: the quantized model; with external data also ``OUTPUT_data``. For a folder input,
+            the output folder.
         method: ``"rtn_dq"`` (round to nearest, DequantizeLinear), ``"rtn"`` (QuantizeLinear ->
             DequantizeLinear on the float weight), ``"awq_lite"``, ``"awq_clip"``, ``"awq_full"``, ``"gptq"`` (Frantar et al. 2022: error feedback
             through the inverse Hessian ``H = 2 X^T X / T`` of the calibration activations),
@@ -228,8 +237,16 @@ def quantize_file(
             bytes as the ``.npz`` stacking its samples. Default: seeded random inputs.
         calibration_shapes: sizes of symbolic input dimensions for random calibration,
             e.g. ``{"input_ids": [1, 128]}``.
-        calibration_samples: number of random calibration samples.
+        calibration_samples: number of random calibration samples (default 8), or of windows of
+            ``calibration_text`` (default 16).
         calibration_seed: seed of the random calibration samples.
+        calibration_text: calibrate on this UTF-8 text (or ``.jsonl`` with a ``"text"`` field per
+            line), tokenized with ``tokenizer`` and cut into ``calibration_samples`` windows of
+            ``calibration_seq_len`` tokens spread evenly over it (ValueError when it is shorter,
+            saying how many tokens it has).
+        tokenizer: the Hugging Face ``tokenizer.json`` for ``calibration_text``; default
+            ``tokenizer.json`` in the input folder or beside the model file.
+        calibration_seq_len: tokens per ``calibration_text`` window.
         alpha_step: awq_lite alpha grid step in (0, 1] (ModelOpt's ``awqlite_alpha_step``).
         clip_alpha_step: awq_clip ratio grid step in (0, 1] (``awqclip_alpha_step``).
         clip_alpha_min: smallest awq_clip ratio in (0, 1] (``awqclip_alpha_min``).
@@ -250,6 +267,9 @@ def quantize_file(
             layers already quantized before it (``--sequential``).
 
     Returns:
+        For a folder: ``{"output": folder, "layout": "onnxruntime-genai" or "Optimum", "models":
+        [one dict as below per quantized model], "copied": files copied, "left_float": other .onnx
+        files copied unquantized, "seconds": wall time}``. For a file:
         ``{"output": path, "quantized": weights quantized, "int8": of which INT8, "candidates":
         MatMul/Gemm weights found, "weight_bytes_before"/"weight_bytes_after": bytes of those
         weights before and of their replacements after, "model_bytes_before"/"model_bytes_after":
@@ -261,7 +281,9 @@ def quantize_file(
         Runtime missing or failing (AWQ methods only).
     """
     input = os.fspath(input)
-    if output is None:
+    if output is None and os.path.isdir(input):
+        output = os.path.normpath(input) + "_int4"
+    elif output is None:
         stem = os.path.splitext(os.path.basename(input))[0] or "model"
         output = os.path.join(os.path.dirname(input), f"{stem}_int4.onnx")
     if isinstance(int8_layers, (list, tuple)):
@@ -288,6 +310,9 @@ def quantize_file(
         else {str(k): [int(d) for d in v] for k, v in calibration_shapes.items()},
         calibration_samples=calibration_samples,
         calibration_seed=calibration_seed,
+        calibration_text=None if calibration_text is None else os.fspath(calibration_text),
+        tokenizer=None if tokenizer is None else os.fspath(tokenizer),
+        calibration_seq_len=calibration_seq_len,
         alpha_step=alpha_step,
         clip_alpha_step=clip_alpha_step,
         clip_alpha_min=clip_alpha_min,
@@ -374,6 +399,9 @@ _KWARGS = {
     "calibration_shapes": ("calibration_shapes", None),
     "calibration_samples": ("calibration_samples", int),
     "calibration_seed": ("calibration_seed", int),
+    "calibration_text": ("calibration_text", None),
+    "tokenizer": ("tokenizer", None),
+    "calibration_seq_len": ("calibration_seq_len", int),
     "calibration_memory_mb": ("calibration_memory_mb", int),
     "skip_nonfinite": ("skip_nonfinite", bool),
     "scale_search": ("scale_search", bool),
@@ -396,6 +424,7 @@ def quantize(
     nodes_to_exclude: Optional[List[str]] = [r"/lm_head"],  # noqa: B006  (ModelOpt's default)
     log_level: str = "INFO",
     input_shapes_profile: Optional[Sequence[Dict[str, str]]] = None,
+    output_path: Optional[PathLike] = None,
     **kwargs: Any,
 ) -> Any:
     """INT4 weight-only quantization with ModelOpt's signature and defaults
@@ -419,6 +448,11 @@ def quantize(
             matching nodes stay float. Default ``["/lm_head"]``; None or ``[]`` excludes nothing.
         log_level: ``"DEBUG"`` prints each weight's AWQ choice; other levels print warnings only.
         input_shapes_profile: TensorRT only; ignored with a warning.
+        output_path: nibble's: where to write the result. Needed for a model folder
+            (onnxruntime-genai or Optimum, README "LLM folders"): ``onnx_path`` a folder is written
+            to the folder ``output_path`` (default ``FOLDER_int4``) and the summary dict of
+            :func:`quantize_file` is returned instead of a ``ModelProto``. For a model file the
+            quantized model is also saved there (with ``OUTPUT_data`` when external data is needed).
         **kwargs: ModelOpt's ``awqlite_alpha_step`` (0.1), ``awqclip_alpha_step`` (0.05),
             ``awqclip_alpha_min`` (0.5), ``awqlite_run_per_subgraph`` (False),
             ``awqlite_fuse_nodes`` (True), ``gather_quantize_axis`` (None), ``gather_block_size``
@@ -426,7 +460,8 @@ def quantize(
             ``awqclip_bsz_col`` and ``trt_rtx_backend`` (no effect), ``use_column_major`` (False
             only); and nibble's ``calibration_shapes``, ``calibration_samples``,
             ``calibration_seed``, ``calibration_memory_mb``, ``skip_nonfinite``, ``scale_search``,
-            ``scale_search_clip_min``, ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential`` (as in
+            ``scale_search_clip_min``, ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential``,
+            ``calibration_text``, ``tokenizer``, ``calibration_seq_len`` (as in
             :func:`quantize_file`). Any other name raises ``TypeError``.
 
     Returns:
@@ -457,6 +492,22 @@ def quantize(
         )
     if input_shapes_profile is not None:
         warnings.warn("input_shapes_profile (TensorRT only) ignored", stacklevel=2)
+    options: Dict[str, Any] = {}
+    for key, value in kwargs.items():
+        name, convert = _KWARGS.get(key, (None, None))
+        if name is not None:
+            options[name] = convert(value) if convert is not None else value
+    common = dict(
+        method=calibration_method,
+        block_size=128 if block_size is None else int(block_size),
+        zero_point=bool(use_zero_point),
+        exclude=list(nodes_to_exclude or []),
+        calibration_data=calibration_data_reader,
+        verbose=log_level.upper() == "DEBUG",
+        **options,
+    )
+    if isinstance(onnx_path, (str, bytes, os.PathLike)) and os.path.isdir(os.fsdecode(onnx_path)):
+        return quantize_file(os.fsdecode(onnx_path), output_path, **common)
     try:
         import onnx
     except ImportError:
@@ -464,12 +515,6 @@ def quantize(
             "nibble.quantize returns an onnx.ModelProto and needs the onnx package: pip install onnx "
             "(nibble.quantize_file writes the model without it)"
         ) from None
-
-    options: Dict[str, Any] = {}
-    for key, value in kwargs.items():
-        name, convert = _KWARGS.get(key, (None, None))
-        if name is not None:
-            options[name] = convert(value) if convert is not None else value
 
     tmp = tempfile.mkdtemp(prefix="nibble-")
     try:
@@ -484,18 +529,8 @@ def quantize(
             onnx.save_model(onnx_path, source, save_as_external_data=large, location="input.onnx_data")
         else:
             raise ValueError(f"onnx_path: {type(onnx_path).__name__} is neither a path nor an onnx.ModelProto")
-        out = os.path.join(tmp, "model_int4.onnx")
-        quantize_file(
-            source,
-            out,
-            method=calibration_method,
-            block_size=128 if block_size is None else int(block_size),
-            zero_point=bool(use_zero_point),
-            exclude=list(nodes_to_exclude or []),
-            calibration_data=calibration_data_reader,
-            verbose=log_level.upper() == "DEBUG",
-            **options,
-        )
+        out = os.path.join(tmp, "model_int4.onnx") if output_path is None else os.fspath(output_path)
+        quantize_file(source, out, **common)
         return onnx.load_model(out, load_external_data=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

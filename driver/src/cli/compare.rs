@@ -145,6 +145,14 @@ pub fn compare_with_data(original: &Path, quantized: &Path, data: &Path) -> Resu
     compare_on(original, quantized, &samples)
 }
 
+/// Runs both models on token sequences (each one sample, its other inputs filled by the feed
+/// plan, [`crate::calibrate::feed`]) and compares the outputs over all of them.
+pub fn compare_with_tokens(original: &Path, quantized: &Path, tokens: &[Vec<i64>]) -> Result<Vec<OutputReport>> {
+    let opts = crate::calibrate::inputs::CalibrationOptions { tokens: Some(tokens.to_vec()), ..Default::default() };
+    let samples = crate::calibrate::inputs::calibration_inputs(&Model::load(original)?, &opts)?;
+    compare_on(original, quantized, &samples)
+}
+
 fn compare_on(
     original: &Path,
     quantized: &Path,

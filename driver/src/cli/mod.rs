@@ -30,9 +30,11 @@ struct Cli {
 enum Command {
     /// Quantize MatMul/Gemm weights of MODEL and write the result.
     Quantize {
-        /// The input model (.onnx, with its external data next to it).
+        /// The input model (.onnx, with its external data next to it), or a model folder
+        /// (onnxruntime-genai's with genai_config.json, or an Optimum export with config.json).
         model: PathBuf,
-        /// Output model; default MODEL_int4.onnx next to the input.
+        /// Output model; default MODEL_int4.onnx next to the input. For a folder: the output
+        /// folder (default FOLDER_int4), every other file copied, weights in MODEL.onnx.data.
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Algorithm.
@@ -174,9 +176,24 @@ struct CompareExtra {
     /// from this .npz, in a default ONNX Runtime session.
     #[arg(long, value_name = "TOKENS.npz")]
     perplexity: Option<PathBuf>,
-    /// The logits output for --perplexity (default: the first output whose last dimension is the
-    /// vocabulary).
-    #[arg(long, value_name = "NAME", requires = "perplexity")]
+    /// Causal LMs: perplexity of both models on --perplexity-windows windows of
+    /// --perplexity-seq-len tokens of this UTF-8 text (or .jsonl with a "text" field), tokenized
+    /// with --tokenizer.
+    #[arg(long, value_name = "FILE", conflicts_with = "perplexity")]
+    perplexity_text: Option<PathBuf>,
+    /// The Hugging Face tokenizer.json for --perplexity-text; default: tokenizer.json in ORIGINAL's
+    /// folder or beside it.
+    #[arg(long, value_name = "PATH", requires = "perplexity_text")]
+    tokenizer: Option<PathBuf>,
+    /// Tokens per --perplexity-text window.
+    #[arg(long, default_value_t = 512, value_name = "T")]
+    perplexity_seq_len: usize,
+    /// Windows of --perplexity-text, spread evenly over the text.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    perplexity_windows: usize,
+    /// The logits output for --perplexity/--perplexity-text (default: the first output whose last
+    /// dimension is the vocabulary).
+    #[arg(long, value_name = "NAME")]
     logits: Option<String>,
     /// Sweep: quantize ORIGINAL with each of these methods (comma-separated) x --block-sizes into a
     /// temporary folder and print one table.
@@ -230,9 +247,22 @@ struct AwqArgs {
     /// random tokens give a much worse model than text; see README).
     #[arg(long)]
     calibration_random: bool,
-    /// Number of random calibration samples (without --calibration-data).
-    #[arg(long, default_value_t = 8)]
-    calibration_samples: usize,
+    /// Calibration from text: a UTF-8 file (or .jsonl with a "text" field per line), tokenized
+    /// with --tokenizer and cut into --calibration-samples windows of --calibration-seq-len tokens.
+    #[arg(long, value_name = "FILE", conflicts_with = "calibration_data")]
+    calibration_text: Option<PathBuf>,
+    /// The Hugging Face tokenizer.json for --calibration-text; default: tokenizer.json in the model
+    /// folder or beside the model file.
+    #[arg(long, value_name = "PATH")]
+    tokenizer: Option<PathBuf>,
+    /// Number of calibration samples: random ones (default 8) or windows of --calibration-text
+    /// (default 16).
+    #[arg(long)]
+    calibration_samples: Option<usize>,
+    /// Tokens per --calibration-text window (16 x 512 tokens by default: more rows than the widest
+    /// MatMul input of a small LLM, which GPTQ's Hessian needs).
+    #[arg(long, default_value_t = crate::calibrate::text::DEFAULT_SEQ_LEN, value_name = "T")]
+    calibration_seq_len: usize,
     /// Seed of the random calibration samples.
     #[arg(long, default_value_t = 0)]
     calibration_seed: u64,
@@ -262,7 +292,8 @@ struct AwqArgs {
 }
 
 impl AwqArgs {
-    fn options(&self) -> anyhow::Result<crate::methods::awq::AwqOptions> {
+    /// The AWQ/calibration options; `model` (file or folder) locates the default tokenizer.
+    fn options(&self, model: &std::path::Path) -> anyhow::Result<crate::methods::awq::AwqOptions> {
         use crate::calibrate::{parse_shapes, CalibrationOptions};
         let shape_args = self.calibration_shapes.as_deref().map(parse_shapes).transpose()?.unwrap_or_default();
         for (name, v) in [("--alpha-step", self.alpha_step), ("--clip-alpha-step", self.clip_alpha_step)] {
@@ -273,6 +304,14 @@ impl AwqArgs {
         if !(self.clip_alpha_min > 0.0 && self.clip_alpha_min <= 1.0) {
             anyhow::bail!("--clip-alpha-min {}: use a ratio in (0, 1]", self.clip_alpha_min);
         }
+        let tokens = match &self.calibration_text {
+            Some(text) => {
+                let tokenizer = crate::calibrate::text::find_tokenizer(self.tokenizer.as_deref(), model)?;
+                let samples = self.calibration_samples.unwrap_or(crate::calibrate::text::DEFAULT_SAMPLES);
+                Some(crate::calibrate::text::text_windows(text, &tokenizer, samples, self.calibration_seq_len)?)
+            }
+            None => None,
+        };
         Ok(crate::methods::awq::AwqOptions {
             method: crate::methods::awq::AwqMethod::Lite,
             alpha_step: self.alpha_step,
@@ -282,10 +321,10 @@ impl AwqArgs {
             calibration: CalibrationOptions {
                 data: self.calibration_data.clone(),
                 inputs: None,
-                tokens: None,
+                tokens,
                 shapes: shape_args.shapes,
                 dims: shape_args.dims,
-                samples: self.calibration_samples.max(1),
+                samples: self.calibration_samples.unwrap_or(8).max(1),
                 random: self.calibration_random,
                 seed: self.calibration_seed,
             },
@@ -338,6 +377,32 @@ fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
+/// The one-line report of a quantized model, and the notes on weights left float.
+fn print_summary(s: &crate::pipeline::Summary, output: &std::path::Path) {
+    for (weight, node, reason) in &s.skipped {
+        eprintln!("nibble: note: weight '{weight}' (read by '{node}') is left float: {reason}");
+    }
+    let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };
+    let copies = if s.float_copies > 0 {
+        format!("; float copies kept for other readers: {} ({} bytes)", s.float_copies, s.float_copy_bytes)
+    } else {
+        String::new()
+    };
+    println!(
+        "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}{copies}; {:.2} s ({} tier) -> {}",
+        s.quantized,
+        s.candidates,
+        mb(s.weight_bytes_before),
+        mb(s.weight_bytes_after),
+        mb(s.model_bytes_before),
+        mb(s.model_bytes_after),
+        if s.opset_raised { "; opset raised to 21" } else { "" },
+        s.seconds,
+        nibble::Tier::best().name(),
+        output.display()
+    );
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quantize {
@@ -363,7 +428,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             awq,
             gptq,
         } => {
-            let output = output.unwrap_or_else(|| default_output(&model));
+            let folder_input = model.is_dir();
+            let output = output.unwrap_or_else(|| match folder_input {
+                true => crate::folder::default_output(&model),
+                false => default_output(&model),
+            });
             let exclude = if no_default_exclude {
                 vec![]
             } else if exclude.is_empty() {
@@ -377,8 +446,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 zero_point,
                 exclude,
                 external_data,
+                external_data_name: None,
                 force,
-                awq: awq.options()?,
+                awq: awq.options(&model)?,
                 gptq: crate::methods::gptq::GptqOptions {
                     percdamp: gptq.percdamp,
                     lazy_batch: gptq.gptq_batch,
@@ -401,36 +471,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mixed_precision,
                 fsync,
             };
-            let s = quantize_file(&model, &output, &opts)?;
-            for (weight, node, reason) in &s.skipped {
-                eprintln!("nibble: note: weight '{weight}' (read by '{node}') is left float: {reason}");
+            if folder_input {
+                let f = crate::folder::quantize_folder(&model, &output, &opts)?;
+                for (file, s) in &f.models {
+                    print_summary(s, &output.join(file));
+                }
+                for file in &f.left_float {
+                    println!("left float and copied: {} (not the decoder)", file.display());
+                }
+                println!(
+                    "{} folder: {} other files copied unchanged; {:.2} s -> {}",
+                    f.layout.name(),
+                    f.copied.len(),
+                    f.seconds,
+                    output.display()
+                );
+                return Ok(());
             }
-            let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };
-            let copies = if s.float_copies > 0 {
-                format!("; float copies kept for other readers: {} ({} bytes)", s.float_copies, s.float_copy_bytes)
-            } else {
-                String::new()
-            };
-            println!(
-                "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}{copies}; {:.2} s ({} tier) -> {}",
-                s.quantized,
-                s.candidates,
-                mb(s.weight_bytes_before),
-                mb(s.weight_bytes_after),
-                mb(s.model_bytes_before),
-                mb(s.model_bytes_after),
-                if s.opset_raised { "; opset raised to 21" } else { "" },
-                s.seconds,
-                nibble::Tier::best().name(),
-                output.display()
-            );
+            let s = quantize_file(&model, &output, &opts)?;
+            print_summary(&s, &output);
         }
         Command::Inspect { model, exclude } => {
             let exclude = if exclude.is_empty() { vec!["/lm_head".to_string()] } else { exclude };
             print!("{}", inspect::inspect(&model, &exclude)?);
         }
         Command::Compare { original, quantized, seed, calibration_data, per_layer, json, extra } => {
-            let tokens = extra.perplexity.as_deref().map(perplexity::read_tokens).transpose()?;
+            let mut tokens = extra.perplexity.as_deref().map(perplexity::read_tokens).transpose()?;
+            if let Some(text) = &extra.perplexity_text {
+                let tokenizer = crate::calibrate::text::find_tokenizer(extra.tokenizer.as_deref(), &original)?;
+                let windows = crate::calibrate::text::text_windows(
+                    text,
+                    &tokenizer,
+                    extra.perplexity_windows,
+                    extra.perplexity_seq_len.max(2),
+                )?;
+                tokens = Some(perplexity::Tokens {
+                    sequences: windows.len(),
+                    length: windows[0].len(),
+                    ids: windows.concat(),
+                });
+            }
+            let original = crate::folder::model_file(&original)?;
+            let quantized = quantized.map(|q| crate::folder::model_file(&q)).transpose()?;
             if let Some(methods) = extra.methods {
                 let opts = sweep::SweepOptions {
                     methods,
@@ -457,9 +539,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ]),
                 None => None,
             };
-            let reports = match &calibration_data {
-                Some(data) => compare::compare_with_data(&original, &quantized, data)?,
-                None => compare::compare(&original, &quantized, seed)?,
+            let reports = match (&calibration_data, &tokens) {
+                (Some(data), _) => compare::compare_with_data(&original, &quantized, data)?,
+                // The outputs are compared on the perplexity's sequences (a decoder is fed through
+                // its feed plan).
+                (None, Some(t)) => {
+                    let sequences: Vec<Vec<i64>> = t.ids.chunks(t.length).map(<[i64]>::to_vec).collect();
+                    compare::compare_with_tokens(&original, &quantized, &sequences)?
+                }
+                (None, None) => compare::compare(&original, &quantized, seed)?,
             };
             let layers = if per_layer {
                 let samples = compare::samples(&original, calibration_data.as_deref(), seed)?;
