@@ -151,8 +151,9 @@ fn run_modes(path: &Path, ids: &[i64]) -> Vec<(&'static str, HashMap<String, Vec
         if no_opt {
             b = b.with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable).unwrap();
         }
-        let mut s =
-            b.commit_from_file(path).unwrap_or_else(|e| panic!("ONNX Runtime ({mode}) refuses {}: {e}", path.display()));
+        let mut s = b
+            .commit_from_file(path)
+            .unwrap_or_else(|e| panic!("ONNX Runtime ({mode}) refuses {}: {e}", path.display()));
         let input = Input { name: "ids".into(), shape: vec![1, ids.len()], data: InputData::I64(ids.to_vec()) };
         let res = nibble_driver::runtime::run(&mut s, &[input]).unwrap_or_else(|e| panic!("{mode}: {e}"));
         out.push((mode, res.into_iter().map(|t| (t.name, t.data)).collect()));
@@ -174,9 +175,7 @@ fn initializers(path: &Path) -> Vec<(String, i32, usize)> {
     let g = m.proto.graph.as_ref().unwrap();
     g.initializer
         .iter()
-        .map(|t| {
-            (t.name.clone().unwrap_or_default(), t.data_type.unwrap_or(0), m.tensor_bytes(t).unwrap().len())
-        })
+        .map(|t| (t.name.clone().unwrap_or_default(), t.data_type.unwrap_or(0), m.tensor_bytes(t).unwrap().len()))
         .collect()
 }
 
@@ -237,7 +236,8 @@ fn tied_heads_share_one_quantized_copy_and_run() {
         let codes: Vec<_> = inits.iter().filter(|(_, t, b)| !float(*t) && *b == code_bytes).collect();
         assert_eq!(codes.len(), 1, "{case}: head codes {codes:?} in {inits:?}");
         let m = Model::load(&out).unwrap();
-        let ops: Vec<&str> = m.proto.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_deref().unwrap()).collect();
+        let ops: Vec<&str> =
+            m.proto.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_deref().unwrap()).collect();
         if form == "matmulnbits" {
             assert!(ops.contains(&"GatherBlockQuantized") && !ops.contains(&"Gather"), "{case}: {ops:?}");
         }

@@ -67,9 +67,9 @@ pub(crate) fn remove_originals(
         !idx.outputs.contains(d) && idx.readers(d).iter().all(|u| rewired.contains(u) || dropped.contains(&u.at))
     };
     // Folded chains, then the chains tied embedding Gathers read the table through.
-    let chains = chosen.iter().flat_map(|c| {
-        c.folded.iter().map(|(chain, _)| &chain.nodes).chain(c.tied.iter().map(|t| &t.chain))
-    });
+    let chains = chosen
+        .iter()
+        .flat_map(|c| c.folded.iter().map(|(chain, _)| &chain.nodes).chain(c.tied.iter().map(|t| &t.chain)));
     for nodes in chains.collect::<Vec<_>>() {
         for at in nodes.iter().rev() {
             if !gone(&Def::Node(at.clone(), 0), &dropped) {

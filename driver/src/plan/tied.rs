@@ -23,7 +23,7 @@ use crate::graph::fold::chain;
 use crate::graph::model::Model;
 use crate::graph::read::{attr_int, is_default_domain};
 use crate::graph::readers::{node_at, Def, Index, NodeAt, Use};
-use crate::plan::{Candidate, Decision, Reads, Reader};
+use crate::plan::{Candidate, Decision, Reader, Reads};
 use nibble::{Bits, BlockSize};
 use regex::Regex;
 
@@ -97,7 +97,12 @@ pub fn set_head_bits(candidates: &mut [Candidate], bits: Bits) -> usize {
 /// table [`Reads::Tied`], and takes it out of any `--gather-axis` table candidate of the same
 /// constant (dropping that candidate when no Gather is left to it). Returns notes for the user:
 /// each tie, and each Gather left float with why.
-pub fn tie(model: &Model, exclude: &[(String, Regex)], candidates: &mut Vec<Candidate>, rules: &TieRules) -> Vec<String> {
+pub fn tie(
+    model: &Model,
+    exclude: &[(String, Regex)],
+    candidates: &mut Vec<Candidate>,
+    rules: &TieRules,
+) -> Vec<String> {
     let root = model.proto.graph.as_ref().expect("graph");
     let idx = Index::build(root);
     let mut notes = vec![];
@@ -155,7 +160,8 @@ pub fn tie(model: &Model, exclude: &[(String, Regex)], candidates: &mut Vec<Cand
         }
         let gather_axis = attr_int(n, "axis").unwrap_or(0);
         if gather_axis != 0 && gather_axis != -2 {
-            notes.push(keep(format!("it gathers along axis {gather_axis}; GatherBlockQuantized gathers rows (axis 0)")));
+            notes
+                .push(keep(format!("it gathers along axis {gather_axis}; GatherBlockQuantized gathers rows (axis 0)")));
             continue;
         }
         if let Some((p, _)) = exclude.iter().find(|(_, r)| r.is_match(n.name.as_deref().unwrap_or(""))) {
@@ -205,12 +211,14 @@ pub fn tie(model: &Model, exclude: &[(String, Regex)], candidates: &mut Vec<Cand
             ));
         }
         // Its --gather-axis table candidate gives this Gather up.
-        for t in candidates.iter_mut().filter(|t| t.op == "Gather" && t.graph == constant.graph && t.source == constant.source) {
+        for t in candidates
+            .iter_mut()
+            .filter(|t| t.op == "Gather" && t.graph == constant.graph && t.source == constant.source)
+        {
             t.readers.retain(|r| r.at.as_ref() != Some(&gather));
         }
-        candidates.retain(|t| {
-            !(t.op == "Gather" && t.quantized() && !t.readers.iter().any(|r| r.reads == Reads::Quantized))
-        });
+        candidates
+            .retain(|t| !(t.op == "Gather" && t.quantized() && !t.readers.iter().any(|r| r.reads == Reads::Quantized)));
     }
     notes
 }
