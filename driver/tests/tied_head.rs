@@ -248,10 +248,11 @@ fn tied_heads_share_one_quantized_copy_and_run() {
             for name in ["h", "logits"] {
                 let err = rel(&got[name], &want[name]);
                 let vs_float = rel(&got[name], &float_out[name]);
-                // Default sessions may run the DQ form with int8 activations; f16 rounds.
+                // Default sessions may run the DQ form with int8 activations; f16 rounds (logits sum 64
+                // products in f16).
                 let tol = match (mode, format) {
                     ("default", _) => 2e-2,
-                    (_, FloatFormat::F16) => 3e-3,
+                    (_, FloatFormat::F16) => 1.5e-2,
                     _ => 1e-5,
                 };
                 assert!(err < tol, "{case} {mode} {name}: error {err} vs the reference (vs float {vs_float})");
