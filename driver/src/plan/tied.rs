@@ -178,7 +178,7 @@ pub fn tie(
                 BlockSize::Blocked(b) => b,
                 BlockSize::PerChannel => k_dim.next_power_of_two().max(16),
             };
-            if k_dim % node_block != 0 {
+            if !k_dim.is_multiple_of(node_block) {
                 notes.push(keep(format!(
                     "the hidden size {k_dim} is not a multiple of the block size {node_block}, so MatMulNBits pads the last block and GatherBlockQuantized cannot read the same bytes (use a block size dividing {k_dim})"
                 )));
