@@ -112,6 +112,10 @@ pub struct Options {
     pub mixed_precision: bool,
     /// Flush the output to disk (fsync) before renaming it into place.
     pub fsync: bool,
+    /// Code width of the quantized LM head (a MatMul/Gemm named like `lm_head`, or one with tied
+    /// embedding Gathers) and so of its tied embedding: 4 or 8 bits, blocked like every weight
+    /// (see [`crate::plan::tied`]).
+    pub head_bits: Bits,
 }
 
 /// The operator the quantized weights feed.
@@ -146,6 +150,7 @@ impl Default for Options {
             int8_layers: None,
             mixed_precision: false,
             fsync: false,
+            head_bits: Bits::Four,
         }
     }
 }
@@ -411,6 +416,7 @@ fn choose_weights(
     if opts.skip_nonfinite {
         skip_nonfinite(model, &mut candidates)?;
     }
+    tie_head(model, patterns, block, opts, &mut candidates);
     if let Some(c) = candidates.iter().find(|c| matches!(c.decision, Decision::Unsupported { .. })) {
         return Err(Error::UnsupportedDtype {
             tensor: c.weight.clone(),
@@ -425,6 +431,38 @@ fn choose_weights(
         }
     }
     Ok((candidates, gather_block))
+}
+
+/// The LM head's bits (`--head-bits`) and its tied embedding Gathers ([`crate::plan::tied`]), each
+/// tie and each Gather left float said on stderr.
+fn tie_head(model: &Model, patterns: &[(String, Regex)], block: BlockSize, opts: &Options, cs: &mut Vec<Candidate>) {
+    crate::plan::tied::set_head_bits(cs, opts.head_bits);
+    let not_the_table = if opts.method == Method::Rtn {
+        Some("the QDQ form (--method rtn) keeps the float weight")
+    } else if matches!(opts.method, Method::AwqLite | Method::AwqFull | Method::AwqGptq) {
+        Some("AWQ's pre-quant scales are folded into the head's quantized weight, which is then not the table (use rtn_dq, gptq or awq_clip to share it)")
+    } else {
+        None
+    };
+    let rules = crate::plan::tied::TieRules {
+        matmulnbits: opts.format == Format::MatMulNBits,
+        block,
+        not_the_table,
+        gather_axis: opts.gather_axis,
+    };
+    for note in crate::plan::tied::tie(model, patterns, cs, &rules) {
+        match note.strip_prefix("warning: ") {
+            Some(w) => eprintln!("nibble: warning: {w}"),
+            None => eprintln!("nibble: note: {note}"),
+        }
+    }
+    let heads = crate::plan::tied::set_head_bits(cs, opts.head_bits);
+    if heads == 0 && opts.head_bits != Bits::Four {
+        eprintln!(
+            "nibble: warning: --head-bits {}: no LM head is quantized (lm_head is excluded by default: pass --no-default-exclude)",
+            opts.head_bits.count()
+        );
+    }
 }
 
 /// The AWQ stage (AWQ methods only): calibrates and searches on the original weights, then folds

@@ -625,8 +625,13 @@ fn tied_embedding_gather_reads_the_original_or_its_own_quantized_table() {
     write_npz(&calib, &[("ids", Arr::I64(vec![8, 1, 16], ids))]);
     let calib = calib.to_str().unwrap();
     let cases: Vec<(&str, Vec<&str>, Want, Option<&str>)> = vec![
-        // The head is quantized; the Gather reads the original table (a float copy is kept).
-        ("rtn", vec!["--no-default-exclude"], Want { node: "/embed_tokens/Gather", input: 0, quant: None }, Some("h")),
+        // The head is quantized; the Gather reads its quantized bytes (tied: one copy, no float table).
+        (
+            "rtn",
+            vec!["--no-default-exclude"],
+            Want { node: "/embed_tokens/Gather", input: 0, quant: Some((128, 1)) },
+            None,
+        ),
         // AWQ scales the head's weight: the Gather must still read the original.
         (
             "awq",
@@ -634,11 +639,12 @@ fn tied_embedding_gather_reads_the_original_or_its_own_quantized_table() {
             Want { node: "/embed_tokens/Gather", input: 0, quant: None },
             Some("h"),
         ),
-        // Gather quantization asked along axis 0: the Gather reads the table quantized as a table.
+        // Gather quantization asked along axis 0: the tied Gather still reads the head's bytes
+        // (blocked along the hidden axis), with a warning.
         (
             "gather0",
             vec!["--no-default-exclude", "--gather-axis", "0"],
-            Want { node: "/embed_tokens/Gather", input: 0, quant: Some((32, 0)) },
+            Want { node: "/embed_tokens/Gather", input: 0, quant: Some((128, 1)) },
             None,
         ),
         // Along axis 1 with the head's block size: one shared table is exact.
@@ -679,7 +685,11 @@ fn tied_embedding_gather_reads_the_original_or_its_own_quantized_table() {
         assert!(quantized_product(&out, "logits"), "{tag}: the tied head must be quantized");
         let copies = main_initializer(&out, "embed.weight").is_some();
         match tag {
-            "rtn" | "awq" => {
+            "rtn" | "gather0" => {
+                assert!(!copies, "{tag}: the tied Gather reads the head's bytes; no float copy");
+                assert!(!stdout.contains("float copies kept"), "{tag}: {stdout}");
+            }
+            "awq" => {
                 assert!(copies, "{tag}: the Gather's float table must be kept");
                 assert!(stdout.contains("; float copies kept for other readers: 1 (131072 bytes)"), "{tag}: {stdout}");
             }
@@ -692,14 +702,14 @@ fn tied_embedding_gather_reads_the_original_or_its_own_quantized_table() {
             _ => {}
         }
     }
-    // The Transpose head: the chain is folded, the head quantized, the Gather reads the original.
+    // The Transpose head: the chain is folded, the head quantized, the tied Gather reads its bytes.
     let src = save_model(c06("transpose"), d.path(), "transpose.onnx");
-    let exp = transposed_expected(&src, &d.path().join("exp_t.onnx"), None, Some((128, 0)));
+    let exp = transposed_expected(&src, &d.path().join("exp_t.onnx"), Some((128, 1)), Some((128, 0)));
     let out = d.path().join("t.onnx");
     quantize(&src, &out, &["--no-default-exclude"]);
-    check(&src, &out, &exp, &samples, &["h"]);
+    check(&src, &out, &exp, &samples, &[]);
     assert!(quantized_product(&out, "logits"), "the head behind the Transpose must be quantized");
-    let exp = transposed_expected(&src, &d.path().join("exp_t0.onnx"), Some((32, 0)), Some((128, 0)));
+    let exp = transposed_expected(&src, &d.path().join("exp_t0.onnx"), Some((128, 1)), Some((128, 0)));
     let out = d.path().join("t0.onnx");
     quantize(&src, &out, &["--no-default-exclude", "--gather-axis", "0"]);
     check(&src, &out, &exp, &samples, &[]);

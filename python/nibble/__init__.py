@@ -195,6 +195,7 @@ def quantize_file(
     gptq_batch: int = 128,
     act_order: bool = False,
     sequential: bool = False,
+    head_bits: int = 4,
 ) -> Dict[str, Any]:
     """Quantizes the MatMul/Gemm weights of the ONNX model at ``input`` and writes ``output``
     (default ``INPUT_int4.onnx`` next to the input), as ``nibble quantize`` does (same options, same
@@ -265,6 +266,9 @@ def quantize_file(
         act_order: GPTQ processes input channels by decreasing Hessian diagonal.
         sequential: GPTQ calibrates step by step, each layer group on the activations of the
             layers already quantized before it (``--sequential``).
+        head_bits: code width (4 or 8) of the quantized LM head (``lm_head``, quantized when
+            ``exclude`` does not match it) and of its tied embedding, whose Gathers read the head's
+            bytes (``--head-bits``); ValueError for another value.
 
     Returns:
         For a folder: ``{"output": folder, "layout": "onnxruntime-genai" or "Optimum", "models":
@@ -326,6 +330,7 @@ def quantize_file(
         gptq_batch=gptq_batch,
         act_order=act_order,
         sequential=sequential,
+        head_bits=head_bits,
         **_calibration(calibration_data),
     )
     result["output"] = os.fspath(result["output"])
@@ -410,6 +415,7 @@ _KWARGS = {
     "gptq_batch": ("gptq_batch", int),
     "act_order": ("act_order", bool),
     "sequential": ("sequential", bool),
+    "head_bits": ("head_bits", int),
 }
 
 
@@ -460,7 +466,7 @@ def quantize(
             ``awqclip_bsz_col`` and ``trt_rtx_backend`` (no effect), ``use_column_major`` (False
             only); and nibble's ``calibration_shapes``, ``calibration_samples``,
             ``calibration_seed``, ``calibration_memory_mb``, ``skip_nonfinite``, ``scale_search``,
-            ``scale_search_clip_min``, ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential``,
+            ``scale_search_clip_min``, ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential``, ``head_bits``,
             ``calibration_text``, ``tokenizer``, ``calibration_seq_len`` (as in
             :func:`quantize_file`). Any other name raises ``TypeError``.
 

@@ -200,7 +200,7 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary, output: &Path) -> PyResult<Bo
     calibration_seq_len=512, alpha_step=0.1, clip_alpha_step=0.05,
     clip_alpha_min=0.5, fuse=true, per_subgraph=false, calibration_memory_mb=1024, verbose=false, scale_search=false,
     scale_search_clip_min=1.0,
-    percdamp=0.01, gptq_batch=128, act_order=false, sequential=false
+    percdamp=0.01, gptq_batch=128, act_order=false, sequential=false, head_bits=4
 ))]
 #[allow(clippy::too_many_arguments)]
 fn quantize_file<'py>(
@@ -242,6 +242,7 @@ fn quantize_file<'py>(
     gptq_batch: usize,
     act_order: bool,
     sequential: bool,
+    head_bits: u32,
 ) -> PyResult<Bound<'py, PyDict>> {
     // The same checks and defaults as the CLI's (driver/src/cli.rs), so equal options give equal bytes.
     for (name, v) in [("alpha_step", alpha_step), ("clip_alpha_step", clip_alpha_step)] {
@@ -272,6 +273,8 @@ fn quantize_file<'py>(
         mixed_precision,
         scale_search,
         scale_search_clip_min,
+        head_bits: nibble::Bits::from_count(head_bits)
+            .ok_or_else(|| PyValueError::new_err(format!("head_bits {head_bits}: use 4 or 8")))?,
         ..Options::default()
     };
     opts.gptq.percdamp = percdamp;

@@ -90,6 +90,8 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
                 (Reads::Quantized, false) => "float (the weight stays float)".to_string(),
                 (Reads::Original(why), true) => format!("float: {why} (a float copy is kept)"),
                 (Reads::Original(why), false) => format!("float: {why}"),
+                (Reads::Tied, true) => "reads the head's quantized bytes (tied embedding)".to_string(),
+                (Reads::Tied, false) => "float (the head stays float)".to_string(),
             };
             let op = if r.op.is_empty() { String::new() } else { format!(" ({}{layout})", r.op) };
             let _ = writeln!(s, "    reader {}{op}: {what}", r.label);

@@ -87,6 +87,10 @@ enum Command {
         /// last eighth and every third of the qkv/v_proj and down_proj MatMuls.
         #[arg(long)]
         mixed_precision: bool,
+        /// Code width of the quantized LM head (lm_head, quantized with --no-default-exclude) and of its
+        /// tied embedding: 4, or 8 (MatMulNBits bits=8, 8-bit GatherBlockQuantized), blocked by --block-size.
+        #[arg(long, default_value = "4", value_parser = ["4", "8"])]
+        head_bits: String,
         /// Choose each block's scale by a data-free search (ModelOpt's 15-level and ONNX Runtime's
         /// 16-level grids; lowest weight error) instead of ModelOpt's formula (rtn_dq, rtn, gptq,
         /// awq_gptq).
@@ -423,6 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gather_block_size,
             int8_layers,
             mixed_precision,
+            head_bits,
             scale_search,
             scale_search_clip_min,
             awq,
@@ -470,6 +475,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 int8_layers,
                 mixed_precision,
                 fsync,
+                head_bits: if head_bits == "8" { nibble::Bits::Eight } else { nibble::Bits::Four },
             };
             if folder_input {
                 let f = crate::folder::quantize_folder(&model, &output, &opts)?;
