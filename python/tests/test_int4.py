@@ -35,11 +35,12 @@ def load(name):
         return {k: d[k] for k in d.files}
 
 
-def same_bits(got, want, what):
-    got, want = np.asarray(got), np.asarray(want)
+def same_bits(got, want, what, values=False):
+    """Same dtype, shape and bits (``values``: the same values, -0.0 == 0.0, for zero points)."""
+    got, want = np.ascontiguousarray(got), np.ascontiguousarray(want)
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    if got.dtype.kind == "f" or got.dtype == BF16:
+    if not values and (got.dtype.kind == "f" or got.dtype == BF16):
         got, want = got.view(UINT[got.dtype.itemsize]), want.view(UINT[want.dtype.itemsize])
     np.testing.assert_array_equal(got, want, err_msg=what)
 
@@ -87,13 +88,13 @@ def reference(w, block_size, axis, alpha, zero_point, num_bits):
     se = np.repeat(s, b, axis=0)[:n]
     y = np.rint(rnd(wm / se))
     if zp is None:
-        q = np.clip(y, -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1)
+        q = np.clip(y, -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1) + np.float32(0)  # int8 has no -0
         dq = rnd(q * se)
     else:
         ze = np.repeat(zp, b, axis=0)[:n]
         q = np.clip(rnd(y + ze), 0, 2**num_bits - 1)
         dq = rnd(rnd(q - ze) * se)
-    back = lambda x: np.moveaxis(x, 0, axis)  # noqa: E731
+    back = lambda x: np.ascontiguousarray(np.moveaxis(x, 0, axis))  # noqa: E731
     code = np.uint8 if zero_point and num_bits == 8 else np.int8
     return (
         back(q).astype(code),
@@ -108,7 +109,7 @@ def check_against_reference(w, block_size, axis, alpha, zp, num_bits, what):
     rq, rs, rz, rdq = reference(w, block_size, axis, alpha, zp, num_bits)
     same_bits(s, rs, f"{what}: scales")
     if zp:
-        same_bits(z, rz, f"{what}: zero points")
+        same_bits(z, rz, f"{what}: zero points", values=True)
     else:
         assert z is None
     same_bits(q, rq, f"{what}: codes")
@@ -143,7 +144,7 @@ def test_quantization_goldens(name):
         return
     same_bits(s, a["out_scale"], f"{name}: quant_tensor scales")
     if p["use_zero_point"]:
-        same_bits(z, a["out_zp"], f"{name}: zero points")
+        same_bits(z, a["out_zp"], f"{name}: zero points", values=True)
     else:
         assert z is None
     want_q = a["out_q"]
@@ -203,8 +204,8 @@ def test_awq_clip_helper_golden(name):
         assert h.loss[alpha].shape == loss.shape
         h.loss[alpha] = loss
     h.update_best_params()
-    same_bits(h.best_alpha.astype(np.float32), a["out_best_alpha"], f"{name}: best alpha")
-    same_bits(h.best_loss.astype(np.float32), a["out_best_loss"], f"{name}: best loss")
+    same_bits(h.best_alpha, a["out_best_alpha"], f"{name}: best alpha")
+    same_bits(h.best_loss, a["out_best_loss"], f"{name}: best loss")
 
 
 @pytest.mark.parametrize("name", golden("awq_lite_node_"))
