@@ -334,3 +334,18 @@ def test_quantize_rtn_equals_quantize_and_runs(tmp_path, example, dq_only):
             same_bits(numpy_helper.to_array(inits[f"{name}_scale"]), s, name)
             checked += 1
         assert checked >= 10
+
+
+def test_readme_int4_script():
+    import re
+    import subprocess
+    import sys
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    (script,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "import nibble.int4" in b]
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    dtype, shape, err = p.stdout.split(" ", 2)
+    assert (dtype, shape) == ("int8", "(32,") and err.startswith("4096)")
+    # Half a quantization step at most: amax / 7 / 2 for standard normal blocks of 128 (amax < 6).
+    assert 0 < float(err.split()[-1]) < 6 / 7 / 2 + 1e-3
