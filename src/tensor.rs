@@ -462,10 +462,10 @@ impl Ctx<'_> {
             let bc = &mut block_codes[..if codes.is_empty() { 0 } else { rows * g }];
             ctx.slab(slab, rows, b, r0, 0, &mut s, &mut z, bc)?;
             if !matches!(step, Step::Given { .. }) {
-                for r in 0..g {
-                    scale[r * nb + b] = s[r];
+                for (r, (&sr, &zr)) in s.iter().zip(&z).enumerate() {
+                    scale[r * nb + b] = sr;
                     if !zp.is_empty() {
-                        zp[r * nb + b] = z[r];
+                        zp[r * nb + b] = zr;
                     }
                 }
             }
