@@ -21,7 +21,7 @@ from test_quantize import run_both_ways
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "tests" / "data" / "golden"
-UINT = {4: np.uint32, 2: np.uint16}
+UINT = {8: np.uint64, 4: np.uint32, 2: np.uint16}
 
 
 def golden(prefix):
@@ -295,7 +295,7 @@ def test_errors():
     with pytest.raises(ValueError, match="quantize_axis"):
         int4.find_scales(w, 2, quantize_axis=2)
     s, _ = int4.find_scales(w, 32)
-    with pytest.raises(ValueError, match="expected \\(2, 8\\)"):
+    with pytest.raises(ValueError, match="expected \\(4, 8\\)"):
         int4.rtn(w, s, 16)
     with pytest.raises(ValueError, match="zero, NaN or Inf"):
         int4.rtn(w, np.zeros_like(s), 32)
