@@ -61,3 +61,37 @@ def compare(
 ) -> Dict[str, Any]: ...
 def ort_library() -> "os.PathLike[str]": ...
 def simd_tier() -> str: ...
+
+# nibble.int4 (python/nibble/int4.py): flat arrays; float16/bfloat16 as uint16 bit patterns;
+# scales and zero points as float32 values of the weight's dtype, [outer, blocks, inner] order.
+def int4_quantize(
+    w: Any,
+    format: str,
+    shape: Sequence[int],
+    axis: int,
+    block_size: int,
+    alpha: float,
+    zero_point: bool,
+    num_bits: int,
+    codes: bool,
+) -> Tuple[Optional[Any], Any, Optional[Any]]: ...
+def int4_rtn(
+    w: Any,
+    format: str,
+    shape: Sequence[int],
+    axis: int,
+    block_size: int,
+    scale: Any,
+    zero_point: Optional[Any],
+    num_bits: int,
+) -> Any: ...
+def int4_dq_tensor(
+    codes: Any,
+    signed: bool,
+    shape: Sequence[int],
+    axis: int,
+    block_size: int,
+    scale: Any,
+    zero_point: Optional[Any],
+    format: str,
+) -> Any: ...

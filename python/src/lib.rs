@@ -3,7 +3,10 @@
 //! Thin by design: every function builds the driver's options, runs the driver on a worker thread
 //! (so that Ctrl-C reaches Python while Rust works) and turns the driver's results and errors into
 //! plain Python data and exceptions. numpy and onnx are handled in the Python layer
-//! (`python/nibble/__init__.py`); this module only sees paths, strings, numbers and bytes.
+//! (`python/nibble/__init__.py`); this module only sees paths, strings, numbers and bytes, except
+//! `nibble.int4`'s flat numpy arrays (module [`int4`]).
+
+mod int4;
 
 use nibble_driver::runtime::{Input, InputData};
 use nibble_driver::{quantize_file as driver_quantize_file, Error, Options, Summary};
@@ -477,6 +480,9 @@ fn _nibble(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compare, m)?)?;
     m.add_function(wrap_pyfunction!(ort_library, m)?)?;
     m.add_function(wrap_pyfunction!(simd_tier, m)?)?;
+    m.add_function(wrap_pyfunction!(int4::int4_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(int4::int4_rtn, m)?)?;
+    m.add_function(wrap_pyfunction!(int4::int4_dq_tensor, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
