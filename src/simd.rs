@@ -213,8 +213,8 @@ pub(crate) fn store_nibble_pairs<S: Simd>(simd: S, v: S::u32s, out: &mut [u8]) {
             let x = v3.avx2._mm256_or_si256(x, v3.avx2._mm256_srli_epi64::<28>(x));
             // Bytes 0 and 8 of each 128-bit half to its bytes 0 and 1.
             let idx = v3.avx._mm256_setr_epi8(
-                0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 8, -1, -1, -1, -1, -1, -1, -1, -1,
-                -1, -1, -1, -1, -1, -1,
+                0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                -1, -1, -1, -1, -1,
             );
             let x = v3.avx2._mm256_shuffle_epi8(x, idx);
             let lo = v3.avx._mm256_castsi256_si128(x);

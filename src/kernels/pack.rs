@@ -7,12 +7,12 @@
 //! work on u16 lanes instead and narrow in registers (see `Pack::with_simd`).
 
 use super::{check_len, check_tier};
-#[cfg(target_arch = "x86_64")]
-use crate::simd::{as_v3, as_v4};
 use crate::simd::lanes_u32;
 #[cfg(target_arch = "x86_64")]
-use core::arch::x86_64::{__m256i, __m512i};
+use crate::simd::{as_v3, as_v4};
 use crate::{Result, Tier};
+#[cfg(target_arch = "x86_64")]
+use core::arch::x86_64::{__m256i, __m512i};
 use pulp::{Simd, WithSimd};
 
 /// Packs the low nibble of each code byte; `out.len() == codes.len().div_ceil(2)`.
