@@ -196,7 +196,7 @@ def main():
         hf = gguf_to_hf(name, spec, gguf_path, out)
         log_path = os.path.join(out, "build.json")
         runs = json.load(open(log_path)) if os.path.exists(log_path) else {}
-        for variant in args.variants.split(","):
+        for variant in [v for v in args.variants.split(",") if v]:
             r = build(name, variant, hf, out, caps)
             if r is not None:
                 runs[variant] = r

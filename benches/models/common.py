@@ -91,14 +91,19 @@ def _descendants(pid):
 
 
 def _rss_mb(pids):
-    total = 0
+    """(sum of VmRSS, largest VmHWM) over pids, in MiB."""
+    total, hwm = 0, 0
     for p in pids:
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        hwm = max(hwm, int(line.split()[1]))
         except (OSError, IndexError, ValueError):
             pass
-    return total / 2**20
+    return total / 1024, hwm / 1024
 
 
 def run_measured(cmd, log_path, max_rss_mb=None, max_seconds=None, cwd=None, env=None):
@@ -114,7 +119,7 @@ def run_measured(cmd, log_path, max_rss_mb=None, max_seconds=None, cwd=None, env
     import threading
     import time
 
-    state = {"peak": 0.0, "killed": None}
+    state = {"peak": 0.0, "hwm": 0.0, "killed": None}
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
@@ -124,8 +129,9 @@ def run_measured(cmd, log_path, max_rss_mb=None, max_seconds=None, cwd=None, env
 
         def watch():
             while not done.wait(0.5):
-                rss = _rss_mb(_descendants(p.pid))
+                rss, hwm = _rss_mb(_descendants(p.pid))
                 state["peak"] = max(state["peak"], rss)
+                state["hwm"] = max(state["hwm"], hwm)
                 why = None
                 if max_rss_mb and rss > max_rss_mb:
                     why = f"RSS {rss:.0f} MiB above the cap {max_rss_mb} MiB"
@@ -149,5 +155,5 @@ def run_measured(cmd, log_path, max_rss_mb=None, max_seconds=None, cwd=None, env
         if state["killed"]:
             log.write(f"\nKILLED: {state['killed']}\n")
     return {"seconds": round(secs, 1), "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 1),
-            "peak_rss_mb": round(ru.ru_maxrss / 1024, 1), "peak_tree_rss_mb": round(state["peak"], 1),
+            "peak_rss_mb": round(state["hwm"], 1), "peak_tree_rss_mb": round(state["peak"], 1),
             "returncode": p.returncode, "killed": state["killed"]}
