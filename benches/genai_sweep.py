@@ -29,11 +29,13 @@ copied beside the model.
 Text: Python's own ``pydoc_data.topics`` (the Language Reference topics that ``help()`` prints; PSF
 license, ships with CPython, so no download), joined in sorted-key order as ``benches/models/make_data.py``
 does: the first 60% is calibration text, the last 40% is held out. Tokenized with the folder's
-``tokenizer.json`` (``tokenizers``); a row starts with the BOS token when the folder's
-``tokenizer_config.json`` says ``add_bos_token``.
+``tokenizer.json`` (``tokenizers``); a row starts with the BOS token for model families trained with
+one (``lead_tokens``: Gemma yes, Qwen2 no).
   calibration (``{calib_npz}``): 16 windows x 128 tokens, evenly spaced; ``attention_mask`` ones,
-      ``position_ids`` 0..127 when the graph has it, every ``past_key_values.*`` input empty
-      ``[16, kv_heads, 0, head_size]`` (past length 0; heads and size from genai_config.json).
+      ``position_ids`` 0..127 when the graph has it, every ``past_key_values.*`` input an empty cache
+      ``[16, kv_heads, P, head_size]`` (heads and size from genai_config.json; P = 0, or for a model
+      with a sliding window P = max(window, tokens) zeros that the attention mask leaves out, since
+      GroupQueryAttention refuses a shorter buffer there: see ``feeds``).
   evaluation: ``--eval-rows`` (4) windows x ``--eval-len`` (512) tokens, evenly spaced over the held-out
       part; perplexity = exp(mean next-token NLL) over the (eval-len - 1) predictions of each row, one
       row per session run with an empty KV cache.
@@ -131,11 +133,18 @@ def model_bytes(folder):
                if f == base or f.startswith(base + ".") or f.startswith(base + "_"))
 
 
+BOS_FAMILIES = ("gemma", "llama", "mistral", "phi3")
+
+
 def lead_tokens(folder):
-    """[bos] when the folder's tokenizer adds one (tokenizer_config.json add_bos_token), else []."""
+    """[bos] when the model family is trained with one: tokenizer_config.json's add_bos_token when it
+    says (transformers 4 writes it), else genai_config's model.type starting with one of BOS_FAMILIES
+    (transformers 5 leaves the key out); [] otherwise (Qwen2 has no BOS)."""
     p = os.path.join(folder, "tokenizer_config.json")
-    add = json.load(open(p)).get("add_bos_token", False) if os.path.exists(p) else False
-    bos = genai_config(folder)["model"].get("bos_token_id")
+    tc = json.load(open(p)) if os.path.exists(p) else {}
+    m = genai_config(folder)["model"]
+    add = tc["add_bos_token"] if "add_bos_token" in tc else m.get("type", "").startswith(BOS_FAMILIES)
+    bos = m.get("bos_token_id")
     return [int(bos)] if add and bos is not None else []
 
 
@@ -174,6 +183,12 @@ def feeds(inputs, cfg, ids):
 
     dec = cfg["model"]["decoder"]
     b, t = ids.shape
+    # GroupQueryAttention with a sliding window refuses a KV buffer shorter than the window ("KV cache
+    # capacity (0) must be at least local_window_size"); a longer zero buffer with the attention mask
+    # covering only the new tokens is read as an empty shared cache (onnxruntime-genai's own layout):
+    # the logits are the same for any capacity >= max(window, t) (checked: 512 vs 1024, max diff 0).
+    window = (dec.get("sliding_window") or {}).get("window_size", 0)
+    past = max(window, t) if window else 0
     out = {}
     for name, elem, dims in inputs:
         np_t = onnx.helper.tensor_dtype_to_np_dtype(elem)
@@ -184,7 +199,7 @@ def feeds(inputs, cfg, ids):
         elif name == "position_ids":
             out[name] = np.broadcast_to(np.arange(t), (b, t)).astype(np_t)
         elif name.startswith("past_key_values") or name.startswith("past_"):
-            out[name] = np.zeros((b, dec["num_key_value_heads"], 0, dec["head_size"]), np_t)
+            out[name] = np.zeros((b, dec["num_key_value_heads"], past, dec["head_size"]), np_t)
         else:
             raise SystemExit(f"input {name} {dims}: no rule to feed it; add one to feeds()")
     return out
