@@ -100,9 +100,12 @@ DECODE_SNIPPET = r"""
 import json, sys, time
 import onnxruntime_genai as og
 folder, prompt, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+dec = json.load(open(folder + "/genai_config.json"))["model"]["decoder"]
+window = (dec.get("sliding_window") or {}).get("window_size", 0)
 model = og.Model(folder)
 params = og.GeneratorParams(model)
-params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+# a sliding-window GroupQueryAttention refuses a KV buffer shorter than its window
+params.set_search_options(max_length=max(len(prompt) + n, window), do_sample=False)
 gen = og.Generator(model, params)
 gen.append_tokens(prompt)
 t0 = time.perf_counter()
@@ -342,6 +345,9 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=128)
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown table from the JSON")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="measure only the decode speed of the references and of existing nibble outputs "
+                         "(no quantization), keeping the other numbers")
     args = ap.parse_args()
 
     root = os.path.join(common.WORK, "genai", args.model)
@@ -381,6 +387,17 @@ def main():
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(json_path + ".tmp", json_path)
         open(md_path, "w").write(table(data))
+
+    if args.decode_only:
+        for label, nargs in runs:
+            folder = os.path.join(root, label) if nargs is None else os.path.join(root, "nibble", label)
+            rec = data["runs"].get(label)
+            if rec is None or "error" in rec or not os.path.exists(os.path.join(folder, "genai_config.json")):
+                continue
+            rec["decode"] = decode_speed(folder, prompt, args.decode_tokens, args.decode_repeats, folder)
+            print(f"== {label}: {rec['decode']}", flush=True)
+            save()
+        return
 
     for label, nargs in runs:
         print(f"== {label}", flush=True)
