@@ -51,8 +51,9 @@ Measured per folder:
                activations, so the number is the weight quantization's effect alone
   decode tok/s onnxruntime-genai (``og.Model`` with the folder's genai_config.json session options),
                greedy, a 64-token prompt from the held-out text then ``--decode-tokens`` (64) new
-               tokens; tokens/s over the new tokens after the first (prefill excluded), median of
-               ``--decode-repeats`` (3) runs, each in a fresh process
+               tokens; tokens/s over the new tokens (the prompt's forward pass excluded), median of
+               ``--decode-repeats`` (3) runs, each in a fresh process; the machine's 1-minute load
+               average is recorded beside it (a shared machine: compare numbers of one run)
   quantize     nibble runs only: wall and CPU seconds and peak RSS (wait4's ru_maxrss) of the process
 
 Results merge into ``benches/results/genai-<model>.json`` by label (runs can be split or repeated)
@@ -107,16 +108,15 @@ params = og.GeneratorParams(model)
 # a sliding-window GroupQueryAttention refuses a KV buffer shorter than its window
 params.set_search_options(max_length=max(len(prompt) + n, window), do_sample=False)
 gen = og.Generator(model, params)
-gen.append_tokens(prompt)
 t0 = time.perf_counter()
-gen.generate_next_token()
+gen.append_tokens(prompt)  # the prompt's forward pass
 t1 = time.perf_counter()
-k = 1
+k = 0
 while k < n and not gen.is_done():
-    gen.generate_next_token()
+    gen.generate_next_token()  # picks a token from the last logits, runs the next forward pass
     k += 1
 t2 = time.perf_counter()
-print(json.dumps({"first_token_s": t1 - t0, "tokens": k, "decode_tok_s": (k - 1) / (t2 - t1)}))
+print(json.dumps({"first_token_s": t1 - t0, "tokens": k, "decode_tok_s": k / (t2 - t1)}))
 """
 
 
@@ -259,6 +259,7 @@ def decode_speed(folder, prompt, tokens, repeats, log_dir):
         rates.append(r["decode_tok_s"])
         first.append(r["first_token_s"])
     return {"decode_tok_s": round(statistics.median(rates), 1), "decode_tok_s_all": [round(x, 1) for x in rates],
+            "load_average_1min": round(os.getloadavg()[0], 1),
             "prefill_s": round(statistics.median(first), 2), "new_tokens": tokens, "prompt_tokens": len(prompt)}
 
 
@@ -307,7 +308,8 @@ def table(data):
         q = r.get("quantize") or {}
         d = r.get("decode") or {}
         dec = ("error: " + d["error"][:60]) if "error" in d else (
-            f"{d['decode_tok_s']} ({', '.join(map(str, d['decode_tok_s_all']))})" if d else "-")
+            f"{d['decode_tok_s']} ({', '.join(map(str, d['decode_tok_s_all']))}; load "
+            f"{d.get('load_average_1min', '?')})" if d else "-")
         cost = f"{q['seconds']} / {q['cpu_seconds']}" if q else "-"
         rows.append(f"| {label} | {r['how']} | {fmt(r.get('bytes') and r['bytes'] / 1e6, '{:.1f}')} "
                     f"| {fmt(r.get('ppl_default'))} | {fmt(r.get('ppl_level1'))} | {dec} | {cost} "
