@@ -263,7 +263,7 @@ def decode_speed(folder, prompt, tokens, repeats, log_dir):
             "prefill_s": round(statistics.median(first), 2), "new_tokens": tokens, "prompt_tokens": len(prompt)}
 
 
-def run_nibble(label, args, src, dst_root, subs, folder_io):
+def run_nibble(nibble, label, args, src, dst_root, subs, folder_io):
     out_dir = os.path.join(dst_root, label)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
@@ -272,7 +272,7 @@ def run_nibble(label, args, src, dst_root, subs, folder_io):
     subs = dict(subs, in_model=in_model, in_dir=src, out_model=out_model, out_dir=out_dir)
     args = [a.format(**subs) for a in args]
     lead = ["quantize", src, "-o", out_dir] if folder_io else ["quantize", in_model, "-o", out_model]
-    cmd = [NIBBLE] + lead + ["--force"] + args
+    cmd = [nibble] + lead + ["--force"] + args
     r = common.run_measured(cmd, os.path.join(dst_root, f"{label}.log"))
     r["command"] = " ".join(shlex.quote(c) for c in ["nibble"] + lead + args).replace(common.ROOT + "/", "")
     if r["returncode"] == 0 and not os.path.exists(os.path.join(out_dir, "genai_config.json")):
@@ -336,6 +336,7 @@ def main():
     ap.add_argument("--run", action="append", default=[], metavar="LABEL=ARGS", help="a nibble run (repeatable)")
     ap.add_argument("--config", help="JSON list of {\"label\": ..., \"args\": [...]} nibble runs")
     ap.add_argument("--default-runs", action="store_true", help="the runs of BENCHMARKS.md (DEFAULT_RUNS)")
+    ap.add_argument("--nibble", default=NIBBLE, help="the nibble binary (default: target/release/nibble)")
     ap.add_argument("--folder-io", action="store_true", help="call nibble with folders: quantize IN_DIR -o OUT_DIR")
     ap.add_argument("--references", default=",".join(REFERENCES), help="builder folders to measure")
     ap.add_argument("--level1", action="store_true", help="also perplexity at qdq_matmulnbits_accuracy_level 1")
@@ -380,8 +381,8 @@ def main():
     if args.config:
         specs += [(c["label"], c["args"]) for c in json.load(open(args.config))]
     runs += [(label, a if isinstance(a, list) else shlex.split(a)) for label, a in specs]
-    if any(a is not None for _, a in runs) and not os.path.exists(NIBBLE):
-        raise SystemExit(f"{NIBBLE} missing: cargo build --release -p nibble-driver")
+    if any(a is not None for _, a in runs) and not os.path.exists(args.nibble):
+        raise SystemExit(f"{args.nibble} missing: cargo build --release -p nibble-driver")
 
     def save():
         os.makedirs(RESULTS, exist_ok=True)
@@ -413,7 +414,7 @@ def main():
             if b:
                 rec["quantize"] = {k: b[k] for k in ("seconds", "cpu_seconds", "peak_rss_mb") if k in b}
         else:
-            folder, q = run_nibble(label, nargs, fp32, os.path.join(root, "nibble"), subs, args.folder_io)
+            folder, q = run_nibble(args.nibble, label, nargs, fp32, os.path.join(root, "nibble"), subs, args.folder_io)
             rec["how"] = "nibble " + " ".join(a for a in nargs if not a.startswith("{")).replace(
                 "--calibration-data", "--calibration-data (text npz)")
             rec["command"] = q.pop("command")
