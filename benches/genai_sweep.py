@@ -384,12 +384,23 @@ def main():
     if any(a is not None for _, a in runs) and not os.path.exists(args.nibble):
         raise SystemExit(f"{args.nibble} missing: cargo build --release -p nibble-driver")
 
+    mine = set()
+
     def save():
+        """Merges this run's labels into the JSON under a lock (sweeps of one model can run at once)."""
+        import fcntl
+
         os.makedirs(RESULTS, exist_ok=True)
-        with open(json_path + ".tmp", "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(json_path + ".tmp", json_path)
-        open(md_path, "w").write(table(data))
+        with open(json_path + ".lock", "w") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            disk = json.load(open(json_path)) if os.path.exists(json_path) else {"model": args.model, "runs": {}}
+            disk["text"], disk["machine"] = data["text"], data["machine"]
+            for label in mine:
+                disk["runs"][label] = data["runs"][label]
+            with open(json_path + ".tmp", "w") as f:
+                json.dump(disk, f, indent=1, sort_keys=True)
+            os.replace(json_path + ".tmp", json_path)
+            open(md_path, "w").write(table(disk))
 
     if args.decode_only:
         for label, nargs in runs:
@@ -399,6 +410,7 @@ def main():
                 continue
             rec["decode"] = decode_speed(folder, prompt, args.decode_tokens, args.decode_repeats, folder)
             print(f"== {label}: {rec['decode']}", flush=True)
+            mine.add(label)
             save()
         return
 
@@ -423,6 +435,7 @@ def main():
             if q["returncode"] != 0:
                 rec["error"] = f"nibble exit {q['returncode']}: see {os.path.relpath(folder)}.log"
                 data["runs"][label] = rec
+                mine.add(label)
                 save()
                 continue
         rec["bytes"] = model_bytes(folder)
@@ -436,6 +449,7 @@ def main():
             rec["decode"] = decode_speed(folder, prompt, args.decode_tokens, args.decode_repeats, folder)
         print(f"   {({k: v for k, v in rec.items() if k != 'quantize'})}", flush=True)
         data["runs"][label] = rec
+        mine.add(label)
         save()
 
 
