@@ -322,8 +322,9 @@ def table(data):
             f"{t['calibration'][0]} x {t['calibration'][1]} tokens. fp32 perplexity {fmt(ref)}.", "",
             "Session options: *ppl default* = `SessionOptions()` untouched; *ppl level1* = the same with "
             "`session.qdq_matmulnbits_accuracy_level` = \"1\" (only for folders with DequantizeLinear nodes). "
-            "Decode: onnxruntime-genai with the folder's genai_config.json, greedy, tokens/s after the first "
-            "new token.", ""]
+            "Decode: onnxruntime-genai with the folder's genai_config.json, greedy, 64-token prompt, tokens/s "
+            "over the new tokens (the prompt's forward pass excluded), with the 1-minute load average of "
+            "the shared 2-core machine.", ""]
     notes = [f"- {k}: `{r['command']}`" + (f" -- FAILED ({r['error']})" if r.get("error") else "")
              for k, r in ((k, data["runs"][k]) for k in order)]
     return "\n".join(head + rows + ["", "Commands:"] + notes) + "\n"
