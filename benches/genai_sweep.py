@@ -213,9 +213,12 @@ def write_calibration(folder, calib_ids, calib_text, out_dir):
     npz = os.path.join(out_dir, "calib.npz")
     txt = os.path.join(out_dir, "calib.txt")
     arrays = feeds(graph_inputs(model_file(folder)), genai_config(folder), calib_ids)
-    np.savez(npz, **arrays)
-    with open(txt, "w") as f:
+    # written beside and renamed into place: another sweep of the same model may be reading them
+    np.savez(npz + ".tmp.npz", **arrays)
+    os.replace(npz + ".tmp.npz", npz)
+    with open(txt + ".tmp", "w") as f:
         f.write(calib_text)
+    os.replace(txt + ".tmp", txt)
     return npz, txt
 
 
@@ -382,7 +385,7 @@ def main():
     if args.config:
         specs += [(c["label"], c["args"]) for c in json.load(open(args.config))]
     runs += [(label, a if isinstance(a, list) else shlex.split(a)) for label, a in specs]
-    if any(a is not None for _, a in runs) and not os.path.exists(args.nibble):
+    if not args.decode_only and any(a is not None for _, a in runs) and not os.path.exists(args.nibble):
         raise SystemExit(f"{args.nibble} missing: cargo build --release -p nibble-driver")
 
     mine = set()
