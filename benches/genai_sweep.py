@@ -277,6 +277,7 @@ def run_nibble(nibble, label, args, src, dst_root, subs, folder_io):
     lead = ["quantize", src, "-o", out_dir] if folder_io else ["quantize", in_model, "-o", out_model]
     cmd = [nibble] + lead + ["--force"] + args
     r = common.run_measured(cmd, os.path.join(dst_root, f"{label}.log"))
+    r["binary"] = os.path.relpath(nibble, common.ROOT)
     r["command"] = " ".join(shlex.quote(c) for c in ["nibble"] + lead + args).replace(common.ROOT + "/", "")
     if r["returncode"] == 0 and not os.path.exists(os.path.join(out_dir, "genai_config.json")):
         model_names = {os.path.basename(in_model)}
@@ -314,6 +315,8 @@ def table(data):
             f"{d['decode_tok_s']} ({', '.join(map(str, d['decode_tok_s_all']))}; load "
             f"{d.get('load_average_1min', '?')})" if d else "-")
         cost = f"{q['seconds']} / {q['cpu_seconds']}" if q else "-"
+        if "debug" in q.get("binary", ""):
+            cost += " (debug build)"
         rows.append(f"| {label} | {r['how']} | {fmt(r.get('bytes') and r['bytes'] / 1e6, '{:.1f}')} "
                     f"| {fmt(r.get('ppl_default'))} | {fmt(r.get('ppl_level1'))} | {dec} | {cost} "
                     f"| {fmt(q.get('peak_rss_mb'), '{:.0f}')} |")
