@@ -94,8 +94,6 @@ DEFAULT_RUNS = [
     ("rtn_dq_b32_nde", "--method rtn_dq --block-size 32 --no-default-exclude"),
     ("gptq_zp_b128_nde", "--method gptq --zero-point --block-size 128 --calibration-data {calib_npz} "
                          "--no-default-exclude"),
-    ("rtn_dq_b32_nde_mnb4", "--method rtn_dq --block-size 32 --no-default-exclude --format matmulnbits "
-                            "--accuracy-level 4"),
 ]
 DECODE_SNIPPET = r"""
 import json, sys, time
