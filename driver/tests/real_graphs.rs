@@ -1509,7 +1509,9 @@ fn messages_say_each_cause_once() {
     let dir = d.path().to_str().unwrap();
     assert_eq!(
         error_of(&["quantize", dir], &[]),
-        format!("nibble: error: cannot read {dir}: is a directory, not an .onnx file\n")
+        format!(
+            "nibble: error: folder {dir}: has neither genai_config.json (onnxruntime-genai) nor config.json (an Optimum export); to quantize one model file give its path: nibble quantize {dir}/c11.onnx\n"
+        )
     );
     // An output folder that is a file.
     let file = p("afile");

@@ -194,6 +194,9 @@ fn quantize(src: &Path, out: &Path, form: &str, head_bits: Bits, zp: bool) -> St
         form,
         "--head-bits",
         &bits,
+        // Exact comparison with the dequantized reference: fp32 activations (the CLI's default is 4).
+        "--accuracy-level",
+        "0",
     ];
     if zp {
         args.push("--zero-point");
