@@ -192,6 +192,7 @@ def quantize_file(
     gptq_batch: int = 128,
     act_order: bool = False,
     sequential: bool = False,
+    target_bits: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Quantizes the MatMul/Gemm weights of the ONNX model at ``input`` and writes ``output``
     (default ``INPUT_int4.onnx`` next to the input), as ``nibble quantize`` does (same options, same
@@ -247,12 +248,21 @@ def quantize_file(
         act_order: GPTQ processes input channels by decreasing Hessian diagonal.
         sequential: GPTQ calibrates step by step, each layer group on the activations of the
             layers already quantized before it (``--sequential``).
+        target_bits: mean bits per parameter over the quantized weights (codes, scales and zero
+            points counted), e.g. ``5.0``: each weight gets 4 or 8 bits by its output error
+            ``||X (W - Q(W))||^2 / ||X W||^2`` measured on the calibration data, greedily by error
+            removed per extra byte (``--target-bits``). Outside what the model allows (every weight
+            at 4 bits .. every weight at 8): ``ValueError`` naming the range. Not with
+            ``method="rtn"``, ``int8_layers``, ``mixed_precision`` or ``gather_axis``.
 
     Returns:
         ``{"output": path, "quantized": weights quantized, "int8": of which INT8, "candidates":
         MatMul/Gemm weights found, "weight_bytes_before"/"weight_bytes_after": bytes of those
         weights before and of their replacements after, "model_bytes_before"/"model_bytes_after":
-        model + external data bytes, "opset_raised": bool, "seconds": wall time}``.
+        model + external data bytes, "opset_raised": bool, "seconds": wall time}``; with
+        ``target_bits`` also ``"target_bits"``, ``"achieved_bits"``, ``"bits_range"`` (all 4 bits,
+        all 8 bits) and ``"budget_table"`` (the table ``-v`` prints: weight, shape, e4, e8, bytes at
+        4 and 8 bits, chosen bits, why).
 
     Raises:
         ValueError: bad option, model or calibration data. OSError: unreadable input, existing
@@ -300,6 +310,7 @@ def quantize_file(
         gptq_batch=gptq_batch,
         act_order=act_order,
         sequential=sequential,
+        target_bits=target_bits,
         **_calibration(calibration_data),
     )
     result["output"] = os.fspath(result["output"])
