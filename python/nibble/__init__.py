@@ -250,8 +250,8 @@ def quantize_file(
             layers already quantized before it (``--sequential``).
         target_bits: mean bits per parameter over the quantized weights (codes, scales and zero
             points counted), e.g. ``5.0``: each weight gets 4 or 8 bits by its output error
-            ``||X (W - Q(W))||^2 / ||X W||^2`` measured on the calibration data, greedily by error
-            removed per extra byte (``--target-bits``). Outside what the model allows (every weight
+            ``||X (W - Q(W))||^2 / ||X W||^2`` measured on the calibration data, the set of 8-bit weights removing the most error
+            within the budget (HAWQ-V3 knapsack; ``--target-bits``). Outside what the model allows (every weight
             at 4 bits .. every weight at 8): ``ValueError`` naming the range. Not with
             ``method="rtn"``, ``int8_layers``, ``mixed_precision`` or ``gather_axis``.
 

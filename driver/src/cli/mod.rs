@@ -95,7 +95,7 @@ enum Command {
         scale_search_clip_min: f64,
         /// Mean bits per parameter over the quantized weights (codes, scales and zero points
         /// counted), e.g. 5: each weight gets 4 or 8 bits by its output error measured on the
-        /// calibration data (HAWQ-V3-style greedy per byte). -v prints the table.
+        /// calibration data (HAWQ-V3 knapsack: most error removed within the budget). -v prints the table.
         #[arg(long, value_name = "BITS", value_parser = target_bits_arg, conflicts_with_all = ["int8_layers", "mixed_precision"])]
         target_bits: Option<f64>,
         /// Draw the sensitivities --target-bits measured and the choice into this SVG file.

@@ -3,16 +3,20 @@
 //! `B` is the mean bits per parameter over every quantized weight, codes, scales and zero points
 //! counted: `8 * sum(bytes) / sum(K * N)`. Each weight's two choices come from
 //! [`crate::methods::sensitivity`]: relative output errors `e4`, `e8` and the bytes written at 4
-//! and 8 bits. The choice is a 0/1 knapsack solved greedily as in HAWQ-V3 (Yao et al. 2021,
-//! "HAWQ-V3: Dyadic Neural Network Quantization", arXiv:2011.10680, section 3.3, with the measured
-//! output error in place of the Hessian-trace proxy):
+//! and 8 bits. Choosing is the 0/1 knapsack of HAWQ-V3 (Yao et al. 2021, "HAWQ-V3: Dyadic Neural
+//! Network Quantization", arXiv:2011.10680, section 3.3: there an integer linear program over a
+//! Hessian-trace proxy; here the measured output error):
 //!
-//! 1. start with every weight at 4 bits;
-//! 2. rank weights by error removed per extra byte, `(e4 - e8) / (bytes8 - bytes4)`, highest first;
-//! 3. move each, in that order, to 8 bits while the total stays within `B * params / 8` bytes
-//!    (skipping the ones that do not fit, so smaller ones further down still fill the budget);
-//! 4. if that lands more than 1% below `B`, the first skipped weight whose move lands within 1%
-//!    above `B` is moved too (the budget is then overshot by less than 1%).
+//! ```text
+//! maximize   sum over 8-bit weights of (e4 - e8)          (error removed)
+//! subject to sum over 8-bit weights of (bytes8 - bytes4)  in [B (1 - 1%), B] * params / 8 - all-4-bit bytes
+//! ```
+//!
+//! solved exactly (up to a byte unit of 1/200000 of the budget) by dynamic programming over bytes;
+//! when no set lands in that window, the best one within 1% above `B`, else the fullest below, and
+//! the plan says why (weights too few and too large for the target). Weights where 8 bits removes
+//! no error stay at 4. The table ranks weights by error removed per extra byte, the greedy order
+//! (the knapsack's fractional relaxation), to show why each was chosen.
 //!
 //! A target below the all-4-bit mean or above the all-8-bit mean is refused with the range this
 //! model allows. The result is one [`Choice`] per weight ([`apply`] writes it into the plan's
@@ -172,34 +176,17 @@ pub fn choose(measured: Vec<Sensitivity>, target_bits: f64) -> Result<BudgetPlan
     for (r, &i) in order.iter().enumerate() {
         rank[i] = r + 1;
     }
-    let mut eight = vec![false; measured.len()];
-    let mut total = all4;
-    let mut skipped = vec![];
-    for &i in &order {
-        let m = &measured[i];
-        if gain(m) <= 0.0 {
-            continue;
-        }
-        if (total + extra(m)) as f64 <= budget {
-            eight[i] = true;
-            total += extra(m);
-        } else {
-            skipped.push(i);
-        }
-    }
-    if bits_of(total) < target_bits * (1.0 - TOLERANCE) {
-        let ceiling = budget * (1.0 + TOLERANCE);
-        if let Some(&i) = skipped.iter().find(|&&i| (total + extra(&measured[i])) as f64 <= ceiling) {
-            eight[i] = true;
-            total += extra(&measured[i]);
-        }
-    }
+    let eight = knapsack(&measured, budget - all4 as f64);
+    let total = all4 + (0..measured.len()).filter(|&i| eight[i]).map(|i| extra(&measured[i])).sum::<u64>();
     let achieved = bits_of(total);
     let missed = ((achieved - target_bits).abs() > TOLERANCE * target_bits).then(|| {
-        let next = skipped.iter().filter(|&&i| !eight[i]).map(|&i| bits_of(total + extra(&measured[i]))).reduce(f64::min);
+        let next = (0..measured.len())
+            .filter(|&i| !eight[i] && gain(&measured[i]) > 0.0)
+            .map(|i| bits_of(total + extra(&measured[i])))
+            .reduce(f64::min);
         match next {
             Some(up) => format!(
-                "the weights come in steps too coarse for this target: the chosen set gives {achieved:.3} and moving the smallest remaining weight to 8 bits gives {up:.3} bits/parameter"
+                "the weights come in steps too coarse for this target: the best set gives {achieved:.3} and moving the smallest remaining weight to 8 bits gives {up:.3} bits/parameter"
             ),
             None => format!("every weight where 8 bits lowers the error is at 8 bits ({achieved:.3} bits/parameter)"),
         }
@@ -209,14 +196,14 @@ pub fn choose(measured: Vec<Sensitivity>, target_bits: f64) -> Result<BudgetPlan
         .enumerate()
         .map(|(i, m)| {
             let (bits, why) = if eight[i] {
-                (Bits::Eight, format!("rank {} by error removed per extra byte ({:.3e}/byte): fits", rank[i], ratio(&m)))
+                (Bits::Eight, format!("rank {} by error removed per extra byte ({:.3e}/byte): in the best set", rank[i], ratio(&m)))
             } else if gain(&m) <= 0.0 {
                 (Bits::Four, "8 bits removes no measured error".to_string())
             } else {
                 (
                     Bits::Four,
                     format!(
-                        "rank {} ({:.3e}/byte): {} more bytes would exceed the budget",
+                        "rank {} ({:.3e}/byte): its {} more bytes do not fit the best set",
                         rank[i],
                         ratio(&m),
                         extra(&m)
@@ -227,6 +214,60 @@ pub fn choose(measured: Vec<Sensitivity>, target_bits: f64) -> Result<BudgetPlan
         })
         .collect();
     Ok(BudgetPlan { target_bits, achieved_bits: achieved, range, choices, missed })
+}
+
+/// Byte units of the knapsack: at most this many across the budget (rounding each weight's extra
+/// bytes to a unit moves the total by well under 0.1% of the budget).
+const UNITS: f64 = 200_000.0;
+
+/// The 0/1 knapsack over the weights with positive gain `e4 - e8`: the set moved to 8 bits with
+/// the largest summed gain whose extra bytes land in `[room - tol, room]` (`tol` = 1% of the
+/// target's bytes), else in `(room, room + tol]`, else below; exact up to the byte unit (dynamic
+/// programming over bytes, `O(weights * UNITS)` time, one bit per weight and unit of memory).
+fn knapsack(measured: &[Sensitivity], room: f64) -> Vec<bool> {
+    let extra = |m: &Sensitivity| m.bytes8.saturating_sub(m.bytes4) as f64;
+    let gain = |m: &Sensitivity| (m.e4 - m.e8).max(0.0);
+    let all4: f64 = measured.iter().map(|m| m.bytes4 as f64).sum();
+    let tol = TOLERANCE * (room + all4);
+    let mut eight = vec![false; measured.len()];
+    let items: Vec<usize> = (0..measured.len()).filter(|&i| gain(&measured[i]) > 0.0).collect();
+    let hi = room + tol;
+    if hi <= 0.0 || items.is_empty() {
+        return eight;
+    }
+    let unit = (hi / UNITS).max(1.0);
+    let cap = (hi / unit).floor() as usize;
+    let w: Vec<usize> = items.iter().map(|&i| (extra(&measured[i]) / unit).round() as usize).collect();
+    let mut best = vec![f64::NEG_INFINITY; cap + 1];
+    best[0] = 0.0;
+    let words = (cap + 1).div_ceil(64);
+    let mut take = vec![0u64; items.len() * words];
+    for (j, &i) in items.iter().enumerate() {
+        let g = gain(&measured[i]);
+        for c in (w[j]..=cap).rev() {
+            let with = best[c - w[j]] + g;
+            if with > best[c] {
+                best[c] = with;
+                take[j * words + c / 64] |= 1 << (c % 64);
+            }
+        }
+    }
+    let target = (room / unit).floor().max(0.0) as usize;
+    let lo = ((room - tol) / unit).ceil().max(0.0) as usize;
+    let pick = |range: std::ops::RangeInclusive<usize>| {
+        range.filter(|&c| best[c].is_finite()).max_by(|&a, &b| best[a].total_cmp(&best[b]).then(b.cmp(&a)))
+    };
+    let chosen = pick(lo.min(cap)..=target.min(cap))
+        .or_else(|| pick((target + 1).min(cap)..=cap).filter(|&c| c > target))
+        .or_else(|| pick(0..=lo.saturating_sub(1).min(cap)));
+    let Some(mut c) = chosen else { return eight };
+    for (j, &i) in items.iter().enumerate().rev() {
+        if take[j * words + c / 64] & (1 << (c % 64)) != 0 {
+            eight[i] = true;
+            c -= w[j];
+        }
+    }
+    eight
 }
 
 /// Writes the plan's choices into the candidates (matched by `Candidate::base`): the one place a
