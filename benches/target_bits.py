@@ -44,8 +44,7 @@ def main():
         print("|---|---|---|---|---|---|---|")
         for method in args.methods.split(","):
             for f in [float(x) for x in args.fractions.split(",")]:
-                target = round(lo + f * (hi - lo), 3)
-                target = min(max(target, lo), hi)
+                target = min(max(round(lo + f * (hi - lo), 3), lo), hi)
                 out_path = os.path.join(d, f"{method}_{f}.onnx")
                 code, out, err = run([nb, "quantize", src, "-o", out_path, "--force", "--method", method,
                                       "--target-bits", f"{target}"])
@@ -56,8 +55,9 @@ def main():
                 code, cmp, err = run([nb, "compare", src, out_path, "--json"])
                 assert code == 0, err
                 r = json.loads(cmp)[0]
-                wo = r.get("weight_only_relative_error", r["relative_error"])
-                print(f"| {method} | {target:.3f} | {achieved:.3f} | {int8.group(1)}/{int8.group(2)} | {after} | {r['relative_error']:.4e} | {wo:.4e} |")
+                wo = r.get("weight_only_relative_error")
+                wo = "same" if wo is None else f"{wo:.4e}"
+                print(f"| {method} | {target:.3f} | {achieved:.3f} | {int8.group(1)}/{int8.group(2)} | {after} | {r['relative_error']:.4e} | {wo} |")
                 sys.stdout.flush()
 
 

@@ -123,7 +123,8 @@ fn the_sensitive_layer_gets_eight_bits() {
     let g = proto.graph.as_mut().unwrap();
     let t = g.initializer.iter_mut().find(|t| t.name.as_deref() == Some(name)).unwrap();
     assert_eq!(t.data_type, Some(DataType::Float as i32));
-    let mut v: Vec<f32> = t.raw_data.as_ref().unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let mut v: Vec<f32> =
+        t.raw_data.as_ref().unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     let n = t.dims[1] as usize;
     for j in 0..n {
         v[(j * 37 % 256) * n + j] *= 40.0;
@@ -161,7 +162,8 @@ fn the_sensitive_layer_gets_eight_bits() {
     assert!(cols[7..].join(" ").starts_with("rank 1 "), "{row}");
     let model = Model::load(&out).unwrap();
     let q = model.proto.graph.as_ref().unwrap();
-    let codes = |w: &str| q.initializer.iter().find(|t| t.name.as_deref() == Some(&format!("{w}_i4"))).unwrap().data_type;
+    let codes =
+        |w: &str| q.initializer.iter().find(|t| t.name.as_deref() == Some(&format!("{w}_i4"))).unwrap().data_type;
     assert_eq!(codes(name), Some(DataType::Int8 as i32));
     let int8 = q.initializer.iter().filter(|t| t.data_type == Some(DataType::Int8 as i32)).count();
     assert_eq!(int8, 1, "{text}");
@@ -179,7 +181,8 @@ fn bad_targets_are_refused() {
     let before = snapshot(d.path());
     let out = d.path().join("q.onnx");
     let run = |extra: &[&str]| {
-        let mut args = vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--calibration-samples", "2"];
+        let mut args =
+            vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--calibration-samples", "2"];
         args.extend_from_slice(extra);
         nibble(&args)
     };
@@ -256,8 +259,12 @@ fn the_sensitivity_plot_matches_the_table() {
         }
     }
     // y: linear in log10(e) for every point of both series (fit on the extremes).
-    let pts: Vec<(f64, f64)> =
-        rows.iter().zip(&e4).map(|(r, p)| (r.0.log10(), p.1)).chain(rows.iter().zip(&e8).map(|(r, p)| (r.1.log10(), p.1))).collect();
+    let pts: Vec<(f64, f64)> = rows
+        .iter()
+        .zip(&e4)
+        .map(|(r, p)| (r.0.log10(), p.1))
+        .chain(rows.iter().zip(&e8).map(|(r, p)| (r.1.log10(), p.1)))
+        .collect();
     let lo = pts.iter().cloned().fold((f64::INFINITY, 0.0), |a, p| if p.0 < a.0 { p } else { a });
     let hi = pts.iter().cloned().fold((f64::NEG_INFINITY, 0.0), |a, p| if p.0 > a.0 { p } else { a });
     let slope = (hi.1 - lo.1) / (hi.0 - lo.0);

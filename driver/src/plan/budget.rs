@@ -95,10 +95,7 @@ impl BudgetPlan {
     /// The estimated relative output error summed over weights (each weight's own `e` at its
     /// chosen bits).
     pub fn summed_error(&self) -> f64 {
-        self.choices
-            .iter()
-            .map(|c| if c.bits == Bits::Eight { c.sensitivity.e8 } else { c.sensitivity.e4 })
-            .sum()
+        self.choices.iter().map(|c| if c.bits == Bits::Eight { c.sensitivity.e8 } else { c.sensitivity.e4 }).sum()
     }
 
     /// The `-v` table: weight, shape, e4, e8, bytes at 4 and 8 bits, chosen bits, why.
@@ -158,12 +155,12 @@ pub fn choose(measured: Vec<Sensitivity>, target_bits: f64) -> Result<BudgetPlan
     let range = (bits_of(all4), bits_of(all8));
     if target_bits < range.0 || target_bits > range.1 {
         return Err(Error::Usage(format!(
-            "--target-bits {target_bits}: these {} weights take {:.3} bits/parameter with every weight at 4 bits and {:.3} with every weight at 8 bits (codes, scales and zero points); give a target in {:.3}..{:.3} (a larger --block-size lowers the 4-bit end)",
+            "--target-bits {target_bits}: these {} weights take {:.4} bits/parameter with every weight at 4 bits and {:.4} with every weight at 8 bits (codes, scales and zero points); give a target in {:.3}..{:.3} (a larger --block-size lowers the 4-bit end)",
             measured.len(),
             range.0,
             range.1,
-            range.0,
-            range.1
+            (range.0 * 1e3).ceil() / 1e3,
+            (range.1 * 1e3).floor() / 1e3
         )));
     }
     let budget = target_bits * params as f64 / 8.0;
@@ -196,7 +193,14 @@ pub fn choose(measured: Vec<Sensitivity>, target_bits: f64) -> Result<BudgetPlan
         .enumerate()
         .map(|(i, m)| {
             let (bits, why) = if eight[i] {
-                (Bits::Eight, format!("rank {} by error removed per extra byte ({:.3e}/byte): in the best set", rank[i], ratio(&m)))
+                (
+                    Bits::Eight,
+                    format!(
+                        "rank {} by error removed per extra byte ({:.3e}/byte): in the best set",
+                        rank[i],
+                        ratio(&m)
+                    ),
+                )
             } else if gain(&m) <= 0.0 {
                 (Bits::Four, "8 bits removes no measured error".to_string())
             } else {
@@ -322,7 +326,7 @@ mod tests {
         let ms = vec![m("a", 256, 1e-3, 1e-5)];
         for t in [4.5, 8.5] {
             let e = choose(ms.clone(), t).unwrap_err().to_string();
-            assert!(e.contains("5.000..8.125"), "{e}");
+            assert!(e.contains("give a target in 5.000..8.125"), "{e}");
         }
         assert!(choose(ms.clone(), f64::NAN).is_err());
         assert!(choose(vec![], 5.0).is_err());
