@@ -3,7 +3,8 @@
 
 For each method and target, quantizes `nibble example`'s model (hidden 256, MLP 704, 4 layers, vocab
 1000; lm_head excluded by default) with `--target-bits B` and measures the output error against the
-float model with `nibble compare --json` (seeded random inputs; ONNX Runtime default session, and
+float model with `nibble compare --json` (relative error ||y - y_q|| / ||y|| of the
+logits on seeded random inputs; ONNX Runtime default session, and
 the weight-only error with session.qdq_matmulnbits_accuracy_level=1 where the two differ). The
 all-4-bit and all-8-bit ends come from the refusal message's range. Prints a Markdown table.
 

@@ -201,6 +201,12 @@ fn bad_targets_are_refused() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("use --method rtn_dq"));
     let o = run(&["--target-bits", "5", "--int8-layers", "layers.1"]);
     assert_eq!(o.status.code(), Some(2));
+    let missing = d.path().join("no/such/folder/s.svg");
+    let o = run(&["--target-bits", "5", "--plot-sensitivity", missing.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["--plot-sensitivity", "s.svg"]);
+    assert_eq!(o.status.code(), Some(2), "--plot-sensitivity needs --target-bits");
     assert_eq!(snapshot(d.path()), before, "an output was written or the input changed");
     // inspect prints the plan and writes nothing.
     let text = nibble_ok(&["inspect", src.to_str().unwrap(), "--target-bits", "5.5", "--calibration-samples", "2"]);

@@ -97,17 +97,11 @@ pub fn check_path(path: &Path) -> Result<()> {
     }
 }
 
-/// Writes [`sensitivity_svg`] to `path` (through a temporary file renamed into place, so no
+/// Writes [`sensitivity_svg`] to `path` atomically ([`crate::graph::model::write_atomic`]: no
 /// half-written chart is left).
 ///
 /// # Errors
-/// [`Error::Output`] naming the path when it cannot be written.
+/// Errors naming the path when it cannot be written.
 pub fn write_sensitivity_svg(plan: &BudgetPlan, path: &Path) -> Result<()> {
-    let svg = sensitivity_svg(plan)?;
-    let err = |why: String| Error::Output { path: path.to_path_buf(), why };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| err(format!("cannot write here: {e}")))?;
-    std::io::Write::write_all(&mut tmp, svg.as_bytes()).map_err(|e| err(e.to_string()))?;
-    tmp.persist(path).map_err(|e| err(e.to_string()))?;
-    Ok(())
+    crate::graph::model::write_atomic(path, sensitivity_svg(plan)?.as_bytes())
 }
