@@ -246,6 +246,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
         + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
     let (mut candidates, gather_block) = choose_weights(&model, &patterns, block, opts)?;
+    check_method_options(opts)?;
     let budget = match opts.target_bits {
         Some(target) => Some(plan_budget(&model, &mut candidates, block, opts, target)?),
         None => None,
@@ -253,7 +254,6 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
     let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
-    check_method_options(opts)?;
     let mut names = ModelNames::of(model.proto.graph.as_ref().expect("graph"));
     let (quantized, insertions) = quantize_weights(&mut model, &chosen, block, &block_of, opts, &mut names)?;
     let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();

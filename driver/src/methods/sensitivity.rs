@@ -27,6 +27,7 @@ use crate::calibrate::inputs::calibration_inputs;
 use crate::error::{Error, Result};
 use crate::graph::model::Model;
 use crate::methods::awq::{group_k, groups, plan_waves, tokens_per_sample, weight_kn, AwqOptions};
+use crate::methods::gptq::group_hessian;
 use crate::methods::OwnedWeight;
 use crate::plan::budget::Sensitivity;
 use crate::plan::Candidate;
@@ -111,18 +112,7 @@ pub fn measure(
                 .par_iter()
                 .enumerate()
                 .map(|(gi, gr)| -> Result<Vec<(String, (f64, f64))>> {
-                    let k = group_k(&by_name, gr);
-                    let mut h = Hessian::new(k);
-                    for sample in &captured {
-                        let t = &sample[gi];
-                        if t.shape.last() != Some(&k) {
-                            return Err(Error::Runtime(format!(
-                                "activation '{}' has shape {:?}; its last dimension should be K = {k} of weight '{}'",
-                                gr.activation, t.shape, gr.weights[0]
-                            )));
-                        }
-                        h.add_batch(&t.data).map_err(|e| Error::kernel(&gr.weights[0], e))?;
-                    }
+                    let h = group_hessian(gr, group_k(&by_name, gr), captured.iter().map(|s| &s[gi]))?;
                     gr.weights
                         .iter()
                         .map(|w| Ok((w.clone(), errors(model, by_name[w.as_str()], Some(&h), block, zero_point)?)))
