@@ -14,7 +14,7 @@ rm -rf "$venv" "$wheels"
 CARGO_TARGET_DIR=$root/target "$venv/bin/pip" wheel --quiet --no-deps --wheel-dir "$wheels" .
 wheel=$(ls "$wheels"/nibble-*.whl)
 echo "wheel: $(basename "$wheel") ($(du -k "$wheel" | cut -f1) KiB)"
-"$venv/bin/pip" install --quiet "$wheel[test]"
+"$venv/bin/pip" install --quiet "$wheel[test]" onnxruntime-genai
 # Run outside the source tree so that `import nibble` is the installed wheel.
 cd "$root/python/tests"
 "$venv/bin/python" -m pytest -p no:cacheprovider -rs ${PYTEST_ARGS:-} .

@@ -117,17 +117,24 @@ impl Precision for F16 {
     const FORMAT: FloatFormat = FloatFormat::F16;
     #[inline(always)]
     fn round_simd<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
-        // AVX-512: the hardware conversion pair (round to nearest even, subnormals kept) is the same
-        // function as the integer rounding below; the tests hold both to `half` bit for bit.
+        // AVX-512 and AVX2 (with F16C, which the AVX2 tier requires): the hardware conversion pair
+        // (round to nearest even, subnormals kept, overflow to infinity) is the same function as the
+        // integer rounding below; the tests hold both to `half` bit for bit.
         #[cfg(target_arch = "x86_64")]
-        if core::any::TypeId::of::<S>() == core::any::TypeId::of::<pulp::x86::V4>() {
-            // SAFETY: S is V4 (equal TypeId): the token is V4's (the CPU has AVX-512) and S::f32s
-            // is f32x16; the token is a plain Copy value.
-            let v4: pulp::x86::V4 = unsafe { core::mem::transmute_copy(&simd) };
+        if let Some(v4) = crate::simd::as_v4(simd) {
             let v: pulp::f32x16 = bytemuck::cast(x);
             let h = v4.avx512f._mm512_cvtps_ph::<0x08>(bytemuck::cast(v));
             let back: pulp::f32x16 = bytemuck::cast(v4.avx512f._mm512_cvtph_ps(h));
             return bytemuck::cast(back);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::as_v3(simd).is_some() {
+            use core::arch::x86_64::{_mm256_cvtph_ps, _mm256_cvtps_ph};
+            let v: pulp::f32x8 = bytemuck::cast(x);
+            // SAFETY: S is V3, which runs only through the AVX2 tier: the CPU has F16C (checked by
+            // `Tier::is_available`) and the dispatch enables it around this inlined code.
+            let back = unsafe { _mm256_cvtph_ps(_mm256_cvtps_ph::<0x00>(bytemuck::cast(v))) };
+            return bytemuck::cast(bytemuck::cast::<_, pulp::f32x8>(back));
         }
         let bits: S::u32s = pulp::cast(x);
         let sign = simd.and_u32s(bits, simd.splat_u32s(0x8000_0000));

@@ -22,7 +22,9 @@
 //! - [`gptq`]: GPTQ (Hessian accumulation, inverse-Hessian factor, error-feedback quantization);
 //! - [`scale_search`]: the data-free per-block scale search;
 //! - [`quantize_weight`]: a whole tensor (any dtype, axis 0 or 1, any block size) through the kernels,
-//!   in parallel over blocks.
+//!   in parallel over blocks;
+//! - [`tensor`]: ModelOpt's `find_scales`, `rtn`, `dq_tensor`, `quant_tensor` on a tensor of any rank
+//!   along any axis (the numpy functions `nibble.int4` exposes).
 
 pub mod awq;
 pub mod bits;
@@ -34,6 +36,7 @@ pub mod quantize_weight;
 pub mod reference;
 pub mod scale_search;
 mod simd;
+pub mod tensor;
 pub mod tier;
 
 pub use bits::Bits;

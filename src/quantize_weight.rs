@@ -4,7 +4,10 @@
 //! Axis 0 (`[K, N]`, blocks of B rows along K) runs block by block, in parallel (rayon): each
 //! block's rows are widened to f32 if needed, reduced to per-column statistics, turned into scales
 //! (and zero points), quantized and packed straight into the block's part of the output (a block is
-//! `B * N` codes, an even count since B is even, so blocks never share a byte). Axis 1 (blocks along
+//! `B * N` codes, an even count since B is even, so blocks never share a byte). For 4-bit codes and
+//! an even N this is one fused pass per column stripe (f32 rows in place; f16/bf16 widened into a
+//! stripe that stays in L2): block absmax -> scale -> round-ties-even -> nibble pairs written into
+//! the packed weight, with no code buffer (`BlockJob::run_fused`). Axis 1 (blocks along
 //! the contiguous axis: Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch,
 //! runs the same kernels, and transposes the codes back before packing.
 
@@ -463,6 +466,9 @@ impl BlockJob<'_> {
         let width = if in_place.is_some() { n.max(1) } else { stripe_width(rows, n) };
         let dequantized = output == Output::Dequantized;
         let packing = output == Output::Packed && self.bits == Bits::Four;
+        if packing && n % 2 == 0 {
+            return self.run_fused(source, in_place, rows, scale, zp_out, codes_out, width);
+        }
         if let (Some(w), false) = (in_place, packing) {
             // One stripe, written straight into the output.
             let zp = zp_out.as_deref_mut();
@@ -493,14 +499,10 @@ impl BlockJob<'_> {
             self.stripe(w, c0, &mut scale[c0..c0 + s], zp, codes, dq, output)?;
             // Scatter the stripe's rows into the block's output.
             match output {
-                Output::Packed if self.bits == Bits::Four && s == n => {
-                    kernels::pack_nibbles_with(self.tier, codes, codes_out)?;
-                }
+                // Packed 4-bit codes reach here only for an odd column count (else `run_fused`),
+                // which is one whole-width stripe.
                 Output::Packed if self.bits == Bits::Four => {
-                    for (r, row) in codes.chunks_exact(s).enumerate() {
-                        let at = (r * n + c0) / 2;
-                        kernels::pack_nibbles_with(self.tier, row, &mut codes_out[at..at + s / 2])?;
-                    }
+                    kernels::pack_nibbles_with(self.tier, codes, codes_out)?;
                 }
                 Output::Packed | Output::Codes => {
                     for (r, row) in codes.chunks_exact(s).enumerate() {
@@ -518,19 +520,67 @@ impl BlockJob<'_> {
         Ok(())
     }
 
-    /// Statistics, scales, and codes (or dequantized values) of one stripe `w` (`rows x s`, columns
-    /// `c0..c0 + s` of the block).
+    /// The fused path for 4-bit packed output with an even column count: stripe by stripe (f32
+    /// rows in place, whole; f16/bf16 widened into a scratch of `width` columns that stays in L2),
+    /// block absmax (or min/max) -> scales -> round-ties-even codes -> nibble pairs written straight
+    /// into the block's packed rows ([`kernels::quantize_packed::quantize_packed_rows`]): no code
+    /// buffer and no second pass over the codes.
     #[allow(clippy::too_many_arguments)]
-    fn stripe(
+    fn run_fused(
         &self,
-        w: &[f32],
-        c0: usize,
+        source: WeightData<'_>,
+        in_place: Option<&[f32]>,
+        rows: usize,
         scale: &mut [f32],
-        zp_out: Option<&mut [u8]>,
-        codes: &mut [u8],
-        dq_out: &mut [f32],
-        output: Output,
+        mut zp_out: Option<&mut [u8]>,
+        codes_out: &mut [u8],
+        width: usize,
     ) -> Result<()> {
+        let n = self.n;
+        let row0 = self.b * self.block;
+        let mut scratch = vec![0.0f32; if in_place.is_some() { 0 } else { rows * width }];
+        let mut c0 = 0;
+        while c0 < n {
+            let s = width.min(n - c0);
+            let w: &[f32] = match in_place {
+                Some(v) => v,
+                None => {
+                    let w = &mut scratch[..rows * s];
+                    for (r, row) in w.chunks_exact_mut(s).enumerate() {
+                        source.copy_f32(self.tier, (row0 + r) * n + c0, row)?;
+                    }
+                    w
+                }
+            };
+            let zp_out = zp_out.as_deref_mut().map(|z| &mut z[c0..c0 + s]);
+            let scale = &mut scale[c0..c0 + s];
+            let zp = self.stripe_scales(w, c0, scale, zp_out)?;
+            let zp = self.zero_point.then_some(&zp[..]);
+            kernels::quantize_packed::quantize_packed_rows(
+                self.tier,
+                self.format,
+                w,
+                s,
+                scale,
+                zp,
+                &mut codes_out[c0 / 2..],
+                n / 2,
+            )?;
+            // The overflow check reads codes; only a column whose widest code could overflow
+            // needs them (rare: huge scales in f16), so they are computed again just then.
+            if overflow_possible(self.format, self.bits, scale, zp) {
+                let mut codes = vec![0u8; w.len()];
+                kernels::quantize_with(self.tier, self.format, self.bits, w, s, scale, zp, &mut codes)?;
+                self.check_overflow(&codes, c0, rows, scale, zp)?;
+            }
+            c0 += s;
+        }
+        Ok(())
+    }
+
+    /// Statistics and scales (and zero points, into `zp_out` and returned as floats; empty without
+    /// zero points) of one stripe `w` (`rows x s`, columns `c0..c0 + s` of the block).
+    fn stripe_scales(&self, w: &[f32], c0: usize, scale: &mut [f32], zp_out: Option<&mut [u8]>) -> Result<Vec<f32>> {
         let BlockJob { tier, format, bits, n: _, padded, zero_point, b, block, alphas } = *self;
         let s = scale.len();
         let alphas = &alphas[c0..c0 + s];
@@ -559,20 +609,47 @@ impl BlockJob<'_> {
             }
             kernels::scales_symmetric_alphas_with(tier, format, bits, &amax, alphas, scale)?;
         }
+        Ok(zp)
+    }
+
+    /// [`Error::DequantizedOverflow`] for the first column of the stripe's `codes` (`rows x
+    /// scale.len()`, columns `c0..` of the block) whose dequantized value overflows the format.
+    fn check_overflow(&self, codes: &[u8], c0: usize, rows: usize, scale: &[f32], zp: Option<&[f32]>) -> Result<()> {
+        let BlockJob { format, bits, b, block, .. } = *self;
+        match dequantized_overflow(format, bits, codes, scale, zp) {
+            Some(c) => Err(Error::DequantizedOverflow {
+                block: b,
+                column: c0 + c,
+                start: b * block,
+                end: b * block + rows,
+                format,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Statistics, scales, and codes (or dequantized values) of one stripe `w` (`rows x s`, columns
+    /// `c0..c0 + s` of the block).
+    #[allow(clippy::too_many_arguments)]
+    fn stripe(
+        &self,
+        w: &[f32],
+        c0: usize,
+        scale: &mut [f32],
+        zp_out: Option<&mut [u8]>,
+        codes: &mut [u8],
+        dq_out: &mut [f32],
+        output: Output,
+    ) -> Result<()> {
+        let BlockJob { tier, format, bits, zero_point, .. } = *self;
+        let s = scale.len();
+        let rows = w.len() / s.max(1);
+        let zp = self.stripe_scales(w, c0, scale, zp_out)?;
         let zp = zero_point.then_some(&zp[..]);
         match output {
             Output::Packed | Output::Codes => {
                 kernels::quantize_with(tier, format, bits, w, s, scale, zp, codes)?;
-                match dequantized_overflow(format, bits, codes, scale, zp) {
-                    Some(c) => Err(Error::DequantizedOverflow {
-                        block: b,
-                        column: c0 + c,
-                        start: b * block,
-                        end: b * block + rows,
-                        format,
-                    }),
-                    None => Ok(()),
-                }
+                self.check_overflow(codes, c0, rows, scale, zp)
             }
             Output::Dequantized => {
                 kernels::qdq_error_with(tier, format, bits, w, s, scale, zp, kernels::QdqOutput::Dequantized, dq_out)
@@ -592,13 +669,8 @@ fn dequantized_overflow(
     scale: &[f32],
     zp: Option<&[f32]>,
 ) -> Option<usize> {
-    let widest = match zp {
-        Some(_) => bits.levels(),
-        None => -bits.qmin(),
-    } as f64;
-    let limit = format.max_finite() as f64;
     let cols = scale.len();
-    (0..cols).filter(|&c| scale[c] as f64 * widest > limit).find(|&c| {
+    (0..cols).filter(|&c| column_may_overflow(format, bits, scale[c], zp.is_some())).find(|&c| {
         codes.iter().skip(c).step_by(cols.max(1)).any(|&q| {
             let steps = match zp {
                 Some(z) => q as f32 - z[c],
@@ -607,4 +679,16 @@ fn dequantized_overflow(
             !format.round(steps * scale[c]).is_finite()
         })
     })
+}
+
+/// Whether a column of scale `scale` could dequantize to a value beyond `format`'s range: its widest
+/// code, `levels` (with a zero point) or `-qmin` steps, times the scale.
+fn column_may_overflow(format: FloatFormat, bits: Bits, scale: f32, zero_point: bool) -> bool {
+    let widest = if zero_point { bits.levels() } else { -bits.qmin() } as f64;
+    scale as f64 * widest > format.max_finite() as f64
+}
+
+/// Whether any column of a stripe could overflow ([`column_may_overflow`]).
+fn overflow_possible(format: FloatFormat, bits: Bits, scale: &[f32], zp: Option<&[f32]>) -> bool {
+    scale.iter().any(|&s| column_may_overflow(format, bits, s, zp.is_some()))
 }

@@ -8,6 +8,34 @@
 
 use pulp::Simd;
 
+/// The AVX-512 token when `S` is [`pulp::x86::V4`] (the instantiation for the AVX-512 tier).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn as_v4<S: Simd>(simd: S) -> Option<pulp::x86::V4> {
+    if core::any::TypeId::of::<S>() == core::any::TypeId::of::<pulp::x86::V4>() {
+        // SAFETY: S is V4 (equal TypeId), so this copies a V4 token, which exists only when the CPU
+        // has AVX-512; the token is a plain Copy value.
+        Some(unsafe { core::mem::transmute_copy(&simd) })
+    } else {
+        None
+    }
+}
+
+/// The AVX2 token when `S` is [`pulp::x86::V3`]. Kernels run on V3 only through
+/// [`Tier::Avx2`](crate::Tier::Avx2), which requires F16C and enables it around the kernel, so a
+/// caller holding this token may use the F16C conversions.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn as_v3<S: Simd>(simd: S) -> Option<pulp::x86::V3> {
+    if core::any::TypeId::of::<S>() == core::any::TypeId::of::<pulp::x86::V3>() {
+        // SAFETY: S is V3 (equal TypeId), so this copies a V3 token, which exists only when the CPU
+        // has AVX2; the token is a plain Copy value.
+        Some(unsafe { core::mem::transmute_copy(&simd) })
+    } else {
+        None
+    }
+}
+
 /// `1.5 * 2^23`.
 pub(crate) const MAGIC: f32 = 12_582_912.0;
 /// `MAGIC.to_bits()`.
@@ -96,12 +124,31 @@ pub(crate) fn lanes_u32_mut<S: Simd>(v: &mut S::u32s) -> &mut [u32] {
     bytemuck::cast_slice_mut(core::slice::from_mut(v))
 }
 
-/// Loads `min(len, LANES)` bytes, each widened to one u32 lane (the rest zero).
+/// Loads `min(len, LANES)` bytes, each widened to one u32 lane (the rest zero), sign-extended
+/// when `signed`. AVX-512 and AVX2 widen a full vector with one `vpmovsxbd` / `vpmovzxbd`.
 #[inline(always)]
-pub(crate) fn load_bytes<S: Simd>(simd: S, bytes: &[u8]) -> S::u32s {
+pub(crate) fn load_bytes_ext<S: Simd>(simd: S, bytes: &[u8], signed: bool) -> S::u32s {
+    #[cfg(target_arch = "x86_64")]
+    if bytes.len() == 16 {
+        if let Some(v4) = as_v4(simd) {
+            let b: [u8; 16] = bytes.try_into().expect("16 bytes");
+            let x: core::arch::x86_64::__m128i = bytemuck::cast(b);
+            let w = if signed { v4.avx512f._mm512_cvtepi8_epi32(x) } else { v4.avx512f._mm512_cvtepu8_epi32(x) };
+            return bytemuck::cast(bytemuck::cast::<_, pulp::u32x16>(w));
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if bytes.len() == 8 {
+        if let Some(v3) = as_v3(simd) {
+            let b: [u8; 8] = bytes.try_into().expect("8 bytes");
+            let x: core::arch::x86_64::__m128i = bytemuck::cast([u64::from_le_bytes(b), 0]);
+            let w = if signed { v3.avx2._mm256_cvtepi8_epi32(x) } else { v3.avx2._mm256_cvtepu8_epi32(x) };
+            return bytemuck::cast(bytemuck::cast::<_, pulp::u32x8>(w));
+        }
+    }
     let mut v = simd.splat_u32s(0);
     for (lane, &b) in lanes_u32_mut::<S>(&mut v).iter_mut().zip(bytes) {
-        *lane = b as u32;
+        *lane = if signed { b as i8 as i32 as u32 } else { b as u32 };
     }
     v
 }
@@ -111,42 +158,76 @@ pub(crate) fn load_bytes<S: Simd>(simd: S, bytes: &[u8]) -> S::u32s {
 #[inline(always)]
 pub(crate) fn store_low_bytes<S: Simd>(simd: S, v: S::u32s, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if out.len() == 16 && core::any::TypeId::of::<S>() == core::any::TypeId::of::<pulp::x86::V4>() {
-        // SAFETY: S is V4 (equal TypeId), so this copies a V4 token, which exists only when the CPU
-        // has AVX-512 (the caller holds one); the token is a plain Copy value.
-        let v4: pulp::x86::V4 = unsafe { core::mem::transmute_copy(&simd) };
-        let lanes: pulp::u32x16 = bytemuck::cast(v);
-        let bytes = v4.avx512f._mm512_cvtepi32_epi8(bytemuck::cast(lanes));
-        // SAFETY: __m128i is 16 plain bytes; every bit pattern is a valid [u8; 16].
-        let bytes: [u8; 16] = unsafe { core::mem::transmute(bytes) };
-        out.copy_from_slice(&bytes);
-        return;
+    if out.len() == 16 {
+        if let Some(v4) = as_v4(simd) {
+            let lanes: pulp::u32x16 = bytemuck::cast(v);
+            let bytes: [u8; 16] = bytemuck::cast(v4.avx512f._mm512_cvtepi32_epi8(bytemuck::cast(lanes)));
+            out.copy_from_slice(&bytes);
+            return;
+        }
     }
     #[cfg(target_arch = "x86_64")]
-    if out.len() == 8 && core::any::TypeId::of::<S>() == core::any::TypeId::of::<pulp::x86::V3>() {
-        // SAFETY: S is V3 (equal TypeId): the token is V3's (the CPU has AVX2) and S::u32s is
-        // u32x8; the token is a plain Copy value.
-        let v3: pulp::x86::V3 = unsafe { core::mem::transmute_copy(&simd) };
-        let lanes: pulp::u32x8 = bytemuck::cast(v);
-        // Low bytes (so the saturating packs keep them), u32 -> u16 -> u8 within each 128-bit half,
-        // then the two halves' first four bytes side by side.
-        let x = v3.avx2._mm256_and_si256(
-            bytemuck::cast(lanes),
-            bytemuck::cast(pulp::u32x8(0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff)),
-        );
-        let x = v3.avx2._mm256_packus_epi32(x, x);
-        let x = v3.avx2._mm256_packus_epi16(x, x);
-        let lo = v3.avx._mm256_castsi256_si128(x);
-        let hi = v3.avx2._mm256_extracti128_si256::<1>(x);
-        let both = v3.sse2._mm_unpacklo_epi32(lo, hi);
-        // SAFETY: __m128i is 16 plain bytes; every bit pattern is a valid [u8; 16].
-        let bytes: [u8; 16] = unsafe { core::mem::transmute(both) };
-        out.copy_from_slice(&bytes[..8]);
-        return;
+    if out.len() == 8 {
+        if let Some(v3) = as_v3(simd) {
+            let lanes: pulp::u32x8 = bytemuck::cast(v);
+            // Low bytes (so the saturating packs keep them), u32 -> u16 -> u8 within each 128-bit
+            // half, then the two halves' first four bytes side by side.
+            let x = v3.avx2._mm256_and_si256(bytemuck::cast(lanes), v3.avx._mm256_set1_epi32(0xff));
+            let x = v3.avx2._mm256_packus_epi32(x, x);
+            let x = v3.avx2._mm256_packus_epi16(x, x);
+            let lo = v3.avx._mm256_castsi256_si128(x);
+            let hi = v3.avx2._mm256_extracti128_si256::<1>(x);
+            let both: [u8; 16] = bytemuck::cast(v3.sse2._mm_unpacklo_epi32(lo, hi));
+            out.copy_from_slice(&both[..8]);
+            return;
+        }
     }
     let _ = simd;
     for (o, &lane) in out.iter_mut().zip(lanes_u32::<S>(&v)) {
         *o = lane as u8;
+    }
+}
+
+/// Stores the nibble pairs of the first `2 * out.len()` lanes (each lane a code in 0..=15):
+/// `out[i] = lane[2i] | lane[2i + 1] << 4`. Full vectors are paired in registers: as u64 lanes,
+/// `v | v >> 28` holds the byte in its low 8 bits, narrowed by `vpmovqb` on AVX-512 and by a byte
+/// shuffle on AVX2.
+#[inline(always)]
+pub(crate) fn store_nibble_pairs<S: Simd>(simd: S, v: S::u32s, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if out.len() == 8 {
+        if let Some(v4) = as_v4(simd) {
+            let lanes: pulp::u32x16 = bytemuck::cast(v);
+            let x: core::arch::x86_64::__m512i = bytemuck::cast(lanes);
+            let x = v4.avx512f._mm512_or_si512(x, v4.avx512f._mm512_srli_epi64::<28>(x));
+            let bytes: [u8; 16] = bytemuck::cast(v4.avx512f._mm512_cvtepi64_epi8(x));
+            out.copy_from_slice(&bytes[..8]);
+            return;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if out.len() == 4 {
+        if let Some(v3) = as_v3(simd) {
+            let lanes: pulp::u32x8 = bytemuck::cast(v);
+            let x: core::arch::x86_64::__m256i = bytemuck::cast(lanes);
+            let x = v3.avx2._mm256_or_si256(x, v3.avx2._mm256_srli_epi64::<28>(x));
+            // Bytes 0 and 8 of each 128-bit half to its bytes 0 and 1.
+            let idx = v3.avx._mm256_setr_epi8(
+                0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                -1, -1, -1, -1, -1,
+            );
+            let x = v3.avx2._mm256_shuffle_epi8(x, idx);
+            let lo = v3.avx._mm256_castsi256_si128(x);
+            let hi = v3.avx2._mm256_extracti128_si256::<1>(x);
+            let both: [u8; 16] = bytemuck::cast(v3.sse2._mm_unpacklo_epi16(lo, hi));
+            out.copy_from_slice(&both[..4]);
+            return;
+        }
+    }
+    let _ = simd;
+    let lanes = lanes_u32::<S>(&v);
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = (lanes[2 * i] | (lanes[2 * i + 1] << 4)) as u8;
     }
 }
 

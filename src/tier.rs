@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 pub enum Tier {
     /// Portable scalar code (one lane).
     Scalar,
-    /// x86-64-v3: AVX2 + FMA, 8 lanes of f32.
+    /// x86-64-v3 (AVX2 + FMA) with F16C, 8 lanes of f32. F16C is required so that f16 rounding and
+    /// widening use the hardware conversions (`vcvtps2ph` / `vcvtph2ps`); every AVX2 CPU made has it.
     Avx2,
     /// x86-64-v4: AVX-512 F/BW/CD/DQ/VL, 16 lanes of f32.
     Avx512,
@@ -44,7 +45,7 @@ impl Tier {
         match self {
             Tier::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Tier::Avx2 => pulp::x86::V3::try_new().is_some(),
+            Tier::Avx2 => pulp::x86::V3::try_new().is_some() && std::arch::is_x86_feature_detected!("f16c"),
             #[cfg(target_arch = "x86_64")]
             Tier::Avx512 => pulp::x86::V4::try_new().is_some(),
             #[cfg(target_arch = "aarch64")]
@@ -84,7 +85,13 @@ impl Tier {
         match self {
             Tier::Scalar => Simd::vectorize(pulp::Scalar::new(), op),
             #[cfg(target_arch = "x86_64")]
-            Tier::Avx2 => Simd::vectorize(pulp::x86::V3::try_new().expect("avx2 tier unavailable"), op),
+            Tier::Avx2 => {
+                let v3 = pulp::x86::V3::try_new().filter(|_| std::arch::is_x86_feature_detected!("f16c"));
+                let v3 = v3.expect("avx2 tier unavailable");
+                // SAFETY: the CPU has every feature `with_avx2_f16c` enables (V3's, checked by the
+                // token, and F16C, checked just above).
+                unsafe { with_avx2_f16c(v3, op) }
+            }
             #[cfg(target_arch = "x86_64")]
             Tier::Avx512 => Simd::vectorize(pulp::x86::V4::try_new().expect("avx512 tier unavailable"), op),
             #[cfg(target_arch = "aarch64")]
@@ -93,4 +100,15 @@ impl Tier {
             _ => panic!("tier {} is not compiled for this target", self.name()),
         }
     }
+}
+
+/// Runs `op` with x86-64-v3's features and F16C enabled, so the kernels inline into code that may
+/// use the F16C conversions (pulp's own `V3` dispatch does not enable F16C).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA, BMI1/2, LZCNT and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse,sse2,fxsr,sse3,ssse3,sse4.1,sse4.2,popcnt,avx,avx2,bmi1,bmi2,fma,lzcnt,f16c")]
+unsafe fn with_avx2_f16c<Op: pulp::WithSimd>(v3: pulp::x86::V3, op: Op) -> Op::Output {
+    op.with_simd(v3)
 }

@@ -108,6 +108,14 @@ pub enum Error {
         /// The cause (in the message, so not a `source`).
         cause: std::io::Error,
     },
+    /// A model folder (onnxruntime-genai or Optimum) that cannot be quantized as it is.
+    #[error("folder {}: {why}", path.display())]
+    Folder {
+        /// The folder (or the file in it that is wrong).
+        path: PathBuf,
+        /// What is wrong, with the fix.
+        why: String,
+    },
     /// ONNX Runtime could not be found, loaded or run.
     #[error("ONNX Runtime: {0}")]
     Runtime(String),

@@ -8,6 +8,7 @@
 //! - [`methods`]: RTN and AWQ, from weights (and activations) to quantized tensors;
 //! - [`emit`]: one writer per output form (DQ/QDQ, MatMulNBits, pre-quant scales);
 //! - [`pipeline`]: `quantize_file`, the stages in order;
+//! - [`folder`]: onnxruntime-genai and Optimum model folders in and out, around `quantize_file`;
 //! - [`cli`]: the `nibble` command (quantize, inspect, compare, example).
 //!
 //! Beside them: [`error`] (every failure, naming the file, node or tensor), [`cleanup`] (temporary
@@ -18,6 +19,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod emit;
 pub mod error;
+pub mod folder;
 pub mod graph;
 pub mod methods;
 pub mod pipeline;

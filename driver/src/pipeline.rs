@@ -11,7 +11,7 @@ use crate::emit::Emitted;
 use crate::error::{Error, Result};
 use crate::graph::build::ModelNames;
 use crate::graph::floats::decode_floats;
-use crate::graph::model::{dtype_name, external_data_path, save_with, ExternalData, Model};
+use crate::graph::model::{dtype_name, external_data_path, save_with_data, ExternalData, Model};
 use crate::graph::opset;
 use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
 use crate::methods::gptq::GptqOptions;
@@ -82,6 +82,9 @@ pub struct Options {
     pub exclude: Vec<String>,
     /// Where tensor data goes.
     pub external_data: ExternalData,
+    /// File name of the external data, in the output's folder (default: `OUT.onnx_data`; folders
+    /// use `OUT.onnx.data`, as onnxruntime-genai's model builder names it).
+    pub external_data_name: Option<String>,
     /// Overwrite an existing output.
     pub force: bool,
     /// AWQ settings (AWQ methods only) and the calibration of every calibrated method.
@@ -113,6 +116,10 @@ pub struct Options {
     /// Mean bits per parameter over the quantized weights (codes, scales, zero points): 4 or 8
     /// bits per weight chosen by measured sensitivity ([`crate::plan::budget`]).
     pub target_bits: Option<f64>,
+    /// Code width of the quantized LM head (a MatMul/Gemm named like `lm_head`, or one with tied
+    /// embedding Gathers) and so of its tied embedding: 4 or 8 bits, blocked like every weight
+    /// (see [`crate::plan::tied`]).
+    pub head_bits: Bits,
 }
 
 /// The operator the quantized weights feed.
@@ -133,6 +140,7 @@ impl Default for Options {
             zero_point: false,
             exclude: vec!["/lm_head".into()],
             external_data: ExternalData::Auto,
+            external_data_name: None,
             force: false,
             awq: Default::default(),
             gptq: Default::default(),
@@ -147,6 +155,7 @@ impl Default for Options {
             mixed_precision: false,
             fsync: false,
             target_bits: None,
+            head_bits: Bits::Four,
         }
     }
 }
@@ -190,11 +199,20 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Refuses output paths that would overwrite the input or its data, or an existing file without
-/// `force`.
-pub fn check_output(model: &Model, out: &Path, force: bool) -> Result<()> {
+/// The external data file of the output `out`: `opts.external_data_name` in `out`'s folder, or
+/// `OUT.onnx_data`.
+pub fn output_data_path(out: &Path, opts: &Options) -> PathBuf {
+    match &opts.external_data_name {
+        Some(name) => out.with_file_name(name),
+        None => external_data_path(out),
+    }
+}
+
+/// Refuses output paths that would overwrite the input or its data (`data`: the output's external
+/// data file), or an existing file without `force`.
+pub fn check_output(model: &Model, out: &Path, data: &Path, force: bool) -> Result<()> {
     let err = |why: String| Error::Output { path: out.to_path_buf(), why };
-    let data = external_data_path(out);
+    let data = data.to_path_buf();
     if same_file(out, &model.path) || same_file(&data, &model.path) {
         return Err(err("is the input model; write the quantized model to another path".into()));
     }
@@ -242,7 +260,8 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let block = BlockSize::from_i64(opts.block_size).map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
     let patterns = compile_patterns(&opts.exclude)?;
     let mut model = Model::load(input)?;
-    check_output(&model, output, opts.force)?;
+    let data_path = output_data_path(output, opts);
+    check_output(&model, output, &data_path, opts.force)?;
     let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
         + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
     let (mut candidates, gather_block) = choose_weights(&model, &patterns, block, opts)?;
@@ -260,7 +279,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     model.inline_external_data()?;
     let emitted = emit(&mut model, &chosen, quantized, &block_of, insertions, opts, &mut names)?;
     let proto = std::mem::take(&mut model.proto);
-    let model_bytes_after = save_with(proto, output, opts.external_data, opts.fsync)?;
+    let model_bytes_after = save_with_data(proto, output, &data_path, opts.external_data, opts.fsync)?;
     Ok(Summary {
         quantized: chosen.len(),
         int8: chosen.iter().filter(|c| c.bits == Bits::Eight).count(),
@@ -452,6 +471,7 @@ fn choose_weights(
     if opts.skip_nonfinite {
         skip_nonfinite(model, &mut candidates)?;
     }
+    tie_head(model, patterns, block, opts, &mut candidates);
     if let Some(c) = candidates.iter().find(|c| matches!(c.decision, Decision::Unsupported { .. })) {
         return Err(Error::UnsupportedDtype {
             tensor: c.weight.clone(),
@@ -466,6 +486,38 @@ fn choose_weights(
         }
     }
     Ok((candidates, gather_block))
+}
+
+/// The LM head's bits (`--head-bits`) and its tied embedding Gathers ([`crate::plan::tied`]), each
+/// tie and each Gather left float said on stderr.
+fn tie_head(model: &Model, patterns: &[(String, Regex)], block: BlockSize, opts: &Options, cs: &mut Vec<Candidate>) {
+    crate::plan::tied::set_head_bits(cs, opts.head_bits);
+    let not_the_table = if opts.method == Method::Rtn {
+        Some("the QDQ form (--method rtn) keeps the float weight")
+    } else if matches!(opts.method, Method::AwqLite | Method::AwqFull | Method::AwqGptq) {
+        Some("AWQ's pre-quant scales are folded into the head's quantized weight, which is then not the table (use rtn_dq, gptq or awq_clip to share it)")
+    } else {
+        None
+    };
+    let rules = crate::plan::tied::TieRules {
+        matmulnbits: opts.format == Format::MatMulNBits,
+        block,
+        not_the_table,
+        gather_axis: opts.gather_axis,
+    };
+    for note in crate::plan::tied::tie(model, patterns, cs, &rules) {
+        match note.strip_prefix("warning: ") {
+            Some(w) => eprintln!("nibble: warning: {w}"),
+            None => eprintln!("nibble: note: {note}"),
+        }
+    }
+    let heads = crate::plan::tied::set_head_bits(cs, opts.head_bits);
+    if heads == 0 && opts.head_bits != Bits::Four {
+        eprintln!(
+            "nibble: warning: --head-bits {}: no LM head is quantized (lm_head is excluded by default: pass --no-default-exclude)",
+            opts.head_bits.count()
+        );
+    }
 }
 
 /// The AWQ stage (AWQ methods only): calibrates and searches on the original weights, then folds

@@ -354,7 +354,7 @@ fn bf16_matmulnbits_and_compare() {
         let dq = d.path().join("dq.onnx");
         let nb = d.path().join("nb.onnx");
         quantize(&src, &dq, method, &calib, &[]);
-        quantize(&src, &nb, method, &calib, &["--format", "matmulnbits"]);
+        quantize(&src, &nb, method, &calib, &["--format", "matmulnbits", "--accuracy-level", "0"]);
         let Err(why) = open(&nb, SessionOptions::default()) else {
             panic!("ORT's CPU provider runs bf16 MatMulNBits now?")
         };

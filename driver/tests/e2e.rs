@@ -378,6 +378,8 @@ fn matmulnbits_format_equals_dq_form() {
                 "--force",
                 "--format",
                 "matmulnbits",
+                "--accuracy-level",
+                "0",
             ];
             b.extend_from_slice(extra);
             nibble_ok(&b);
@@ -400,6 +402,8 @@ fn matmulnbits_format_equals_dq_form() {
         d.path().join("x.onnx").to_str().unwrap(),
         "--format",
         "matmulnbits",
+        "--accuracy-level",
+        "0",
         "--block-size",
         "48",
     ]);
@@ -444,6 +448,8 @@ fn gather_tables_are_quantized_and_gather_dequantized_rows() {
             "32",
             "--format",
             form,
+            "--accuracy-level",
+            "0",
             "--force",
         ]);
         let q = Model::load(&out).unwrap();
@@ -510,6 +516,8 @@ fn gather_tables_are_quantized_and_gather_dequantized_rows() {
             "--zero-point",
             "--format",
             form,
+            "--accuracy-level",
+            "0",
         ]);
         got.push(run_ids(&out));
     }
@@ -526,6 +534,8 @@ fn gather_tables_are_quantized_and_gather_dequantized_rows() {
         "24",
         "--format",
         "matmulnbits",
+        "--accuracy-level",
+        "0",
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--gather-block-size 24"));
@@ -587,6 +597,8 @@ fn initializers_listed_as_graph_inputs() {
             "32",
             "--format",
             format,
+            "--accuracy-level",
+            "0",
         ]);
         let inputs: Vec<String> =
             Model::load(&out).unwrap().proto.graph.unwrap().input.iter().filter_map(|v| v.name.clone()).collect();

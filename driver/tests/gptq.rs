@@ -221,7 +221,8 @@ fn gptq_forms_zero_point_int8_and_negative_scales_run_in_onnx_runtime() {
                 for zp in [false, true] {
                     let name = format!("{method}_{form}_{zp}");
                     let out = fx.dir.join(format!("{name}.onnx"));
-                    let mut args = vec!["--block-size", "32", "--format", form, "--scale-search"];
+                    let mut args =
+                        vec!["--block-size", "32", "--format", form, "--accuracy-level", "0", "--scale-search"];
                     if zp {
                         args.push("--zero-point");
                     }

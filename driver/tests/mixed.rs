@@ -119,7 +119,7 @@ fn mixed_precision_default_choice_formats_and_awq() {
 
     for extra in [&["--mixed-precision"][..], &["--int8-layers", "layers.2", "--zero-point"][..]] {
         let (dq, _) = quantize("dq.onnx", extra);
-        let mut nb_args = vec!["--format", "matmulnbits"];
+        let mut nb_args = vec!["--format", "matmulnbits", "--accuracy-level", "0"];
         nb_args.extend_from_slice(extra);
         let (nb, _) = quantize("nb.onnx", &nb_args);
         let g = Model::load(&nb).unwrap().proto.graph.unwrap();

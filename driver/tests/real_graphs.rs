@@ -470,7 +470,7 @@ fn shared_weight_readers_get_what_they_ask_for() {
     let exp = c05_expected(&src, d.path(), false);
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("q_{format}.onnx"));
-        let (stdout, _) = quantize(&src, &out, &["--format", format]);
+        let (stdout, _) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         check(&src, &out, &exp, &samples, &["wb_sq"]);
         check_unique_names(&out);
         for o in ["h0", "h1", "h2", "a", "b"] {
@@ -625,8 +625,13 @@ fn tied_embedding_gather_reads_the_original_or_its_own_quantized_table() {
     write_npz(&calib, &[("ids", Arr::I64(vec![8, 1, 16], ids))]);
     let calib = calib.to_str().unwrap();
     let cases: Vec<(&str, Vec<&str>, Want, Option<&str>)> = vec![
-        // The head is quantized; the Gather reads the original table (a float copy is kept).
-        ("rtn", vec!["--no-default-exclude"], Want { node: "/embed_tokens/Gather", input: 0, quant: None }, Some("h")),
+        // The head is quantized; the Gather reads its quantized bytes (tied: one copy, no float table).
+        (
+            "rtn",
+            vec!["--no-default-exclude"],
+            Want { node: "/embed_tokens/Gather", input: 0, quant: Some((128, 1)) },
+            None,
+        ),
         // AWQ scales the head's weight: the Gather must still read the original.
         (
             "awq",
@@ -634,11 +639,12 @@ fn tied_embedding_gather_reads_the_original_or_its_own_quantized_table() {
             Want { node: "/embed_tokens/Gather", input: 0, quant: None },
             Some("h"),
         ),
-        // Gather quantization asked along axis 0: the Gather reads the table quantized as a table.
+        // Gather quantization asked along axis 0: the tied Gather still reads the head's bytes
+        // (blocked along the hidden axis), with a warning.
         (
             "gather0",
             vec!["--no-default-exclude", "--gather-axis", "0"],
-            Want { node: "/embed_tokens/Gather", input: 0, quant: Some((32, 0)) },
+            Want { node: "/embed_tokens/Gather", input: 0, quant: Some((128, 1)) },
             None,
         ),
         // Along axis 1 with the head's block size: one shared table is exact.
@@ -679,7 +685,11 @@ fn tied_embedding_gather_reads_the_original_or_its_own_quantized_table() {
         assert!(quantized_product(&out, "logits"), "{tag}: the tied head must be quantized");
         let copies = main_initializer(&out, "embed.weight").is_some();
         match tag {
-            "rtn" | "awq" => {
+            "rtn" | "gather0" => {
+                assert!(!copies, "{tag}: the tied Gather reads the head's bytes; no float copy");
+                assert!(!stdout.contains("float copies kept"), "{tag}: {stdout}");
+            }
+            "awq" => {
                 assert!(copies, "{tag}: the Gather's float table must be kept");
                 assert!(stdout.contains("; float copies kept for other readers: 1 (131072 bytes)"), "{tag}: {stdout}");
             }
@@ -692,14 +702,14 @@ fn tied_embedding_gather_reads_the_original_or_its_own_quantized_table() {
             _ => {}
         }
     }
-    // The Transpose head: the chain is folded, the head quantized, the Gather reads the original.
+    // The Transpose head: the chain is folded, the head quantized, the tied Gather reads its bytes.
     let src = save_model(c06("transpose"), d.path(), "transpose.onnx");
-    let exp = transposed_expected(&src, &d.path().join("exp_t.onnx"), None, Some((128, 0)));
+    let exp = transposed_expected(&src, &d.path().join("exp_t.onnx"), Some((128, 1)), Some((128, 0)));
     let out = d.path().join("t.onnx");
     quantize(&src, &out, &["--no-default-exclude"]);
-    check(&src, &out, &exp, &samples, &["h"]);
+    check(&src, &out, &exp, &samples, &[]);
     assert!(quantized_product(&out, "logits"), "the head behind the Transpose must be quantized");
-    let exp = transposed_expected(&src, &d.path().join("exp_t0.onnx"), Some((32, 0)), Some((128, 0)));
+    let exp = transposed_expected(&src, &d.path().join("exp_t0.onnx"), Some((128, 1)), Some((128, 0)));
     let out = d.path().join("t0.onnx");
     quantize(&src, &out, &["--no-default-exclude", "--gather-axis", "0"]);
     check(&src, &out, &exp, &samples, &[]);
@@ -771,7 +781,7 @@ fn gather_and_two_matmuls_and_gemm_before_matmul() {
     );
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        quantize(&src, &out, &["--format", format]);
+        quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         check(&src, &out, &exp, &samples, &["e"]);
         check_unique_names(&out);
         assert!(quantized_product(&out, "b"), "{format}: /b/MatMul must be quantized");
@@ -851,7 +861,7 @@ fn weights_inside_if_and_loop_bodies_are_quantized() {
     let samples = flag_samples(64);
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        let (stdout, _) = quantize(&src, &out, &["--format", format]);
+        let (stdout, _) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         assert!(stdout.starts_with("quantized 3 of 3 weights"), "{format}: {stdout}");
         check(&src, &out, &exp, &samples, &[]);
         check_unique_names(&out);
@@ -948,7 +958,7 @@ fn merged_decoder_layout_is_quantized() {
         }
         for format in ["dq", "matmulnbits"] {
             let out = d.path().join(format!("{format}_{nested}.onnx"));
-            let (stdout, _) = quantize(&src, &out, &["--format", format]);
+            let (stdout, _) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
             assert!(stdout.starts_with("quantized 2 of 2 weights"), "{format}: {stdout}");
             let r = check(&src, &out, &exp, &samples, &[]);
             let (eq, _) = r.errors[&("NoOpt".to_string(), "y".to_string())];
@@ -1026,7 +1036,7 @@ fn scan_and_loop_bodies_with_outer_weights() {
     let samples: Vec<Vec<Input>> = (0..2).map(|s| vec![normal_input("x", &[6, 64], 400 + s)]).collect();
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        quantize(&src, &out, &["--format", format]);
+        quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         check(&src, &out, &exp, &samples, &[]);
         check_unique_names(&out);
         for o in ["h", "r1", "r2", "mm"] {
@@ -1094,7 +1104,7 @@ fn chains_in_bodies_gemm_bias_in_a_branch_and_an_output_weight() {
     let samples = flag_samples(64);
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        let (stdout, _) = quantize(&src, &out, &["--format", format]);
+        let (stdout, _) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         assert!(stdout.contains("; float copies kept for other readers: 1 (16384 bytes)"), "{format}: {stdout}");
         check(&src, &out, &exp, &samples, &["W3"]);
         check_unique_names(&out);
@@ -1205,7 +1215,7 @@ fn weights_behind_constant_chains_are_folded_and_quantized() {
     let samples: Vec<Vec<Input>> = (0..2).map(|s| vec![normal_input("x", &[4, 96], 500 + s)]).collect();
     for format in ["dq", "matmulnbits"] {
         let out = d.path().join(format!("{format}.onnx"));
-        let (stdout, stderr) = quantize(&src, &out, &["--format", format]);
+        let (stdout, stderr) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
         assert!(stdout.starts_with("quantized 9 of 10 weights"), "{format}: {stdout}");
         // The rank-3 weight stays float and the run says why.
         assert!(
@@ -1332,7 +1342,11 @@ fn generated_names_never_collide() {
         e.graph.as_mut().unwrap().initializer.push(init(&format!("{k}__expected"), &[64, 64], v, FloatFormat::F32));
     }
     let exp = save_model(e, d.path(), "exp.onnx");
-    for (tag, args) in [("dq", vec![]), ("qdq", vec!["--method", "rtn"]), ("nbits", vec!["--format", "matmulnbits"])] {
+    for (tag, args) in [
+        ("dq", vec![]),
+        ("qdq", vec!["--method", "rtn"]),
+        ("nbits", vec!["--format", "matmulnbits", "--accuracy-level", "0"]),
+    ] {
         let out = d.path().join(format!("{tag}.onnx"));
         quantize(&src, &out, &args);
         check_unique_names(&out);

@@ -139,10 +139,10 @@ fn c16_one_sided_blocks_with_a_zero_point() {
     let symmetric = err_of(&errors(&src, &out, &inputs), "y");
     assert!(symmetric < 0.1, "symmetric {symmetric}");
     for form in ["dq", "matmulnbits"] {
-        quantize(&src, &out, &["--block-size", "32", "--zero-point", "--format", form]);
+        quantize(&src, &out, &["--block-size", "32", "--zero-point", "--format", form, "--accuracy-level", "0"]);
         let e = err_of(&errors(&src, &out, &inputs), "y");
         assert!(e < symmetric * 0.75, "{form}: zero point {e} vs symmetric {symmetric}");
-        quantize(&src, &out, &["--int8-layers", "fc", "--zero-point", "--format", form]);
+        quantize(&src, &out, &["--int8-layers", "fc", "--zero-point", "--format", form, "--accuracy-level", "0"]);
         let e8 = err_of(&errors(&src, &out, &inputs), "y");
         assert!(e8 < 0.01, "{form}: INT8 with a zero point {e8}");
     }
@@ -272,7 +272,21 @@ fn c15_gather_tables_with_a_zero_point() {
         quantize(&src, &out, &["--gather-axis", axis, "--block-size", "32"]);
         let symmetric = err_of(&errors(&src, &out, &ids), "emb");
         for form in ["dq", "matmulnbits"] {
-            quantize(&src, &out, &["--gather-axis", axis, "--block-size", "32", "--zero-point", "--format", form]);
+            quantize(
+                &src,
+                &out,
+                &[
+                    "--gather-axis",
+                    axis,
+                    "--block-size",
+                    "32",
+                    "--zero-point",
+                    "--format",
+                    form,
+                    "--accuracy-level",
+                    "0",
+                ],
+            );
             let errs = errors(&src, &out, &ids);
             let e = err_of(&errs, "emb");
             assert!(e < symmetric, "axis {axis} {form}: zero point {e} vs symmetric {symmetric}");
@@ -343,7 +357,7 @@ fn c10_float16_range_overflow_rtn() {
     }];
     let out = d.path().join("q.onnx");
     for form in ["dq", "matmulnbits"] {
-        quantize(&src, &out, &["--zero-point", "--format", form]);
+        quantize(&src, &out, &["--zero-point", "--format", form, "--accuracy-level", "0"]);
         let errs = errors(&src, &out, &input);
         for (name, e) in &errs {
             assert!(*e < 0.2, "{form}: {name} {e} ({errs:?})");

@@ -170,15 +170,18 @@ def quantize_file(
     fsync: bool = False,
     skip_nonfinite: bool = False,
     format: str = "dq",
-    accuracy_level: int = 0,
+    accuracy_level: Optional[int] = None,
     gather_axis: Optional[int] = None,
     gather_block_size: int = 32,
     int8_layers: Optional[Union[str, Sequence[str]]] = None,
     mixed_precision: bool = False,
     calibration_data: Any = None,
     calibration_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-    calibration_samples: int = 8,
+    calibration_samples: Optional[int] = None,
     calibration_seed: int = 0,
+    calibration_text: Optional[PathLike] = None,
+    tokenizer: Optional[PathLike] = None,
+    calibration_seq_len: int = 512,
     alpha_step: float = 0.1,
     clip_alpha_step: float = 0.05,
     clip_alpha_min: float = 0.5,
@@ -192,15 +195,22 @@ def quantize_file(
     gptq_batch: int = 128,
     act_order: bool = False,
     sequential: bool = False,
+    head_bits: int = 4,
     target_bits: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Quantizes the MatMul/Gemm weights of the ONNX model at ``input`` and writes ``output``
     (default ``INPUT_int4.onnx`` next to the input), as ``nibble quantize`` does (same options, same
     bytes). The input is never modified; the output appears atomically or not at all.
 
+    ``input`` may be a model folder (onnxruntime-genai's with ``genai_config.json`` or an Optimum
+    export with ``config.json``): ``output`` (default ``INPUT_int4``) is then a folder with every
+    other file copied byte for byte and the decoder quantized under its own name, its weights in
+    ``<model>.onnx.data`` (README, "LLM folders").
+
     Args:
-        input: the model (``.onnx``, external data next to it).
-        output: the quantized model; with external data also ``OUTPUT_data``.
+        input: the model (``.onnx``, external data next to it), or a model folder.
+        output: the quantized model; with external data also ``OUTPUT_data``. For a folder input,
+            the output folder.
         method: ``"rtn_dq"`` (round to nearest, DequantizeLinear), ``"rtn"`` (QuantizeLinear ->
             DequantizeLinear on the float weight), ``"awq_lite"``, ``"awq_clip"``, ``"awq_full"``, ``"gptq"`` (Frantar et al. 2022: error feedback
             through the inverse Hessian ``H = 2 X^T X / T`` of the calibration activations),
@@ -215,7 +225,8 @@ def quantize_file(
         skip_nonfinite: leave weights holding NaN/Inf float (with a warning) instead of raising.
         format: ``"dq"`` (INT4 initializers + DequantizeLinear, opset 21, ModelOpt's form) or
             ``"matmulnbits"`` (ONNX Runtime's com.microsoft MatMulNBits).
-        accuracy_level: MatMulNBits ``accuracy_level`` (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
+        accuracy_level: MatMulNBits ``accuracy_level`` (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8); default
+            4 with ``format="matmulnbits"`` (as the command line and onnxruntime-genai's builder).
         gather_axis: also quantize Gather (embedding) tables, blocked along this axis (0 or 1).
         gather_block_size: block size of the Gather tables.
         int8_layers: keep these layers at INT8 per channel (ModelOpt's ``layers_8bit``): node names
@@ -228,8 +239,16 @@ def quantize_file(
             bytes as the ``.npz`` stacking its samples. Default: seeded random inputs.
         calibration_shapes: sizes of symbolic input dimensions for random calibration,
             e.g. ``{"input_ids": [1, 128]}``.
-        calibration_samples: number of random calibration samples.
+        calibration_samples: number of random calibration samples (default 8), or of windows of
+            ``calibration_text`` (default 16).
         calibration_seed: seed of the random calibration samples.
+        calibration_text: calibrate on this UTF-8 text (or ``.jsonl`` with a ``"text"`` field per
+            line), tokenized with ``tokenizer`` and cut into ``calibration_samples`` windows of
+            ``calibration_seq_len`` tokens spread evenly over it (ValueError when it is shorter,
+            saying how many tokens it has).
+        tokenizer: the Hugging Face ``tokenizer.json`` for ``calibration_text``; default
+            ``tokenizer.json`` in the input folder or beside the model file.
+        calibration_seq_len: tokens per ``calibration_text`` window.
         alpha_step: awq_lite alpha grid step in (0, 1] (ModelOpt's ``awqlite_alpha_step``).
         clip_alpha_step: awq_clip ratio grid step in (0, 1] (``awqclip_alpha_step``).
         clip_alpha_min: smallest awq_clip ratio in (0, 1] (``awqclip_alpha_min``).
@@ -248,6 +267,9 @@ def quantize_file(
         act_order: GPTQ processes input channels by decreasing Hessian diagonal.
         sequential: GPTQ calibrates step by step, each layer group on the activations of the
             layers already quantized before it (``--sequential``).
+        head_bits: code width (4 or 8) of the quantized LM head (``lm_head``, quantized when
+            ``exclude`` does not match it) and of its tied embedding, whose Gathers read the head's
+            bytes (``--head-bits``); ValueError for another value.
         target_bits: mean bits per parameter over the quantized weights (codes, scales and zero
             points counted), e.g. ``5.0``: each weight gets 4 or 8 bits by its output error
             ``||X (W - Q(W))||^2 / ||X W||^2`` measured on the calibration data, the set of 8-bit weights removing the most error
@@ -256,6 +278,9 @@ def quantize_file(
             ``method="rtn"``, ``int8_layers``, ``mixed_precision`` or ``gather_axis``.
 
     Returns:
+        For a folder: ``{"output": folder, "layout": "onnxruntime-genai" or "Optimum", "models":
+        [one dict as below per quantized model], "copied": files copied, "left_float": other .onnx
+        files copied unquantized, "seconds": wall time}``. For a file:
         ``{"output": path, "quantized": weights quantized, "int8": of which INT8, "candidates":
         MatMul/Gemm weights found, "weight_bytes_before"/"weight_bytes_after": bytes of those
         weights before and of their replacements after, "model_bytes_before"/"model_bytes_after":
@@ -270,7 +295,9 @@ def quantize_file(
         Runtime missing or failing (AWQ methods only).
     """
     input = os.fspath(input)
-    if output is None:
+    if output is None and os.path.isdir(input):
+        output = os.path.normpath(input) + "_int4"
+    elif output is None:
         stem = os.path.splitext(os.path.basename(input))[0] or "model"
         output = os.path.join(os.path.dirname(input), f"{stem}_int4.onnx")
     if isinstance(int8_layers, (list, tuple)):
@@ -287,7 +314,7 @@ def quantize_file(
         fsync=fsync,
         skip_nonfinite=skip_nonfinite,
         format=format,
-        accuracy_level=accuracy_level,
+        accuracy_level=(4 if format == "matmulnbits" else 0) if accuracy_level is None else accuracy_level,
         gather_axis=gather_axis,
         gather_block_size=gather_block_size,
         int8_layers=int8_layers,
@@ -297,6 +324,9 @@ def quantize_file(
         else {str(k): [int(d) for d in v] for k, v in calibration_shapes.items()},
         calibration_samples=calibration_samples,
         calibration_seed=calibration_seed,
+        calibration_text=None if calibration_text is None else os.fspath(calibration_text),
+        tokenizer=None if tokenizer is None else os.fspath(tokenizer),
+        calibration_seq_len=calibration_seq_len,
         alpha_step=alpha_step,
         clip_alpha_step=clip_alpha_step,
         clip_alpha_min=clip_alpha_min,
@@ -310,6 +340,7 @@ def quantize_file(
         gptq_batch=gptq_batch,
         act_order=act_order,
         sequential=sequential,
+        head_bits=head_bits,
         target_bits=target_bits,
         **_calibration(calibration_data),
     )
@@ -384,6 +415,9 @@ _KWARGS = {
     "calibration_shapes": ("calibration_shapes", None),
     "calibration_samples": ("calibration_samples", int),
     "calibration_seed": ("calibration_seed", int),
+    "calibration_text": ("calibration_text", None),
+    "tokenizer": ("tokenizer", None),
+    "calibration_seq_len": ("calibration_seq_len", int),
     "calibration_memory_mb": ("calibration_memory_mb", int),
     "skip_nonfinite": ("skip_nonfinite", bool),
     "scale_search": ("scale_search", bool),
@@ -392,6 +426,7 @@ _KWARGS = {
     "gptq_batch": ("gptq_batch", int),
     "act_order": ("act_order", bool),
     "sequential": ("sequential", bool),
+    "head_bits": ("head_bits", int),
 }
 
 
@@ -406,6 +441,7 @@ def quantize(
     nodes_to_exclude: Optional[List[str]] = [r"/lm_head"],  # noqa: B006  (ModelOpt's default)
     log_level: str = "INFO",
     input_shapes_profile: Optional[Sequence[Dict[str, str]]] = None,
+    output_path: Optional[PathLike] = None,
     **kwargs: Any,
 ) -> Any:
     """INT4 weight-only quantization with ModelOpt's signature and defaults
@@ -429,6 +465,11 @@ def quantize(
             matching nodes stay float. Default ``["/lm_head"]``; None or ``[]`` excludes nothing.
         log_level: ``"DEBUG"`` prints each weight's AWQ choice; other levels print warnings only.
         input_shapes_profile: TensorRT only; ignored with a warning.
+        output_path: nibble's: where to write the result. Needed for a model folder
+            (onnxruntime-genai or Optimum, README "LLM folders"): ``onnx_path`` a folder is written
+            to the folder ``output_path`` (default ``FOLDER_int4``) and the summary dict of
+            :func:`quantize_file` is returned instead of a ``ModelProto``. For a model file the
+            quantized model is also saved there (with ``OUTPUT_data`` when external data is needed).
         **kwargs: ModelOpt's ``awqlite_alpha_step`` (0.1), ``awqclip_alpha_step`` (0.05),
             ``awqclip_alpha_min`` (0.5), ``awqlite_run_per_subgraph`` (False),
             ``awqlite_fuse_nodes`` (True), ``gather_quantize_axis`` (None), ``gather_block_size``
@@ -436,7 +477,8 @@ def quantize(
             ``awqclip_bsz_col`` and ``trt_rtx_backend`` (no effect), ``use_column_major`` (False
             only); and nibble's ``calibration_shapes``, ``calibration_samples``,
             ``calibration_seed``, ``calibration_memory_mb``, ``skip_nonfinite``, ``scale_search``,
-            ``scale_search_clip_min``, ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential`` (as in
+            ``scale_search_clip_min``, ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential``, ``head_bits``,
+            ``calibration_text``, ``tokenizer``, ``calibration_seq_len`` (as in
             :func:`quantize_file`). Any other name raises ``TypeError``.
 
     Returns:
@@ -467,6 +509,22 @@ def quantize(
         )
     if input_shapes_profile is not None:
         warnings.warn("input_shapes_profile (TensorRT only) ignored", stacklevel=2)
+    options: Dict[str, Any] = {}
+    for key, value in kwargs.items():
+        name, convert = _KWARGS.get(key, (None, None))
+        if name is not None:
+            options[name] = convert(value) if convert is not None else value
+    common = dict(
+        method=calibration_method,
+        block_size=128 if block_size is None else int(block_size),
+        zero_point=bool(use_zero_point),
+        exclude=list(nodes_to_exclude or []),
+        calibration_data=calibration_data_reader,
+        verbose=log_level.upper() == "DEBUG",
+        **options,
+    )
+    if isinstance(onnx_path, (str, bytes, os.PathLike)) and os.path.isdir(os.fsdecode(onnx_path)):
+        return quantize_file(os.fsdecode(onnx_path), output_path, **common)
     try:
         import onnx
     except ImportError:
@@ -474,12 +532,6 @@ def quantize(
             "nibble.quantize returns an onnx.ModelProto and needs the onnx package: pip install onnx "
             "(nibble.quantize_file writes the model without it)"
         ) from None
-
-    options: Dict[str, Any] = {}
-    for key, value in kwargs.items():
-        name, convert = _KWARGS.get(key, (None, None))
-        if name is not None:
-            options[name] = convert(value) if convert is not None else value
 
     tmp = tempfile.mkdtemp(prefix="nibble-")
     try:
@@ -494,18 +546,8 @@ def quantize(
             onnx.save_model(onnx_path, source, save_as_external_data=large, location="input.onnx_data")
         else:
             raise ValueError(f"onnx_path: {type(onnx_path).__name__} is neither a path nor an onnx.ModelProto")
-        out = os.path.join(tmp, "model_int4.onnx")
-        quantize_file(
-            source,
-            out,
-            method=calibration_method,
-            block_size=128 if block_size is None else int(block_size),
-            zero_point=bool(use_zero_point),
-            exclude=list(nodes_to_exclude or []),
-            calibration_data=calibration_data_reader,
-            verbose=log_level.upper() == "DEBUG",
-            **options,
-        )
+        out = os.path.join(tmp, "model_int4.onnx") if output_path is None else os.fspath(output_path)
+        quantize_file(source, out, **common)
         return onnx.load_model(out, load_external_data=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -31,8 +31,11 @@ def quantize_file(
     calibration_data: Optional[_Path] = None,
     calibration_inputs: Optional[Sequence[Sequence[_RawArray]]] = None,
     calibration_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-    calibration_samples: int = 8,
+    calibration_samples: Optional[int] = None,
     calibration_seed: int = 0,
+    calibration_text: Optional[_Path] = None,
+    tokenizer: Optional[_Path] = None,
+    calibration_seq_len: int = 512,
     alpha_step: float = 0.1,
     clip_alpha_step: float = 0.05,
     clip_alpha_min: float = 0.5,
@@ -59,3 +62,37 @@ def compare(
 ) -> Dict[str, Any]: ...
 def ort_library() -> "os.PathLike[str]": ...
 def simd_tier() -> str: ...
+
+# nibble.int4 (python/nibble/int4.py): flat arrays; float16/bfloat16 as uint16 bit patterns;
+# scales and zero points as float32 values of the weight's dtype, [outer, blocks, inner] order.
+def int4_quantize(
+    w: Any,
+    format: str,
+    shape: Sequence[int],
+    axis: int,
+    block_size: int,
+    alpha: float,
+    zero_point: bool,
+    num_bits: int,
+    codes: bool,
+) -> Tuple[Optional[Any], Any, Optional[Any]]: ...
+def int4_rtn(
+    w: Any,
+    format: str,
+    shape: Sequence[int],
+    axis: int,
+    block_size: int,
+    scale: Any,
+    zero_point: Optional[Any],
+    num_bits: int,
+) -> Any: ...
+def int4_dq_tensor(
+    codes: Any,
+    signed: bool,
+    shape: Sequence[int],
+    axis: int,
+    block_size: int,
+    scale: Any,
+    zero_point: Optional[Any],
+    format: str,
+) -> Any: ...

@@ -3,7 +3,10 @@
 //! Thin by design: every function builds the driver's options, runs the driver on a worker thread
 //! (so that Ctrl-C reaches Python while Rust works) and turns the driver's results and errors into
 //! plain Python data and exceptions. numpy and onnx are handled in the Python layer
-//! (`python/nibble/__init__.py`); this module only sees paths, strings, numbers and bytes.
+//! (`python/nibble/__init__.py`); this module only sees paths, strings, numbers and bytes, except
+//! `nibble.int4`'s flat numpy arrays (module [`int4`]).
+
+mod int4;
 
 use nibble_driver::runtime::{Input, InputData};
 use nibble_driver::{quantize_file as driver_quantize_file, Error, Options, Summary};
@@ -202,10 +205,11 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary, output: &Path) -> PyResult<Bo
     input, output, *, method="rtn_dq", block_size=128, zero_point=false, exclude=None, external_data="auto",
     force=false, fsync=false, skip_nonfinite=false, format="dq", accuracy_level=0, gather_axis=None,
     gather_block_size=32, int8_layers=None, mixed_precision=false, calibration_data=None, calibration_inputs=None,
-    calibration_shapes=None, calibration_samples=8, calibration_seed=0, alpha_step=0.1, clip_alpha_step=0.05,
+    calibration_shapes=None, calibration_samples=None, calibration_seed=0, calibration_text=None, tokenizer=None,
+    calibration_seq_len=512, alpha_step=0.1, clip_alpha_step=0.05,
     clip_alpha_min=0.5, fuse=true, per_subgraph=false, calibration_memory_mb=1024, verbose=false, scale_search=false,
     scale_search_clip_min=1.0,
-    percdamp=0.01, gptq_batch=128, act_order=false, sequential=false, target_bits=None
+    percdamp=0.01, gptq_batch=128, act_order=false, sequential=false, head_bits=4, target_bits=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn quantize_file<'py>(
@@ -229,8 +233,11 @@ fn quantize_file<'py>(
     calibration_data: Option<PathBuf>,
     calibration_inputs: Option<Vec<Vec<RawArray<'py>>>>,
     calibration_shapes: Option<HashMap<String, Vec<usize>>>,
-    calibration_samples: usize,
+    calibration_samples: Option<usize>,
     calibration_seed: u64,
+    calibration_text: Option<PathBuf>,
+    tokenizer: Option<PathBuf>,
+    calibration_seq_len: usize,
     alpha_step: f64,
     clip_alpha_step: f64,
     clip_alpha_min: f64,
@@ -244,6 +251,7 @@ fn quantize_file<'py>(
     gptq_batch: usize,
     act_order: bool,
     sequential: bool,
+    head_bits: u32,
     target_bits: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     // The same checks and defaults as the CLI's (driver/src/cli.rs), so equal options give equal bytes.
@@ -275,6 +283,8 @@ fn quantize_file<'py>(
         mixed_precision,
         scale_search,
         scale_search_clip_min,
+        head_bits: nibble::Bits::from_count(head_bits)
+            .ok_or_else(|| PyValueError::new_err(format!("head_bits {head_bits}: use 4 or 8")))?,
         target_bits,
         ..Options::default()
     };
@@ -291,8 +301,18 @@ fn quantize_file<'py>(
     opts.awq.verbose = verbose;
     opts.awq.calibration.data = calibration_data;
     opts.awq.calibration.shapes = calibration_shapes.unwrap_or_default();
-    opts.awq.calibration.samples = calibration_samples.max(1);
+    opts.awq.calibration.samples = calibration_samples.unwrap_or(8).max(1);
+    if let Some(text) = &calibration_text {
+        use nibble_driver::calibrate::text;
+        let tokenizer_path = text::find_tokenizer(tokenizer.as_deref(), &input).map_err(to_py)?;
+        let samples = calibration_samples.unwrap_or(text::DEFAULT_SAMPLES);
+        opts.awq.calibration.tokens =
+            Some(text::text_windows(text, &tokenizer_path, samples, calibration_seq_len).map_err(to_py)?);
+    }
     opts.awq.calibration.seed = calibration_seed;
+    // ModelOpt's call with no reader calibrates on random inputs: kept, with the warning the
+    // driver prints for token-id models (random ids give a much worse model than text).
+    opts.awq.calibration.random = true;
     opts.awq.calibration.inputs = calibration_inputs
         .map(|samples| {
             samples
@@ -306,6 +326,25 @@ fn quantize_file<'py>(
     let cancel = Arc::new(AtomicBool::new(false));
     let worker_cancel = Arc::clone(&cancel);
     let (worker_input, worker_output) = (input.clone(), output.clone());
+    if input.is_dir() {
+        let result = interruptible(py, &cancel, move || {
+            nibble_driver::folder::quantize_folder(&worker_input, &worker_output, &opts)
+        })?;
+        let f = result.map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("output", &output)?;
+        d.set_item("layout", f.layout.name())?;
+        let models = f
+            .models
+            .iter()
+            .map(|(file, s)| summary_dict(py, s, &output.join(file)))
+            .collect::<PyResult<Vec<_>>>()?;
+        d.set_item("models", models)?;
+        d.set_item("copied", f.copied)?;
+        d.set_item("left_float", f.left_float)?;
+        d.set_item("seconds", f.seconds)?;
+        return Ok(d);
+    }
     let result = interruptible(py, &cancel, move || {
         let result = driver_quantize_file(&worker_input, &worker_output, &opts);
         if result.is_ok() && worker_cancel.load(Ordering::SeqCst) {
@@ -449,6 +488,9 @@ fn _nibble(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compare, m)?)?;
     m.add_function(wrap_pyfunction!(ort_library, m)?)?;
     m.add_function(wrap_pyfunction!(simd_tier, m)?)?;
+    m.add_function(wrap_pyfunction!(int4::int4_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(int4::int4_rtn, m)?)?;
+    m.add_function(wrap_pyfunction!(int4::int4_dq_tensor, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

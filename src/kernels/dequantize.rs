@@ -7,7 +7,7 @@
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, from_int, load_bytes, load_f32, store_f32};
+use crate::simd::{for_each_chunk, from_int, load_bytes_ext, load_f32, store_f32};
 use crate::{FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -66,24 +66,29 @@ impl<P: Precision> WithSimd for Dequantize<'_, P> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { codes, cols, scale, zero_point, out, _p: _ } = self;
-        let sign_bit = simd.splat_u32s(0x80);
-        for (row, out) in codes.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
-            for_each_chunk::<S>(cols, |j, n| {
-                let raw = load_bytes(simd, &row[j..j + n]);
-                let s = load_f32(simd, &scale[j..j + n]);
-                let dq = match zero_point {
-                    None => {
-                        // Sign-extend the byte: (b ^ 0x80) - 0x80.
-                        let v = simd.sub_u32s(simd.xor_u32s(raw, sign_bit), sign_bit);
-                        simd.mul_f32s(from_int(simd, v), s)
-                    }
-                    Some(zp) => {
-                        let zp = load_f32(simd, &zp[j..j + n]);
-                        simd.mul_f32s(simd.sub_f32s(from_int(simd, raw), zp), s)
-                    }
-                };
-                store_f32(simd, &mut out[j..j + n], P::round_simd(simd, dq));
-            });
+        // The zero-point choice stays outside the loops, so each loop is specialized. The code
+        // bytes are widened in registers (sign-extended without zero points).
+        let rows = codes.chunks_exact(cols).zip(out.chunks_exact_mut(cols));
+        match zero_point {
+            None => {
+                for (row, out) in rows {
+                    for_each_chunk::<S>(cols, |j, n| {
+                        let q = from_int(simd, load_bytes_ext(simd, &row[j..j + n], true));
+                        let dq = simd.mul_f32s(q, load_f32(simd, &scale[j..j + n]));
+                        store_f32(simd, &mut out[j..j + n], P::round_simd(simd, dq));
+                    });
+                }
+            }
+            Some(zp) => {
+                for (row, out) in rows {
+                    for_each_chunk::<S>(cols, |j, n| {
+                        let q = from_int(simd, load_bytes_ext(simd, &row[j..j + n], false));
+                        let steps = simd.sub_f32s(q, load_f32(simd, &zp[j..j + n]));
+                        let dq = simd.mul_f32s(steps, load_f32(simd, &scale[j..j + n]));
+                        store_f32(simd, &mut out[j..j + n], P::round_simd(simd, dq));
+                    });
+                }
+            }
         }
     }
 }

@@ -2,6 +2,23 @@
 //! matrix of `cols` columns, that is one block along the quantized axis, and vectorizes across the
 //! columns (no horizontal reductions). Each has a safe entry point that checks lengths once and runs
 //! on [`Tier::best`](crate::Tier::best), and a `_with` variant that takes the tier.
+//!
+//! # Dispatch table
+//!
+//! Every kernel runs on the best tier of the CPU (AVX-512 > AVX2 > scalar; the AVX2 tier requires
+//! F16C). Why each tier is as fast as it is, measured with `cargo bench --bench kernels --
+//! slab_128x4096_f32` (all tiers in one run; numbers in BENCHMARKS.md):
+//!
+//! | kernel | what made the SIMD tiers slow, and the fix |
+//! |---|---|
+//! | `block_absmax`, `block_minmax` | nothing: integer max/min on the magnitude bits, one load and one op per vector |
+//! | `quantize` | bound by the correctly rounded f32 division `w / s` (numpy's), the same on every tier; codes narrowed with `vpmovdb` (AVX-512) or two packs and a shuffle (AVX2) |
+//! | `quantize` with f16 rounding | the integer-only f16 rounding (about 15 ops a vector): AVX-512 and AVX2 now use the hardware pair `vcvtps2ph` / `vcvtph2ps` (AVX2 through F16C) |
+//! | `quantize_packed` | lanes were paired through memory: now paired in registers (`v \| v >> 28` on u64 lanes, then `vpmovqb` or a byte shuffle) |
+//! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`) |
+//! | `dequantize` | code bytes were widened lane by lane through memory: now `vpmovsxbd` / `vpmovzxbd` |
+//! | `widen_f16` | AVX2 went through `half`'s 4-lane F16C loop: now `vcvtph2ps` on 8 lanes (AVX-512: 16) |
+//! | `qdq_error`, `block_dot`, `scales_*`, `round_to_format` | the f16 rounding, as for `quantize` |
 
 pub mod block_absmax;
 pub mod block_dot;

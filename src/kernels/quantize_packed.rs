@@ -3,15 +3,14 @@
 //! for slabs with an even column count (so rows never share a byte).
 //!
 //! Each step quantizes one vector of consecutive columns (exactly `quantize`'s arithmetic) and
-//! pairs neighbouring lanes into bytes, `byte = (q[2i] & 0xf) | (q[2i + 1] & 0xf) << 4`, written
-//! straight into the packed row: no code buffer and no second pass. The pairing still reads the lanes
-//! back through memory, which measures slower than `quantize` followed by
-//! [`pack_nibbles`](super::pack_nibbles) (benches/kernels.rs), so the pipeline uses those two until
-//! the pairing is done in registers.
+//! pairs neighbouring lanes into bytes, `byte = (q[2i] & 0xf) | (q[2i + 1] & 0xf) << 4`, in
+//! registers (`simd::store_nibble_pairs`), written straight into the packed row: no code buffer and
+//! no second pass. The pipeline (`quantize_weight`) runs it on each stripe of a block, writing into
+//! the packed weight through [`quantize_packed_rows`].
 
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, lanes_u32, load_f32, quantize_lanes, to_int, CodeBounds};
+use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_nibble_pairs, to_int, CodeBounds};
 use crate::{Error, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -46,12 +45,30 @@ pub fn quantize_packed_with(
         });
     }
     check_slab("quantize_packed", tier, w.len(), cols, scale, zero_point, w.len() / 2, packed.len())?;
+    quantize_packed_rows(tier, format, w, cols, scale, zero_point, packed, cols / 2)
+}
+
+/// [`quantize_packed`] writing row `r` of the slab at `packed[r * row_stride..]` (`row_stride >=
+/// cols / 2` bytes), so a stripe of columns goes straight into its place in a wider packed matrix.
+/// The caller has checked the tier, an even `cols`, the slab and the scales; `packed` holds
+/// `(rows - 1) * row_stride + cols / 2` bytes or more.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_packed_rows(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    packed: &mut [u8],
+    row_stride: usize,
+) -> Result<()> {
     if cols == 0 {
         return Ok(());
     }
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(Job { w, cols, scale, zero_point, packed, _p: $p })
+            tier.dispatch(Job { w, cols, scale, zero_point, packed, row_stride, _p: $p })
         };
     }
     match format {
@@ -68,6 +85,7 @@ struct Job<'a, P> {
     scale: &'a [f32],
     zero_point: Option<&'a [f32]>,
     packed: &'a mut [u8],
+    row_stride: usize,
     _p: P,
 }
 
@@ -76,36 +94,41 @@ impl<P: Precision> WithSimd for Job<'_, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, cols, scale, zero_point, packed, _p: _ } = self;
+        let Self { w, cols, scale, zero_point, packed, row_stride, _p: _ } = self;
         let bounds = CodeBounds::new(simd, crate::Bits::Four);
         let nib = simd.splat_u32s(0xf);
         // One-lane tiers pair columns through a row of codes (kept in L1).
         let odd_lanes = S::F32_LANES % 2 == 1;
         let mut codes = if odd_lanes { vec![0u8; cols] } else { Vec::new() };
-        for (row, out) in w.chunks_exact(cols).zip(packed.chunks_exact_mut(cols / 2)) {
-            for_each_chunk::<S>(cols, |j, m| {
-                let x = load_f32(simd, &row[j..j + m]);
-                let s = load_f32(simd, &scale[j..j + m]);
-                let zp = zero_point.map(|z| load_f32(simd, &z[j..j + m]));
-                let q = quantize_lanes::<S, P>(simd, &bounds, x, s, zp);
-                let q = simd.and_u32s(to_int(simd, q), nib);
-                let lanes = lanes_u32::<S>(&q);
-                if odd_lanes {
-                    for (c, &l) in codes[j..j + m].iter_mut().zip(lanes) {
-                        *c = l as u8;
-                    }
-                } else {
-                    // m is even (LANES and cols are): pair neighbouring lanes into bytes.
-                    for (p, o) in out[j / 2..(j + m) / 2].iter_mut().enumerate() {
-                        *o = (lanes[2 * p] | (lanes[2 * p + 1] << 4)) as u8;
+        // The zero-point choice stays outside the loops, so each loop is specialized.
+        macro_rules! rows {
+            ($zp:expr) => {
+                for (r, row) in w.chunks_exact(cols).enumerate() {
+                    let out = &mut packed[r * row_stride..r * row_stride + cols / 2];
+                    for_each_chunk::<S>(cols, |j, m| {
+                        let x = load_f32(simd, &row[j..j + m]);
+                        let s = load_f32(simd, &scale[j..j + m]);
+                        #[allow(clippy::redundant_closure_call)]
+                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, ($zp)(j, m));
+                        let q = simd.and_u32s(to_int(simd, q), nib);
+                        if odd_lanes {
+                            codes[j] = crate::simd::lanes_u32::<S>(&q)[0] as u8;
+                        } else {
+                            // m is even (LANES and cols are): pair neighbouring lanes into bytes.
+                            store_nibble_pairs(simd, q, &mut out[j / 2..(j + m) / 2]);
+                        }
+                    });
+                    if odd_lanes {
+                        for (o, pair) in out.iter_mut().zip(codes.chunks_exact(2)) {
+                            *o = pair[0] | (pair[1] << 4);
+                        }
                     }
                 }
-            });
-            if odd_lanes {
-                for (o, pair) in out.iter_mut().zip(codes.chunks_exact(2)) {
-                    *o = pair[0] | (pair[1] << 4);
-                }
-            }
+            };
+        }
+        match zero_point {
+            None => rows!(|_, _| None),
+            Some(z) => rows!(|j: usize, m: usize| Some(load_f32(simd, &z[j..j + m]))),
         }
     }
 }

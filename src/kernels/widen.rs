@@ -1,8 +1,8 @@
 //! Widen f16 or bf16 values to f32 (exact): `out[i] = f32(src[i])`.
 //!
 //! bf16 is the upper half of an f32 (`bits << 16`); f16 goes through the hardware conversion on
-//! AVX-512 (`vcvtph2ps`, 16 lanes at a time) and through `half` elsewhere (F16C or NEON fp16 when
-//! the CPU has them, detected at run time). The input stays in its own 2-byte format until it is in
+//! AVX-512 and AVX2 (`vcvtph2ps`, 16 or 8 lanes at a time; the AVX2 tier requires F16C) and through
+//! `half` elsewhere (which itself uses F16C or NEON fp16 when it detects them at run time). The input stays in its own 2-byte format until it is in
 //! registers, so a weight is read once, at half the bytes of f32.
 
 use super::{check_len, check_tier};
@@ -44,22 +44,28 @@ impl WithSimd for WidenF16<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { src, out } = self;
+        let done = src.len() / 16 * 16;
         #[cfg(target_arch = "x86_64")]
-        if core::any::TypeId::of::<S>() == core::any::TypeId::of::<pulp::x86::V4>() {
-            // SAFETY: S is V4 (equal TypeId), so the CPU has AVX-512 (the caller holds a V4 token);
-            // the token is a plain Copy value.
-            let v4: pulp::x86::V4 = unsafe { core::mem::transmute_copy(&simd) };
-            let mut chunks = src.chunks_exact(16).zip(out.chunks_exact_mut(16));
-            for (s, o) in &mut chunks {
-                let h: [f16; 16] = s.try_into().expect("16 lanes");
-                // SAFETY: [f16; 16] (repr(transparent) u16s) and __m256i are both 32 plain bytes.
-                let h: core::arch::x86_64::__m256i = unsafe { core::mem::transmute(h) };
-                let f = v4.avx512f._mm512_cvtph_ps(h);
-                // SAFETY: __m512 is 16 plain f32 lanes.
-                let f: [f32; 16] = unsafe { core::mem::transmute(f) };
+        if let Some(v4) = crate::simd::as_v4(simd) {
+            for (s, o) in src[..done].chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+                let h: [u16; 16] = bytemuck::cast(<[f16; 16]>::try_from(s).expect("16 lanes"));
+                let f: [f32; 16] = bytemuck::cast(v4.avx512f._mm512_cvtph_ps(bytemuck::cast(h)));
                 o.copy_from_slice(&f);
             }
-            let done = src.len() / 16 * 16;
+            src[done..].convert_to_f32_slice(&mut out[done..]);
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::as_v3(simd).is_some() {
+            use core::arch::x86_64::_mm256_cvtph_ps;
+            for (s, o) in src[..done].chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+                let h: [[u16; 8]; 2] = bytemuck::cast(<[f16; 16]>::try_from(s).expect("16 lanes"));
+                // SAFETY: S is V3, which runs only through the AVX2 tier: the CPU has F16C (checked
+                // by `Tier::is_available`) and the dispatch enables it around this inlined code.
+                let (a, b) = unsafe { (_mm256_cvtph_ps(bytemuck::cast(h[0])), _mm256_cvtph_ps(bytemuck::cast(h[1]))) };
+                let f: [[f32; 8]; 2] = [bytemuck::cast(a), bytemuck::cast(b)];
+                o.copy_from_slice(bytemuck::cast_slice(&f));
+            }
             src[done..].convert_to_f32_slice(&mut out[done..]);
             return;
         }

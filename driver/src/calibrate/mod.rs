@@ -2,16 +2,20 @@
 //! the AWQ searches need.
 //!
 //! - [`runtime`]: finding, loading and running ONNX Runtime (the library from the PyPI wheel).
+//! - [`feed`]: how each model input is fed (token ids, mask, positions, empty KV cache, ...).
 //! - [`inputs`]: the calibration samples: from a `.npz`/`.npy` file ([`npy`]), in memory, or seeded random.
 //! - [`capture`]: a copy of the model whose graph outputs are the activations asked for, run in waves.
+//! - [`text`]: token windows from a text file and a Hugging Face tokenizer.json (calibration, perplexity).
 //! - [`sequential`]: capture step by step, each step seeing the weights quantized before it.
 //! - [`twin`]: the float32 twin of a bfloat16 model, which ONNX Runtime's CPU provider can run.
 
 pub mod capture;
+pub mod feed;
 pub mod inputs;
 pub mod npy;
 pub mod runtime;
 pub mod sequential;
+pub mod text;
 pub mod twin;
 
-pub use inputs::{calibration_inputs, parse_shapes, CalibrationOptions};
+pub use inputs::{calibration_inputs, parse_shapes, CalibrationOptions, ShapeArgs};

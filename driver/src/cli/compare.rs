@@ -69,7 +69,25 @@ pub fn metrics(name: &str, q: &NamedTensor, o: &NamedTensor) -> OutputReport {
 }
 
 /// Seeded inputs for every graph input of `model` (initializers excluded).
+/// A decoder with a KV cache (or mask/positions tied to the ids) is fed by the feed plan
+/// ([`crate::calibrate::feed`]): 16 seeded ids in `0..10`, empty past.
 pub fn random_inputs(model: &Model, seed: u64) -> Result<Vec<Input>> {
+    let specs = crate::calibrate::inputs::input_specs(model)?;
+    let plan = crate::calibrate::feed::plan(model, &specs, &std::collections::HashMap::new())?;
+    if plan.is_decoder() && plan.has_tokens() {
+        let mut rng = Rng::new(seed);
+        let ids: Vec<i64> = (0..16).map(|_| (rng.uniform() * 10.0) as i64).collect();
+        let random = plan.inputs.iter().any(|(_, f)| *f == crate::calibrate::feed::Feed::Random);
+        // random_plain gives every input a value (or fails), so the lookup always finds one.
+        let fallback = if random { random_plain(model, seed)? } else { vec![] };
+        return Ok(plan.sample(&ids, |s| {
+            fallback.iter().find(|i| i.name == s.name).cloned().expect("every input has a random value")
+        }));
+    }
+    random_plain(model, seed)
+}
+
+fn random_plain(model: &Model, seed: u64) -> Result<Vec<Input>> {
     let g = model.proto.graph.as_ref().expect("graph");
     let inits: std::collections::HashSet<&str> = g.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
     let mut rng = Rng::new(seed);
@@ -123,6 +141,14 @@ pub fn compare(original: &Path, quantized: &Path, seed: u64) -> Result<Vec<Outpu
 /// compares the outputs over all samples.
 pub fn compare_with_data(original: &Path, quantized: &Path, data: &Path) -> Result<Vec<OutputReport>> {
     let opts = crate::calibrate::inputs::CalibrationOptions { data: Some(data.to_path_buf()), ..Default::default() };
+    let samples = crate::calibrate::inputs::calibration_inputs(&Model::load(original)?, &opts)?;
+    compare_on(original, quantized, &samples)
+}
+
+/// Runs both models on token sequences (each one sample, its other inputs filled by the feed
+/// plan, [`crate::calibrate::feed`]) and compares the outputs over all of them.
+pub fn compare_with_tokens(original: &Path, quantized: &Path, tokens: &[Vec<i64>]) -> Result<Vec<OutputReport>> {
+    let opts = crate::calibrate::inputs::CalibrationOptions { tokens: Some(tokens.to_vec()), ..Default::default() };
     let samples = crate::calibrate::inputs::calibration_inputs(&Model::load(original)?, &opts)?;
     compare_on(original, quantized, &samples)
 }

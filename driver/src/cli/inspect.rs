@@ -90,6 +90,8 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
                 (Reads::Quantized, false) => "float (the weight stays float)".to_string(),
                 (Reads::Original(why), true) => format!("float: {why} (a float copy is kept)"),
                 (Reads::Original(why), false) => format!("float: {why}"),
+                (Reads::Tied, true) => "reads the head's quantized bytes (tied embedding)".to_string(),
+                (Reads::Tied, false) => "float (the head stays float)".to_string(),
             };
             let op = if r.op.is_empty() { String::new() } else { format!(" ({}{layout})", r.op) };
             let _ = writeln!(s, "    reader {}{op}: {what}", r.label);
@@ -99,7 +101,31 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
         let _ = writeln!(s, "{op} '{node}' in model-local function '{function}': stays float (function bodies are not quantized; export with functions inlined)");
     }
     let _ = writeln!(s, "{quantized} of {} weights would be quantized ({total} bytes)", candidates.len());
+    s.push_str(&feed_report(&model));
     Ok(s)
+}
+
+/// How calibration and `compare --perplexity` feed each model input (the feed plan).
+fn feed_report(model: &Model) -> String {
+    use crate::calibrate::inputs::{feed_plan, shape_text, CalibrationOptions};
+    let mut s = String::from("inputs (how calibration and compare --perplexity feed them):\n");
+    match feed_plan(model, &CalibrationOptions::default()) {
+        Ok(plan) => {
+            for (spec, feed) in &plan.inputs {
+                let _ = writeln!(s, "  {}{}: {}", spec.name, shape_text(spec), feed.describe(plan.past));
+            }
+            if plan.has_tokens() {
+                let _ = writeln!(
+                    s,
+                    "  (token ids: awq/gptq methods need --calibration-data, or --calibration-random to accept random ids)"
+                );
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(s, "  cannot plan the inputs: {e}");
+        }
+    }
+    s
 }
 
 /// The name of the constant a folded chain starts from.

@@ -3,6 +3,7 @@
 //! (and the Python package) only call it.
 
 pub mod compare;
+pub mod decoder_example;
 pub mod example;
 pub mod inspect;
 pub mod perplexity;
@@ -30,9 +31,11 @@ struct Cli {
 enum Command {
     /// Quantize MatMul/Gemm weights of MODEL and write the result.
     Quantize {
-        /// The input model (.onnx, with its external data next to it).
+        /// The input model (.onnx, with its external data next to it), or a model folder
+        /// (onnxruntime-genai's with genai_config.json, or an Optimum export with config.json).
         model: PathBuf,
-        /// Output model; default MODEL_int4.onnx next to the input.
+        /// Output model; default MODEL_int4.onnx next to the input. For a folder: the output
+        /// folder (default FOLDER_int4), every other file copied, weights in MODEL.onnx.data.
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Algorithm.
@@ -68,8 +71,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "dq")]
         format: crate::pipeline::Format,
         /// MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
-        #[arg(long, default_value_t = 0)]
-        accuracy_level: i64,
+        /// Default 4, as onnxruntime-genai's builder writes (ONNX Runtime's fastest CPU kernel).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..=4))]
+        accuracy_level: Option<i64>,
         /// Also quantize Gather (embedding) tables, blocked along this axis (0 or 1).
         #[arg(long)]
         gather_axis: Option<usize>,
@@ -84,6 +88,10 @@ enum Command {
         /// last eighth and every third of the qkv/v_proj and down_proj MatMuls.
         #[arg(long)]
         mixed_precision: bool,
+        /// Code width of the quantized LM head (lm_head, quantized with --no-default-exclude) and of its
+        /// tied embedding: 4, or 8 (MatMulNBits bits=8, 8-bit GatherBlockQuantized), blocked by --block-size.
+        #[arg(long, default_value = "4", value_parser = ["4", "8"])]
+        head_bits: String,
         /// Choose each block's scale by a data-free search (ModelOpt's 15-level and ONNX Runtime's
         /// 16-level grids; lowest weight error) instead of ModelOpt's formula (rtn_dq, rtn, gptq,
         /// awq_gptq).
@@ -156,10 +164,15 @@ enum Command {
         #[command(flatten)]
         extra: CompareExtra,
     },
-    /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out.
+    /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out; with
+    /// --kind genai/optimum a decoder LLM folder with a KV cache, config and tokenizer.
     Example {
-        /// Output model.
+        /// Output model (a folder for --kind genai/optimum).
         output: PathBuf,
+        /// A decoder folder as onnxruntime-genai's builder (genai) or Optimum (optimum) writes it,
+        /// instead of the single transformer-like model.
+        #[arg(long, value_enum)]
+        kind: Option<decoder_example::DecoderKind>,
         /// Hidden size.
         #[arg(long, default_value_t = 256)]
         hidden: usize,
@@ -194,9 +207,24 @@ struct CompareExtra {
     /// from this .npz, in a default ONNX Runtime session.
     #[arg(long, value_name = "TOKENS.npz")]
     perplexity: Option<PathBuf>,
-    /// The logits output for --perplexity (default: the first output whose last dimension is the
-    /// vocabulary).
-    #[arg(long, value_name = "NAME", requires = "perplexity")]
+    /// Causal LMs: perplexity of both models on --perplexity-windows windows of
+    /// --perplexity-seq-len tokens of this UTF-8 text (or .jsonl with a "text" field), tokenized
+    /// with --tokenizer.
+    #[arg(long, value_name = "FILE", conflicts_with = "perplexity")]
+    perplexity_text: Option<PathBuf>,
+    /// The Hugging Face tokenizer.json for --perplexity-text; default: tokenizer.json in ORIGINAL's
+    /// folder or beside it.
+    #[arg(long, value_name = "PATH", requires = "perplexity_text")]
+    tokenizer: Option<PathBuf>,
+    /// Tokens per --perplexity-text window.
+    #[arg(long, default_value_t = 512, value_name = "T")]
+    perplexity_seq_len: usize,
+    /// Windows of --perplexity-text, spread evenly over the text.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    perplexity_windows: usize,
+    /// The logits output for --perplexity/--perplexity-text (default: the first output whose last
+    /// dimension is the vocabulary).
+    #[arg(long, value_name = "NAME")]
     logits: Option<String>,
     /// Sweep: quantize ORIGINAL with each of these methods (comma-separated) x --block-sizes into a
     /// temporary folder and print one table.
@@ -241,12 +269,31 @@ struct AwqArgs {
     /// axis), or .npy for a single-input model. Default: seeded random inputs.
     #[arg(long, value_name = "FILE")]
     calibration_data: Option<PathBuf>,
-    /// Sizes of symbolic input dimensions for random calibration, e.g. input_ids:1x128.
-    #[arg(long, value_name = "NAME:DIMS,...")]
+    /// Sizes of symbolic input dimensions for random calibration: whole inputs (input_ids:1x128)
+    /// or symbolic dimensions by name (sequence_length=64,past_sequence_length=0); an unknown
+    /// name is an error that lists the model's inputs and dimensions.
+    #[arg(long, value_name = "NAME:DIMS|DIM=N,...")]
     calibration_shapes: Option<String>,
-    /// Number of random calibration samples (without --calibration-data).
-    #[arg(long, default_value_t = 8)]
-    calibration_samples: usize,
+    /// Calibrate a model fed by token ids on random ids when no data is given (otherwise refused:
+    /// random tokens give a much worse model than text; see README).
+    #[arg(long)]
+    calibration_random: bool,
+    /// Calibration from text: a UTF-8 file (or .jsonl with a "text" field per line), tokenized
+    /// with --tokenizer and cut into --calibration-samples windows of --calibration-seq-len tokens.
+    #[arg(long, value_name = "FILE", conflicts_with = "calibration_data")]
+    calibration_text: Option<PathBuf>,
+    /// The Hugging Face tokenizer.json for --calibration-text; default: tokenizer.json in the model
+    /// folder or beside the model file.
+    #[arg(long, value_name = "PATH")]
+    tokenizer: Option<PathBuf>,
+    /// Number of calibration samples: random ones (default 8) or windows of --calibration-text
+    /// (default 16).
+    #[arg(long)]
+    calibration_samples: Option<usize>,
+    /// Tokens per --calibration-text window (16 x 512 tokens by default: more rows than the widest
+    /// MatMul input of a small LLM, which GPTQ's Hessian needs).
+    #[arg(long, default_value_t = crate::calibrate::text::DEFAULT_SEQ_LEN, value_name = "T")]
+    calibration_seq_len: usize,
     /// Seed of the random calibration samples.
     #[arg(long, default_value_t = 0)]
     calibration_seed: u64,
@@ -276,9 +323,10 @@ struct AwqArgs {
 }
 
 impl AwqArgs {
-    fn options(&self) -> anyhow::Result<crate::methods::awq::AwqOptions> {
+    /// The AWQ/calibration options; `model` (file or folder) locates the default tokenizer.
+    fn options(&self, model: &std::path::Path) -> anyhow::Result<crate::methods::awq::AwqOptions> {
         use crate::calibrate::{parse_shapes, CalibrationOptions};
-        let shapes = self.calibration_shapes.as_deref().map(parse_shapes).transpose()?.unwrap_or_default();
+        let shape_args = self.calibration_shapes.as_deref().map(parse_shapes).transpose()?.unwrap_or_default();
         for (name, v) in [("--alpha-step", self.alpha_step), ("--clip-alpha-step", self.clip_alpha_step)] {
             if !(v > 0.0 && v <= 1.0) {
                 anyhow::bail!("{name} {v}: use a step in (0, 1]");
@@ -287,6 +335,14 @@ impl AwqArgs {
         if !(self.clip_alpha_min > 0.0 && self.clip_alpha_min <= 1.0) {
             anyhow::bail!("--clip-alpha-min {}: use a ratio in (0, 1]", self.clip_alpha_min);
         }
+        let tokens = match &self.calibration_text {
+            Some(text) => {
+                let tokenizer = crate::calibrate::text::find_tokenizer(self.tokenizer.as_deref(), model)?;
+                let samples = self.calibration_samples.unwrap_or(crate::calibrate::text::DEFAULT_SAMPLES);
+                Some(crate::calibrate::text::text_windows(text, &tokenizer, samples, self.calibration_seq_len)?)
+            }
+            None => None,
+        };
         Ok(crate::methods::awq::AwqOptions {
             method: crate::methods::awq::AwqMethod::Lite,
             alpha_step: self.alpha_step,
@@ -296,8 +352,11 @@ impl AwqArgs {
             calibration: CalibrationOptions {
                 data: self.calibration_data.clone(),
                 inputs: None,
-                shapes,
-                samples: self.calibration_samples.max(1),
+                tokens,
+                shapes: shape_args.shapes,
+                dims: shape_args.dims,
+                samples: self.calibration_samples.unwrap_or(8).max(1),
+                random: self.calibration_random,
                 seed: self.calibration_seed,
             },
             memory_budget: self.calibration_memory_mb.max(1) << 20,
@@ -357,6 +416,50 @@ fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
+/// The one-line report of a quantized model, and the notes on weights left float.
+/// Prints the `--target-bits` plan (one line, or the table with `-v`) and writes its chart.
+fn print_budget(s: &crate::pipeline::Summary, verbose: bool, svg: Option<&std::path::Path>) -> anyhow::Result<()> {
+    if let Some(plan) = &s.budget {
+        let table = plan.table();
+        match verbose {
+            true => print!("{table}"),
+            false => println!("{}", table.lines().next().unwrap_or_default()),
+        }
+        if let Some(m) = &plan.missed {
+            eprintln!("nibble: warning: --target-bits not reached within 1%: {m}");
+        }
+        if let Some(svg) = svg {
+            plot::write_sensitivity_svg(plan, svg)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_summary(s: &crate::pipeline::Summary, output: &std::path::Path) {
+    for (weight, node, reason) in &s.skipped {
+        eprintln!("nibble: note: weight '{weight}' (read by '{node}') is left float: {reason}");
+    }
+    let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };
+    let copies = if s.float_copies > 0 {
+        format!("; float copies kept for other readers: {} ({} bytes)", s.float_copies, s.float_copy_bytes)
+    } else {
+        String::new()
+    };
+    println!(
+        "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}{copies}; {:.2} s ({} tier) -> {}",
+        s.quantized,
+        s.candidates,
+        mb(s.weight_bytes_before),
+        mb(s.weight_bytes_after),
+        mb(s.model_bytes_before),
+        mb(s.model_bytes_after),
+        if s.opset_raised { "; opset raised to 21" } else { "" },
+        s.seconds,
+        nibble::Tier::best().name(),
+        output.display()
+    );
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quantize {
@@ -377,6 +480,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gather_block_size,
             int8_layers,
             mixed_precision,
+            head_bits,
             scale_search,
             scale_search_clip_min,
             target_bits,
@@ -384,7 +488,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             awq,
             gptq,
         } => {
-            let output = output.unwrap_or_else(|| default_output(&model));
+            let folder_input = model.is_dir();
+            let output = output.unwrap_or_else(|| match folder_input {
+                true => crate::folder::default_output(&model),
+                false => default_output(&model),
+            });
             let exclude = if no_default_exclude {
                 vec![]
             } else if exclude.is_empty() {
@@ -398,8 +506,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 zero_point,
                 exclude,
                 external_data,
+                external_data_name: None,
                 force,
-                awq: awq.options()?,
+                awq: awq.options(&model)?,
                 gptq: crate::methods::gptq::GptqOptions {
                     percdamp: gptq.percdamp,
                     lazy_batch: gptq.gptq_batch,
@@ -412,54 +521,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 scale_search_clip_min,
                 skip_nonfinite,
                 format,
-                accuracy_level,
+                accuracy_level: accuracy_level.unwrap_or(match format {
+                    crate::pipeline::Format::MatMulNBits => 4,
+                    _ => 0,
+                }),
                 gather_axis,
                 gather_block_size,
                 int8_layers,
                 mixed_precision,
                 fsync,
                 target_bits,
+                head_bits: if head_bits == "8" { nibble::Bits::Eight } else { nibble::Bits::Four },
             };
             if let Some(svg) = &plot_sensitivity {
                 plot::check_path(svg)?;
             }
             let verbose = opts.awq.verbose;
+            if folder_input {
+                let f = crate::folder::quantize_folder(&model, &output, &opts)?;
+                for (file, s) in &f.models {
+                    print_budget(s, verbose, plot_sensitivity.as_deref())?;
+                    print_summary(s, &output.join(file));
+                }
+                for file in &f.left_float {
+                    println!("left float and copied: {} (not the decoder)", file.display());
+                }
+                println!(
+                    "{} folder: {} other files copied unchanged; {:.2} s -> {}",
+                    f.layout.name(),
+                    f.copied.len(),
+                    f.seconds,
+                    output.display()
+                );
+                return Ok(());
+            }
             let s = quantize_file(&model, &output, &opts)?;
-            if let Some(plan) = &s.budget {
-                let table = plan.table();
-                match verbose {
-                    true => print!("{table}"),
-                    false => println!("{}", table.lines().next().unwrap_or_default()),
-                }
-                if let Some(m) = &plan.missed {
-                    eprintln!("nibble: warning: --target-bits not reached within 1%: {m}");
-                }
-                if let Some(svg) = &plot_sensitivity {
-                    plot::write_sensitivity_svg(plan, svg)?;
-                }
-            }
-            for (weight, node, reason) in &s.skipped {
-                eprintln!("nibble: note: weight '{weight}' (read by '{node}') is left float: {reason}");
-            }
-            let int8 = if s.int8 > 0 { format!(" ({} at INT8)", s.int8) } else { String::new() };
-            let copies = if s.float_copies > 0 {
-                format!("; float copies kept for other readers: {} ({} bytes)", s.float_copies, s.float_copy_bytes)
-            } else {
-                String::new()
-            };
-            println!(
-                "quantized {} of {} weights{int8} ({} -> {}); model {} -> {}{}{copies}; {:.2} s ({} tier) -> {}",
-                s.quantized,
-                s.candidates,
-                mb(s.weight_bytes_before),
-                mb(s.weight_bytes_after),
-                mb(s.model_bytes_before),
-                mb(s.model_bytes_after),
-                if s.opset_raised { "; opset raised to 21" } else { "" },
-                s.seconds,
-                nibble::Tier::best().name(),
-                output.display()
-            );
+            print_budget(&s, verbose, plot_sensitivity.as_deref())?;
+            print_summary(&s, &output);
         }
         Command::Inspect { model, exclude, target_bits, block_size, zero_point, format, plot_sensitivity, awq } => {
             let exclude = if exclude.is_empty() { vec!["/lm_head".to_string()] } else { exclude };
@@ -470,7 +568,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         zero_point,
                         format,
                         exclude,
-                        awq: awq.options()?,
+                        awq: awq.options(&model)?,
                         target_bits: Some(t),
                         ..Options::default()
                     };
@@ -487,7 +585,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Compare { original, quantized, seed, calibration_data, per_layer, json, extra } => {
-            let tokens = extra.perplexity.as_deref().map(perplexity::read_tokens).transpose()?;
+            let mut tokens = extra.perplexity.as_deref().map(perplexity::read_tokens).transpose()?;
+            if let Some(text) = &extra.perplexity_text {
+                let tokenizer = crate::calibrate::text::find_tokenizer(extra.tokenizer.as_deref(), &original)?;
+                let windows = crate::calibrate::text::text_windows(
+                    text,
+                    &tokenizer,
+                    extra.perplexity_windows,
+                    extra.perplexity_seq_len.max(2),
+                )?;
+                tokens = Some(perplexity::Tokens {
+                    sequences: windows.len(),
+                    length: windows[0].len(),
+                    ids: windows.concat(),
+                });
+            }
+            let original = crate::folder::model_file(&original)?;
+            let quantized = quantized.map(|q| crate::folder::model_file(&q)).transpose()?;
             if let Some(methods) = extra.methods {
                 let opts = sweep::SweepOptions {
                     methods,
@@ -514,9 +628,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ]),
                 None => None,
             };
-            let reports = match &calibration_data {
-                Some(data) => compare::compare_with_data(&original, &quantized, data)?,
-                None => compare::compare(&original, &quantized, seed)?,
+            let reports = match (&calibration_data, &tokens) {
+                (Some(data), _) => compare::compare_with_data(&original, &quantized, data)?,
+                // The outputs are compared on the perplexity's sequences (a decoder is fed through
+                // its feed plan).
+                (None, Some(t)) => {
+                    let sequences: Vec<Vec<i64>> = t.ids.chunks(t.length).map(<[i64]>::to_vec).collect();
+                    compare::compare_with_tokens(&original, &quantized, &sequences)?
+                }
+                (None, None) => compare::compare(&original, &quantized, seed)?,
             };
             let layers = if per_layer {
                 let samples = compare::samples(&original, calibration_data.as_deref(), seed)?;
@@ -596,7 +716,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Example { output, hidden, intermediate, layers, vocab, dtype, opset, external_data, force } => {
+        Command::Example { output, kind: Some(kind), force, .. } => {
+            let files =
+                decoder_example::write_folder(&output, kind, &decoder_example::DecoderConfig::default(), force)?;
+            println!("wrote {}: {}", output.display(), files.join(", "));
+        }
+        Command::Example {
+            output,
+            kind: None,
+            hidden,
+            intermediate,
+            layers,
+            vocab,
+            dtype,
+            opset,
+            external_data,
+            force,
+        } => {
             let format = match dtype.as_str() {
                 "f32" | "float32" => nibble::FloatFormat::F32,
                 "f16" | "float16" => nibble::FloatFormat::F16,

@@ -15,6 +15,7 @@
 //! Runtime fuses DequantizeLinear(INT4) + MatMul into MatMulNBits and runs it at its default
 //! accuracy level (int8 activations, `session.qdq_matmulnbits_accuracy_level` 4).
 
+use crate::calibrate::feed::{self, Feed};
 use crate::calibrate::inputs::{input_specs, vocabulary};
 use crate::calibrate::runtime::{environment, run, Input, InputData};
 use crate::error::{Error, Result};
@@ -194,8 +195,19 @@ pub fn perplexity(model_path: &Path, tokens: &Tokens, logits: Option<&str>) -> R
     let mut session = ort::session::Session::builder(env).map_err(err)?.commit_from_file(model_path).map_err(err)?;
     let t = tokens.length;
     let (mut sum, mut chosen) = (0f64, None::<String>);
+    // A decoder with a KV cache (or other inputs tied to the ids) is fed by the feed plan with an
+    // empty past; a model with only ids/mask/positions as before.
+    let plan = feed::plan(&model, &input_specs(&model)?, &std::collections::HashMap::new())?;
+    let by_plan = plan.is_decoder()
+        && plan.inputs.iter().all(|(s, f)| *f != Feed::Random && (*f != Feed::Tokens || s.name == ids_name));
     for seq in tokens.ids.chunks_exact(t) {
-        let outputs = run(&mut session, &sequence_inputs(&model, &ids_name, seq)?)?;
+        let inputs = if by_plan {
+            // No input is Random (checked above), so the filler is never called.
+            plan.sample(seq, |s| Input { name: s.name.clone(), shape: vec![0], data: InputData::I64(vec![]) })
+        } else {
+            sequence_inputs(&model, &ids_name, seq)?
+        };
+        let outputs = run(&mut session, &inputs)?;
         let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
         let out = match logits {
             Some(name) => outputs.iter().find(|o| o.name == name).ok_or_else(|| {

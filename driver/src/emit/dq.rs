@@ -49,9 +49,15 @@ pub fn rewrite(
         chosen.iter().zip(quantized).map(|(c, q)| replacement(c, q, block_of(c), form, names)).collect();
     out.bytes = replacements.iter().map(|r| r.bytes).sum();
     let root = model.proto.graph.as_mut().expect("graph");
-    for (c, r) in chosen.iter().zip(replacements) {
+    for (c, mut r) in chosen.iter().zip(replacements) {
         for u in c.quantized_uses() {
             graph_at_mut(root, &u.at.graph).node[u.at.node].input[u.input] = r.dq_output.clone();
+        }
+        if !c.tied.is_empty() {
+            let table = tied_table(c, &mut r, names);
+            for t in &c.tied {
+                graph_at_mut(root, &t.gather.at.graph).node[t.gather.at.node].input[0] = table.clone();
+            }
         }
         let e = edits.graph(&c.place);
         e.before.entry(super::anchor(c)).or_default().extend(r.nodes);
@@ -59,6 +65,26 @@ pub fn rewrite(
         e.value_info.extend(r.value_info);
     }
     edits.apply(root);
+    out
+}
+
+/// The `[N, K]` table tied embedding Gathers of head `c` read: its DequantizeLinear output when the
+/// weight is stored `[N, K]` (`transB=1`), else a `Transpose` of it (added to `r`).
+fn tied_table(c: &Candidate, r: &mut Replacement, names: &mut ModelNames) -> String {
+    let Decision::Quantize { axis } = c.decision else { unreachable!() };
+    if axis == 1 {
+        return r.dq_output.clone();
+    }
+    let out = names.tensor(&format!("{}_rows", r.dq_output));
+    r.nodes.push(crate::graph::build::node(
+        "Transpose",
+        &names.node(&format!("{}_Transpose", c.base)),
+        &[&r.dq_output],
+        &[&out],
+        vec![crate::graph::build::attr_ints("perm", &[1, 0])],
+    ));
+    let format = c.format().expect("float weight");
+    r.value_info.push(value_info(out.clone(), onnx_type(format), &[c.dims[1], c.dims[0]]));
     out
 }
 

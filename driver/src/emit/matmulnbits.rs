@@ -43,11 +43,12 @@ pub fn check_block(flag: &str, block: i64) -> Result<usize> {
     }
 }
 
-/// `(bits, block_size)` of the MatMulNBits node of a weight with `k` rows in the run's `block`.
+/// `(bits, block_size)` of the MatMulNBits node of a weight with `k` rows in the run's `block`: a
+/// per-channel weight (an INT8 layer) has one block spanning K rounded up to a power of two.
 pub fn node_layout(c: &Candidate, k: usize, block: usize) -> (Bits, usize) {
-    match c.bits {
-        Bits::Four => (Bits::Four, block),
-        Bits::Eight => (Bits::Eight, k.next_power_of_two().max(16)),
+    match c.block(nibble::BlockSize::Blocked(block)) {
+        nibble::BlockSize::Blocked(b) => (c.bits, b),
+        nibble::BlockSize::PerChannel => (c.bits, k.next_power_of_two().max(16)),
     }
 }
 
@@ -189,8 +190,28 @@ pub fn rewrite(
         for t in ts.iter_mut() {
             t.name = Some(names.tensor(t.name.as_deref().unwrap_or("")));
         }
+        let tied = (!c.tied.is_empty()).then(|| tie_layout(&mut ts, c, k_of(c), block));
         let tname = |i: usize| ts.get(i).and_then(|t| t.name.clone());
         let (q4, scales, zps) = (tname(0).expect("codes"), tname(1).expect("scales"), tname(2));
+        if let Some((shape, node_block)) = tied {
+            let rows = names.tensor(&format!("{q4}_rows"));
+            let shape_name = names.tensor(&format!("{q4}_rows_shape"));
+            let reshape = node("Reshape", &names.node(&format!("{q4}_Reshape")), &[&q4, &shape_name], &[&rows], vec![]);
+            let e = edits.graph(&c.place);
+            e.initializers.push(tensor(
+                shape_name,
+                vec![2],
+                DataType::Int64 as i32,
+                shape.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+            e.before.entry(super::anchor(c)).or_default().push(reshape);
+            for t in &c.tied {
+                let n = node_at(root, &t.gather.at);
+                let g = tied_gather_node(n, [&rows, &scales], zps.as_deref(), (c.bits, node_block), names);
+                edits.graph(&t.gather.at.graph).replace.insert(t.gather.at.node, vec![g]);
+            }
+            out.bytes += 16;
+        }
         for u in c.quantized_uses() {
             let n = node_at(root, &u.at);
             let op = n.op_type.as_deref().unwrap_or("");
@@ -261,6 +282,50 @@ pub fn rewrite(
         model.proto.opset_import.push(OperatorSetIdProto { domain: Some("com.microsoft".into()), version: Some(1) });
     }
     Ok(out)
+}
+
+/// Reshapes a tied head's MatMulNBits tensors `ts` (of weight `c` with `k` rows, run's block
+/// `block`) so that GatherBlockQuantized reads them too: scales `[N, n_blocks]` and zero points
+/// `[N, ceil(n_blocks * bits / 8)]` (2-D, which MatMulNBits also reads). Returns the shape
+/// `[N, n_blocks * blob]` of the codes as GatherBlockQuantized reads them, and the node block size.
+fn tie_layout(ts: &mut [TensorProto], c: &Candidate, k: usize, block: usize) -> ([i64; 2], usize) {
+    let (_, node_block) = node_layout(c, k, block);
+    let [n, nb, blob] = [ts[0].dims[0], ts[0].dims[1], ts[0].dims[2]];
+    ts[1].dims = vec![n, nb];
+    if let Some(z) = ts.get_mut(2) {
+        z.dims = vec![n, z.dims[0] / n.max(1)];
+    }
+    ([n, nb * blob], node_block)
+}
+
+/// The GatherBlockQuantized replacing tied embedding Gather `n`: uint8 codes `rows` (`[V, H * bits
+/// / 8]`, MatMulNBits' bytes), the head's `scales` and packed zero points; `gather_axis` 0,
+/// `quantize_axis` 1 (the last, as uint8 data needs), the head's `block_size` and `bits`.
+fn tied_gather_node(
+    n: &NodeProto,
+    [rows, scales]: [&String; 2],
+    zero_points: Option<&str>,
+    (bits, block): (Bits, usize),
+    names: &mut ModelNames,
+) -> NodeProto {
+    let mut inputs = vec![rows.clone(), n.input[1].clone(), scales.clone()];
+    inputs.extend(zero_points.map(str::to_string));
+    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let name = n.name.clone().unwrap_or_else(|| n.output[0].clone());
+    let mut m = node(
+        "GatherBlockQuantized",
+        &names.node(&format!("{name}_Q{}", bits.count())),
+        &refs,
+        &[&n.output[0]],
+        vec![
+            attr_i("gather_axis", 0),
+            attr_i("quantize_axis", 1),
+            attr_i("block_size", block as i64),
+            attr_i("bits", bits.count() as i64),
+        ],
+    );
+    m.domain = Some("com.microsoft".into());
+    m
 }
 
 /// The GatherBlockQuantized replacing Gather `n` of table `c` (codes and scales `[q4, scales]`).

@@ -39,6 +39,7 @@ pub(crate) fn constant_of(idx: &Index, c: &Candidate) -> usize {
 /// holds a body reading it.
 pub(crate) fn anchor(c: &Candidate) -> usize {
     c.quantized_uses()
+        .chain(c.tied.iter().map(|t| &t.gather))
         .map(|u| if u.at.graph.len() == c.place.len() { u.at.node } else { u.at.graph[c.place.len()].0 })
         .min()
         .unwrap_or(0)
@@ -60,14 +61,18 @@ pub(crate) fn remove_originals(
     if keep {
         return out;
     }
-    let rewired: HashSet<&Use> = chosen.iter().flat_map(|c| c.quantized_uses()).collect();
+    let rewired: HashSet<&Use> =
+        chosen.iter().flat_map(|c| c.quantized_uses().chain(c.tied.iter().map(|t| &t.gather))).collect();
     let mut dropped: HashSet<NodeAt> = HashSet::new();
     let gone = |d: &Def, dropped: &HashSet<NodeAt>| {
         !idx.outputs.contains(d) && idx.readers(d).iter().all(|u| rewired.contains(u) || dropped.contains(&u.at))
     };
-    for c in chosen {
-        let Some((chain, _)) = &c.folded else { continue };
-        for at in chain.nodes.iter().rev() {
+    // Folded chains, then the chains tied embedding Gathers read the table through.
+    let chains = chosen
+        .iter()
+        .flat_map(|c| c.folded.iter().map(|(chain, _)| &chain.nodes).chain(c.tied.iter().map(|t| &t.chain)));
+    for nodes in chains.collect::<Vec<_>>() {
+        for at in nodes.iter().rev() {
             if !gone(&Def::Node(at.clone(), 0), &dropped) {
                 break;
             }

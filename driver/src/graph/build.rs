@@ -100,6 +100,38 @@ pub fn io(name: &str, elem: i32, dims: &[Option<usize>]) -> ValueInfoProto {
     }
 }
 
+/// A dimension of [`io_named`]: a number or a symbolic name.
+#[derive(Clone, Copy, Debug)]
+pub enum Dim<'a> {
+    /// A fixed size.
+    Fixed(usize),
+    /// A symbolic dimension (`batch_size`, `past_sequence_length`, ...).
+    Named(&'a str),
+}
+
+/// A tensor graph input/output with named symbolic dims.
+pub fn io_named(name: &str, elem: i32, dims: &[Dim]) -> ValueInfoProto {
+    let mut vi = io(
+        name,
+        elem,
+        &dims
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(v) => Some(*v),
+                Dim::Named(_) => None,
+            })
+            .collect::<Vec<_>>(),
+    );
+    if let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        for (slot, d) in t.shape.as_mut().expect("shape").dim.iter_mut().zip(dims) {
+            if let Dim::Named(n) = d {
+                slot.value = Some(tensor_shape_proto::dimension::Value::DimParam(n.to_string()));
+            }
+        }
+    }
+    vi
+}
+
 /// A model around a graph, with a default-domain opset.
 pub fn model(graph: GraphProto, opset: i64) -> ModelProto {
     ModelProto {

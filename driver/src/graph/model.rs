@@ -382,13 +382,25 @@ pub fn write_atomic(out: &Path, bytes: &[u8]) -> Result<()> {
 /// [`save`], and with `sync` each file is flushed to disk (fsync) before it is renamed into place,
 /// so that the output also survives a power loss (the rename alone protects against errors and
 /// interruptions, not against a crash of the machine).
-pub fn save_with(mut proto: ModelProto, out: &Path, mode: ExternalData, sync: bool) -> Result<u64> {
+pub fn save_with(proto: ModelProto, out: &Path, mode: ExternalData, sync: bool) -> Result<u64> {
+    save_with_data(proto, out, &external_data_path(out), mode, sync)
+}
+
+/// [`save_with`] with the external data written to `data_path` (a file in `out`'s folder), e.g.
+/// `model.onnx.data` as onnxruntime-genai's model builder names it.
+pub fn save_with_data(
+    mut proto: ModelProto,
+    out: &Path,
+    data_path: &Path,
+    mode: ExternalData,
+    sync: bool,
+) -> Result<u64> {
     let external = match mode {
         ExternalData::Always => true,
         ExternalData::Never => false,
         ExternalData::Auto => proto.encoded_len() > PROTOBUF_LIMIT - (16 << 20),
     };
-    let data_path = external_data_path(out);
+    let data_path = data_path.to_path_buf();
     let mut written = 0u64;
     let mut data_tmp = None;
     if external {

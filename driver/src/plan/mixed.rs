@@ -56,6 +56,7 @@ pub fn apply(model: &Model, candidates: &mut [Candidate], patterns: Option<&str>
     for c in candidates.iter_mut().filter(|c| c.quantized() && c.op != "Gather") {
         if eight.get(c.weight.as_str()) == Some(&true) {
             c.bits = Bits::Eight;
+            c.block_size = Some(nibble::BlockSize::PerChannel);
         }
     }
     Ok(())

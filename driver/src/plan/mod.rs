@@ -10,6 +10,7 @@
 
 pub mod budget;
 pub mod mixed;
+pub mod tied;
 
 use crate::error::{Error, Result};
 use crate::graph::fold::{chain, fold, Chain};
@@ -53,6 +54,9 @@ pub enum Reads {
     Quantized,
     /// The original float tensor, which stays in the model for it; why.
     Original(String),
+    /// The head's quantized bytes, as a tied embedding (see [`tied`]): a Gather of the table, or the
+    /// Transpose/Identity chain a Gather reads the table through.
+    Tied,
 }
 
 /// One reader of a candidate weight.
@@ -102,8 +106,13 @@ pub struct Candidate {
     pub folded: Option<(Chain, bytes::Bytes)>,
     /// What happens to it.
     pub decision: Decision,
-    /// Code width: 4 bits, or 8 for a mixed-precision INT8 layer (per channel).
+    /// Code width: 4 bits, or 8 (a mixed-precision INT8 layer, or `--head-bits 8`).
     pub bits: Bits,
+    /// This weight's own block size (`None`: the run's): one block per channel for an INT8 layer
+    /// of ModelOpt's mixed precision.
+    pub block_size: Option<nibble::BlockSize>,
+    /// Embedding Gathers that read this (head) weight's quantized bytes (see [`tied`]).
+    pub tied: Vec<tied::TiedGather>,
 }
 
 impl Candidate {
@@ -117,12 +126,10 @@ impl Candidate {
         }
     }
 
-    /// Its block size given the run's: one block per channel for an INT8 layer.
+    /// Its block size given the run's `default`: its own when set (one block per channel for a
+    /// ModelOpt INT8 layer).
     pub fn block(&self, default: nibble::BlockSize) -> nibble::BlockSize {
-        match self.bits {
-            Bits::Four => default,
-            Bits::Eight => nibble::BlockSize::PerChannel,
-        }
+        self.block_size.unwrap_or(default)
     }
 
     /// Whether it will be quantized.
@@ -390,6 +397,8 @@ impl Candidate {
             folded: None,
             decision,
             bits: Bits::Four,
+            block_size: None,
+            tied: vec![],
         }
     }
 }

@@ -1,0 +1,224 @@
+//! Calibration and perplexity from text: the example folders' tokenizer round trip, the windows
+//! cut from the tokens, text calibration with gptq and awq_clip on decoder folders (the output run
+//! in ONNX Runtime with default session options and with optimizations disabled), and the errors.
+
+mod common;
+
+use common::{nibble, nibble_ok, tmp};
+use nibble_driver::calibrate::inputs::{calibration_inputs, CalibrationOptions};
+use nibble_driver::calibrate::text::{load_tokenizer, read_text, text_windows, tokenize, windows};
+use nibble_driver::cli::decoder_example::{write_folder, DecoderConfig, DecoderKind};
+use nibble_driver::graph::model::Model;
+use nibble_driver::runtime::{open, run, SessionOptions};
+use std::path::{Path, PathBuf};
+
+/// Deterministic English-like text of about `words` words.
+fn text(words: usize) -> String {
+    let vocab = [
+        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
+        "judge", "boxing", "matches", "near", "old", "river", "banks,", "and", "then.", "It", "rains", "today",
+    ];
+    let mut state = 12345u64;
+    (0..words)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            vocab[(state >> 33) as usize % vocab.len()]
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn folder(root: &Path, kind: DecoderKind) -> PathBuf {
+    let dir = root.join(format!("{kind:?}").to_lowercase());
+    write_folder(&dir, kind, &DecoderConfig::default(), false).unwrap();
+    dir
+}
+
+fn write_text(root: &Path, words: usize) -> PathBuf {
+    let p = root.join("text.txt");
+    std::fs::write(&p, text(words)).unwrap();
+    p
+}
+
+#[test]
+fn tokenizer_round_trip_on_the_example_folder() {
+    let t = tmp();
+    let dir = folder(t.path(), DecoderKind::Genai);
+    let tok = load_tokenizer(&dir.join("tokenizer.json")).unwrap();
+    let sample = "The quick brown fox, 42 times: naïve café!\nNew line.";
+    let ids = tokenize(&tok, sample, Path::new("sample")).unwrap();
+    assert!(ids.len() > 5 && ids.len() < sample.len() * 2, "{ids:?}");
+    let back = tok.decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap();
+    assert_eq!(back, sample);
+    // Every id fits the model's embedding table.
+    let model = Model::load(&dir.join("model.onnx")).unwrap();
+    let vocab = nibble_driver::calibrate::inputs::vocabulary(&model, "input_ids").unwrap();
+    assert!(ids.iter().all(|&i| (i as usize) < vocab));
+}
+
+#[test]
+fn windows_are_spread_and_do_not_overlap() {
+    let tokens: Vec<i64> = (0..100).collect();
+    let w = windows(&tokens, 3, 10, Path::new("t")).unwrap();
+    assert_eq!(w, vec![(0..10).collect::<Vec<i64>>(), (45..55).collect(), (90..100).collect()]);
+    assert_eq!(windows(&tokens, 1, 100, Path::new("t")).unwrap(), vec![tokens.clone()]);
+    assert_eq!(windows(&tokens, 10, 10, Path::new("t")).unwrap().concat(), tokens);
+    let e = windows(&tokens, 4, 30, Path::new("short.txt")).unwrap_err().to_string();
+    assert!(e.contains("short.txt holds 100 tokens") && e.contains("at most 3"), "{e}");
+    let e = windows(&tokens, 1, 101, Path::new("short.txt")).unwrap_err().to_string();
+    assert!(e.contains("holds 100 tokens") && !e.contains("at most"), "{e}");
+    assert!(windows(&tokens, 0, 10, Path::new("t")).is_err());
+}
+
+#[test]
+fn jsonl_text_fields_are_joined() {
+    let t = tmp();
+    let p = t.path().join("c.jsonl");
+    std::fs::write(&p, "{\"text\": \"first\"}\n\n{\"text\": \"second\", \"id\": 2}\n").unwrap();
+    assert_eq!(read_text(&p).unwrap(), "first\n\nsecond");
+    std::fs::write(&p, "{\"text\": \"first\"}\n{\"body\": 1}\n").unwrap();
+    let e = read_text(&p).unwrap_err().to_string();
+    assert!(e.contains("line 2 has no string field \"text\""), "{e}");
+}
+
+/// The logits of `model` on the token windows, in a default session and with optimizations
+/// disabled.
+fn logits(model: &Path, tokens: &[Vec<i64>]) -> [Vec<f32>; 2] {
+    let opts = CalibrationOptions { tokens: Some(tokens.to_vec()), ..Default::default() };
+    let samples = calibration_inputs(&Model::load(model).unwrap(), &opts).unwrap();
+    [
+        SessionOptions { no_optimization: false, ort_defaults: true },
+        SessionOptions { no_optimization: true, ort_defaults: false },
+    ]
+    .map(|o| {
+        let mut s = open(model, o).unwrap_or_else(|e| panic!("{}: {e}", model.display()));
+        samples
+            .iter()
+            .flat_map(|x| run(&mut s, x).unwrap().into_iter().find(|t| t.name == "logits").unwrap().data)
+            .collect()
+    })
+}
+
+#[test]
+fn text_calibration_quantizes_decoder_folders() {
+    let t = tmp();
+    let text = write_text(t.path(), 3000);
+    for kind in [DecoderKind::Genai, DecoderKind::Optimum] {
+        let dir = folder(t.path(), kind);
+        let tokenizer = dir.join("tokenizer.json");
+        let windows = text_windows(&text, &tokenizer, 2, 64).unwrap();
+        let reference = logits(&dir.join("model.onnx"), &windows)[1].clone();
+        for method in ["gptq", "awq_clip"] {
+            let out = t.path().join(format!("{kind:?}_{method}"));
+            let args = [
+                "quantize",
+                dir.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--method",
+                method,
+                "--block-size",
+                "32",
+                "--calibration-text",
+                text.to_str().unwrap(),
+                "--calibration-samples",
+                "4",
+                "--calibration-seq-len",
+                "64",
+            ];
+            nibble_ok(&args);
+            assert!(out.join("model.onnx.data").is_file());
+            assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(&tokenizer).unwrap());
+            for (mode, got) in ["default", "no optimization"].iter().zip(logits(&out.join("model.onnx"), &windows)) {
+                let e = common::rel_err(&got, &reference);
+                assert!(e > 0.0 && e < 0.5, "{kind:?} {method} ({mode} session): relative error {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn compare_reports_perplexity_from_text() {
+    let t = tmp();
+    let text = write_text(t.path(), 2000);
+    let dir = folder(t.path(), DecoderKind::Genai);
+    let out = t.path().join("q");
+    nibble_ok(&["quantize", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32"]);
+    let args = [
+        "compare",
+        dir.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--perplexity-text",
+        text.to_str().unwrap(),
+        "--perplexity-seq-len",
+        "64",
+        "--perplexity-windows",
+        "3",
+        "--json",
+    ];
+    let json: serde_json::Value = serde_json::from_str(&nibble_ok(&args)).unwrap();
+    let p = &json["perplexity"];
+    assert!(p["session"].as_str().unwrap().contains("default ONNX Runtime session"));
+    let (o, q) = (p["original"]["perplexity"].as_f64().unwrap(), p["quantized"]["perplexity"].as_f64().unwrap());
+    assert!(o > 1.0 && q > 1.0 && o != q, "{o} {q}");
+    assert_eq!(p["original"]["predictions"].as_u64(), Some(3 * 63));
+}
+
+/// `nibble ARGS` exits 1 with `message` in stderr and `out` not written.
+fn refused(args: &[&str], out: &Path, message: &str) {
+    let r = nibble(args);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(message), "wanted '{message}' in: {stderr}");
+    assert!(!out.exists(), "{} was written", out.display());
+}
+
+/// `base` followed by `extra`.
+fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    base.iter().chain(extra).copied().collect()
+}
+
+#[test]
+fn text_errors_name_the_fix() {
+    let t = tmp();
+    let dir = folder(t.path(), DecoderKind::Genai);
+    let out = t.path().join("out");
+    let short = write_text(t.path(), 20);
+    let base =
+        ["quantize", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--method", "gptq", "--calibration-text"];
+    refused(&with(&base, &[short.to_str().unwrap()]), &out, "tokens, fewer than 16 samples x 512 tokens");
+    // A missing, a broken and an unfitting tokenizer.
+    let missing = t.path().join("nope.json");
+    refused(&with(&base, &[short.to_str().unwrap(), "--tokenizer", missing.to_str().unwrap()]), &out, "nope.json");
+    let broken = t.path().join("broken.json");
+    std::fs::write(&broken, "{\"model\": 3}").unwrap();
+    refused(
+        &with(&base, &[short.to_str().unwrap(), "--tokenizer", broken.to_str().unwrap()]),
+        &out,
+        "not a Hugging Face tokenizer.json",
+    );
+    // A model file whose folder has no tokenizer.json.
+    let lone = t.path().join("lone");
+    std::fs::create_dir(&lone).unwrap();
+    std::fs::copy(dir.join("model.onnx"), lone.join("model.onnx")).unwrap();
+    std::fs::copy(dir.join("model.onnx.data"), lone.join("model.onnx.data")).unwrap();
+    let lone_out = t.path().join("lone_q.onnx");
+    refused(
+        &[
+            "quantize",
+            lone.join("model.onnx").to_str().unwrap(),
+            "-o",
+            lone_out.to_str().unwrap(),
+            "--method",
+            "gptq",
+            "--calibration-text",
+            short.to_str().unwrap(),
+        ],
+        &lone_out,
+        "--tokenizer",
+    );
+    // Not UTF-8.
+    let bin = t.path().join("bin.txt");
+    std::fs::write(&bin, [0x66u8, 0x6f, 0xff, 0xfe]).unwrap();
+    refused(&with(&base, &[bin.to_str().unwrap()]), &out, "not UTF-8 text (byte 2)");
+}
