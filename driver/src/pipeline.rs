@@ -15,6 +15,7 @@ use crate::graph::model::{dtype_name, external_data_path, save_with_data, Extern
 use crate::graph::opset;
 use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
 use crate::methods::gptq::GptqOptions;
+use crate::plan::budget::BudgetPlan;
 use crate::plan::{compile_patterns, plan, Candidate, Decision};
 use nibble::scale_search::ScaleGrid;
 use nibble::{Bits, BlockSize, FloatFormat, QuantizedWeight};
@@ -112,6 +113,9 @@ pub struct Options {
     pub mixed_precision: bool,
     /// Flush the output to disk (fsync) before renaming it into place.
     pub fsync: bool,
+    /// Mean bits per parameter over the quantized weights (codes, scales, zero points): 4 or 8
+    /// bits per weight chosen by measured sensitivity ([`crate::plan::budget`]).
+    pub target_bits: Option<f64>,
     /// Code width of the quantized LM head (a MatMul/Gemm named like `lm_head`, or one with tied
     /// embedding Gathers) and so of its tied embedding: 4 or 8 bits, blocked like every weight
     /// (see [`crate::plan::tied`]).
@@ -150,6 +154,7 @@ impl Default for Options {
             int8_layers: None,
             mixed_precision: false,
             fsync: false,
+            target_bits: None,
             head_bits: Bits::Four,
         }
     }
@@ -181,6 +186,8 @@ pub struct Summary {
     pub float_copy_bytes: u64,
     /// Weights left float for a reason other than `--exclude`: `(weight, first reader, reason)`.
     pub skipped: Vec<(String, String, String)>,
+    /// The `--target-bits` plan: what was measured and chosen.
+    pub budget: Option<BudgetPlan>,
     /// Wall time.
     pub seconds: f64,
 }
@@ -257,11 +264,15 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     check_output(&model, output, &data_path, opts.force)?;
     let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
         + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
-    let (candidates, gather_block) = choose_weights(&model, &patterns, block, opts)?;
+    let (mut candidates, gather_block) = choose_weights(&model, &patterns, block, opts)?;
+    check_method_options(opts)?;
+    let budget = match opts.target_bits {
+        Some(target) => Some(plan_budget(&model, &mut candidates, block, opts, target)?),
+        None => None,
+    };
     let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
     let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
-    check_method_options(opts)?;
     let mut names = ModelNames::of(model.proto.graph.as_ref().expect("graph"));
     let (quantized, insertions) = quantize_weights(&mut model, &chosen, block, &block_of, opts, &mut names)?;
     let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();
@@ -287,8 +298,52 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
                 _ => None,
             })
             .collect(),
+        budget,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The `--target-bits` plan of the model at `input` without writing anything (`nibble inspect
+/// --target-bits`): plan, measure, choose.
+pub fn plan_target_bits(input: &Path, opts: &Options) -> Result<BudgetPlan> {
+    let block = BlockSize::from_i64(opts.block_size).map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
+    let patterns = compile_patterns(&opts.exclude)?;
+    let model = Model::load(input)?;
+    let (mut candidates, _) = choose_weights(&model, &patterns, block, opts)?;
+    let target = opts.target_bits.ok_or_else(|| Error::Usage("give --target-bits".into()))?;
+    plan_budget(&model, &mut candidates, block, opts, target)
+}
+
+/// The budget stage (`--target-bits`): measures every quantized weight's sensitivity on the
+/// calibration data ([`crate::methods::sensitivity`]), chooses 4 or 8 bits per weight
+/// ([`crate::plan::budget`]) and writes the choice into `candidates`.
+fn plan_budget(
+    model: &Model,
+    candidates: &mut [Candidate],
+    block: BlockSize,
+    opts: &Options,
+    target: f64,
+) -> Result<BudgetPlan> {
+    let refuse = |why: &str| Err(Error::Usage(format!("--target-bits {target}: {why}")));
+    if opts.method == Method::Rtn {
+        return refuse("--method rtn keeps each float weight next to its QuantizeLinear -> DequantizeLinear, so the file holds no 4- or 8-bit codes to budget; use --method rtn_dq (the same numbers, DequantizeLinear only)");
+    }
+    if opts.int8_layers.is_some() || opts.mixed_precision {
+        return refuse("--int8-layers and --mixed-precision choose INT8 layers by name; --target-bits chooses them by measurement: give one of them");
+    }
+    if opts.gather_axis.is_some() {
+        return refuse("--gather-axis: Gather tables stay 4-bit only and are not budgeted yet; quantize tables without --target-bits, or leave --gather-axis out");
+    }
+    if opts.awq.per_subgraph {
+        return refuse("--per-subgraph searches one scale for INT4 siblings only; leave it out with --target-bits");
+    }
+    let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
+    let nbits = opts.format == Format::MatMulNBits;
+    let bytes = |c: &Candidate, bits: Bits| crate::emit::stored_bytes(c, bits, block, opts.zero_point, nbits);
+    let measured = crate::methods::sensitivity::measure(model, &chosen, block, opts.zero_point, &opts.awq, &bytes)?;
+    let plan = crate::plan::budget::choose(measured, target)?;
+    crate::plan::budget::apply(&plan, candidates);
+    Ok(plan)
 }
 
 /// Refuses option combinations the methods do not take.

@@ -196,6 +196,7 @@ def quantize_file(
     act_order: bool = False,
     sequential: bool = False,
     head_bits: int = 4,
+    target_bits: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Quantizes the MatMul/Gemm weights of the ONNX model at ``input`` and writes ``output``
     (default ``INPUT_int4.onnx`` next to the input), as ``nibble quantize`` does (same options, same
@@ -269,6 +270,12 @@ def quantize_file(
         head_bits: code width (4 or 8) of the quantized LM head (``lm_head``, quantized when
             ``exclude`` does not match it) and of its tied embedding, whose Gathers read the head's
             bytes (``--head-bits``); ValueError for another value.
+        target_bits: mean bits per parameter over the quantized weights (codes, scales and zero
+            points counted), e.g. ``5.0``: each weight gets 4 or 8 bits by its output error
+            ``||X (W - Q(W))||^2 / ||X W||^2`` measured on the calibration data, the set of 8-bit weights removing the most error
+            within the budget (HAWQ-V3 knapsack; ``--target-bits``). Outside what the model allows (every weight
+            at 4 bits .. every weight at 8): ``ValueError`` naming the range. Not with
+            ``method="rtn"``, ``int8_layers``, ``mixed_precision`` or ``gather_axis``.
 
     Returns:
         For a folder: ``{"output": folder, "layout": "onnxruntime-genai" or "Optimum", "models":
@@ -277,7 +284,10 @@ def quantize_file(
         ``{"output": path, "quantized": weights quantized, "int8": of which INT8, "candidates":
         MatMul/Gemm weights found, "weight_bytes_before"/"weight_bytes_after": bytes of those
         weights before and of their replacements after, "model_bytes_before"/"model_bytes_after":
-        model + external data bytes, "opset_raised": bool, "seconds": wall time}``.
+        model + external data bytes, "opset_raised": bool, "seconds": wall time}``; with
+        ``target_bits`` also ``"target_bits"``, ``"achieved_bits"``, ``"bits_range"`` (all 4 bits,
+        all 8 bits) and ``"budget_table"`` (the table ``-v`` prints: weight, shape, e4, e8, bytes at
+        4 and 8 bits, chosen bits, why).
 
     Raises:
         ValueError: bad option, model or calibration data. OSError: unreadable input, existing
@@ -331,6 +341,7 @@ def quantize_file(
         act_order=act_order,
         sequential=sequential,
         head_bits=head_bits,
+        target_bits=target_bits,
         **_calibration(calibration_data),
     )
     result["output"] = os.fspath(result["output"])

@@ -189,6 +189,12 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary, output: &Path) -> PyResult<Bo
     d.set_item("float_copies", s.float_copies)?;
     d.set_item("float_copy_bytes", s.float_copy_bytes)?;
     d.set_item("seconds", s.seconds)?;
+    if let Some(plan) = &s.budget {
+        d.set_item("target_bits", plan.target_bits)?;
+        d.set_item("achieved_bits", plan.achieved_bits)?;
+        d.set_item("bits_range", (plan.range.0, plan.range.1))?;
+        d.set_item("budget_table", plan.table())?;
+    }
     Ok(d)
 }
 
@@ -203,7 +209,7 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary, output: &Path) -> PyResult<Bo
     calibration_seq_len=512, alpha_step=0.1, clip_alpha_step=0.05,
     clip_alpha_min=0.5, fuse=true, per_subgraph=false, calibration_memory_mb=1024, verbose=false, scale_search=false,
     scale_search_clip_min=1.0,
-    percdamp=0.01, gptq_batch=128, act_order=false, sequential=false, head_bits=4
+    percdamp=0.01, gptq_batch=128, act_order=false, sequential=false, head_bits=4, target_bits=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn quantize_file<'py>(
@@ -246,6 +252,7 @@ fn quantize_file<'py>(
     act_order: bool,
     sequential: bool,
     head_bits: u32,
+    target_bits: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     // The same checks and defaults as the CLI's (driver/src/cli.rs), so equal options give equal bytes.
     for (name, v) in [("alpha_step", alpha_step), ("clip_alpha_step", clip_alpha_step)] {
@@ -278,6 +285,7 @@ fn quantize_file<'py>(
         scale_search_clip_min,
         head_bits: nibble::Bits::from_count(head_bits)
             .ok_or_else(|| PyValueError::new_err(format!("head_bits {head_bits}: use 4 or 8")))?,
+        target_bits,
         ..Options::default()
     };
     opts.gptq.percdamp = percdamp;

@@ -158,6 +158,37 @@ impl Hessian {
         g
     }
 
+    /// `||X M||_F^2 = sum_n M[:, n]^T (X^T X) M[:, n]` for `m: [K, N]` row-major float32: the summed
+    /// squared outputs of the accumulated inputs `X` through `M` (a weight `W`, or its quantization
+    /// error `W - Q(W)`: HAWQ-V3's and GPTQ's second-order output error). Float64, one GEMM
+    /// `(X^T X) M` per chunk of 256 columns (faer, rayon's threads).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] if `m.len()` is not a multiple of K.
+    pub fn output_energy(&self, m: &[f32]) -> Result<f64> {
+        let k = self.k;
+        if k == 0 {
+            return Ok(0.0);
+        }
+        let n = crate::kernels::slab_rows("output energy (matrix [K, N])", m.len(), k)?;
+        let g = self.gram();
+        let gm = MatRef::from_row_major_slice(&g, k, k);
+        let mut total = 0.0f64;
+        const COLS: usize = 256;
+        for c0 in (0..n).step_by(COLS) {
+            let c = COLS.min(n - c0);
+            let part = Mat::<f64>::from_fn(k, c, |i, j| m[i * n + c0 + j] as f64);
+            let mut prod = Mat::<f64>::zeros(k, c);
+            faer::linalg::matmul::matmul(prod.as_mut(), Accum::Replace, gm, part.as_ref(), 1.0f64, Par::rayon(0));
+            for j in 0..c {
+                for i in 0..k {
+                    total += part[(i, j)] * prod[(i, j)];
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// `H = 2 X^T X / T` (`[K, K]` row-major float64; zeros when T = 0).
     pub fn matrix(&self) -> Vec<f64> {
         let f = if self.rows == 0 { 0.0 } else { 2.0 / self.rows as f64 };
@@ -186,5 +217,31 @@ impl Hessian {
         let total = self.upper_total();
         let upper = (0..k * k).map(|e| total[e] / (s[e / k] * s[e % k])).collect();
         Ok(Hessian { k, rows: self.rows, pending: Mat::zeros(k, k), pending_rows: 0, upper })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `output_energy` is `||X M||^2` computed directly, across batches and column chunks.
+    #[test]
+    fn output_energy_is_squared_output_norm() {
+        let (t, k, n) = (37, 5, 300);
+        let x: Vec<f32> = (0..t * k).map(|i| ((i * 7919 % 101) as f32 / 50.0) - 1.0).collect();
+        let m: Vec<f32> = (0..k * n).map(|i| ((i * 104729 % 97) as f32 / 48.0) - 1.0).collect();
+        let mut h = Hessian::new(k);
+        h.add_batch(&x[..10 * k]).unwrap();
+        h.add_batch(&x[10 * k..]).unwrap();
+        let mut direct = 0.0f64;
+        for r in 0..t {
+            for c in 0..n {
+                let y: f64 = (0..k).map(|i| x[r * k + i] as f64 * m[i * n + c] as f64).sum();
+                direct += y * y;
+            }
+        }
+        let got = h.output_energy(&m).unwrap();
+        assert!((got - direct).abs() <= 1e-5 * direct, "{got} vs {direct}");
+        assert!(h.output_energy(&m[..k * n - 1]).is_err());
     }
 }

@@ -7,6 +7,7 @@ pub mod decoder_example;
 pub mod example;
 pub mod inspect;
 pub mod perplexity;
+pub mod plot;
 pub mod sweep;
 
 use crate::graph::model::ExternalData;
@@ -100,6 +101,14 @@ enum Command {
         /// clipping). Clipping helped an encoder and hurt a causal LM (README, "Which method").
         #[arg(long, value_name = "RATIO", default_value_t = 1.0, requires = "scale_search")]
         scale_search_clip_min: f64,
+        /// Mean bits per parameter over the quantized weights (codes, scales and zero points
+        /// counted), e.g. 5: each weight gets 4 or 8 bits by its output error measured on the
+        /// calibration data (HAWQ-V3 knapsack: most error removed within the budget). -v prints the table.
+        #[arg(long, value_name = "BITS", value_parser = target_bits_arg, conflicts_with_all = ["int8_layers", "mixed_precision"])]
+        target_bits: Option<f64>,
+        /// Draw the sensitivities --target-bits measured and the choice into this SVG file.
+        #[arg(long, value_name = "FILE.svg", requires = "target_bits")]
+        plot_sensitivity: Option<PathBuf>,
         #[command(flatten)]
         awq: AwqArgs,
         #[command(flatten)]
@@ -112,6 +121,24 @@ enum Command {
         /// As for quantize.
         #[arg(long = "exclude", value_name = "REGEX")]
         exclude: Vec<String>,
+        /// Print the --target-bits plan (measured on the calibration inputs, as quantize takes
+        /// them) instead of the weight list; nothing is written.
+        #[arg(long, value_name = "BITS", value_parser = target_bits_arg)]
+        target_bits: Option<f64>,
+        /// As for quantize (with --target-bits).
+        #[arg(long, default_value_t = 128, allow_negative_numbers = true, value_parser = block_size_arg, requires = "target_bits")]
+        block_size: i64,
+        /// As for quantize (with --target-bits).
+        #[arg(long, requires = "target_bits")]
+        zero_point: bool,
+        /// As for quantize (with --target-bits): the output form whose bytes are counted.
+        #[arg(long, value_enum, default_value = "dq", requires = "target_bits")]
+        format: crate::pipeline::Format,
+        /// Draw the sensitivities and the choice into this SVG file.
+        #[arg(long, value_name = "FILE.svg", requires = "target_bits")]
+        plot_sensitivity: Option<PathBuf>,
+        #[command(flatten)]
+        awq: AwqArgs,
     },
     /// Run ORIGINAL and QUANTIZED in ONNX Runtime on the same seeded inputs and report the error
     /// of every output; or, with --methods, quantize ORIGINAL with each method x block size and
@@ -377,11 +404,37 @@ fn block_size_arg(text: &str) -> Result<i64, String> {
     nibble::BlockSize::from_i64(value).map(|_| value).map_err(|e| e.to_string())
 }
 
+/// A `--target-bits` value: a finite positive number (the model decides the range it can take).
+fn target_bits_arg(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("'{text}' is not a positive number of bits per parameter such as 5")),
+    }
+}
+
 fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 /// The one-line report of a quantized model, and the notes on weights left float.
+/// Prints the `--target-bits` plan (one line, or the table with `-v`) and writes its chart.
+fn print_budget(s: &crate::pipeline::Summary, verbose: bool, svg: Option<&std::path::Path>) -> anyhow::Result<()> {
+    if let Some(plan) = &s.budget {
+        let table = plan.table();
+        match verbose {
+            true => print!("{table}"),
+            false => println!("{}", table.lines().next().unwrap_or_default()),
+        }
+        if let Some(m) = &plan.missed {
+            eprintln!("nibble: warning: --target-bits not reached within 1%: {m}");
+        }
+        if let Some(svg) = svg {
+            plot::write_sensitivity_svg(plan, svg)?;
+        }
+    }
+    Ok(())
+}
+
 fn print_summary(s: &crate::pipeline::Summary, output: &std::path::Path) {
     for (weight, node, reason) in &s.skipped {
         eprintln!("nibble: note: weight '{weight}' (read by '{node}') is left float: {reason}");
@@ -430,6 +483,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             head_bits,
             scale_search,
             scale_search_clip_min,
+            target_bits,
+            plot_sensitivity,
             awq,
             gptq,
         } => {
@@ -475,11 +530,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 int8_layers,
                 mixed_precision,
                 fsync,
+                target_bits,
                 head_bits: if head_bits == "8" { nibble::Bits::Eight } else { nibble::Bits::Four },
             };
+            if let Some(svg) = &plot_sensitivity {
+                plot::check_path(svg)?;
+            }
+            let verbose = opts.awq.verbose;
             if folder_input {
                 let f = crate::folder::quantize_folder(&model, &output, &opts)?;
                 for (file, s) in &f.models {
+                    print_budget(s, verbose, plot_sensitivity.as_deref())?;
                     print_summary(s, &output.join(file));
                 }
                 for file in &f.left_float {
@@ -495,11 +556,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let s = quantize_file(&model, &output, &opts)?;
+            print_budget(&s, verbose, plot_sensitivity.as_deref())?;
             print_summary(&s, &output);
         }
-        Command::Inspect { model, exclude } => {
+        Command::Inspect { model, exclude, target_bits, block_size, zero_point, format, plot_sensitivity, awq } => {
             let exclude = if exclude.is_empty() { vec!["/lm_head".to_string()] } else { exclude };
-            print!("{}", inspect::inspect(&model, &exclude)?);
+            match target_bits {
+                Some(t) => {
+                    let opts = Options {
+                        block_size,
+                        zero_point,
+                        format,
+                        exclude,
+                        awq: awq.options(&model)?,
+                        target_bits: Some(t),
+                        ..Options::default()
+                    };
+                    if let Some(svg) = &plot_sensitivity {
+                        plot::check_path(svg)?;
+                    }
+                    let plan = crate::pipeline::plan_target_bits(&model, &opts)?;
+                    print!("{}", plan.table());
+                    if let Some(svg) = &plot_sensitivity {
+                        plot::write_sensitivity_svg(&plan, svg)?;
+                    }
+                }
+                None => print!("{}", inspect::inspect(&model, &exclude)?),
+            }
         }
         Command::Compare { original, quantized, seed, calibration_data, per_layer, json, extra } => {
             let mut tokens = extra.perplexity.as_deref().map(perplexity::read_tokens).transpose()?;

@@ -15,6 +15,7 @@ use crate::graph::onnx::GraphProto;
 use crate::graph::read::Source;
 use crate::graph::readers::{node_at, Def, Index, NodeAt, Use};
 use crate::plan::Candidate;
+use nibble::{Bits, BlockSize, FloatFormat};
 use std::collections::HashSet;
 
 /// What an output form did besides adding the quantized tensors.
@@ -116,4 +117,49 @@ pub(crate) fn remove_originals(
     out.copies = kept.len();
     out.copy_bytes = kept.iter().map(|&k| byte_size(idx.tensor(root, k)).unwrap_or(0) as u64).sum();
     out
+}
+
+fn element_bytes(format: FloatFormat) -> usize {
+    match format {
+        FloatFormat::F32 => 4,
+        FloatFormat::F16 | FloatFormat::BF16 => 2,
+    }
+}
+
+/// Bytes of codes, scales and zero points an output form writes for `c` at `bits` (`block` the
+/// run's 4-bit block size): DequantizeLinear (`matmulnbits` false): `ceil(K N b / 8)` code bytes, one scale per block
+/// in the weight's dtype, zero points packed like the codes; MatMulNBits: `[N, blocks, blob]`
+/// codes (an 8-bit weight is one block of `K` rounded up to a power of two >= 16, padded), one
+/// scale per block, 4-bit zero points packed two per byte per column.
+pub fn stored_bytes(c: &Candidate, bits: Bits, block: BlockSize, zero_point: bool, matmulnbits: bool) -> u64 {
+    let (r, cols) = (c.dims[0] as usize, c.dims[1] as usize);
+    let (k, n) = match c.decision {
+        crate::plan::Decision::Quantize { axis: 1 } => (cols, r),
+        _ => (r, cols),
+    };
+    let es = element_bytes(c.format().unwrap_or(FloatFormat::F32));
+    let b = match bits {
+        Bits::Four => block.resolve(k),
+        Bits::Eight => k,
+    };
+    let bytes = match matmulnbits {
+        false => {
+            let nb = k.div_ceil(b.max(1));
+            bits.bytes_for(k * n) + nb * n * es + if zero_point { bits.bytes_for(nb * n) } else { 0 }
+        }
+        true => {
+            let node_block = match bits {
+                Bits::Four => b,
+                Bits::Eight => k.next_power_of_two().max(16),
+            };
+            let nb = k.div_ceil(node_block.max(1));
+            let zp = match (zero_point, bits) {
+                (false, _) => 0,
+                (true, Bits::Four) => n * nb.div_ceil(2),
+                (true, Bits::Eight) => n * nb,
+            };
+            n * nb * bits.bytes_for(node_block) + n * nb * es + zp
+        }
+    };
+    bytes as u64
 }

@@ -367,6 +367,18 @@ pub fn save(proto: ModelProto, out: &Path, mode: ExternalData) -> Result<u64> {
     save_with(proto, out, mode, false)
 }
 
+/// Writes `bytes` to `out` through a temporary file next to it, renamed into place (removed on
+/// error or Ctrl-C): a chart or report is never left half-written.
+///
+/// # Errors
+/// [`Error::Write`] naming the temporary or final path when it cannot be written.
+pub fn write_atomic(out: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = TempFile::create(out)?;
+    tmp.write_all(bytes)?;
+    tmp.finish(false)?;
+    tmp.commit(out)
+}
+
 /// [`save`], and with `sync` each file is flushed to disk (fsync) before it is renamed into place,
 /// so that the output also survives a power loss (the rename alone protects against errors and
 /// interruptions, not against a crash of the machine).

@@ -264,16 +264,7 @@ impl Job<'_> {
     ) -> Result<(Vec<Quantized>, std::time::Duration)> {
         let t1 = std::time::Instant::now();
         let k = group_k(self.by_name, gr);
-        let mut h = Hessian::new(k);
-        for t in captured {
-            if t.shape.last() != Some(&k) {
-                return Err(Error::Runtime(format!(
-                    "activation '{}' has shape {:?}; its last dimension should be K = {k} of weight '{}'",
-                    gr.activation, t.shape, gr.weights[0]
-                )));
-            }
-            h.add_batch(&t.data).map_err(|e| Error::kernel(&gr.weights[0], e))?;
-        }
+        let h = group_hessian(gr, k, captured)?;
         let hessian_time = t1.elapsed();
         // One factor per distinct pre-quant scale (siblings share one unless unfused).
         let mut factors: Vec<(Option<Vec<f32>>, GptqFactor)> = vec![];
@@ -322,6 +313,26 @@ impl Job<'_> {
         }
         Ok((out, hessian_time))
     }
+}
+
+/// The Gram matrix `X^T X` of one group's activation, `K` its weights' input channels, from every
+/// sample's captured tensor (its last dimension must be `K`).
+pub(crate) fn group_hessian<'t>(
+    gr: &Group,
+    k: usize,
+    captured: impl Iterator<Item = &'t NamedTensor>,
+) -> Result<Hessian> {
+    let mut h = Hessian::new(k);
+    for t in captured {
+        if t.shape.last() != Some(&k) {
+            return Err(Error::Runtime(format!(
+                "activation '{}' has shape {:?}; its last dimension should be K = {k} of weight '{}'",
+                gr.activation, t.shape, gr.weights[0]
+            )));
+        }
+        h.add_batch(&t.data).map_err(|e| Error::kernel(&gr.weights[0], e))?;
+    }
+    Ok(h)
 }
 
 /// The values a quantized weight holds in the model, in the layout its consumer reads (the stored

@@ -6,10 +6,12 @@
 //!   search.
 //! - [`awq`]: AWQ-lite, AWQ-clip, AWQ-full (calibrated in ONNX Runtime through [`crate::calibrate`]).
 //! - [`gptq`]: GPTQ and AWQ-lite + GPTQ (the same calibration waves as AWQ).
+//! - [`sensitivity`]: each weight's measured output error at 4 and 8 bits (`--target-bits`).
 
 pub mod awq;
 pub mod gptq;
 pub mod rtn;
+pub mod sensitivity;
 
 use nibble::{FloatFormat, WeightData};
 

@@ -4,9 +4,11 @@
 //! ModelOpt (default `/lm_head`).
 
 //!
-//! INT8 layers (ModelOpt's `layers_8bit`, `enable_mixed_quant`) are chosen in [`mixed`]; Gather
+//! INT8 layers (ModelOpt's `layers_8bit`, `enable_mixed_quant`) are chosen in [`mixed`], or by
+//! measured sensitivity within a size budget (`--target-bits`) in [`budget`]; Gather
 //! (embedding) tables by [`plan_gather`].
 
+pub mod budget;
 pub mod mixed;
 pub mod tied;
 
