@@ -280,6 +280,10 @@ pub fn apply(plan: &BudgetPlan, candidates: &mut [Candidate]) {
     for choice in &plan.choices {
         for c in candidates.iter_mut().filter(|c| c.base == choice.sensitivity.weight && c.quantized()) {
             c.bits = choice.bits;
+            // 8-bit weights are per output channel, as the byte model counts them (and as mixed.rs writes INT8 layers).
+            if choice.bits == nibble::Bits::Eight {
+                c.block_size = Some(nibble::BlockSize::PerChannel);
+            }
         }
     }
 }
