@@ -48,7 +48,11 @@ fn blocking(shape: &[usize], axis: usize, block_size: i64) -> PyResult<Blocking>
     let block = match block_size {
         -1 => BlockSize::PerChannel,
         b if b >= 1 => BlockSize::Blocked(b as usize),
-        b => return Err(PyValueError::new_err(format!("block_size={b}: use a positive block size, or -1 for per-channel"))),
+        b => {
+            return Err(PyValueError::new_err(format!(
+                "block_size={b}: use a positive block size, or -1 for per-channel"
+            )))
+        }
     };
     Blocking::new(shape, axis, block).map_err(|e| PyValueError::new_err(e.to_string()))
 }

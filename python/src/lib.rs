@@ -334,11 +334,8 @@ fn quantize_file<'py>(
         let d = PyDict::new(py);
         d.set_item("output", &output)?;
         d.set_item("layout", f.layout.name())?;
-        let models = f
-            .models
-            .iter()
-            .map(|(file, s)| summary_dict(py, s, &output.join(file)))
-            .collect::<PyResult<Vec<_>>>()?;
+        let models =
+            f.models.iter().map(|(file, s)| summary_dict(py, s, &output.join(file))).collect::<PyResult<Vec<_>>>()?;
         d.set_item("models", models)?;
         d.set_item("copied", f.copied)?;
         d.set_item("left_float", f.left_float)?;
