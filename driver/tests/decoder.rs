@@ -7,8 +7,13 @@
 mod common;
 
 use common::*;
+use nibble_driver::calibrate::feed;
+use nibble_driver::calibrate::inputs::input_specs;
 use nibble_driver::calibrate::runtime::{open, run, Input, InputData, SessionOptions};
+use nibble_driver::cli::decoder_example::{write_folder, DecoderConfig, DecoderKind};
 use nibble_driver::graph::model::Model;
+use nibble_driver::graph::onnx::GraphProto;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 const KINDS: [&str; 2] = ["genai", "optimum"];
@@ -22,6 +27,20 @@ fn example(dir: &Path, kind: &str) -> PathBuf {
 /// One pass over `ids` with an empty past, fed as onnxruntime-genai/Optimum do; returns the logits
 /// and the present outputs' shapes.
 fn decode(model: &Path, ids: &[i64], no_optimization: bool) -> (Vec<f32>, Vec<(String, Vec<usize>)>) {
+    let (logits, presents) = decode_with(model, ids, no_optimization, 0, false).unwrap();
+    (logits, presents)
+}
+
+/// [`decode`] with a KV-cache buffer of `cache` zeros (the attention mask still covers only the
+/// `ids`: an empty past) and `use_cache_branch` (when the model has it) set to `use_cache`;
+/// ONNX Runtime's error when it refuses to run.
+fn decode_with(
+    model: &Path,
+    ids: &[i64],
+    no_optimization: bool,
+    cache: usize,
+    use_cache: bool,
+) -> Result<(Vec<f32>, Vec<(String, Vec<usize>)>), String> {
     let m = Model::load(model).unwrap();
     let specs = nibble_driver::calibrate::inputs::input_specs(&m).unwrap();
     let t = ids.len();
@@ -32,20 +51,24 @@ fn decode(model: &Path, ids: &[i64], no_optimization: bool) -> (Vec<f32>, Vec<(S
                 "input_ids" => (vec![1, t], InputData::I64(ids.to_vec())),
                 "attention_mask" => (vec![1, t], InputData::I64(vec![1; t])),
                 "position_ids" => (vec![1, t], InputData::I64((0..t as i64).collect())),
-                // past_key_values.N.key/value: [1, heads, 0, head_size]; head size 32 in both examples.
-                _ => (vec![1, s.dims[1].unwrap(), 0, 32], InputData::F32(vec![])),
+                "use_cache_branch" => (vec![1], InputData::Bool(vec![use_cache])),
+                // past_key_values.N.key/value: [1, heads, cache, head_size]; head size 32 in all examples.
+                _ => {
+                    let heads = s.dims[1].unwrap();
+                    (vec![1, heads, cache, 32], InputData::F32(vec![0.0; heads * cache * 32]))
+                }
             };
             Input { name: s.name.clone(), shape, data }
         })
         .collect();
     let mut session = open(model, SessionOptions { no_optimization, ..Default::default() })
         .unwrap_or_else(|e| panic!("{}: {e}", model.display()));
-    let out = run(&mut session, &inputs).unwrap();
+    let out = run(&mut session, &inputs).map_err(|e| e.to_string())?;
     let logits = out.iter().find(|o| o.name == "logits").unwrap();
     assert_eq!(logits.shape[..2], [1, t]);
     let presents =
         out.iter().filter(|o| o.name.starts_with("present")).map(|o| (o.name.clone(), o.shape.clone())).collect();
-    (logits.data.clone(), presents)
+    Ok((logits.data.clone(), presents))
 }
 
 const IDS: [i64; 9] = [258, 631, 263, 258, 637, 266, 677, 300, 400];
@@ -296,4 +319,223 @@ fn matmulnbits_defaults_to_accuracy_level_4() {
     }
     let o = nibble(&["quantize", model.to_str().unwrap(), "--format", "matmulnbits", "--accuracy-level", "5"]);
     assert_eq!(o.status.code(), Some(2), "an accuracy level no runtime knows is a usage error");
+}
+
+/// English-like text of `words` words (calibration text).
+fn sentences(words: usize) -> String {
+    let vocab = ["the", "river", "runs", "past", "old", "garden", "walls", "and", "people", "read", "books", "there"];
+    (0..words).map(|i| vocab[(i * 7 + i / 3) % vocab.len()]).collect::<Vec<_>>().join(" ")
+}
+
+/// The If's then and else branches and the main graph of a merged decoder.
+fn if_branches(path: &Path) -> (GraphProto, GraphProto, GraphProto) {
+    let m = Model::load(path).unwrap();
+    let g = m.proto.graph.clone().unwrap();
+    let the_if = g.node.iter().find(|n| n.op_type.as_deref() == Some("If")).expect("an If");
+    let branch =
+        |name: &str| the_if.attribute.iter().find(|a| a.name.as_deref() == Some(name)).unwrap().g.clone().unwrap();
+    (branch("then_branch"), branch("else_branch"), g)
+}
+
+/// How many products of `branch` read a quantized weight: MatMulNBits, or a MatMul whose B a
+/// DequantizeLinear (of the main graph or the branch) writes.
+fn quantized_products(main: &GraphProto, branch: &GraphProto) -> usize {
+    let dq: HashSet<&String> = main
+        .node
+        .iter()
+        .chain(&branch.node)
+        .filter(|n| n.op_type.as_deref() == Some("DequantizeLinear"))
+        .flat_map(|n| n.output.iter())
+        .collect();
+    branch
+        .node
+        .iter()
+        .filter(|n| match n.op_type.as_deref() {
+            Some("MatMulNBits") => true,
+            Some("MatMul") => n.input.get(1).is_some_and(|b| dq.contains(b)),
+            _ => false,
+        })
+        .count()
+}
+
+#[test]
+fn merged_decoder_is_fed_use_cache_branch_false_and_both_branches_are_quantized() {
+    let d = tmp();
+    let dir = d.path().join("merged");
+    nibble_ok(&["example", "--kind", "optimum-merged", dir.to_str().unwrap()]);
+    let model = dir.join("decoder_model_merged.onnx");
+    let mut files: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert_eq!(files, ["config.json", "decoder_model_merged.onnx", "tokenizer.json", "tokenizer_config.json"]);
+    // A merged decoder: one If on use_cache_branch; each branch's 15 MatMuls read the shared
+    // main-graph weights; the then branch concatenates the cache, the else branch does not read it.
+    let (then_g, else_g, main) = if_branches(&model);
+    assert_eq!(main.node.len(), 1);
+    assert_eq!(main.node[0].input, ["use_cache_branch"]);
+    let weights: HashSet<&str> = main.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
+    for b in [&then_g, &else_g] {
+        let reading = b
+            .node
+            .iter()
+            .filter(|n| n.op_type.as_deref() == Some("MatMul") && weights.contains(n.input[1].as_str()))
+            .count();
+        assert_eq!(reading, 15);
+    }
+    let reads_cache = |g: &GraphProto| g.node.iter().any(|n| n.input.iter().any(|i| i.starts_with("past_key_values")));
+    assert!(reads_cache(&then_g) && !reads_cache(&else_g));
+    // The float model: both branches agree on an empty past, in both session modes.
+    let (float, _) = decode_with(&model, &IDS, false, 0, false).unwrap();
+    for (no_opt, use_cache) in [(true, false), (false, true), (true, true)] {
+        let (other, _) = decode_with(&model, &IDS, no_opt, 0, use_cache).unwrap();
+        assert!(rel_err(&other, &float) < 1e-4, "no_opt={no_opt} use_cache={use_cache}");
+    }
+    // The feed plan: use_cache_branch false, an empty past.
+    let m = Model::load(&model).unwrap();
+    let plan = feed::plan(&m, &input_specs(&m).unwrap(), &HashMap::new()).unwrap();
+    let sample = plan.sample(&IDS, |s| panic!("'{}' must not be random", s.name));
+    let flag = sample.iter().find(|i| i.name == "use_cache_branch").unwrap();
+    assert_eq!(flag.shape, [1]);
+    assert!(matches!(&flag.data, InputData::Bool(v) if v == &[false]));
+    let caches: Vec<&Input> = sample.iter().filter(|i| i.name.starts_with("past_key_values")).collect();
+    assert_eq!(caches.len(), 4);
+    assert!(caches.iter().all(|i| i.shape == [1, 4, 0, 32]));
+    let text = nibble_ok(&["inspect", model.to_str().unwrap()]);
+    assert!(text.contains("use_cache_branch [1]: false (no past)"), "{text}");
+    // Quantized as a folder, with no data (rtn_dq) and calibrated on text (gptq, awq_clip).
+    let txt = d.path().join("calib.txt");
+    std::fs::write(&txt, sentences(400)).unwrap();
+    let calibrated = |method: &'static str| {
+        vec![
+            "--method",
+            method,
+            "--calibration-text",
+            txt.to_str().unwrap(),
+            "--calibration-samples",
+            "2",
+            "--calibration-seq-len",
+            "16",
+        ]
+    };
+    for (i, extra) in [vec![], calibrated("gptq"), calibrated("awq_clip")].iter().enumerate() {
+        let out = d.path().join(format!("q{i}"));
+        let mut args = vec!["quantize", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32"];
+        args.extend(extra.iter().copied());
+        let stdout = nibble_ok(&args);
+        assert!(stdout.contains("quantized 14 of 15"), "{extra:?}: {stdout}");
+        let q = out.join("decoder_model_merged.onnx");
+        let (qt, qe, qm) = if_branches(&q);
+        assert_eq!((quantized_products(&qm, &qt), quantized_products(&qm, &qe)), (14, 14), "{extra:?}");
+        for no_opt in [false, true] {
+            for use_cache in [false, true] {
+                let (l, _) = decode_with(&q, &IDS, no_opt, 0, use_cache).unwrap();
+                let e = rel_err(&l, &float);
+                assert!(e > 0.0 && e < 0.6, "{extra:?} no_opt={no_opt} use_cache={use_cache}: error {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn sliding_window_attention_is_fed_a_masked_buffer_of_the_window() {
+    let d = tmp();
+    let folder = |name: &str, window: i64| {
+        let dir = d.path().join(name);
+        let cfg = DecoderConfig { local_window: window, ..Default::default() };
+        write_folder(&dir, DecoderKind::Genai, &cfg, false).unwrap();
+        dir.join("model.onnx")
+    };
+    let model = folder("window", 16);
+    // Same seed, same weights, no window.
+    let plain = folder("plain", -1);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.with_file_name("genai_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model"]["decoder"]["sliding_window"]["window_size"], 16);
+    // ONNX Runtime refuses an empty past here; a window-long buffer of zeros that the mask leaves
+    // out gives the logits of the model without a window (9 tokens < 16: the window drops nothing).
+    let refused = decode_with(&model, &IDS, false, 0, false).unwrap_err();
+    assert!(refused.contains("local_window_size"), "{refused}");
+    let (reference, _) = decode_with(&plain, &IDS, false, 0, false).unwrap();
+    for no_opt in [false, true] {
+        let (l, _) = decode_with(&model, &IDS, no_opt, 16, false).unwrap();
+        assert!(rel_err(&l, &reference) < 1e-4, "no_opt={no_opt}: {}", rel_err(&l, &reference));
+    }
+    // The feed plan: a buffer of max(16, T) zeros, the mask over the T tokens only.
+    let m = Model::load(&model).unwrap();
+    let plan = feed::plan(&m, &input_specs(&m).unwrap(), &HashMap::new()).unwrap();
+    for (t, buffer) in [(9usize, 16usize), (24, 24)] {
+        let ids: Vec<i64> = (0..t as i64).map(|i| 257 + i).collect();
+        let sample = plan.sample(&ids, |s| panic!("'{}' must not be random", s.name));
+        let caches: Vec<&Input> = sample.iter().filter(|i| i.name.starts_with("past_key_values")).collect();
+        assert_eq!(caches.len(), 4);
+        assert!(caches.iter().all(|i| i.shape == [1, 2, buffer, 32]), "T={t}");
+        assert_eq!(sample.iter().find(|i| i.name == "attention_mask").unwrap().shape, [1, t]);
+    }
+    let text = nibble_ok(&["inspect", model.to_str().unwrap()]);
+    assert!(text.contains("zeros [batch, 2, max(16, 0 + T), 32] (sliding window 16"), "{text}");
+    // Calibrated methods run the model on it; the output runs in both session modes, and compare
+    // (plain and with perplexity) feeds it the same way.
+    let npz_path = d.path().join("tokens.npz");
+    token_npz(&npz_path, 2, 24);
+    for method in ["gptq", "awq_clip"] {
+        let out = d.path().join(format!("{method}.onnx"));
+        let args = [
+            "quantize",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--method",
+            method,
+            "--block-size",
+            "32",
+            "--calibration-data",
+            npz_path.to_str().unwrap(),
+        ];
+        nibble_ok(&args);
+        for no_opt in [false, true] {
+            let (q, _) = decode_with(&out, &IDS, no_opt, 16, false).unwrap();
+            let e = rel_err(&q, &reference);
+            assert!(e > 0.0 && e < 0.6, "{method} no_opt={no_opt}: error {e}");
+        }
+        let text = nibble_ok(&["compare", model.to_str().unwrap(), out.to_str().unwrap(), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let logits = v.as_array().unwrap().iter().find(|o| o["output"] == "logits").expect("logits compared");
+        let e = logits["relative_error"].as_f64().unwrap();
+        assert!(e > 0.0 && e < 0.6, "{method}: {text}");
+        let text = nibble_ok(&[
+            "compare",
+            model.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--perplexity",
+            npz_path.to_str().unwrap(),
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let p = v["perplexity"]["quantized"]["perplexity"].as_f64().unwrap();
+        assert!(p > 1.0 && p.is_finite(), "{text}");
+    }
+}
+
+#[test]
+fn plain_compare_feeds_kv_graphs_through_the_feed_plan() {
+    let d = tmp();
+    for kind in KINDS {
+        let model = example(d.path(), kind);
+        let out = d.path().join(format!("{kind}_q.onnx"));
+        nibble_ok(&["quantize", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32"]);
+        // Random shapes would give the genai cache a head size of 16 (its dim is named), which
+        // GroupQueryAttention refuses; the feed plan reads 32 from the graph.
+        let text = nibble_ok(&["compare", model.to_str().unwrap(), out.to_str().unwrap(), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let outputs = v.as_array().unwrap();
+        let names: Vec<&str> = outputs.iter().map(|o| o["output"].as_str().unwrap()).collect();
+        assert_eq!(names.len(), 5, "{kind}: logits and 4 presents: {names:?}");
+        let logits = outputs.iter().find(|o| o["output"] == "logits").unwrap();
+        let e = logits["relative_error"].as_f64().unwrap();
+        assert!(e > 0.0 && e < 0.6, "{kind}: {text}");
+        assert!(logits["top1_agreement"].as_f64().unwrap() > 0.5, "{kind}: {text}");
+        // The table form too.
+        let table = nibble_ok(&["compare", model.to_str().unwrap(), out.to_str().unwrap()]);
+        assert!(table.contains("logits"), "{table}");
+    }
 }

@@ -1650,3 +1650,122 @@ fn sequential_gptq_on_shared_weights_bodies_and_chains() {
         assert!(errors[1] <= 1.25 * errors[0] + 0.03, "{name}: --sequential {} vs {}", errors[1], errors[0]);
     }
 }
+
+/// Weights behind the other shape-only ops of a constant of any rank (issue 18): Squeeze with and
+/// without axes, Flatten (positive and negative axis), a rank-3 Transpose that moves data then a
+/// Squeeze, Unsqueeze then Squeeze, a Gemm (`transB=1`) behind a Squeeze, and an Unsqueeze left at
+/// rank 3 (stays float, listed with its reason). `opset` 17 gives Unsqueeze/Squeeze their axes as a
+/// constant input; opset 11 as the `axes` attribute.
+fn shape_chains(opset: i64) -> (ModelProto, Vec<(&'static str, Vec<f32>, usize)>) {
+    let (k, n) = (128usize, 64usize);
+    let mut rng = Rng::new(1800 + opset as u64);
+    let mut vals = || rng.normals(k * n, 0.1);
+    let (ws, wsa, wf, wfn, wt, wus, wg, w3) = (vals(), vals(), vals(), vals(), vals(), vals(), vals(), vals());
+    // wt is stored [N, 1, K]; Transpose perm [2, 1, 0] gives [K, 1, N]: out[k][0][n] = wt[n][0][k].
+    let wt_folded: Vec<f32> = (0..k * n).map(|i| wt[(i % n) * k + i / n]).collect();
+    // (node, folded weight as the product reads it, block axis)
+    let folded = vec![
+        ("/squeeze/MatMul", ws.clone(), 0),
+        ("/squeeze_all/MatMul", wsa.clone(), 0),
+        ("/flatten/MatMul", wf.clone(), 0),
+        ("/flatten_neg/MatMul", wfn.clone(), 0),
+        ("/transpose3/MatMul", wt_folded, 0),
+        ("/unsq_sq/MatMul", wus.clone(), 0),
+        ("/gemm/Gemm", wg.clone(), 1),
+    ];
+    let mut inits = vec![
+        init("Ws", &[1, k, n], &ws, FloatFormat::F32),
+        init("Wsa", &[k, 1, n], &wsa, FloatFormat::F32),
+        init("Wf", &[k, 8, n / 8], &wf, FloatFormat::F32),
+        init("Wfn", &[2, k / 2, n], &wfn, FloatFormat::F32),
+        init("Wt", &[n, 1, k], &wt, FloatFormat::F32),
+        init("Wus", &[k, n], &wus, FloatFormat::F32),
+        init("Wg", &[n, 1, k], &wg, FloatFormat::F32),
+        init("W3", &[k, n], &w3, FloatFormat::F32),
+    ];
+    // Unsqueeze/Squeeze axes: an input from opset 13, an attribute before.
+    let axes =
+        |name: &'static str, v: &[i64], inits: &mut Vec<TensorProto>| -> (Vec<&'static str>, Vec<AttributeProto>) {
+            if opset >= 13 {
+                inits.push(init_i64(name, &[v.len()], v));
+                (vec![name], vec![])
+            } else {
+                (vec![], vec![attr_ints("axes", v)])
+            }
+        };
+    let mut with_axes = |op: &str, name: &str, x: &'static str, y: &str, a: &'static str, v: &[i64]| {
+        let (extra, attrs) = axes(a, v, &mut inits);
+        let ins: Vec<&str> = std::iter::once(x).chain(extra).collect();
+        node(op, name, &ins, &[y], attrs)
+    };
+    let nodes = vec![
+        with_axes("Squeeze", "/squeeze/Squeeze", "Ws", "Ws_2d", "axes_s", &[0]),
+        node("MatMul", "/squeeze/MatMul", &["x", "Ws_2d"], &["s"], vec![]),
+        node("Squeeze", "/squeeze_all/Squeeze", &["Wsa"], &["Wsa_2d"], vec![]),
+        node("MatMul", "/squeeze_all/MatMul", &["x", "Wsa_2d"], &["sa"], vec![]),
+        node("Flatten", "/flatten/Flatten", &["Wf"], &["Wf_2d"], vec![attr_i("axis", 1)]),
+        node("MatMul", "/flatten/MatMul", &["x", "Wf_2d"], &["f"], vec![]),
+        node("Flatten", "/flatten_neg/Flatten", &["Wfn"], &["Wfn_2d"], vec![attr_i("axis", -1)]),
+        node("MatMul", "/flatten_neg/MatMul", &["x", "Wfn_2d"], &["fn"], vec![]),
+        node("Transpose", "/transpose3/Transpose", &["Wt"], &["Wt_t"], vec![attr_ints("perm", &[2, 1, 0])]),
+        with_axes("Squeeze", "/transpose3/Squeeze", "Wt_t", "Wt_2d", "axes_t", &[-2]),
+        node("MatMul", "/transpose3/MatMul", &["x", "Wt_2d"], &["t"], vec![]),
+        with_axes("Unsqueeze", "/unsq_sq/Unsqueeze", "Wus", "Wus_3d", "axes_u", &[0, -1]),
+        with_axes("Squeeze", "/unsq_sq/Squeeze", "Wus_3d", "Wus_2d", "axes_u2", &[0, 3]),
+        node("MatMul", "/unsq_sq/MatMul", &["x", "Wus_2d"], &["us"], vec![]),
+        with_axes("Squeeze", "/gemm/Squeeze", "Wg", "Wg_2d", "axes_g", &[1]),
+        node("Gemm", "/gemm/Gemm", &["x", "Wg_2d"], &["g"], vec![attr_i("transB", 1)]),
+        with_axes("Unsqueeze", "/rank3/Unsqueeze", "W3", "W3_3d", "axes_3", &[0]),
+        node("MatMul", "/rank3/MatMul", &["x", "W3_3d"], &["r3"], vec![]),
+        node("Sum", "/sum/Sum", &["s", "sa", "f", "fn", "t", "us", "g"], &["y"], vec![]),
+    ];
+    let outs = vec![io("y", 1, &[Some(4), Some(n)]), io("r3", 1, &[Some(1), Some(4), Some(n)])];
+    (model(graph(nodes, inits, vec![io("x", 1, &[Some(4), Some(k)])], outs), opset), folded)
+}
+
+#[test]
+fn weights_behind_squeeze_unsqueeze_flatten_and_rank3_transpose_are_folded() {
+    let d = tmp();
+    for opset in [17, 11] {
+        let (m, folded) = shape_chains(opset);
+        let src = save_model(m.clone(), d.path(), &format!("shape{opset}.onnx"));
+        let mut e = m.clone();
+        let g = e.graph.as_mut().unwrap();
+        for (name, v, axis) in &folded {
+            let t = format!("{name}__expected");
+            let shape = if *axis == 0 { [128, 64] } else { [64, 128] };
+            g.initializer.push(init(&t, &shape, &dq_ref(FloatFormat::F32, v, shape, 128, *axis), FloatFormat::F32));
+            g.node.iter_mut().find(|n| n.name.as_deref() == Some(name)).unwrap().input[1] = t;
+        }
+        let exp = save_model(e, d.path(), &format!("exp{opset}.onnx"));
+        let samples: Vec<Vec<Input>> = (0..2).map(|s| vec![normal_input("x", &[4, 128], 1900 + s)]).collect();
+        // The DQ form needs opset 21, which nibble upgrades to from opset 13 only.
+        let formats: &[&str] = if opset >= 13 { &["dq", "matmulnbits"] } else { &["matmulnbits"] };
+        for format in formats {
+            let out = d.path().join(format!("{format}{opset}.onnx"));
+            let (stdout, stderr) = quantize(&src, &out, &["--format", format, "--accuracy-level", "0"]);
+            assert!(stdout.starts_with("quantized 7 of 8 weights"), "opset {opset} {format}: {stdout}{stderr}");
+            assert!(stderr.contains("/rank3/MatMul") && stderr.contains("rank 3"), "{format}: {stderr}");
+            check(&src, &out, &exp, &samples, &["r3"]);
+            check_unique_names(&out);
+            for o in ["s", "sa", "f", "fn", "t", "us", "g"] {
+                assert!(
+                    quantized_product(&out, o),
+                    "opset {opset} {format}: the product writing '{o}' must be quantized"
+                );
+            }
+            // The folded chains' nodes are gone.
+            let qm = Model::load(&out).unwrap();
+            let ops: Vec<&str> =
+                qm.proto.graph.as_ref().unwrap().node.iter().filter_map(|n| n.op_type.as_deref()).collect();
+            assert!(!ops.contains(&"Flatten") && !ops.contains(&"Transpose"), "{ops:?}");
+            assert_eq!(ops.iter().filter(|o| **o == "Squeeze").count(), 0, "{ops:?}");
+            assert_eq!(ops.iter().filter(|o| **o == "Unsqueeze").count(), 1, "the rank-3 one stays: {ops:?}");
+        }
+        let text = inspect(&src, &[]);
+        for (name, _, _) in &folded {
+            assert!(line_of(&text, name).contains("quantize"), "{name}: {text}");
+        }
+        assert!(line_of(&text, "/rank3/MatMul").contains("rank 3"), "{text}");
+    }
+}

@@ -11,11 +11,19 @@
 //! | `input_ids` (ids of an embedding table) | the sample's tokens | `[batch, T]` |
 //! | `attention_mask` | ones over past + current | `[batch, P + T]` |
 //! | `position_ids` | `P, P+1, ..., P+T-1` | `[batch, T]` |
-//! | `past_key_values.N.key/value`, `past_key`/`past_value`, `past_N` | zeros | `[batch, kv_heads, P, head_size]` (rank 5: `[2, batch, heads, P, head_size]`) |
+//! | `past_key_values.N.key/value`, `past_key`/`past_value`, `past_N` | zeros | `[batch, kv_heads, P, head_size]` (rank 5: `[2, batch, heads, P, head_size]`); read by a sliding-window GroupQueryAttention (`local_window_size` W > 0): `[batch, kv_heads, max(W, P + T), head_size]` |
 //! | `seqlens_k` | `P + T - 1` (int32) | `[batch]` |
 //! | `total_sequence_length` | `P + T` (int32) | scalar |
 //! | `use_cache_branch` | false | `[1]` |
 //! | anything else | seeded random, as before | symbolic dims: batch 1, others 128 |
+//!
+//! A GroupQueryAttention with a sliding window (`local_window_size` W > 0, Gemma 3's local layers)
+//! refuses a past buffer shorter than W ("KV cache capacity (0) must be at least
+//! local_window_size"). Its cache is then fed as onnxruntime-genai's shared buffer: `max(W, P + T)`
+//! zeros of which only the first `P` count, because GroupQueryAttention reads the past length from
+//! `seqlens_k` (`P + T - 1`, from the attention mask `[batch, P + T]`), not from the buffer's size:
+//! the rest is masked out (the logits equal an exact-size cache's; `benches/genai_sweep.py` feeds
+//! real Gemma 3 folders the same way).
 //!
 //! The cache's head count and head size, when its dims are symbolic, are read from (first found):
 //! `--calibration-shapes DIM=N`; the attention node reading the cache (GroupQueryAttention's
@@ -42,7 +50,8 @@ pub enum Feed {
     /// Position ids: `P..P+T`, `[batch, T]`.
     Positions,
     /// KV cache of past steps: zeros with past length `P` (`dims` is the full shape with the
-    /// batch and past dims still to fill: `batch_axis`, `past_axis`).
+    /// batch and past dims still to fill: `batch_axis`, `past_axis`); with a sliding `window` > 0,
+    /// a shared buffer of `max(window, P + T)` zeros.
     Cache {
         /// Fixed dims (head count, head size, and `2` for a rank-5 `past`); the batch and past
         /// entries are placeholders.
@@ -51,6 +60,8 @@ pub enum Feed {
         batch_axis: usize,
         /// Axis of the past length.
         past_axis: usize,
+        /// `local_window_size` of the GroupQueryAttention reading it (0: none).
+        window: usize,
     },
     /// GroupQueryAttention's `seqlens_k`: `P + T - 1` per batch row (int32 `[batch]`).
     SeqlensK,
@@ -69,7 +80,8 @@ impl Feed {
             Feed::Tokens => "token ids (calibration text/npz tokens, or random ids with --calibration-random)".into(),
             Feed::Mask => format!("ones over past + current tokens [batch, {past} + T]"),
             Feed::Positions => format!("positions {past}..{past}+T"),
-            Feed::Cache { dims, batch_axis, past_axis } => {
+            Feed::Cache { dims, batch_axis, past_axis, window } => {
+                let len = if *window > 0 { format!("max({window}, {past} + T)") } else { past.to_string() };
                 let d: Vec<String> = dims
                     .iter()
                     .enumerate()
@@ -77,13 +89,18 @@ impl Feed {
                         if i == *batch_axis {
                             "batch".into()
                         } else if i == *past_axis {
-                            past.to_string()
+                            len.clone()
                         } else {
                             v.to_string()
                         }
                     })
                     .collect();
-                format!("KV cache, past length {past}: zeros [{}]", d.join(", "))
+                let shared = if *window > 0 {
+                    format!(" (sliding window {window}: a shared buffer, the first {past} count)")
+                } else {
+                    String::new()
+                };
+                format!("KV cache, past length {past}: zeros [{}]{shared}", d.join(", "))
             }
             Feed::SeqlensK => format!("seqlens_k = {past} + T - 1 (int32)"),
             Feed::TotalSequenceLength => format!("total_sequence_length = {past} + T (int32)"),
@@ -130,10 +147,10 @@ impl FeedPlan {
                     Feed::UseCacheBranch => {
                         Input { name: s.name.clone(), shape: vec![1], data: InputData::Bool(vec![false]) }
                     }
-                    Feed::Cache { dims, batch_axis, past_axis } => {
+                    Feed::Cache { dims, batch_axis, past_axis, window } => {
                         let mut shape = dims.clone();
                         shape[*batch_axis] = 1;
-                        shape[*past_axis] = p;
+                        shape[*past_axis] = if *window > 0 { (*window).max(p + t) } else { p };
                         let n = shape.iter().product();
                         let data = match DataType::try_from(s.elem_type) {
                             Ok(DataType::Float16) => InputData::F16(vec![half::f16::ZERO; n]),
@@ -195,6 +212,7 @@ fn cache(model: &Model, s: &InputSpec, dims: &HashMap<String, usize>, cfg: &Conf
     let off = s.dims.len() - 4;
     let (batch_axis, heads_axis, past_axis, size_axis) = (off, off + 1, off + 2, off + 3);
     let from_graph = attention_heads(model, &s.name);
+    let window = local_window(model, &s.name);
     let named = |axis: usize| s.symbols.get(axis).cloned().flatten().and_then(|n| dims.get(&n).copied());
     let heads = s.dims[heads_axis].or_else(|| named(heads_axis)).or(from_graph.map(|(h, _)| h)).or(cfg.kv_heads);
     let size = s.dims[size_axis].or_else(|| named(size_axis)).or(from_graph.map(|(_, d)| d)).or(cfg.head_size);
@@ -219,7 +237,18 @@ fn cache(model: &Model, s: &InputSpec, dims: &HashMap<String, usize>, cfg: &Conf
     }
     full[heads_axis] = heads;
     full[size_axis] = size;
-    Ok(Feed::Cache { dims: full, batch_axis, past_axis })
+    Ok(Feed::Cache { dims: full, batch_axis, past_axis, window })
+}
+
+/// `local_window_size` of the GroupQueryAttention reading `input` as its past key/value, when > 0.
+fn local_window(model: &Model, input: &str) -> usize {
+    let Some(g) = model.proto.graph.as_ref() else { return 0 };
+    g.node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("GroupQueryAttention"))
+        .filter(|n| n.input.get(3).is_some_and(|i| i == input) || n.input.get(4).is_some_and(|i| i == input))
+        .find_map(|n| n.attribute.iter().find(|a| a.name.as_deref() == Some("local_window_size")).and_then(|a| a.i))
+        .map_or(0, |w| w.max(0) as usize)
 }
 
 /// (kv heads, head size) from the attention node that reads `input` as its past key/value.

@@ -13,6 +13,10 @@
 //!   `input_ids`, `attention_mask [batch_size, past_sequence_length + sequence_length]`, `position_ids`,
 //!   `past_key_values.N.key/value [batch_size, heads, past_sequence_length, head_size]` (fixed heads and
 //!   head size), outputs `logits`, `present.N.key/value`; `config.json` and the same tokenizer files.
+//! - `optimum-merged`: Optimum's merged decoder `decoder_model_merged.onnx`: the `optimum` inputs
+//!   plus `use_cache_branch [1]` (bool) read by one top-level `If`, whose `then_branch` is the
+//!   decoder with past (the cache concatenated) and `else_branch` the decoder without past (the
+//!   cache inputs unread); both branches read the same weights, main-graph initializers.
 
 use crate::graph::build::{attr_f, attr_i, attr_ints, init, init_i64, io_named, model, node, Dim};
 use crate::graph::onnx::{tensor_proto::DataType, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
@@ -27,6 +31,8 @@ pub enum DecoderKind {
     Genai,
     /// Optimum export folder.
     Optimum,
+    /// Optimum merged decoder (`decoder_model_merged.onnx`, an `If` on `use_cache_branch`).
+    OptimumMerged,
 }
 
 /// Shape of the synthetic decoder.
@@ -46,11 +52,23 @@ pub struct DecoderConfig {
     pub context: usize,
     /// Weight seed.
     pub seed: u64,
+    /// GroupQueryAttention's `local_window_size` (genai kind; -1: none; > 0: a sliding window, as
+    /// Gemma 3's local layers, also written to `genai_config.json`'s `sliding_window`).
+    pub local_window: i64,
 }
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        DecoderConfig { hidden: 128, heads: 4, kv_heads: 2, intermediate: 352, layers: 2, context: 512, seed: 1 }
+        DecoderConfig {
+            hidden: 128,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 352,
+            layers: 2,
+            context: 512,
+            seed: 1,
+            local_window: -1,
+        }
     }
 }
 
@@ -151,9 +169,14 @@ pub fn write_folder(dir: &Path, kind: DecoderKind, cfg: &DecoderConfig, force: b
             files.push(("config.json", optimum_config(cfg, vocab).into_bytes()));
             optimum_model(cfg, vocab)
         }
+        DecoderKind::OptimumMerged => {
+            files.push(("config.json", optimum_config(cfg, vocab).into_bytes()));
+            optimum_merged_model(cfg, vocab)
+        }
     };
     let data_name = "model.onnx.data";
-    let mut names = vec!["model.onnx"];
+    let model_name = if kind == DecoderKind::OptimumMerged { "decoder_model_merged.onnx" } else { "model.onnx" };
+    let mut names = vec![model_name];
     if kind == DecoderKind::Genai {
         names.push(data_name);
     }
@@ -170,9 +193,9 @@ pub fn write_folder(dir: &Path, kind: DecoderKind, cfg: &DecoderConfig, force: b
             std::fs::write(dir.join(data_name), data)?;
             prost::Message::encode_to_vec(&proto)
         }
-        DecoderKind::Optimum => prost::Message::encode_to_vec(&proto),
+        DecoderKind::Optimum | DecoderKind::OptimumMerged => prost::Message::encode_to_vec(&proto),
     };
-    std::fs::write(dir.join("model.onnx"), model_bytes)?;
+    std::fs::write(dir.join(model_name), model_bytes)?;
     for (name, bytes) in &files {
         std::fs::write(dir.join(name), bytes)?;
     }
@@ -228,7 +251,7 @@ fn genai_config(cfg: &DecoderConfig, vocab: usize) -> String {
             }},
             "num_attention_heads": {heads},
             "num_hidden_layers": {layers},
-            "num_key_value_heads": {kv}
+            "num_key_value_heads": {kv}{window}
         }},
         "eos_token_id": {eos},
         "pad_token_id": {eos},
@@ -258,6 +281,14 @@ fn genai_config(cfg: &DecoderConfig, vocab: usize) -> String {
         heads = cfg.heads,
         layers = cfg.layers,
         kv = cfg.kv_heads,
+        window = if cfg.local_window > 0 {
+            format!(
+                ",\n            \"sliding_window\": {{\n                \"window_size\": {},\n                \"pad_value\": 0,\n                \"alignment\": \"left\",\n                \"slide_key_value_cache\": false\n            }}",
+                cfg.local_window
+            )
+        } else {
+            String::new()
+        },
     )
 }
 
@@ -474,7 +505,7 @@ pub fn genai_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
                 attr_i("num_heads", nh as i64),
                 attr_i("kv_num_heads", kv as i64),
                 attr_i("do_rotary", 1),
-                attr_i("local_window_size", -1),
+                attr_i("local_window_size", cfg.local_window),
             ],
         );
         p.linear(&t("attn/o_proj"), &t("attn_out"), &t("o"), nh * d, h);
@@ -534,6 +565,70 @@ pub fn genai_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
 
 /// The Optimum-style graph (see the module doc).
 pub fn optimum_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
+    optimum_graph(cfg, vocab, true)
+}
+
+/// Optimum's merged decoder (see the module doc): `If(use_cache_branch)` over the decoder with
+/// past (then) and without past (else), the weights shared as main-graph initializers.
+pub fn optimum_merged_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
+    use crate::graph::onnx::{attribute_proto::AttributeType, AttributeProto, GraphProto};
+    let mut with_past = optimum_graph(cfg, vocab, true);
+    let without = optimum_graph(cfg, vocab, false).graph.expect("graph");
+    let mut main = with_past.graph.take().expect("graph");
+    // A branch: its nodes and outputs under `prefix` (names unique across the model), reading the
+    // main graph's inputs and initializers by name.
+    let branch = |g: &GraphProto, prefix: &str| -> GraphProto {
+        let outer: std::collections::HashSet<&str> = g
+            .input
+            .iter()
+            .filter_map(|v| v.name.as_deref())
+            .chain(g.initializer.iter().filter_map(|t| t.name.as_deref()))
+            .collect();
+        let rename =
+            |t: &String| if t.is_empty() || outer.contains(t.as_str()) { t.clone() } else { format!("{prefix}{t}") };
+        let node = g
+            .node
+            .iter()
+            .map(|n| NodeProto {
+                name: n.name.as_ref().map(|x| format!("{prefix}{x}")),
+                input: n.input.iter().map(rename).collect(),
+                output: n.output.iter().map(rename).collect(),
+                ..n.clone()
+            })
+            .collect();
+        let output = g
+            .output
+            .iter()
+            .map(|v| crate::graph::onnx::ValueInfoProto { name: v.name.as_ref().map(rename), ..v.clone() })
+            .collect();
+        GraphProto { name: Some(prefix.trim_start_matches('/').into()), node, output, ..Default::default() }
+    };
+    let graph_attr = |name: &str, g: GraphProto| AttributeProto {
+        name: Some(name.into()),
+        g: Some(g),
+        r#type: Some(AttributeType::Graph as i32),
+        ..Default::default()
+    };
+    let then_branch = branch(&main, "/with_past");
+    let else_branch = branch(&without, "/no_past");
+    let outputs: Vec<&str> = main.output.iter().filter_map(|v| v.name.as_deref()).collect();
+    let the_if = node(
+        "If",
+        "optimum::if",
+        &["use_cache_branch"],
+        &outputs,
+        vec![graph_attr("then_branch", then_branch), graph_attr("else_branch", else_branch)],
+    );
+    main.node = vec![the_if];
+    main.input.push(io_named("use_cache_branch", DataType::Bool as i32, &[Dim::Fixed(1)]));
+    with_past.graph = Some(main);
+    with_past.producer_name = Some("nibble example --kind optimum-merged (Optimum merged decoder layout)".into());
+    with_past
+}
+
+/// The Optimum-style graph; without `past`, the present key/value are the current step's only
+/// (the cache inputs are declared and unread, as in a merged decoder's no-past branch).
+fn optimum_graph(cfg: &DecoderConfig, vocab: usize, past: bool) -> ModelProto {
     let (h, m, nh) = (cfg.hidden, cfg.intermediate, cfg.heads);
     let d = h / nh;
     let mut p = Parts { nodes: vec![], inits: vec![], rng: Rng::new(cfg.seed) };
@@ -619,8 +714,13 @@ pub fn optimum_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
         }
         let (pk, pv) = (format!("past_key_values.{l}.key"), format!("past_key_values.{l}.value"));
         let (ck, cv) = (format!("present.{l}.key"), format!("present.{l}.value"));
-        p.n("Concat", &t("attn/key/Concat"), &[&pk, &t("kh")], &[&ck], vec![attr_i("axis", 2)]);
-        p.n("Concat", &t("attn/value/Concat"), &[&pv, &t("vh")], &[&cv], vec![attr_i("axis", 2)]);
+        if past {
+            p.n("Concat", &t("attn/key/Concat"), &[&pk, &t("kh")], &[&ck], vec![attr_i("axis", 2)]);
+            p.n("Concat", &t("attn/value/Concat"), &[&pv, &t("vh")], &[&cv], vec![attr_i("axis", 2)]);
+        } else {
+            p.n("Identity", &t("attn/key/Identity"), &[&t("kh")], &[&ck], vec![]);
+            p.n("Identity", &t("attn/value/Identity"), &[&t("vh")], &[&cv], vec![]);
+        }
         p.n("Transpose", &t("attn/key/Transpose"), &[&ck], &[&t("kt")], vec![attr_ints("perm", &[0, 1, 3, 2])]);
         p.n("MatMul", &t("attn/scores/MatMul"), &[&t("qh"), &t("kt")], &[&t("scores")], vec![]);
         p.n("Mul", &t("attn/scores/Mul"), &[&t("scores"), "/transformer/scale"], &[&t("scaled")], vec![]);

@@ -105,10 +105,10 @@ pub fn inspect(path: &Path, exclude: &[String]) -> Result<String> {
     Ok(s)
 }
 
-/// How calibration and `compare --perplexity` feed each model input (the feed plan).
+/// How calibration and `compare` (with or without `--perplexity`) feed each model input (the feed plan).
 fn feed_report(model: &Model) -> String {
     use crate::calibrate::inputs::{feed_plan, shape_text, CalibrationOptions};
-    let mut s = String::from("inputs (how calibration and compare --perplexity feed them):\n");
+    let mut s = String::from("inputs (how calibration and compare feed them):\n");
     match feed_plan(model, &CalibrationOptions::default()) {
         Ok(plan) => {
             for (spec, feed) in &plan.inputs {

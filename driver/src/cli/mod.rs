@@ -165,12 +165,13 @@ enum Command {
         extra: CompareExtra,
     },
     /// Write a synthetic transformer-like model (seeded random weights) for trying nibble out; with
-    /// --kind genai/optimum a decoder LLM folder with a KV cache, config and tokenizer.
+    /// --kind genai/optimum/optimum-merged a decoder LLM folder with a KV cache, config and tokenizer.
     Example {
-        /// Output model (a folder for --kind genai/optimum).
+        /// Output model (a folder for --kind genai/optimum/optimum-merged).
         output: PathBuf,
-        /// A decoder folder as onnxruntime-genai's builder (genai) or Optimum (optimum) writes it,
-        /// instead of the single transformer-like model.
+        /// A decoder folder as onnxruntime-genai's builder (genai) or Optimum (optimum; its merged
+        /// decoder with an If on use_cache_branch: optimum-merged) writes it, instead of the single
+        /// transformer-like model.
         #[arg(long, value_enum)]
         kind: Option<decoder_example::DecoderKind>,
         /// Hidden size.
