@@ -11,19 +11,20 @@
 //! | `input_ids` (ids of an embedding table) | the sample's tokens | `[batch, T]` |
 //! | `attention_mask` | ones over past + current | `[batch, P + T]` |
 //! | `position_ids` | `P, P+1, ..., P+T-1` | `[batch, T]` |
-//! | `past_key_values.N.key/value`, `past_key`/`past_value`, `past_N` | zeros | `[batch, kv_heads, P, head_size]` (rank 5: `[2, batch, heads, P, head_size]`); read by a sliding-window GroupQueryAttention (`local_window_size` W > 0): `[batch, kv_heads, max(W, P + T), head_size]` |
+//! | `past_key_values.N.key/value`, `past_key`/`past_value`, `past_N` | zeros | `[batch, kv_heads, P, head_size]` (rank 5: `[2, batch, heads, P, head_size]`); read by a GroupQueryAttention with a window-sized cache (`sliding_window_cache` = 1, `local_window_size` W > 0): `[batch, kv_heads, max(W, P + T), head_size]` |
 //! | `seqlens_k` | `P + T - 1` (int32) | `[batch]` |
 //! | `total_sequence_length` | `P + T` (int32) | scalar |
 //! | `use_cache_branch` | false | `[1]` |
 //! | anything else | seeded random, as before | symbolic dims: batch 1, others 128 |
 //!
-//! A GroupQueryAttention with a sliding window (`local_window_size` W > 0, Gemma 3's local layers)
-//! refuses a past buffer shorter than W ("KV cache capacity (0) must be at least
-//! local_window_size"). Its cache is then fed as onnxruntime-genai's shared buffer: `max(W, P + T)`
-//! zeros of which only the first `P` count, because GroupQueryAttention reads the past length from
-//! `seqlens_k` (`P + T - 1`, from the attention mask `[batch, P + T]`), not from the buffer's size:
-//! the rest is masked out (the logits equal an exact-size cache's; `benches/genai_sweep.py` feeds
-//! real Gemma 3 folders the same way).
+//! A GroupQueryAttention with a window-sized cache (`sliding_window_cache` = 1 and
+//! `local_window_size` W > 0: how onnxruntime-genai's builder writes Gemma 3's local layers)
+//! refuses a cache capacity below W (ONNX Runtime 1.32: INVALID_ARGUMENT), so an empty past is
+//! refused there. Its cache is fed `max(W, P + T)` zeros: GroupQueryAttention takes the tokens
+//! processed so far from `seqlens_k` (`P + T - 1`, from the attention mask `[batch, P + T]`), not
+//! from the buffer's size, so only `P` rows count and the rest is masked out (the logits equal
+//! those of the same model without a window when `T` <= W; `benches/genai_sweep.py` feeds real
+//! Gemma 3 folders the same way). A window without `sliding_window_cache` takes an empty past.
 //!
 //! The cache's head count and head size, when its dims are symbolic, are read from (first found):
 //! `--calibration-shapes DIM=N`; the attention node reading the cache (GroupQueryAttention's
@@ -60,7 +61,7 @@ pub enum Feed {
         batch_axis: usize,
         /// Axis of the past length.
         past_axis: usize,
-        /// `local_window_size` of the GroupQueryAttention reading it (0: none).
+        /// `local_window_size` of the GroupQueryAttention reading it with a window-sized cache (0: none).
         window: usize,
     },
     /// GroupQueryAttention's `seqlens_k`: `P + T - 1` per batch row (int32 `[batch]`).
@@ -240,14 +241,18 @@ fn cache(model: &Model, s: &InputSpec, dims: &HashMap<String, usize>, cfg: &Conf
     Ok(Feed::Cache { dims: full, batch_axis, past_axis, window })
 }
 
-/// `local_window_size` of the GroupQueryAttention reading `input` as its past key/value, when > 0.
+/// `local_window_size` of the GroupQueryAttention reading `input` as its past key/value, when > 0
+/// and its cache is window-sized (`sliding_window_cache` = 1); else 0.
 fn local_window(model: &Model, input: &str) -> usize {
     let Some(g) = model.proto.graph.as_ref() else { return 0 };
     g.node
         .iter()
         .filter(|n| n.op_type.as_deref() == Some("GroupQueryAttention"))
         .filter(|n| n.input.get(3).is_some_and(|i| i == input) || n.input.get(4).is_some_and(|i| i == input))
-        .find_map(|n| n.attribute.iter().find(|a| a.name.as_deref() == Some("local_window_size")).and_then(|a| a.i))
+        .find_map(|n| {
+            let attr = |name: &str| n.attribute.iter().find(|a| a.name.as_deref() == Some(name)).and_then(|a| a.i);
+            (attr("sliding_window_cache") == Some(1)).then(|| attr("local_window_size")).flatten()
+        })
         .map_or(0, |w| w.max(0) as usize)
 }
 

@@ -52,8 +52,9 @@ pub struct DecoderConfig {
     pub context: usize,
     /// Weight seed.
     pub seed: u64,
-    /// GroupQueryAttention's `local_window_size` (genai kind; -1: none; > 0: a sliding window, as
-    /// Gemma 3's local layers, also written to `genai_config.json`'s `sliding_window`).
+    /// GroupQueryAttention's `local_window_size` (genai kind; -1: none; > 0: a sliding window with
+    /// a window-sized cache, `sliding_window_cache` = 1, as the builder writes Gemma 3's local
+    /// layers; also written to `genai_config.json`'s `sliding_window`).
     pub local_window: i64,
 }
 
@@ -506,7 +507,11 @@ pub fn genai_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
                 attr_i("kv_num_heads", kv as i64),
                 attr_i("do_rotary", 1),
                 attr_i("local_window_size", cfg.local_window),
-            ],
+            ]
+            .into_iter()
+            // A window-sized cache, as the builder writes windowed layers (Gemma 3's local ones).
+            .chain((cfg.local_window > 0).then(|| attr_i("sliding_window_cache", 1)))
+            .collect(),
         );
         p.linear(&t("attn/o_proj"), &t("attn_out"), &t("o"), nh * d, h);
         let gamma2 = format!("model.layers.{l}.post_attention_layernorm.weight");
@@ -575,8 +580,8 @@ pub fn optimum_merged_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
     let mut with_past = optimum_graph(cfg, vocab, true);
     let without = optimum_graph(cfg, vocab, false).graph.expect("graph");
     let mut main = with_past.graph.take().expect("graph");
-    // A branch: its nodes and outputs under `prefix` (names unique across the model), reading the
-    // main graph's inputs and initializers by name.
+    // A branch: its tensors under `prefix` (names unique across the model), its node names kept,
+    // reading the main graph's inputs and initializers by name.
     let branch = |g: &GraphProto, prefix: &str| -> GraphProto {
         let outer: std::collections::HashSet<&str> = g
             .input
@@ -590,7 +595,8 @@ pub fn optimum_merged_model(cfg: &DecoderConfig, vocab: usize) -> ModelProto {
             .node
             .iter()
             .map(|n| NodeProto {
-                name: n.name.as_ref().map(|x| format!("{prefix}{x}")),
+                // Node names as Optimum keeps them (each branch is a whole decoder graph).
+                name: n.name.clone(),
                 input: n.input.iter().map(rename).collect(),
                 output: n.output.iter().map(rename).collect(),
                 ..n.clone()
