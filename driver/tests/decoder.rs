@@ -1,7 +1,8 @@
-//! Decoder LLM folders with a KV cache (issue 18): `nibble example --kind genai|optimum`, the feed
-//! plan (empty past), calibration refused on random token ids unless asked for, `--calibration-shapes`
-//! names, `inspect`'s feed listing, `compare --perplexity`, and `--format matmulnbits`'s default
-//! accuracy level. Every model runs in ONNX Runtime with the tests' session (fused MatMulNBits at
+//! Decoder LLM folders with a KV cache (issue 18): `nibble example --kind genai|optimum|optimum-merged`,
+//! the feed plan (empty past; `use_cache_branch` false; a masked window-long buffer for a
+//! window-sized GroupQueryAttention cache), calibration refused on random token ids unless asked for,
+//! `--calibration-shapes` names, `inspect`'s feed listing, `compare` with and without
+//! `--perplexity`, and `--format matmulnbits`'s default accuracy level. Every model runs in ONNX Runtime with the tests' session (fused MatMulNBits at
 //! fp32) and with all optimizations disabled.
 
 mod common;

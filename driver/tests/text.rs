@@ -221,4 +221,42 @@ fn text_errors_name_the_fix() {
     let bin = t.path().join("bin.txt");
     std::fs::write(&bin, [0x66u8, 0x6f, 0xff, 0xfe]).unwrap();
     refused(&with(&base, &[bin.to_str().unwrap()]), &out, "not UTF-8 text (byte 2)");
+    // Text shorter than one sample.
+    refused(
+        &with(&base, &[short.to_str().unwrap(), "--calibration-samples", "1", "--calibration-seq-len", "4096"]),
+        &out,
+        "fewer than 1 samples x 4096 tokens = 4096; give a longer text or a shorter sequence length",
+    );
+    // A tokenizer whose vocabulary does not fit the embedding (988 rows): the example's with every
+    // id moved past the table. Calibration and perplexity refuse it and name the fix.
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    for id in tok["model"]["vocab"].as_object_mut().unwrap().values_mut() {
+        *id = (id.as_u64().unwrap() + 5000).into();
+    }
+    for added in tok["added_tokens"].as_array_mut().unwrap() {
+        added["id"] = (added["id"].as_u64().unwrap() + 5000).into();
+    }
+    let wide = t.path().join("wide.json");
+    std::fs::write(&wide, serde_json::to_vec(&tok).unwrap()).unwrap();
+    let long = t.path().join("long.txt");
+    std::fs::write(&long, text(3000)).unwrap();
+    let fit = ["--calibration-samples", "2", "--calibration-seq-len", "32", "--tokenizer", wide.to_str().unwrap()];
+    let args = with(&with(&base, &[long.to_str().unwrap()]), &fit);
+    refused(&args, &out, "is outside the embedding of input 'input_ids' (988 rows); use the model's own tokenizer");
+    let ppl = [
+        "compare",
+        dir.to_str().unwrap(),
+        dir.to_str().unwrap(),
+        "--perplexity-text",
+        long.to_str().unwrap(),
+        "--perplexity-seq-len",
+        "32",
+        "--perplexity-windows",
+        "2",
+        "--tokenizer",
+        wide.to_str().unwrap(),
+    ];
+    refused(&ppl, &out, "is outside the vocabulary of 988");
+    refused(&ppl, &out, "the model's own tokenizer");
 }

@@ -185,7 +185,7 @@ pub fn perplexity(model_path: &Path, tokens: &Tokens, logits: Option<&str>) -> R
     let outside = |v: usize| tokens.ids.iter().copied().find(|&id| id as usize >= v);
     if let Some(bad) = vocab.and_then(outside) {
         return Err(Error::Usage(format!(
-            "--perplexity: token id {bad} is outside the vocabulary of {} of {}",
+            "--perplexity: token id {bad} is outside the vocabulary of {} of {}; give token ids of the model's own tokenizer (its tokenizer.json, or --tokenizer FILE with --perplexity-text)",
             vocab.unwrap_or(0),
             model_path.display()
         )));
