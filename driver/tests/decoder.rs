@@ -32,6 +32,9 @@ fn decode(model: &Path, ids: &[i64], no_optimization: bool) -> (Vec<f32>, Vec<(S
     (logits, presents)
 }
 
+/// Logits and the present outputs' (name, shape).
+type Decoded = (Vec<f32>, Vec<(String, Vec<usize>)>);
+
 /// [`decode`] with a KV-cache buffer of `cache` zeros (the attention mask still covers only the
 /// `ids`: an empty past) and `use_cache_branch` (when the model has it) set to `use_cache`;
 /// ONNX Runtime's error when it refuses to run.
@@ -41,7 +44,7 @@ fn decode_with(
     no_optimization: bool,
     cache: usize,
     use_cache: bool,
-) -> Result<(Vec<f32>, Vec<(String, Vec<usize>)>), String> {
+) -> Result<Decoded, String> {
     let m = Model::load(model).unwrap();
     let specs = nibble_driver::calibrate::inputs::input_specs(&m).unwrap();
     let t = ids.len();

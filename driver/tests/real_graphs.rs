@@ -1656,7 +1656,10 @@ fn sequential_gptq_on_shared_weights_bodies_and_chains() {
 /// Squeeze, Unsqueeze then Squeeze, a Gemm (`transB=1`) behind a Squeeze, and an Unsqueeze left at
 /// rank 3 (stays float, listed with its reason). `opset` 17 gives Unsqueeze/Squeeze their axes as a
 /// constant input; opset 11 as the `axes` attribute.
-fn shape_chains(opset: i64) -> (ModelProto, Vec<(&'static str, Vec<f32>, usize)>) {
+/// A product's node name, the folded weight it reads and the weight's block axis.
+type Folded = (&'static str, Vec<f32>, usize);
+
+fn shape_chains(opset: i64) -> (ModelProto, Vec<Folded>) {
     let (k, n) = (128usize, 64usize);
     let mut rng = Rng::new(1800 + opset as u64);
     let mut vals = || rng.normals(k * n, 0.1);
