@@ -262,8 +262,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let mut model = Model::load(input)?;
     let data_path = output_data_path(output, opts);
     check_output(&model, output, &data_path, opts.force)?;
-    let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
-        + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
+    let model_bytes_before = model.bytes_on_disk();
     let (mut candidates, gather_block) = choose_weights(&model, &patterns, block, opts)?;
     check_method_options(opts)?;
     let budget = match opts.target_bits {
