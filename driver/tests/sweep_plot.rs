@@ -8,28 +8,9 @@
 
 mod common;
 
-use common::{nibble, nibble_ok, snapshot, tmp};
-use nibble_driver::calibrate::inputs::{calibration_inputs, CalibrationOptions};
+use common::{decoder_logits, nibble, nibble_ok, snapshot, text, tmp};
 use nibble_driver::calibrate::text::text_windows;
-use nibble_driver::graph::model::Model;
-use nibble_driver::runtime::{open, run, SessionOptions};
 use std::path::{Path, PathBuf};
-
-/// Deterministic English-like text of about `words` words.
-fn text(words: usize) -> String {
-    let vocab = [
-        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
-        "judge", "boxing", "matches", "near", "old", "river", "banks,", "and", "then.", "It", "rains", "today",
-    ];
-    let mut state = 777u64;
-    (0..words)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            vocab[(state >> 33) as usize % vocab.len()]
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// A genai example folder (`nibble example --kind genai`) and a text file in `root`.
 fn setup(root: &Path) -> (PathBuf, PathBuf) {
@@ -86,23 +67,6 @@ fn compare_perplexity(float: &Path, quantized: &Path, text: &Path) -> f64 {
     args.extend(PPL);
     let json: serde_json::Value = serde_json::from_str(&nibble_ok(&args)).unwrap();
     json["perplexity"]["quantized"]["perplexity"].as_f64().unwrap()
-}
-
-/// The logits of `model` on `tokens`, in a default session and with optimizations disabled.
-fn logits(model: &Path, tokens: &[Vec<i64>]) -> [Vec<f32>; 2] {
-    let opts = CalibrationOptions { tokens: Some(tokens.to_vec()), ..Default::default() };
-    let samples = calibration_inputs(&Model::load(model).unwrap(), &opts).unwrap();
-    [
-        SessionOptions { no_optimization: false, ort_defaults: true },
-        SessionOptions { no_optimization: true, ort_defaults: false },
-    ]
-    .map(|o| {
-        let mut s = open(model, o).unwrap_or_else(|e| panic!("{}: {e}", model.display()));
-        samples
-            .iter()
-            .flat_map(|x| run(&mut s, x).unwrap().into_iter().find(|t| t.name == "logits").unwrap().data)
-            .collect()
-    })
 }
 
 /// A least-squares line through `(x, y)`: `(slope, intercept)`.
@@ -165,7 +129,7 @@ fn sweep_on_a_folder_prints_the_table_keeps_folders_and_draws_it() {
     assert_eq!(float.bytes, model_bytes(&dir), "{table}");
     let tokenizer = dir.join("tokenizer.json");
     let windows = text_windows(&text, &tokenizer, 3, 64).unwrap();
-    let float_logits = logits(&dir.join("model.onnx"), &windows)[1].clone();
+    let float_logits = decoder_logits(&dir.join("model.onnx"), &windows)[1].clone();
     for row in &rows[1..5] {
         let kept = out.join(format!("{}_b{}", row.name, row.block));
         assert!(kept.join("genai_config.json").is_file() && kept.join("tokenizer.json").is_file(), "{kept:?}");
@@ -174,7 +138,8 @@ fn sweep_on_a_folder_prints_the_table_keeps_folders_and_draws_it() {
         assert!(row.perplexity.is_finite() && row.perplexity > 1.0 && row.perplexity != float.perplexity, "{row:?}");
         let want = compare_perplexity(&dir, &kept, &text);
         assert!((row.perplexity - want).abs() <= 1e-4 * want, "{row:?}: compare says {want}");
-        for (mode, got) in ["default", "no optimization"].iter().zip(logits(&kept.join("model.onnx"), &windows)) {
+        for (mode, got) in ["default", "no optimization"].iter().zip(decoder_logits(&kept.join("model.onnx"), &windows))
+        {
             let e = common::rel_err(&got, &float_logits);
             assert!(e > 0.0 && e < 0.6, "{row:?} ({mode} session): relative error {e}");
         }
