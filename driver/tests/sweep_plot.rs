@@ -227,6 +227,12 @@ fn sweep_options_are_checked_before_any_work() {
     let o = run(base(&["--perplexity-text", t, "--plot", svg.to_str().unwrap()]));
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
+    let inner = dir.join("sweeps/out");
+    let o = run(base(&["--output-dir", inner.to_str().unwrap()]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("inside the input folder"), "{err}");
+    assert!(!dir.join("sweeps").exists(), "the input folder was modified");
     assert_eq!(snapshot(d.path()), before, "something was written");
     let outs = d.path().join("outs");
     std::fs::create_dir_all(outs.join("rtn_dq_b128")).unwrap();

@@ -156,6 +156,12 @@ pub fn sweep(model: &Path, opts: &SweepOptions) -> Result<Sweep> {
         if dir.exists() && !dir.is_dir() {
             return Err(Error::Output { path: dir.clone(), why: "is a file; --output-dir takes a folder".into() });
         }
+        if folder && inside(dir, model) {
+            return Err(Error::Output {
+                path: dir.clone(),
+                why: "is inside the input folder, which nibble never modifies; choose a folder outside it".into(),
+            });
+        }
         for &method in &opts.methods {
             for &b in &opts.block_sizes {
                 let out = dir.join(output_name(method, b, folder));
@@ -179,6 +185,26 @@ pub fn sweep(model: &Path, opts: &SweepOptions) -> Result<Sweep> {
     crate::cleanup::unregister(dir.path());
     drop(dir);
     result
+}
+
+/// Whether `path` (which may not exist yet) is `folder` or lies inside it, by canonical paths of
+/// its nearest existing ancestor.
+fn inside(path: &Path, folder: &Path) -> bool {
+    let Ok(folder) = folder.canonicalize() else { return false };
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(real) = at.canonicalize() {
+            return rest.iter().rev().fold(real, |p: PathBuf, c| p.join(c)).starts_with(&folder);
+        }
+        match (at.file_name(), at.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                at = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+            }
+            _ => return false,
+        }
+    }
 }
 
 /// Errors and perplexity of the model at `path` (a file) against the float model `model`.
