@@ -262,8 +262,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let mut model = Model::load(input)?;
     let data_path = output_data_path(output, opts);
     check_output(&model, output, &data_path, opts.force)?;
-    let model_bytes_before = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0)
-        + model.external_files().iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum::<u64>();
+    let model_bytes_before = model.bytes_on_disk();
     let (mut candidates, gather_block) = choose_weights(&model, &patterns, block, opts)?;
     check_method_options(opts)?;
     let budget = match opts.target_bits {
@@ -332,7 +331,7 @@ fn plan_budget(
         return refuse("--int8-layers and --mixed-precision choose INT8 layers by name; --target-bits chooses them by measurement: give one of them");
     }
     if opts.gather_axis.is_some() {
-        return refuse("--gather-axis: Gather tables stay 4-bit only and are not budgeted yet; quantize tables without --target-bits, or leave --gather-axis out");
+        return refuse("--gather-axis: separate Gather (embedding) tables are not budgeted (they are written 4-bit only); leave --gather-axis out (a tied embedding is budgeted with its LM head under --no-default-exclude), or quantize the tables without --target-bits");
     }
     if opts.awq.per_subgraph {
         return refuse("--per-subgraph searches one scale for INT4 siblings only; leave it out with --target-bits");

@@ -285,3 +285,28 @@ fn the_sensitivity_plot_matches_the_table() {
         assert_eq!(ring[i], on, "row {i}");
     }
 }
+
+/// `--target-bits` with `--gather-axis`: separate embedding tables are not budgeted; exit 1 naming
+/// the option and the fix, nothing written.
+#[test]
+fn gather_tables_are_refused_with_the_fix() {
+    let d = tmp();
+    let dir = d.path().join("genai");
+    nibble_ok(&["example", "--kind", "genai", dir.to_str().unwrap()]);
+    let before = snapshot(d.path());
+    let out = d.path().join("q");
+    let o = nibble(&[
+        "quantize",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--target-bits",
+        "5",
+        "--gather-axis",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--target-bits 5: --gather-axis") && err.contains("leave --gather-axis out"), "{err}");
+    assert_eq!(snapshot(d.path()), before, "an output was written");
+}

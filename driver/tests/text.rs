@@ -4,29 +4,11 @@
 
 mod common;
 
-use common::{nibble, nibble_ok, tmp};
-use nibble_driver::calibrate::inputs::{calibration_inputs, CalibrationOptions};
+use common::{decoder_logits, nibble, nibble_ok, text, tmp};
 use nibble_driver::calibrate::text::{load_tokenizer, read_text, text_windows, tokenize, windows};
 use nibble_driver::cli::decoder_example::{write_folder, DecoderConfig, DecoderKind};
 use nibble_driver::graph::model::Model;
-use nibble_driver::runtime::{open, run, SessionOptions};
 use std::path::{Path, PathBuf};
-
-/// Deterministic English-like text of about `words` words.
-fn text(words: usize) -> String {
-    let vocab = [
-        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
-        "judge", "boxing", "matches", "near", "old", "river", "banks,", "and", "then.", "It", "rains", "today",
-    ];
-    let mut state = 12345u64;
-    (0..words)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            vocab[(state >> 33) as usize % vocab.len()]
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 fn folder(root: &Path, kind: DecoderKind) -> PathBuf {
     let dir = root.join(format!("{kind:?}").to_lowercase());
@@ -81,24 +63,6 @@ fn jsonl_text_fields_are_joined() {
     assert!(e.contains("line 2 has no string field \"text\""), "{e}");
 }
 
-/// The logits of `model` on the token windows, in a default session and with optimizations
-/// disabled.
-fn logits(model: &Path, tokens: &[Vec<i64>]) -> [Vec<f32>; 2] {
-    let opts = CalibrationOptions { tokens: Some(tokens.to_vec()), ..Default::default() };
-    let samples = calibration_inputs(&Model::load(model).unwrap(), &opts).unwrap();
-    [
-        SessionOptions { no_optimization: false, ort_defaults: true },
-        SessionOptions { no_optimization: true, ort_defaults: false },
-    ]
-    .map(|o| {
-        let mut s = open(model, o).unwrap_or_else(|e| panic!("{}: {e}", model.display()));
-        samples
-            .iter()
-            .flat_map(|x| run(&mut s, x).unwrap().into_iter().find(|t| t.name == "logits").unwrap().data)
-            .collect()
-    })
-}
-
 #[test]
 fn text_calibration_quantizes_decoder_folders() {
     let t = tmp();
@@ -107,7 +71,7 @@ fn text_calibration_quantizes_decoder_folders() {
         let dir = folder(t.path(), kind);
         let tokenizer = dir.join("tokenizer.json");
         let windows = text_windows(&text, &tokenizer, 2, 64).unwrap();
-        let reference = logits(&dir.join("model.onnx"), &windows)[1].clone();
+        let reference = decoder_logits(&dir.join("model.onnx"), &windows)[1].clone();
         for method in ["gptq", "awq_clip"] {
             let out = t.path().join(format!("{kind:?}_{method}"));
             let args = [
@@ -129,7 +93,9 @@ fn text_calibration_quantizes_decoder_folders() {
             nibble_ok(&args);
             assert!(out.join("model.onnx.data").is_file());
             assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(&tokenizer).unwrap());
-            for (mode, got) in ["default", "no optimization"].iter().zip(logits(&out.join("model.onnx"), &windows)) {
+            for (mode, got) in
+                ["default", "no optimization"].iter().zip(decoder_logits(&out.join("model.onnx"), &windows))
+            {
                 let e = common::rel_err(&got, &reference);
                 assert!(e > 0.0 && e < 0.5, "{kind:?} {method} ({mode} session): relative error {e}");
             }

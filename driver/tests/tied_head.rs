@@ -297,3 +297,102 @@ fn excluded_head_keeps_the_table_and_head_bits_says_so() {
     let bad = nibble(&["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--force", "--head-bits", "6"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// How the embedding Gather of [`disagreeing_model`] reads the head's table `E [V, H]`.
+#[derive(Clone, Copy, Debug)]
+enum Disagree {
+    /// `Gather(Transpose(E))`: rows of the head's `[K, N] = [H, V]` weight.
+    KnRows,
+    /// `Gather(Reshape(E, [2V, H/2]))`: another shape than the table.
+    Reshape,
+}
+
+/// A head `MatMul(Gather(P, ids), Transpose(E))` whose table `E` an embedding Gather reads in
+/// another shape than the head's `[N, K]` ([`Disagree`]); outputs `g` (the Gather's) and `logits`.
+fn disagreeing_model(how: Disagree) -> ModelProto {
+    let (e, _) = weights();
+    let p = Rng::new(8).normals(V * H, 0.5);
+    let inits = vec![
+        init("embed.weight", &[V, H], &e, FloatFormat::F32),
+        init("pos.weight", &[V, H], &p, FloatFormat::F32),
+        nibble_driver::graph::build::init_i64("half_shape", &[2], &[2 * V as i64, H as i64 / 2]),
+    ];
+    let t =
+        |from: &str, to: &str, name: &str| node("Transpose", name, &[from], &[to], vec![attr_ints("perm", &[1, 0])]);
+    let mut nodes = vec![
+        node("Gather", "/pos/Gather", &["pos.weight", "ids"], &["h0"], vec![]),
+        t("embed.weight", "embed_t", "/lm_head/Transpose"),
+        node("MatMul", "/lm_head/MatMul", &["h0", "embed_t"], &["logits"], vec![]),
+    ];
+    let g_width = match how {
+        Disagree::KnRows => {
+            nodes.push(node("Gather", "/embed/Gather", &["embed_t", "ids"], &["g"], vec![]));
+            V
+        }
+        Disagree::Reshape => {
+            nodes.push(node("Reshape", "/embed/Reshape", &["embed.weight", "half_shape"], &["embed_r"], vec![]));
+            nodes.push(node("Gather", "/embed/Gather", &["embed_r", "ids"], &["g"], vec![]));
+            H / 2
+        }
+    };
+    let f = DataType::Float as i32;
+    let g = GraphProto {
+        node: nodes,
+        initializer: inits,
+        input: vec![io("ids", DataType::Int64 as i32, &[Some(1), None])],
+        output: vec![io("g", f, &[Some(1), None, Some(g_width)]), io("logits", f, &[Some(1), None, Some(V)])],
+        name: Some("disagree".into()),
+        ..Default::default()
+    };
+    model(g, 17)
+}
+
+/// Issue 22's bad input: a tied head whose two readers disagree on shape (the Gather reads the
+/// table as the head's `[K, N]`, or through a Reshape). The head is quantized, the Gather keeps
+/// the float table and stderr says why; the Gather's output is the float rows and the logits are
+/// quantized ones, in ONNX Runtime with default session options and with optimizations disabled.
+#[test]
+fn readers_disagreeing_on_shape_keep_the_float_table_with_the_reason() {
+    let d = tmp();
+    let ids: Vec<i64> = (0..S as i64).map(|i| (i * 29 + 3) % H as i64).collect();
+    for how in [Disagree::KnRows, Disagree::Reshape] {
+        let src = write(disagreeing_model(how), &d.path().join("m.onnx"), ExternalData::Never);
+        let float = run_modes(&src, &ids).remove(1).1;
+        for form in ["matmulnbits", "dq"] {
+            let case = format!("{how:?} {form}");
+            let out = d.path().join("q.onnx");
+            let notes = quantize(&src, &out, form, Bits::Four, false);
+            let why = match how {
+                Disagree::KnRows => "it gathers rows of the head's [K, N] = [64, 96] weight, not of [N, K]",
+                Disagree::Reshape => "it reads the table through a Cast or Reshape",
+            };
+            assert!(notes.contains("keeps the float table 'embed.weight'") && notes.contains(why), "{case}: {notes}");
+            assert!(notes.contains("/embed/Gather"), "{case}: {notes}");
+            assert!(!notes.contains("tied embedding: Gather"), "{case}: {notes}");
+            let inits = initializers(&out);
+            assert!(
+                inits.iter().any(|(n, t, _)| n == "embed.weight" && *t == DataType::Float as i32),
+                "{case}: the float table is gone: {inits:?}"
+            );
+            let ops: Vec<String> = Model::load(&out)
+                .unwrap()
+                .proto
+                .graph
+                .unwrap()
+                .node
+                .iter()
+                .map(|n| n.op_type.clone().unwrap())
+                .collect();
+            let head_op = if form == "matmulnbits" { "MatMulNBits" } else { "DequantizeLinear" };
+            assert!(
+                ops.iter().any(|o| o == head_op) && !ops.iter().any(|o| o == "GatherBlockQuantized"),
+                "{case}: {ops:?}"
+            );
+            for (mode, got) in run_modes(&out, &ids) {
+                assert_eq!(got["g"], float["g"], "{case} {mode}: the Gather must read the float table");
+                let e = rel(&got["logits"], &float["logits"]);
+                assert!(e > 1e-4 && e < 0.2, "{case} {mode}: logits error {e} (the head must be quantized)");
+            }
+        }
+    }
+}

@@ -206,16 +206,16 @@ enum Command {
 struct CompareExtra {
     /// Causal LMs: mean next-token NLL and perplexity of both models on `input_ids` [S, T] (int)
     /// from this .npz, in a default ONNX Runtime session.
-    #[arg(long, value_name = "TOKENS.npz")]
+    #[arg(long, value_name = "TOKENS.npz", group = "perplexity_tokens")]
     perplexity: Option<PathBuf>,
     /// Causal LMs: perplexity of both models on --perplexity-windows windows of
     /// --perplexity-seq-len tokens of this UTF-8 text (or .jsonl with a "text" field), tokenized
     /// with --tokenizer.
-    #[arg(long, value_name = "FILE", conflicts_with = "perplexity")]
+    #[arg(long, value_name = "FILE", conflicts_with = "perplexity", group = "perplexity_tokens")]
     perplexity_text: Option<PathBuf>,
-    /// The Hugging Face tokenizer.json for --perplexity-text; default: tokenizer.json in ORIGINAL's
-    /// folder or beside it.
-    #[arg(long, value_name = "PATH", requires = "perplexity_text")]
+    /// The Hugging Face tokenizer.json for --perplexity-text and --calibration-text; default:
+    /// tokenizer.json in ORIGINAL's folder or beside it.
+    #[arg(long, value_name = "PATH")]
     tokenizer: Option<PathBuf>,
     /// Tokens per --perplexity-text window.
     #[arg(long, default_value_t = 512, value_name = "T")]
@@ -241,6 +241,56 @@ struct CompareExtra {
         value_parser = block_size_arg
     )]
     block_sizes: Vec<i64>,
+    /// Sweep: output form of every row, as for quantize.
+    #[arg(long, value_enum, default_value = "dq", requires = "methods")]
+    format: crate::pipeline::Format,
+    /// Sweep: UINT4 with zero points, as for quantize.
+    #[arg(long, requires = "methods")]
+    zero_point: bool,
+    /// Sweep: calibrate the methods that take data (awq_*, gptq) on this UTF-8 text (or .jsonl with
+    /// a "text" field), tokenized with --tokenizer, as quantize does.
+    #[arg(long, value_name = "FILE", requires = "methods", conflicts_with = "calibration_data")]
+    calibration_text: Option<PathBuf>,
+    /// Sweep: calibration samples (windows of --calibration-text, default 16; random ones, default 8).
+    #[arg(long, requires = "methods")]
+    calibration_samples: Option<usize>,
+    /// Sweep: tokens per --calibration-text window.
+    #[arg(long, default_value_t = crate::calibrate::text::DEFAULT_SEQ_LEN, value_name = "T", requires = "calibration_text")]
+    calibration_seq_len: usize,
+    /// Sweep: calibrate a model fed by token ids on random ids when no data is given.
+    #[arg(long, requires = "methods")]
+    calibration_random: bool,
+    /// Sweep: keep every output in this folder (METHOD_bBLOCK.onnx, or a folder METHOD_bBLOCK for a
+    /// folder input; created if missing) instead of a temporary folder.
+    #[arg(long, value_name = "DIR", requires = "methods")]
+    output_dir: Option<PathBuf>,
+    /// Sweep: also measure this model file or folder (e.g. the one onnxruntime-genai's builder
+    /// quantized) as a row of the table and a labelled point of --plot; repeatable.
+    #[arg(long, value_name = "LABEL=PATH", requires = "methods", value_parser = reference_arg)]
+    reference: Vec<sweep::Reference>,
+    /// Sweep: draw bytes on disk versus perplexity of every row and reference into this SVG file
+    /// (needs --perplexity-text or --perplexity).
+    #[arg(long, value_name = "FILE.svg", requires_all = ["methods", "perplexity_tokens"])]
+    plot: Option<PathBuf>,
+}
+
+/// A `--reference LABEL=PATH` value.
+fn reference_arg(text: &str) -> Result<sweep::Reference, String> {
+    match text.split_once('=') {
+        Some((label, path)) if !label.trim().is_empty() && !path.is_empty() => {
+            Ok(sweep::Reference { label: label.trim().to_string(), path: PathBuf::from(path) })
+        }
+        _ => Err(format!("'{text}' is not LABEL=PATH, e.g. builder-int4=path/to/folder")),
+    }
+}
+
+/// The MatMulNBits `accuracy_level` when none is given: 4 for `--format matmulnbits` (as
+/// onnxruntime-genai's builder writes), else 0 (unset).
+fn default_accuracy_level(format: crate::pipeline::Format) -> i64 {
+    match format {
+        crate::pipeline::Format::MatMulNBits => 4,
+        _ => 0,
+    }
 }
 
 /// Options of the GPTQ methods.
@@ -522,10 +572,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 scale_search_clip_min,
                 skip_nonfinite,
                 format,
-                accuracy_level: accuracy_level.unwrap_or(match format {
-                    crate::pipeline::Format::MatMulNBits => 4,
-                    _ => 0,
-                }),
+                accuracy_level: accuracy_level.unwrap_or(default_accuracy_level(format)),
                 gather_axis,
                 gather_block_size,
                 int8_layers,
@@ -601,9 +648,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ids: windows.concat(),
                 });
             }
-            let original = crate::folder::model_file(&original)?;
-            let quantized = quantized.map(|q| crate::folder::model_file(&q)).transpose()?;
             if let Some(methods) = extra.methods {
+                if let Some(svg) = &extra.plot {
+                    plot::check_path(svg)?;
+                }
+                let mut base = Options {
+                    format: extra.format,
+                    zero_point: extra.zero_point,
+                    accuracy_level: default_accuracy_level(extra.format),
+                    ..Options::default()
+                };
+                let calibration = &mut base.awq.calibration;
+                calibration.random = extra.calibration_random;
+                if let Some(text) = &extra.calibration_text {
+                    use crate::calibrate::text::{find_tokenizer, text_windows, DEFAULT_SAMPLES};
+                    let tokenizer = find_tokenizer(extra.tokenizer.as_deref(), &original)?;
+                    let samples = extra.calibration_samples.unwrap_or(DEFAULT_SAMPLES);
+                    calibration.tokens = Some(text_windows(text, &tokenizer, samples, extra.calibration_seq_len)?);
+                }
+                if let Some(n) = extra.calibration_samples {
+                    calibration.samples = n.max(1);
+                }
                 let opts = sweep::SweepOptions {
                     methods,
                     block_sizes: extra.block_sizes,
@@ -611,7 +676,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     seed,
                     tokens,
                     logits: extra.logits,
-                    base: Options::default(),
+                    output_dir: extra.output_dir,
+                    references: extra.reference,
+                    base,
                 };
                 let s = sweep::sweep(&original, &opts)?;
                 if json {
@@ -619,8 +686,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     print!("{}", sweep::table(&s));
                 }
+                if let Some(svg) = &extra.plot {
+                    let float = s.float_perplexity.as_ref().map(|p| p.perplexity);
+                    plot::write_size_perplexity_svg(&sweep::size_points(&s)?, float, svg)?;
+                }
                 return Ok(());
             }
+            let original = crate::folder::model_file(&original)?;
+            let quantized = quantized.map(|q| crate::folder::model_file(&q)).transpose()?;
             let quantized = quantized.expect("clap requires QUANTIZED without --methods");
             let ppl = match &tokens {
                 Some(t) => Some([

@@ -134,6 +134,16 @@ impl Model {
         files
     }
 
+    /// Bytes on disk of the model file and the external data files it refers to (0 for a model
+    /// built in memory).
+    pub fn bytes_on_disk(&self) -> u64 {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        match self.in_memory {
+            true => 0,
+            false => size(&self.path) + self.external_files().iter().map(|p| size(p)).sum::<u64>(),
+        }
+    }
+
     /// The little-endian bytes of a tensor, from `raw_data`, the typed fields, or external data,
     /// checked against the size its dims and type declare.
     pub fn tensor_bytes(&self, t: &TensorProto) -> Result<Bytes> {

@@ -15,9 +15,10 @@
 //!   when the head's weight is stored `[K, N]`).
 //!
 //! A Gather is not tied (and keeps the float table, with a note) when it reads the table as
-//! `[K, N]`, gathers along another axis, is excluded by a pattern, sits in another graph than the
-//! head's quantized form, or when the head's quantized weight is not the table itself (AWQ's
-//! pre-quant scales are folded into it, or the QDQ form keeps the float weight).
+//! `[K, N]` or through a Cast/Reshape (its shape disagrees with the head's), gathers along another
+//! axis, is excluded by a pattern, sits in another graph than the head's quantized form, or when
+//! the head's quantized weight is not the table itself (AWQ's pre-quant scales are folded into it,
+//! or the QDQ form keeps the float weight).
 
 use crate::graph::fold::chain;
 use crate::graph::model::Model;
@@ -112,13 +113,15 @@ pub fn tie(
             continue;
         }
         let label = crate::graph::read::node_label(n);
+        // `flips`: the Transposes on the Gather's way to the constant; `None` when the way holds a
+        // Cast or Reshape (the Gather reads another tensor than the table).
         let (k, chain_nodes, flips) = match idx.def_of(at, 0) {
-            Some(Def::Constant(k)) => (*k, vec![], 0),
+            Some(Def::Constant(k)) => (*k, vec![], Some(0)),
             Some(def @ Def::Node(..)) => match chain(&idx, root, def) {
-                Some(c) => match transposes(model, &c.nodes) {
-                    Some(t) => (c.constant, c.nodes, t),
-                    None => continue,
-                },
+                Some(c) => {
+                    let t = transposes(model, &c.nodes);
+                    (c.constant, c.nodes, t)
+                }
                 None => continue,
             },
             _ => continue,
@@ -146,6 +149,13 @@ pub fn tie(
         let keep = |why: String| format!("Gather '{label}' keeps the float table '{}': {why}", constant.name);
         let Some(head_flips) = head_flips else {
             notes.push(keep(format!("head '{}' reads it through a Cast or Reshape", c.node)));
+            continue;
+        };
+        let Some(flips) = flips else {
+            notes.push(keep(format!(
+                "it reads the table through a Cast or Reshape, so it does not gather rows of head '{}''s [N, K] weight",
+                c.node
+            )));
             continue;
         };
         if let Some(why) = rules.not_the_table {

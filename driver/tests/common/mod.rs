@@ -152,3 +152,40 @@ pub fn npz(path: &Path, members: &[(&str, Vec<u8>)]) {
     }
     zip.finish().unwrap();
 }
+
+/// Deterministic English-like text of about `words` words (text calibration and perplexity).
+pub fn text(words: usize) -> String {
+    let vocab = [
+        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
+        "judge", "boxing", "matches", "near", "old", "river", "banks,", "and", "then.", "It", "rains", "today",
+    ];
+    let mut state = 12345u64;
+    (0..words)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            vocab[(state >> 33) as usize % vocab.len()]
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The `logits` output of the decoder `model` on the token windows `tokens` (fed through its feed
+/// plan), in a default session and with optimizations disabled.
+pub fn decoder_logits(model: &Path, tokens: &[Vec<i64>]) -> [Vec<f32>; 2] {
+    use nibble_driver::calibrate::inputs::{calibration_inputs, CalibrationOptions};
+    let opts = CalibrationOptions { tokens: Some(tokens.to_vec()), ..Default::default() };
+    let samples = calibration_inputs(&Model::load(model).unwrap(), &opts).unwrap();
+    [
+        SessionOptions { no_optimization: false, ort_defaults: true },
+        SessionOptions { no_optimization: true, ort_defaults: false },
+    ]
+    .map(|o| {
+        let mut s = open(model, o).unwrap_or_else(|e| panic!("{}: {e}", model.display()));
+        samples
+            .iter()
+            .flat_map(|x| {
+                nibble_driver::runtime::run(&mut s, x).unwrap().into_iter().find(|t| t.name == "logits").unwrap().data
+            })
+            .collect()
+    })
+}
