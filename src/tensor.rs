@@ -235,12 +235,12 @@ pub fn dq_tensor(
         }
         Dequantized::F16(out) => {
             let outs: Vec<&mut [f16]> = out.chunks_mut(len * inner).flat_map(|r| r.chunks_mut(block * inner)).collect();
-            narrow_slabs(slabs, outs, inner, &job, |o, t| half::slice::HalfFloatSliceExt::convert_from_f32_slice(o, t))
+            narrow_slabs(slabs, outs, inner, &job, half::slice::HalfFloatSliceExt::convert_from_f32_slice)
         }
         Dequantized::BF16(out) => {
             let outs: Vec<&mut [bf16]> =
                 out.chunks_mut(len * inner).flat_map(|r| r.chunks_mut(block * inner)).collect();
-            narrow_slabs(slabs, outs, inner, &job, |o, t| half::slice::HalfFloatSliceExt::convert_from_f32_slice(o, t))
+            narrow_slabs(slabs, outs, inner, &job, half::slice::HalfFloatSliceExt::convert_from_f32_slice)
         }
     }
 }
