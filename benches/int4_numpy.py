@@ -3,12 +3,16 @@
 on a 4096 x 4096 float32 and float16 weight: nibble.int4 against ModelOpt's numpy functions
 (``modelopt.onnx.quantization.int4``, CPU path) when ModelOpt is installed, else nibble alone.
 
-Each timing is the best of ``--repeat`` runs; both libraries run in this process on the same
-arrays, and their outputs are checked to be bit-identical before anything is timed (with a zero
-point only on weights whose blocks all straddle zero, where nibble's range equals ModelOpt's).
+Each timing is the best of ``--repeat`` runs (ModelOpt: of ``--repeat // 2``); both libraries run in
+this process on the same arrays, and their outputs are checked to be bit-identical before anything
+is timed (with a zero point only on weights whose blocks all straddle zero, where nibble's range
+equals ModelOpt's). Besides the pair, each function is timed alone (``quant`` and ``dq`` columns:
+``quant_tensor``, then ``dq_tensor`` of its codes).
 
-Setup (a venv with the wheel and ModelOpt):
-    python3 -m venv v && v/bin/pip install target/wheels/nibble-*.whl nvidia-modelopt onnx-graphsurgeon ml_dtypes
+Setup (a venv with the wheel and ModelOpt; ``import modelopt.onnx.quantization`` also needs
+onnxslim, onnxscript and lief, which nvidia-modelopt 0.47.0 does not pull in):
+    python3 -m venv v && v/bin/pip install target/wheels/nibble-*.whl nvidia-modelopt \
+        onnx-graphsurgeon onnxslim onnxscript lief ml_dtypes
     v/bin/python benches/int4_numpy.py [--size 4096] [--block 128] [--repeat 5]
 """
 
@@ -64,19 +68,32 @@ def main():
     base = rng.standard_normal((n, n)).astype(np.float32)
     print(f"nibble {nibble.__version__}, SIMD tier {nibble._nibble.simd_tier()}, {os.cpu_count()} CPUs; "
           f"ModelOpt {'present' if mo else 'not installed'}; numpy {np.__version__}")
-    print(f"quant_tensor + dq_tensor, [{n}, {n}], block {block}, best of {args.repeat}")
-    print(f"{'dtype':8} {'zero point':10} {'nibble ms':>10} {'ModelOpt ms':>12} {'ratio':>7}")
+    print(f"quant_tensor + dq_tensor, [{n}, {n}], block {block}, best of {args.repeat}; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'dtype':8} {'zero point':10} {'nibble ms':>10} {'(quant':>7} {'dq)':>6} "
+          f"{'ModelOpt ms':>12} {'(quant':>7} {'dq)':>7} {'ratio':>7}")
     for dtype in (np.float32, np.float16):
         w = base.astype(dtype)
         for zp in (False, True):
             if mo is not None:
                 check_identical(w, block, zp)
-            t_n = best_of(args.repeat, lambda: qdq(nq, w, block, zp))
+            times = {}
+            for name, lib, repeat in ((nq, nq, args.repeat), (mo, mo, max(1, args.repeat // 2))):
+                if lib is None:
+                    continue
+                q, s, z = lib.quant_tensor(w, block, 0, 1.0, zp)
+                times[name] = (
+                    best_of(repeat, lambda: qdq(lib, w, block, zp)),
+                    best_of(repeat, lambda: lib.quant_tensor(w, block, 0, 1.0, zp)),
+                    best_of(repeat, lambda: lib.dq_tensor(q, s, block, 0, z)),
+                )
+            t_n, q_n, d_n = times[nq]
+            row = f"{np.dtype(dtype).name:8} {str(zp):10} {t_n * 1e3:10.1f} {q_n * 1e3:7.1f} {d_n * 1e3:6.1f} "
             if mo is not None:
-                t_m = best_of(max(1, args.repeat // 2), lambda: qdq(mo, w, block, zp))
-                print(f"{np.dtype(dtype).name:8} {str(zp):10} {t_n * 1e3:10.1f} {t_m * 1e3:12.1f} {t_m / t_n:6.1f}x")
+                t_m, q_m, d_m = times[mo]
+                print(row + f"{t_m * 1e3:12.1f} {q_m * 1e3:7.1f} {d_m * 1e3:7.1f} {t_m / t_n:6.1f}x")
             else:
-                print(f"{np.dtype(dtype).name:8} {str(zp):10} {t_n * 1e3:10.1f} {'-':>12} {'-':>7}")
+                print(row + f"{'-':>12} {'-':>7} {'-':>7} {'-':>7}")
 
 
 if __name__ == "__main__":

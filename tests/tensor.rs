@@ -283,3 +283,40 @@ fn bad_arguments_are_errors() {
     let err = tensor::rtn(WeightData::F32(&w), b, &[1.0; 8], None, Bits::Four, &mut codes).unwrap_err();
     assert_eq!(err, Error::NonFinite { block: 1, column: 1, start: 2, end: 4 });
 }
+
+#[test]
+fn sixteen_bit_dq_tensor_over_slabs_larger_than_the_staging_chunk() {
+    // float16/bfloat16 outputs are staged as f32 a chunk of whole rows (about 8192 values) at a
+    // time: slabs of 16 x 700 (chunks of 11 rows + 5) with a last block of 5 rows, and rows of
+    // 9000 (one row per chunk), with and without zero points, on the SIMD kernel and, for signed
+    // codes read with a zero point (one code negative), on the per-element formula.
+    for (dims, block) in [(vec![37usize, 700], 16usize), (vec![3, 9000], 2)] {
+        let b = Blocking::new(&dims, 0, BlockSize::Blocked(block)).unwrap();
+        let w: Vec<f32> = (0..b.elements()).map(|i| ((i * 7919) % 1001) as f32 / 125.0 - 4.0).collect();
+        for format in [FloatFormat::F16, FloatFormat::BF16] {
+            let w: Vec<f32> = w.iter().map(|&x| format.round(x)).collect();
+            for (zp, bits) in [(false, Bits::Four), (true, Bits::Four), (false, Bits::Eight)] {
+                let got = run_all(format, &w, b, 1.0, zp, bits).unwrap();
+                let want = reference_outputs(format, &w, b, 1.0, zp, bits);
+                assert_eq!(got.codes, want.codes, "{dims:?} {format:?} zp {zp}");
+                assert_eq!(bits_of(&got.dq), bits_of(&want.dq), "{dims:?} {format:?} zp {zp}");
+            }
+            // Signed codes with a zero point: (q - zp) * s element by element.
+            let s = TensorScales {
+                scale: (0..b.scale_len()).map(|i| format.round(0.01 + (i % 13) as f32 * 0.003)).collect(),
+                zero_point: Some((0..b.scale_len()).map(|i| (i % 16) as f32).collect()),
+            };
+            let mut codes: Vec<u8> = (0..b.elements()).map(|i| (i % 16) as u8).collect();
+            codes[b.elements() - 1] = (-3i8) as u8;
+            let got = dequantize(format, &codes, true, b, &s).unwrap();
+            let inner = b.inner;
+            for (k, (&q, &g)) in codes.iter().zip(&got).enumerate() {
+                // Axis 0 of a 2-D weight: scale row k / inner / block, column k % inner.
+                let at = (k / inner / block) * inner + k % inner;
+                let (s, z) = (s.scale[at], s.zero_point.as_ref().unwrap()[at]);
+                let want = format.round(format.round(q as i8 as f32 - z) * s);
+                assert_eq!(g.to_bits(), want.to_bits(), "{dims:?} {format:?} element {k}");
+            }
+        }
+    }
+}

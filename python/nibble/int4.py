@@ -41,7 +41,7 @@ Arrays of other dtypes raise ``TypeError``; int codes or scales that numpy would
 dtype in ``dq_tensor`` (and ``rtn`` scales of another dtype than ``w``) take numpy's own expression.
 
 Work runs on all cores with the GIL released; inputs are read in place (a C-contiguous array is not
-copied) and outputs are numpy arrays over nibble's buffers.
+copied), and codes and dequantized values are written straight into fresh numpy arrays.
 """
 
 from __future__ import annotations

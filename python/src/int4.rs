@@ -1,14 +1,18 @@
 //! The Rust side of `nibble.int4` (ModelOpt's `find_scales`, `rtn`, `dq_tensor`, `quant_tensor`):
 //! flat numpy arrays in (borrowed, zero-copy: float32 as `float32`, float16 and bfloat16 as their
 //! `uint16` bit patterns), [`nibble::tensor`] run with the GIL released on every core, flat numpy
-//! arrays out (moved from Rust vectors, no copy). Shapes, dtypes and ModelOpt's argument checks are
-//! the Python layer's (`python/nibble/int4.py`).
+//! arrays out. The large outputs (codes, dequantized values) are fresh numpy arrays that the kernels
+//! write in place: numpy's allocator asks the kernel for transparent huge pages on arrays of 4 MiB
+//! and more (`madvise(MADV_HUGEPAGE)`), so the first write into a 64 MiB output takes 32 page
+//! faults, not 16384 (which cost more than the dequantization itself when the output was a Rust
+//! vector). Shapes, dtypes and ModelOpt's argument checks are the Python layer's
+//! (`python/nibble/int4.py`).
 
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use nibble::tensor::{self, Blocking, Dequantized};
 use nibble::{Bits, BlockSize, WeightData};
-use numpy::{PyArray1, PyReadonlyArray1};
+use numpy::{AsSliceError, Element, PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -30,11 +34,10 @@ impl<'py> Flat<'py> {
     }
 
     fn data(&self) -> PyResult<WeightData<'_>> {
-        let err = |e: numpy::AsSliceError| PyValueError::new_err(format!("nibble.int4: {e}"));
         Ok(match self {
-            Flat::F32(a) => WeightData::F32(a.as_slice().map_err(err)?),
-            Flat::Bits16(a, false) => WeightData::F16(a.as_slice().map_err(err)?.reinterpret_cast::<f16>()),
-            Flat::Bits16(a, true) => WeightData::BF16(a.as_slice().map_err(err)?.reinterpret_cast::<bf16>()),
+            Flat::F32(a) => WeightData::F32(a.as_slice().map_err(slice_error)?),
+            Flat::Bits16(a, false) => WeightData::F16(a.as_slice().map_err(slice_error)?.reinterpret_cast::<f16>()),
+            Flat::Bits16(a, true) => WeightData::BF16(a.as_slice().map_err(slice_error)?.reinterpret_cast::<bf16>()),
         })
     }
 }
@@ -55,6 +58,27 @@ fn blocking(shape: &[usize], axis: usize, block_size: i64) -> PyResult<Blocking>
         }
     };
     Blocking::new(shape, axis, block).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+fn slice_error(e: AsSliceError) -> PyErr {
+    PyValueError::new_err(format!("nibble.int4: {e}"))
+}
+
+/// A fresh zero-filled numpy array of `n` elements and what `fill` returns after writing into it
+/// with the GIL released.
+fn fresh<'py, T: Element + Send, R: Send, E: Send>(
+    py: Python<'py>,
+    n: usize,
+    fill: impl FnOnce(&mut [T]) -> Result<R, E> + Send,
+    error: impl FnOnce(E) -> PyErr,
+) -> PyResult<(Bound<'py, PyArray1<T>>, R)> {
+    let out = PyArray1::<T>::zeros(py, n, false);
+    let r = {
+        let mut guard = out.readwrite();
+        let slice = guard.as_slice_mut().map_err(slice_error)?;
+        py.detach(|| fill(slice)).map_err(error)?
+    };
+    Ok((out, r))
 }
 
 fn value_error(what: &str) -> impl Fn(nibble::Error) -> PyErr + '_ {
@@ -85,21 +109,14 @@ pub fn int4_quantize<'py>(
     let data = flat.data()?;
     let b = blocking(&shape, axis, block_size)?;
     let bits = bits(num_bits)?;
-    let (q, s) = py
-        .detach(|| {
-            if codes {
-                let mut q = vec![0u8; b.elements()];
-                tensor::quant_tensor(data, b, alpha, zero_point, bits, &mut q).map(|s| (Some(q), s))
-            } else {
-                tensor::find_scales(data, b, alpha, zero_point, bits).map(|s| (None, s))
-            }
-        })
-        .map_err(value_error("w"))?;
-    Ok((
-        q.map(|q| PyArray1::from_vec(py, q)),
-        PyArray1::from_vec(py, s.scale),
-        s.zero_point.map(|z| PyArray1::from_vec(py, z)),
-    ))
+    let (q, s) = if codes {
+        let quantize = |q: &mut [u8]| tensor::quant_tensor(data, b, alpha, zero_point, bits, q);
+        let (q, s) = fresh(py, b.elements(), quantize, value_error("w"))?;
+        (Some(q), s)
+    } else {
+        (None, py.detach(|| tensor::find_scales(data, b, alpha, zero_point, bits)).map_err(value_error("w"))?)
+    };
+    Ok((q, PyArray1::from_vec(py, s.scale), s.zero_point.map(|z| PyArray1::from_vec(py, z))))
 }
 
 /// `rtn` of the flat `w` with flat scales (and zero points) given as float32 values of `w`'s dtype,
@@ -122,16 +139,9 @@ pub fn int4_rtn<'py>(
     let data = flat.data()?;
     let b = blocking(&shape, axis, block_size)?;
     let bits = bits(num_bits)?;
-    let err = |e: numpy::AsSliceError| PyValueError::new_err(format!("nibble.int4: {e}"));
-    let s = scale.as_slice().map_err(err)?;
-    let z = zero_point.as_ref().map(|z| z.as_slice()).transpose().map_err(err)?;
-    let q = py
-        .detach(|| {
-            let mut q = vec![0u8; b.elements()];
-            tensor::rtn(data, b, s, z, bits, &mut q).map(|_| q)
-        })
-        .map_err(value_error("w"))?;
-    Ok(PyArray1::from_vec(py, q))
+    let s = scale.as_slice().map_err(slice_error)?;
+    let z = zero_point.as_ref().map(|z| z.as_slice()).transpose().map_err(slice_error)?;
+    Ok(fresh(py, b.elements(), |q| tensor::rtn(data, b, s, z, bits, q), value_error("w"))?.0)
 }
 
 /// `dq_tensor` of flat codes (`signed`: int8, else uint8) with flat scales (and zero points) held as
@@ -152,34 +162,31 @@ pub fn int4_dq_tensor<'py>(
     format: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
     let b = blocking(&shape, axis, block_size)?;
-    let err = |e: numpy::AsSliceError| PyValueError::new_err(format!("nibble.int4: {e}"));
-    let q = codes.as_slice().map_err(err)?;
-    let s = scale.as_slice().map_err(err)?;
-    let z = zero_point.as_ref().map(|z| z.as_slice()).transpose().map_err(err)?;
+    let q = codes.as_slice().map_err(slice_error)?;
+    let s = scale.as_slice().map_err(slice_error)?;
+    let z = zero_point.as_ref().map(|z| z.as_slice()).transpose().map_err(slice_error)?;
     let n = b.elements();
+    let dq = |out: Dequantized<'_>| tensor::dq_tensor(q, signed, b, s, z, out);
     match format {
         "float32" => {
-            let out = py
-                .detach(|| {
-                    let mut out = vec![0.0f32; n];
-                    tensor::dq_tensor(q, signed, b, s, z, Dequantized::F32(&mut out)).map(|_| out)
-                })
-                .map_err(value_error("dq_tensor"))?;
-            Ok(PyArray1::from_vec(py, out).into_any())
+            Ok(fresh(py, n, |out: &mut [f32]| dq(Dequantized::F32(out)), value_error("dq_tensor"))?.0.into_any())
         }
-        "float16" | "bfloat16" => {
-            let out = py
-                .detach(|| {
-                    let mut out = vec![0u16; n];
-                    let d = match format {
-                        "float16" => Dequantized::F16(out.reinterpret_cast_mut::<f16>()),
-                        _ => Dequantized::BF16(out.reinterpret_cast_mut::<bf16>()),
-                    };
-                    tensor::dq_tensor(q, signed, b, s, z, d).map(|_| out)
-                })
-                .map_err(value_error("dq_tensor"))?;
-            Ok(PyArray1::from_vec(py, out).into_any())
-        }
+        "float16" => Ok(fresh(
+            py,
+            n,
+            |out: &mut [u16]| dq(Dequantized::F16(out.reinterpret_cast_mut::<f16>())),
+            value_error("dq_tensor"),
+        )?
+        .0
+        .into_any()),
+        "bfloat16" => Ok(fresh(
+            py,
+            n,
+            |out: &mut [u16]| dq(Dequantized::BF16(out.reinterpret_cast_mut::<bf16>())),
+            value_error("dq_tensor"),
+        )?
+        .0
+        .into_any()),
         other => Err(PyValueError::new_err(format!("nibble.int4: unsupported dtype {other}"))),
     }
 }
