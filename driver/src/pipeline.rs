@@ -122,6 +122,10 @@ pub struct Options {
     /// embedding Gathers) and so of its tied embedding: 4 or 8 bits, blocked like every weight
     /// (see [`crate::plan::tied`]).
     pub head_bits: Bits,
+    /// Hold every quantized weight in memory and write them all at the end instead of streaming
+    /// them to the output as they are finished: the path before streaming, kept to prove that the
+    /// streamed output is the same (memory grows with the model; the output does not change).
+    pub in_memory: bool,
 }
 
 /// The operator the quantized weights feed.
@@ -158,6 +162,7 @@ impl Default for Options {
             fsync: false,
             target_bits: None,
             head_bits: Bits::Four,
+            in_memory: false,
         }
     }
 }
@@ -283,11 +288,17 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     // are built; the unchanged tensors are copied from the input's mapping at the end.
     let mut sink = DataSink::create(&data_path)?;
     let reader = model.reader();
-    let mut quantized =
-        quantize_stream(&reader, &chosen, searched.gptq, searched.awq.as_ref(), (block, &block_of), opts);
-    let mut store = |c: &Candidate, t: &mut TensorProto| if c.place.is_empty() { sink.put(t) } else { Ok(()) };
-    let emitted =
-        emit(&mut model, &chosen, (&mut quantized, &mut store), &block_of, searched.insertions, opts, &mut names)?;
+    let blocks = (block, &block_of as &(dyn Fn(&Candidate) -> BlockSize + Sync));
+    let mut quantized = quantize_stream(&reader, &chosen, searched.gptq, searched.awq.as_ref(), blocks, opts);
+    let emitted = if opts.in_memory {
+        let all = quantized.by_ref().collect::<Result<Vec<_>>>()?;
+        let mut keep = |_: &Candidate, _: &mut TensorProto| Ok(());
+        let stages = (&mut all.into_iter().map(Ok) as crate::emit::Quantized<'_>, &mut keep as crate::emit::Store<'_>);
+        emit(&mut model, &chosen, stages, &block_of, searched.insertions, opts, &mut names)?
+    } else {
+        let mut store = |c: &Candidate, t: &mut TensorProto| if c.place.is_empty() { sink.put(t) } else { Ok(()) };
+        emit(&mut model, &chosen, (&mut quantized, &mut store), &block_of, searched.insertions, opts, &mut names)?
+    };
     drop(quantized);
     drop(reader);
     let proto = std::mem::take(&mut model.proto);
@@ -433,7 +444,7 @@ fn quantize_stream<'a>(
     chosen: &'a [&'a Candidate],
     mut gptq: HashMap<String, QuantizedWeight>,
     awq: Option<&'a AwqResult>,
-    (block, block_of): (BlockSize, &'a (dyn Fn(&Candidate) -> BlockSize + Sync)),
+    (block, block_of): (BlockSize, &'a (dyn Fn(&Candidate) -> BlockSize + Sync + 'a)),
     opts: &'a Options,
 ) -> impl Iterator<Item = Result<QuantizedWeight>> + 'a {
     let grid = opts.scale_search.then(|| ScaleGrid::clipped_to(opts.scale_search_clip_min));
