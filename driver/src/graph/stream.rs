@@ -175,7 +175,7 @@ pub fn finish(
     Ok(written)
 }
 
-/// Encodes `proto` into `tmp` field by field, in prost's field order (the bytes of
+/// Encodes `proto` into `tmp` field by field, in prost's order (by tag number: the bytes of
 /// `proto.encode_to_vec()`), holding one initializer's encoding at a time instead of the whole
 /// model's.
 fn write_proto(tmp: &mut TempFile, mut proto: ModelProto) -> Result<()> {
@@ -183,8 +183,10 @@ fn write_proto(tmp: &mut TempFile, mut proto: ModelProto) -> Result<()> {
     let Some(mut graph) = proto.graph.take() else {
         return tmp.write_all(&proto.encode_to_vec());
     };
-    // ModelProto's fields after `graph` in prost's order; the ones before stay in `proto`.
+    // prost writes fields in tag order: ModelProto's fields after `graph` (7) go to `tail`, the
+    // ones before stay in `proto`.
     let tail = ModelProto {
+        opset_import: std::mem::take(&mut proto.opset_import),
         metadata_props: std::mem::take(&mut proto.metadata_props),
         training_info: std::mem::take(&mut proto.training_info),
         functions: std::mem::take(&mut proto.functions),
@@ -195,7 +197,7 @@ fn write_proto(tmp: &mut TempFile, mut proto: ModelProto) -> Result<()> {
     encode_key(7, WireType::LengthDelimited, &mut head);
     encode_varint(graph.encoded_len() as u64, &mut head);
     tmp.write_all(&head)?;
-    // GraphProto: `node` and `name` come before `initializer`, every other field after it.
+    // GraphProto: `node` (1) and `name` (2) come before `initializer` (5), every other field after.
     let initializers = std::mem::take(&mut graph.initializer);
     let graph_head =
         GraphProto { node: std::mem::take(&mut graph.node), name: graph.name.take(), ..Default::default() };
