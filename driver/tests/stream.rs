@@ -12,7 +12,7 @@ use nibble_driver::cli::example::{transformer, TransformerConfig};
 use nibble_driver::graph::build::{init, io, node};
 use nibble_driver::graph::model::{save, ExternalData, Model};
 use nibble_driver::graph::onnx::{
-    FunctionProto, GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, ValueInfoProto,
+    FunctionProto, GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, ValueInfoProto,
 };
 use nibble_driver::runtime::{open, run_f32, NamedTensor, SessionOptions};
 use nibble_driver::{quantize_file, Format, Method, Options};
@@ -147,7 +147,14 @@ fn the_protobuf_is_written_field_by_field_as_prost_encodes_it() {
             node("Add", "/add", &["h", "b"], &["y"], vec![]),
         ],
         name: Some("g".into()),
-        initializer: vec![init("W", &[64, 64], &big, FloatFormat::F32), init("b", &[64], &[0.5; 64], FloatFormat::F32)],
+        initializer: vec![
+            TensorProto {
+                doc_string: Some("fields after raw_data".into()),
+                metadata_props: vec![entry("tensor", "meta")],
+                ..init("W", &[64, 64], &big, FloatFormat::F32)
+            },
+            init("b", &[64], &[0.5; 64], FloatFormat::F32),
+        ],
         doc_string: Some("graph doc".into()),
         input: vec![io("x", 1, &[None, Some(64)])],
         output: vec![io("y", 1, &[None, Some(64)])],

@@ -203,12 +203,50 @@ fn write_proto(tmp: &mut TempFile, mut proto: ModelProto) -> Result<()> {
         GraphProto { node: std::mem::take(&mut graph.node), name: graph.name.take(), ..Default::default() };
     tmp.write_all(&graph_head.encode_to_vec())?;
     drop(graph_head);
-    let mut buf = Vec::new();
     for t in &initializers {
-        buf.clear();
-        prost::encoding::message::encode(5, t, &mut buf);
-        tmp.write_all(&buf)?;
+        write_tensor(tmp, 5, t)?;
     }
     tmp.write_all(&graph.encode_to_vec())?;
     tmp.write_all(&tail.encode_to_vec())
+}
+
+/// Encodes tensor `t` as field `tag` of its message into `tmp` (prost's bytes), its `raw_data`
+/// written straight from where it lies (the input's mapping or the data file's), not copied.
+fn write_tensor(tmp: &mut TempFile, tag: u32, t: &TensorProto) -> Result<()> {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let Some(raw) = &t.raw_data else {
+        let mut buf = Vec::new();
+        prost::encoding::message::encode(tag, t, &mut buf);
+        return tmp.write_all(&buf);
+    };
+    // TensorProto's fields in tag order: 1-8 before `raw_data` (9), 10-16 after it.
+    let after = TensorProto {
+        double_data: t.double_data.clone(),
+        uint64_data: t.uint64_data.clone(),
+        doc_string: t.doc_string.clone(),
+        external_data: t.external_data.clone(),
+        data_location: t.data_location,
+        metadata_props: t.metadata_props.clone(),
+        ..Default::default()
+    };
+    let before = TensorProto {
+        dims: t.dims.clone(),
+        data_type: t.data_type,
+        segment: t.segment.clone(),
+        float_data: t.float_data.clone(),
+        int32_data: t.int32_data.clone(),
+        string_data: t.string_data.clone(),
+        int64_data: t.int64_data.clone(),
+        name: t.name.clone(),
+        ..Default::default()
+    };
+    let mut head = Vec::new();
+    encode_key(tag, WireType::LengthDelimited, &mut head);
+    encode_varint(t.encoded_len() as u64, &mut head);
+    before.encode(&mut head).expect("a Vec grows");
+    encode_key(9, WireType::LengthDelimited, &mut head);
+    encode_varint(raw.len() as u64, &mut head);
+    tmp.write_all(&head)?;
+    tmp.write_all(raw)?;
+    tmp.write_all(&after.encode_to_vec())
 }
