@@ -11,8 +11,10 @@ use crate::emit::Emitted;
 use crate::error::{Error, Result};
 use crate::graph::build::ModelNames;
 use crate::graph::floats::decode_floats;
-use crate::graph::model::{dtype_name, external_data_path, save_with_data, ExternalData, Model};
+use crate::graph::model::{dtype_name, external_data_path, ExternalData, Model};
+use crate::graph::onnx::TensorProto;
 use crate::graph::opset;
+use crate::graph::stream::{self, DataSink};
 use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
 use crate::methods::gptq::GptqOptions;
 use crate::plan::budget::BudgetPlan;
@@ -120,6 +122,10 @@ pub struct Options {
     /// embedding Gathers) and so of its tied embedding: 4 or 8 bits, blocked like every weight
     /// (see [`crate::plan::tied`]).
     pub head_bits: Bits,
+    /// Hold every quantized weight in memory and write them all at the end instead of streaming
+    /// them to the output as they are finished: the path before streaming, kept to prove that the
+    /// streamed output is the same (memory grows with the model; the output does not change).
+    pub in_memory: bool,
 }
 
 /// The operator the quantized weights feed.
@@ -156,6 +162,7 @@ impl Default for Options {
             fsync: false,
             target_bits: None,
             head_bits: Bits::Four,
+            in_memory: false,
         }
     }
 }
@@ -273,12 +280,29 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
     let mut names = ModelNames::of(model.proto.graph.as_ref().expect("graph"));
-    let (quantized, insertions) = quantize_weights(&mut model, &chosen, block, &block_of, opts, &mut names)?;
+    let searched = search_weights(&mut model, &chosen, block, opts, &mut names)?;
     let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();
     model.inline_external_data()?;
-    let emitted = emit(&mut model, &chosen, quantized, &block_of, insertions, opts, &mut names)?;
+    // Streamed output: each quantized weight's tensors go to the output's data file as soon as they
+    // are built; the unchanged tensors are copied from the input's mapping at the end.
+    let mut sink = DataSink::create(&data_path)?;
+    let reader = model.reader();
+    let blocks = (block, &block_of as &(dyn Fn(&Candidate) -> BlockSize + Sync));
+    let mut quantized = quantize_stream(&reader, &chosen, searched.gptq, searched.awq.as_ref(), blocks, opts);
+    let emitted = if opts.in_memory {
+        let all = quantized.by_ref().collect::<Result<Vec<_>>>()?;
+        let mut keep = |_: &Candidate, _: &mut TensorProto| Ok(());
+        let stages = (&mut all.into_iter().map(Ok) as crate::emit::Quantized<'_>, &mut keep as crate::emit::Store<'_>);
+        emit(&mut model, &chosen, stages, &block_of, searched.insertions, opts, &mut names)?
+    } else {
+        let mut store = |c: &Candidate, t: &mut TensorProto| if c.place.is_empty() { sink.put(t) } else { Ok(()) };
+        emit(&mut model, &chosen, (&mut quantized, &mut store), &block_of, searched.insertions, opts, &mut names)?
+    };
+    drop(quantized);
+    drop(reader);
     let proto = std::mem::take(&mut model.proto);
-    let model_bytes_after = save_with_data(proto, output, &data_path, opts.external_data, opts.fsync)?;
+    drop(model);
+    let model_bytes_after = stream::finish(proto, sink, output, &data_path, opts.external_data, opts.fsync)?;
     Ok(Summary {
         quantized: chosen.len(),
         int8: chosen.iter().filter(|c| c.bits == Bits::Eight).count(),
@@ -366,26 +390,34 @@ fn check_method_options(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The calibrate-and-quantize stage: GPTQ's calibration of the float model (gptq, awq_gptq), the
-/// AWQ searches and their pre-quant scales folded into `model` (AWQ methods), then every chosen
-/// weight quantized (in parallel) by its method: GPTQ, AWQ's scales and clip ratios, or round to
-/// nearest. Returns the quantized weights in the order of `chosen` and the pre-quant scale nodes
-/// still to insert.
-fn quantize_weights(
+/// What the calibrate-and-search stage leaves for the quantize stage.
+struct Searched {
+    /// GPTQ's quantized weights (gptq, awq_gptq), by weight name.
+    gptq: HashMap<String, QuantizedWeight>,
+    /// AWQ's scales and clip ratios (AWQ methods).
+    awq: Option<AwqResult>,
+    /// The pre-quant scale nodes still to insert.
+    insertions: Insertions,
+}
+
+/// The calibrate-and-search stage: GPTQ's calibration of the float model and its quantized weights
+/// (gptq, awq_gptq), the AWQ searches and their pre-quant scales folded into `model` (AWQ methods).
+/// GPTQ's results are all held until the output form takes them (the Hessians of the whole model
+/// are computed in one calibration run).
+fn search_weights(
     model: &mut Model,
     chosen: &[&Candidate],
     block: BlockSize,
-    block_of: &(dyn Fn(&Candidate) -> BlockSize + Sync),
     opts: &Options,
     names: &mut ModelNames,
-) -> Result<(Vec<QuantizedWeight>, Insertions)> {
+) -> Result<Searched> {
     // GPTQ calibrates the float model: prepared before awq_gptq folds pre-quant scales into it.
     let calibration = match opts.method.gptq() && !chosen.is_empty() {
         true => Some(crate::methods::gptq::prepare(model, chosen, &opts.awq)?),
         false => None,
     };
     let (awq, insertions) = awq_search(model, chosen, block, opts, names)?;
-    let mut gptq = match &calibration {
+    let gptq = match &calibration {
         Some(cal) => {
             for (w, why) in &cal.plain {
                 eprintln!("nibble: weight '{w}' is quantized without GPTQ (round to nearest): {why}");
@@ -399,26 +431,37 @@ fn quantize_weights(
         }
         None => HashMap::new(),
     };
-    drop(calibration);
-    let model = &*model;
+    Ok(Searched { gptq, awq, insertions })
+}
+
+/// The quantize stage, run as the output form asks for the weights, in the order of `chosen`: each
+/// weight quantized by its method (GPTQ's result, AWQ's scales and clip ratios, or round to
+/// nearest), `rayon::current_num_threads()` weights at a time in parallel (and across blocks inside
+/// each), so that only that many quantized weights are held at once whatever the model's size.
+fn quantize_stream<'a>(
+    model: &'a Model,
+    chosen: &'a [&'a Candidate],
+    mut gptq: HashMap<String, QuantizedWeight>,
+    awq: Option<&'a AwqResult>,
+    (block, block_of): (BlockSize, &'a (dyn Fn(&Candidate) -> BlockSize + Sync + 'a)),
+    opts: &'a Options,
+) -> impl Iterator<Item = Result<QuantizedWeight>> + 'a {
     let grid = opts.scale_search.then(|| ScaleGrid::clipped_to(opts.scale_search_clip_min));
-    let quantized: Vec<Result<QuantizedWeight>> = chosen
-        .iter()
-        .map(|c| gptq.remove(&c.base))
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .zip(chosen.par_iter())
-        .map(|(done, c)| match done {
-            Some(q) => Ok(q),
-            None => match awq.as_ref().filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
-                Some(a) => crate::methods::awq::quantize_candidate_awq(model, c, block, opts.zero_point, a),
-                None => {
-                    crate::methods::rtn::quantize_candidate_with(model, c, block_of(c), opts.zero_point, grid.as_ref())
-                }
-            },
-        })
-        .collect();
-    Ok((quantized.into_iter().collect::<Result<Vec<_>>>()?, insertions))
+    let per = rayon::current_num_threads().max(1);
+    chosen.chunks(per).flat_map(move |chunk| {
+        let done: Vec<Option<QuantizedWeight>> = chunk.iter().map(|c| gptq.remove(&c.base)).collect();
+        let grid = grid.as_ref();
+        done.into_par_iter()
+            .zip(chunk.par_iter())
+            .map(|(done, c)| match done {
+                Some(q) => Ok(q),
+                None => match awq.filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
+                    Some(a) => crate::methods::awq::quantize_candidate_awq(model, c, block, opts.zero_point, a),
+                    None => crate::methods::rtn::quantize_candidate_with(model, c, block_of(c), opts.zero_point, grid),
+                },
+            })
+            .collect::<Vec<_>>()
+    })
 }
 
 /// The plan stage: every candidate weight with its decision (INT8 layers, Gather tables, skipped
@@ -551,7 +594,7 @@ fn awq_search(
 fn emit(
     model: &mut Model,
     chosen: &[&Candidate],
-    quantized: Vec<QuantizedWeight>,
+    (quantized, store): (crate::emit::Quantized<'_>, crate::emit::Store<'_>),
     block_of: &dyn Fn(&Candidate) -> BlockSize,
     mut insertions: Insertions,
     opts: &Options,
@@ -570,11 +613,11 @@ fn emit(
                 None => nbits_block,
             };
             let layout = (nbits_block, nbits_gather_block);
-            matmulnbits::rewrite(model, chosen, quantized, layout, opts.accuracy_level, names)?
+            matmulnbits::rewrite(model, chosen, quantized, store, layout, opts.accuracy_level, names)?
         }
         Format::Dq => {
             let form = if opts.method == Method::Rtn { Form::Qdq } else { Form::Dq };
-            crate::emit::dq::rewrite(model, chosen, quantized, block_of, form, names)
+            crate::emit::dq::rewrite(model, chosen, quantized, store, block_of, form, names)?
         }
     };
     if let Some(g) = model.proto.graph.as_mut() {

@@ -580,6 +580,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 fsync,
                 target_bits,
                 head_bits: if head_bits == "8" { nibble::Bits::Eight } else { nibble::Bits::Four },
+                in_memory: false,
             };
             if let Some(svg) = &plot_sensitivity {
                 plot::check_path(svg)?;

@@ -11,6 +11,7 @@
 //! Only graph edits: the numbers come in as [`QuantizedWeight`]s.
 
 use super::Emitted;
+use crate::error::Result;
 use crate::graph::build::{attr_i, tensor, value_info, ModelNames};
 use crate::graph::edit::Edits;
 use crate::graph::floats::{encode_floats, onnx_type};
@@ -30,23 +31,31 @@ pub enum Form {
 }
 
 /// Replaces every chosen weight by its quantized form, in whichever graph it lives (bodies
-/// included); `quantized[i]` is `chosen[i]`'s, blocked as `block_of` says. Only the quantized
+/// included); the `i`-th of `quantized` is `chosen[i]`'s, blocked as `block_of` says, and each new
+/// initializer goes through `store` as soon as it is built. Only the quantized
 /// readers are rewired; the original stays for every other reader (see
 /// [`super::remove_originals`]). Names are ModelOpt's where `names` says they are free.
 pub fn rewrite(
     model: &mut Model,
     chosen: &[&Candidate],
-    quantized: Vec<QuantizedWeight>,
+    quantized: super::Quantized<'_>,
+    store: super::Store<'_>,
     block_of: impl Fn(&Candidate) -> BlockSize,
     form: Form,
     names: &mut ModelNames,
-) -> Emitted {
+) -> Result<Emitted> {
     let root = model.proto.graph.as_ref().expect("graph");
     let idx = Index::build(root);
     let mut edits = Edits::default();
     let mut out = super::remove_originals(root, &idx, chosen, form == Form::Qdq, &mut edits);
-    let replacements: Vec<Replacement> =
-        chosen.iter().zip(quantized).map(|(c, q)| replacement(c, q, block_of(c), form, names)).collect();
+    let mut replacements: Vec<Replacement> = Vec::with_capacity(chosen.len());
+    for c in chosen {
+        let mut r = replacement(c, super::next_quantized(quantized, c)?, block_of(c), form, names);
+        for t in r.initializers.iter_mut() {
+            store(c, t)?;
+        }
+        replacements.push(r);
+    }
     out.bytes = replacements.iter().map(|r| r.bytes).sum();
     let root = model.proto.graph.as_mut().expect("graph");
     for (c, mut r) in chosen.iter().zip(replacements) {
@@ -65,7 +74,7 @@ pub fn rewrite(
         e.value_info.extend(r.value_info);
     }
     edits.apply(root);
-    out
+    Ok(out)
 }
 
 /// The `[N, K]` table tied embedding Gathers of head `c` read: its DequantizeLinear output when the

@@ -161,11 +161,14 @@ pub fn gather_tensors(c: &Candidate, q: QuantizedWeight) -> Vec<TensorProto> {
 
 /// Replaces the quantized readers of the chosen weights (in any graph, bodies included) by
 /// MatMulNBits (and GatherBlockQuantized) nodes; every other reader keeps the original weight (see
-/// [`super::remove_originals`]). Names are ONNX Runtime's quantizer's where `names` says they are free.
+/// [`super::remove_originals`]). The quantized weights come from `quantized` in the order of
+/// `chosen`; each new initializer goes through `store` as soon as it is built. Names are ONNX
+/// Runtime's quantizer's where `names` says they are free.
 pub fn rewrite(
     model: &mut Model,
     chosen: &[&Candidate],
-    quantized: Vec<QuantizedWeight>,
+    quantized: super::Quantized<'_>,
+    store: super::Store<'_>,
     layout: (usize, usize),
     accuracy_level: i64,
     names: &mut ModelNames,
@@ -184,7 +187,8 @@ pub fn rewrite(
     let idx = Index::build(root);
     let mut edits = Edits::default();
     let mut out = super::remove_originals(root, &idx, chosen, false, &mut edits);
-    for (c, q) in chosen.iter().zip(quantized) {
+    for c in chosen {
+        let q = super::next_quantized(quantized, c)?;
         let mut ts =
             if c.op == "Gather" { gather_tensors(c, q) } else { tensors(c, &q, node_layout(c, k_of(c), block).1) };
         for t in ts.iter_mut() {
@@ -275,6 +279,9 @@ pub fn rewrite(
             edits.graph(&u.at.graph).replace.insert(u.at.node, nodes);
         }
         out.bytes += ts.iter().map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64)).sum::<u64>();
+        for t in ts.iter_mut() {
+            store(c, t)?;
+        }
         edits.graph(&c.place).initializers.extend(ts);
     }
     edits.apply(model.proto.graph.as_mut().expect("graph"));

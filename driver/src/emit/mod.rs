@@ -9,13 +9,14 @@ pub mod dq;
 pub mod matmulnbits;
 pub mod pqs;
 
+use crate::error::Result;
 use crate::graph::edit::Edits;
 use crate::graph::model::byte_size;
-use crate::graph::onnx::GraphProto;
+use crate::graph::onnx::{GraphProto, TensorProto};
 use crate::graph::read::Source;
 use crate::graph::readers::{node_at, Def, Index, NodeAt, Use};
 use crate::plan::Candidate;
-use nibble::{Bits, BlockSize, FloatFormat};
+use nibble::{Bits, BlockSize, FloatFormat, QuantizedWeight};
 use std::collections::HashSet;
 
 /// What an output form did besides adding the quantized tensors.
@@ -28,6 +29,19 @@ pub struct Emitted {
     pub copies: usize,
     /// Their bytes.
     pub copy_bytes: u64,
+}
+
+/// The quantized weights, one per chosen weight and in the same order, produced as the output form
+/// asks for them (so that only a few are held at once).
+pub type Quantized<'a> = &'a mut dyn Iterator<Item = Result<QuantizedWeight>>;
+
+/// Where each new initializer goes once built, called with the weight it replaces: the streamed
+/// output's data file ([`crate::graph::stream::DataSink::put`]) moves its bytes out of memory.
+pub type Store<'a> = &'a mut dyn FnMut(&Candidate, &mut TensorProto) -> Result<()>;
+
+/// The next quantized weight of `quantized`, for `c`.
+pub(crate) fn next_quantized(quantized: Quantized<'_>, c: &Candidate) -> Result<QuantizedWeight> {
+    quantized.next().unwrap_or_else(|| panic!("no quantized weight for '{}': one per chosen weight", c.weight))
 }
 
 /// The index of a candidate's constant in `idx`.

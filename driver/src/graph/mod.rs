@@ -3,7 +3,7 @@
 //! nodes, tensors, attributes and names unique in the whole model ([`build`]), structural edits
 //! applied bodies first ([`edit`]), readers of attributes, constants and subgraph references
 //! ([`read`]), who reads every tensor of the whole model, bodies included ([`readers`]), constant
-//! chains folded to one tensor ([`fold`]), float tensor bytes ([`floats`]) and the opset upgrade to
+//! chains folded to one tensor ([`fold`]), the streamed output ([`stream`]), float tensor bytes ([`floats`]) and the opset upgrade to
 //! 21 ([`opset`]).
 //!
 //! Every other stage builds and reads graphs through this module; it depends on no other stage.
@@ -18,3 +18,4 @@ pub mod onnx;
 pub mod opset;
 pub mod read;
 pub mod readers;
+pub mod stream;

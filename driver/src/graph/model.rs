@@ -11,9 +11,7 @@
 //! rename, for a machine crash). The input is only ever read.
 
 use crate::error::{Error, Result};
-use crate::graph::onnx::{
-    tensor_proto::DataLocation, tensor_proto::DataType, ModelProto, StringStringEntryProto, TensorProto,
-};
+use crate::graph::onnx::{tensor_proto::DataLocation, tensor_proto::DataType, ModelProto, TensorProto};
 use bytes::Bytes;
 use prost::Message;
 use std::collections::HashMap;
@@ -102,6 +100,20 @@ impl Model {
             return Err(Error::Parse { path, why: "it has no graph".into() });
         }
         Ok(Model { proto, path, dir: PathBuf::from("."), in_memory: true, external: Default::default() })
+    }
+
+    /// A second handle on the same model for reading while the graph is being rewritten: the graph
+    /// is cloned, the tensor bytes are shared (borrowed from the same mapped files: no copy of the
+    /// data).
+    pub fn reader(&self) -> Model {
+        let external = self.external.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Model {
+            proto: self.proto.clone(),
+            path: self.path.clone(),
+            dir: self.dir.clone(),
+            in_memory: self.in_memory,
+            external: std::sync::Mutex::new(external),
+        }
     }
 
     /// The folder external data locations are relative to.
@@ -304,9 +316,9 @@ pub enum ExternalData {
 /// The largest model ONNX Runtime and protobuf accept in one file.
 pub const PROTOBUF_LIMIT: usize = (1 << 31) - 1;
 /// Tensors smaller than this stay inline even with external data (ONNX's default threshold).
-const EXTERNAL_THRESHOLD: usize = 1024;
+pub(crate) const EXTERNAL_THRESHOLD: usize = 1024;
 /// External tensors start at multiples of this.
-const EXTERNAL_ALIGN: u64 = 64;
+pub(crate) const EXTERNAL_ALIGN: u64 = 64;
 
 /// The external data file name for an output path: `OUT.onnx` -> `OUT.onnx_data`.
 pub fn external_data_path(out: &Path) -> PathBuf {
@@ -316,13 +328,13 @@ pub fn external_data_path(out: &Path) -> PathBuf {
 }
 
 /// A temporary file next to the output that is removed unless committed.
-struct TempFile {
-    path: PathBuf,
+pub(crate) struct TempFile {
+    pub(crate) path: PathBuf,
     file: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl TempFile {
-    fn create(target: &Path) -> Result<TempFile> {
+    pub(crate) fn create(target: &Path) -> Result<TempFile> {
         let mut name = std::ffi::OsString::from(".");
         name.push(target.file_name().unwrap_or_default());
         name.push(format!(".nibble-tmp-{}", std::process::id()));
@@ -332,7 +344,7 @@ impl TempFile {
         Ok(TempFile { path, file: Some(std::io::BufWriter::with_capacity(1 << 20, file)) })
     }
 
-    fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
         let path = &self.path;
         self.file
             .as_mut()
@@ -341,8 +353,14 @@ impl TempFile {
             .map_err(|source| Error::Write { path: path.clone(), cause: source })
     }
 
+    /// Writes the buffered bytes to the file (which stays open for more).
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        let path = &self.path;
+        self.file.as_mut().expect("open").flush().map_err(|source| Error::Write { path: path.clone(), cause: source })
+    }
+
     /// Flushes the buffer, and with `sync` waits until the data is on disk.
-    fn finish(&mut self, sync: bool) -> Result<()> {
+    pub(crate) fn finish(&mut self, sync: bool) -> Result<()> {
         let path = self.path.clone();
         let w = |source| Error::Write { path: path.clone(), cause: source };
         let file = self.file.take().expect("open").into_inner().map_err(|e| w(e.into_error()))?;
@@ -352,7 +370,7 @@ impl TempFile {
         Ok(())
     }
 
-    fn commit(mut self, target: &Path) -> Result<()> {
+    pub(crate) fn commit(mut self, target: &Path) -> Result<()> {
         std::fs::rename(&self.path, target)
             .map_err(|source| Error::Write { path: target.to_path_buf(), cause: source })?;
         crate::cleanup::unregister(&self.path);
@@ -398,67 +416,7 @@ pub fn save_with(proto: ModelProto, out: &Path, mode: ExternalData, sync: bool) 
 
 /// [`save_with`] with the external data written to `data_path` (a file in `out`'s folder), e.g.
 /// `model.onnx.data` as onnxruntime-genai's model builder names it.
-pub fn save_with_data(
-    mut proto: ModelProto,
-    out: &Path,
-    data_path: &Path,
-    mode: ExternalData,
-    sync: bool,
-) -> Result<u64> {
-    let external = match mode {
-        ExternalData::Always => true,
-        ExternalData::Never => false,
-        ExternalData::Auto => proto.encoded_len() > PROTOBUF_LIMIT - (16 << 20),
-    };
-    let data_path = data_path.to_path_buf();
-    let mut written = 0u64;
-    let mut data_tmp = None;
-    if external {
-        let location = data_path.file_name().expect("file name").to_string_lossy().into_owned();
-        let mut tmp = TempFile::create(&data_path)?;
-        let mut offset = 0u64;
-        let graph = proto.graph.as_mut().expect("graph");
-        for t in graph.initializer.iter_mut() {
-            let Some(raw) = t.raw_data.as_ref().filter(|r| r.len() >= EXTERNAL_THRESHOLD) else {
-                continue;
-            };
-            let pad = (EXTERNAL_ALIGN - offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
-            tmp.write_all(&vec![0u8; pad as usize])?;
-            offset += pad;
-            tmp.write_all(raw)?;
-            let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
-            t.external_data = vec![
-                entry("location", location.clone()),
-                entry("offset", offset.to_string()),
-                entry("length", raw.len().to_string()),
-            ];
-            offset += raw.len() as u64;
-            t.data_location = Some(DataLocation::External as i32);
-            t.raw_data = None;
-        }
-        tmp.finish(sync)?;
-        written += offset;
-        data_tmp = Some(tmp);
-    }
-    let encoded = proto.encoded_len();
-    if encoded > PROTOBUF_LIMIT {
-        return Err(Error::Output {
-            path: out.to_path_buf(),
-            why: format!(
-                "the model is {encoded} bytes, over protobuf's 2 GiB limit; use --external-data auto or always"
-            ),
-        });
-    }
-    let mut tmp = TempFile::create(out)?;
-    tmp.write_all(&proto.encode_to_vec())?;
-    tmp.finish(sync)?;
-    written += encoded as u64;
-    if let Some(d) = data_tmp {
-        d.commit(&data_path)?;
-    } else if data_path.exists() {
-        // A stale data file from an earlier run would be misleading next to an inline model.
-        let _ = std::fs::remove_file(&data_path);
-    }
-    tmp.commit(out)?;
-    Ok(written)
+pub fn save_with_data(proto: ModelProto, out: &Path, data_path: &Path, mode: ExternalData, sync: bool) -> Result<u64> {
+    let sink = crate::graph::stream::DataSink::create(data_path)?;
+    crate::graph::stream::finish(proto, sink, out, data_path, mode, sync)
 }
