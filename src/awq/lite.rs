@@ -24,7 +24,12 @@
 //! ```text
 //! x @ w - (x / s) @ dq  =  x @ E,   E = w - dq / s[:, None]
 //! loss = sum(E * (G @ E)) / (T N),  G = x^T x        (K x K x N per alpha instead of T x K x N)
+//!      = sum(E * (M @ E)) / (T N),  M = tril(G) + tril(G, -1)
 //! ```
+//!
+//! The last line holds because G is symmetric: `sum(E * (G @ E)) = sum_ij G_ij <E_i, E_j>` over the
+//! rows `E_i` of E, and the pairs `i > j` and `j > i` give the same term. M is lower triangular, so
+//! `M @ E` is a triangular product of half the multiply-adds (`K (K + 1) / 2 x N`).
 //!
 //! (For f16/bf16 weights numpy rounds `x / s` to the dtype, which the Gram form cannot follow, so
 //! those keep the direct products.)
@@ -147,7 +152,7 @@ pub fn lite_search_with(
         Ok(Some((s, dq)))
     };
     let losses: Vec<Result<Option<f64>>> = if gram_form {
-        let g = super::matmul::gram(x, t, k);
+        let m = super::matmul::gram_lower_doubled(x, t, k);
         alphas
             .par_iter()
             .map(|&alpha| {
@@ -158,8 +163,8 @@ pub fn lite_search_with(
                         *ev = wv - *ev / sk;
                     }
                 }
-                let ge = matmul(&g, &e, k, k, n);
-                let sum: f64 = e.iter().zip(&ge).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let me = super::matmul::lower_triangular_matmul(&m, &e, k, n);
+                let sum: f64 = e.iter().zip(&me).map(|(&a, &b)| a as f64 * b as f64).sum();
                 Ok(Some(sum / (t * n).max(1) as f64))
             })
             .collect()

@@ -1,75 +1,97 @@
-//! `C = A @ B` (and the Gram matrix `X^T X`) for row-major float32 matrices, through
-//! `matrixmultiply` (packed, cache-blocked SGEMM with run-time AVX/FMA/AVX-512 detection).
+//! The float32 matrix products of the AWQ-lite losses, through faer's GEMM kernels: `C = A @ B`,
+//! and the Gram form's lower triangular `M = tril(G) + tril(G, -1)` and product `M @ E`.
+//!
+//! faer was measured against `matrixmultiply` (cache-blocked SGEMM, AVX-512 kernel) and the `gemm`
+//! crate on AWQ-lite's shapes, one core each (`cargo bench --bench awq_gemm`, BENCHMARKS.md):
+//! faer's full product was the fastest of the three on every shape, and its triangular product
+//! does half the multiply-adds of the full one.
 
-/// `a: [m, k]`, `b: [k, n]`, row-major; returns `[m, n]`.
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::{Accum, MatMut, MatRef, Par};
+
+/// `a: [m, k]`, `b: [k, n]`, row-major; returns `[m, n]`. One float32 GEMM on the calling thread
+/// (the AWQ-lite alphas run in parallel, one product each).
+///
+/// # Panics
+/// If `a` is not `m * k` or `b` not `k * n` long.
 pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    product(a, b, m, k, n, Par::Seq)
+}
+
+/// [`matmul`] over rayon's threads (for a product that runs alone).
+///
+/// # Panics
+/// As [`matmul`].
+pub fn par_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    product(a, b, m, k, n, Par::rayon(0))
+}
+
+fn product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, par: Par) -> Vec<f32> {
     assert_eq!(a.len(), m * k, "matmul: a is not [m, k]");
     assert_eq!(b.len(), k * n, "matmul: b is not [k, n]");
     let mut c = vec![0.0f32; m * n];
     if m == 0 || n == 0 {
         return c;
     }
-    // SAFETY: the asserts above make a, b and c exactly [m, k], [k, n] and [m, n] row-major, which
-    // are the extents sgemm reads and writes with these strides; the slices do not overlap.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            k as isize,
-            1,
-            b.as_ptr(),
-            n as isize,
-            1,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    faer::linalg::matmul::matmul(
+        MatMut::from_row_major_slice_mut(&mut c, m, n),
+        Accum::Replace,
+        MatRef::from_row_major_slice(a, m, k),
+        MatRef::from_row_major_slice(b, k, n),
+        1.0f32,
+        par,
+    );
     c
 }
 
-/// [`matmul`] split into row blocks of `a` across rayon's threads (for a product that runs alone).
-pub fn par_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    assert_eq!(a.len(), m * k, "matmul: a is not [m, k]");
-    let rows = m.div_ceil(rayon::current_num_threads().max(1)).max(64);
-    if rows >= m || k == 0 {
-        return matmul(a, b, m, k, n);
+/// `M = tril(G) + tril(G, -1)` of the Gram matrix `G = x^T x` of row-major `x: [t, k]`: `[k, k]`
+/// row-major, the diagonal of G, twice its strictly lower triangle, zeros above the diagonal. For
+/// any `E: [k, n]`, `sum(E * (M @ E)) = sum(E * (G @ E))` (G is symmetric; see
+/// [`lite`](super::lite)). The lower triangle is one float32 triangular GEMM (faer, rayon's threads).
+pub fn gram_lower_doubled(x: &[f32], t: usize, k: usize) -> Vec<f32> {
+    assert_eq!(x.len(), t * k, "gram: x is not [t, k]");
+    let mut m = vec![0.0f32; k * k];
+    if k == 0 || t == 0 {
+        return m;
     }
-    let blocks: Vec<Vec<f32>> = a.par_chunks(rows * k).map(|block| matmul(block, b, block.len() / k, k, n)).collect();
-    blocks.concat()
+    let xr = MatRef::from_row_major_slice(x, t, k);
+    triangular::matmul(
+        MatMut::from_row_major_slice_mut(&mut m, k, k),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        xr.transpose(),
+        BlockStructure::Rectangular,
+        xr,
+        BlockStructure::Rectangular,
+        1.0f32,
+        Par::rayon(0),
+    );
+    for (i, row) in m.chunks_exact_mut(k).enumerate() {
+        row[..i].iter_mut().for_each(|v| *v *= 2.0);
+    }
+    m
 }
 
-/// The Gram matrix `x^T x` (`[k, k]`) of row-major `x: [t, k]`.
-pub fn gram(x: &[f32], t: usize, k: usize) -> Vec<f32> {
-    assert_eq!(x.len(), t * k, "gram: x is not [t, k]");
-    let mut g = vec![0.0f32; k * k];
-    if k == 0 || t == 0 {
-        return g;
+/// `L @ B` for a lower triangular `l: [k, k]` (row-major; only `j <= i` is read) and `b: [k, n]`,
+/// row-major; returns `[k, n]`. One float32 triangular GEMM on the calling thread (faer), half the
+/// multiply-adds of the full product.
+pub fn lower_triangular_matmul(l: &[f32], b: &[f32], k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(l.len(), k * k, "lower_triangular_matmul: l is not [k, k]");
+    assert_eq!(b.len(), k * n, "lower_triangular_matmul: b is not [k, n]");
+    let mut c = vec![0.0f32; k * n];
+    if k == 0 || n == 0 {
+        return c;
     }
-    // SAFETY: x is exactly [t, k] row-major (asserted), read as its transpose [k, t] with row
-    // stride 1 and column stride k, and as itself [t, k]; g is exactly [k, k]; no overlap with g.
-    unsafe {
-        matrixmultiply::sgemm(
-            k,
-            t,
-            k,
-            1.0,
-            x.as_ptr(),
-            1,
-            k as isize,
-            x.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            g.as_mut_ptr(),
-            k as isize,
-            1,
-        );
-    }
-    g
+    triangular::matmul(
+        MatMut::from_row_major_slice_mut(&mut c, k, n),
+        BlockStructure::Rectangular,
+        Accum::Replace,
+        MatRef::from_row_major_slice(l, k, k),
+        BlockStructure::TriangularLower,
+        MatRef::from_row_major_slice(b, k, n),
+        BlockStructure::Rectangular,
+        1.0f32,
+        Par::Seq,
+    );
+    c
 }
