@@ -241,6 +241,51 @@ def perplexity(folder, eval_ids, level1):
     return round(float(np.exp(total / count)), 3)
 
 
+def perplexity_no_optimization(folder, eval_ids):
+    """The first evaluation row's perplexity with every graph optimization disabled
+    (``GraphOptimizationLevel.ORT_DISABLE_ALL``: DequantizeLinear + MatMul run as written, nothing
+    fused) next to the same row in a default session: the folder runs in both modes, and how far the
+    two differ."""
+    import onnxruntime as ort
+
+    path = model_file(folder)
+    inputs = graph_inputs(path)
+    cfg = genai_config(folder)
+    row = eval_ids[0]
+    out = {}
+    for mode in ("default", "disable_all"):
+        so = ort.SessionOptions()
+        if mode == "disable_all":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        logits = s.run(["logits"], feeds(inputs, cfg, row[None]))[0][0, :-1].astype(np.float64)
+        del s
+        m = logits.max(-1)
+        lse = m + np.log(np.exp(logits - m[:, None]).sum(-1))
+        out[mode] = round(float(np.exp((lse - logits[np.arange(len(row) - 1), row[1:]]).mean())), 3)
+    return out
+
+
+def quantized_nodes(folder):
+    """How the weights are stored: op counts of the quantized forms, the accuracy_level values the
+    MatMulNBits nodes carry (a DequantizeLinear -> MatMul pair has none: a default session fuses it
+    into MatMulNBits at ``session.qdq_matmulnbits_accuracy_level``, 4 unless set) and the bits of
+    MatMulNBits / GatherBlockQuantized nodes."""
+    import onnx
+
+    g = onnx.load(model_file(folder), load_external_data=False).graph
+    ops, levels, bits = {}, set(), set()
+    for n in g.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "MatMul", "Gather"):
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        for a in n.attribute:
+            if n.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                levels.add(a.i)
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized") and a.name == "bits":
+                bits.add(f"{n.op_type} {a.i}")
+    return {"ops": ops, "matmulnbits_accuracy_level": sorted(levels), "bits": sorted(bits)}
+
+
 def has_dq(folder):
     return any(n.op_type == "DequantizeLinear" for n in __import__("onnx").load(
         model_file(folder), load_external_data=False).graph.node)
@@ -302,8 +347,9 @@ def fmt(v, spec="{:.2f}"):
 
 def table(data):
     ref = data["runs"].get("fp32", {}).get("ppl_default")
-    rows = ["| folder | how | bytes (MB) | ppl default | ppl level1 | decode tok/s (median; runs) "
-            "| quantize wall s / CPU s | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| folder | how | bytes (MB) | ppl default | ppl level1 | row 0: default / opt. disabled "
+            "| decode tok/s (median; runs) | quantize wall s / CPU s | peak RSS MB | stored as |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     order = [k for k in REFERENCES if k in data["runs"]] + [k for k in data["runs"] if k not in REFERENCES]
     for label in order:
         r = data["runs"][label]
@@ -315,17 +361,30 @@ def table(data):
         cost = f"{q['seconds']} / {q['cpu_seconds']}" if q else "-"
         if "debug" in q.get("binary", ""):
             cost += " (debug build)"
+        r0 = r.get("ppl_row0")
+        row0 = f"{r0['default']:.2f} / {r0['disable_all']:.2f}" if r0 else "-"
+        nodes = r.get("nodes") or {}
+        stored = ", ".join(f"{k} {v}" for k, v in sorted(nodes.get("ops", {}).items())
+                           if k in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear"))
+        if nodes.get("matmulnbits_accuracy_level"):
+            stored += f" (accuracy_level {', '.join(map(str, nodes['matmulnbits_accuracy_level']))})"
+        if nodes.get("bits"):
+            stored += f"; bits: {', '.join(nodes['bits'])}"
         rows.append(f"| {label} | {r['how']} | {fmt(r.get('bytes') and r['bytes'] / 1e6, '{:.1f}')} "
-                    f"| {fmt(r.get('ppl_default'))} | {fmt(r.get('ppl_level1'))} | {dec} | {cost} "
-                    f"| {fmt(q.get('peak_rss_mb'), '{:.0f}')} |")
+                    f"| {fmt(r.get('ppl_default'))} | {fmt(r.get('ppl_level1'))} | {row0} | {dec} | {cost} "
+                    f"| {fmt(q.get('peak_rss_mb'), '{:.0f}')} | {stored or '-'} |")
     t = data["text"]
     head = [f"# onnxruntime-genai folders: {data['model']}", "",
             f"Machine: {data['machine']}.", "",
             f"Text: {t['source']} (sha256 {t['text_sha256'][:16]}...); perplexity over {t['evaluation'][0]} x "
-            f"{t['evaluation'][1]} held-out tokens (lead tokens {t['lead_tokens']}); calibration "
-            f"{t['calibration'][0]} x {t['calibration'][1]} tokens. fp32 perplexity {fmt(ref)}.", "",
+            f"{t['evaluation'][1]} held-out tokens (lead tokens {t['lead_tokens']}); calibration: the first 60% "
+            f"of the text, as an npz of {t['calibration'][0]} x {t['calibration'][1]} tokens (`--calibration-data`) "
+            "or as text (`--calibration-text`, nibble's windows: 16 x 512 unless the row says otherwise). "
+            f"fp32 perplexity {fmt(ref)}.", "",
             "Session options: *ppl default* = `SessionOptions()` untouched; *ppl level1* = the same with "
-            "`session.qdq_matmulnbits_accuracy_level` = \"1\" (only for folders with DequantizeLinear nodes). "
+            "`session.qdq_matmulnbits_accuracy_level` = \"1\" (only for folders with DequantizeLinear nodes); "
+            "*row 0* = the first evaluation window alone in a default session and with "
+            "`graph_optimization_level` = ORT_DISABLE_ALL (one run per folder: it loads and runs unfused). "
             "Decode: onnxruntime-genai with the folder's genai_config.json, greedy, 64-token prompt, tokens/s "
             "over the new tokens (the prompt's forward pass excluded), with the 1-minute load average of "
             "the shared 2-core machine.", ""]
@@ -346,6 +405,9 @@ def main():
     ap.add_argument("--references", default=",".join(REFERENCES), help="builder folders to measure")
     ap.add_argument("--level1", action="store_true", help="also perplexity at qdq_matmulnbits_accuracy_level 1")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--check-no-optimization", action="store_true",
+                    help="also run the first evaluation row with every graph optimization disabled "
+                         "(ORT_DISABLE_ALL) and in a default session (ppl_row0)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--decode-repeats", type=int, default=3)
     ap.add_argument("--eval-rows", type=int, default=4)
@@ -433,7 +495,8 @@ def main():
         else:
             folder, q = run_nibble(args.nibble, label, nargs, fp32, os.path.join(root, "nibble"), subs, args.folder_io)
             rec["how"] = "nibble " + " ".join(a for a in nargs if not a.startswith("{")).replace(
-                "--calibration-data", "--calibration-data (text npz)")
+                "--calibration-data", "--calibration-data (text npz)").replace(
+                "--calibration-text", "--calibration-text (calibration part)")
             rec["command"] = q.pop("command")
             rec["quantize"] = q
             print(f"   quantize: {q}", flush=True)
@@ -450,6 +513,13 @@ def main():
                 rec["ppl_level1"] = perplexity(folder, eval_ids, True)
         except Exception as e:  # an output ONNX Runtime refuses is a result to report, not a crash
             rec["error"] = f"ONNX Runtime: {str(e).splitlines()[0][:300]}"
+        if "error" not in rec:
+            rec["nodes"] = quantized_nodes(folder)
+            if args.check_no_optimization:
+                try:
+                    rec["ppl_row0"] = perplexity_no_optimization(folder, eval_ids)
+                except Exception as e:
+                    rec["error"] = f"ONNX Runtime (optimizations disabled): {str(e).splitlines()[0][:300]}"
         if not args.no_decode and "error" not in rec:
             rec["decode"] = decode_speed(folder, prompt, args.decode_tokens, args.decode_repeats, folder)
         print(f"   {({k: v for k, v in rec.items() if k != 'quantize'})}", flush=True)
