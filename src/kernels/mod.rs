@@ -31,6 +31,7 @@
 pub mod block_absmax;
 pub mod block_dot;
 pub mod block_minmax;
+pub(crate) mod code;
 pub mod dequantize;
 pub mod pack;
 pub mod qdq_error;

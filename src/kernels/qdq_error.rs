@@ -12,7 +12,8 @@
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_f32, CodeBounds};
+use crate::kernels::code::{quantize_lanes, CodeBounds};
+use crate::simd::{for_each_chunk, load_f32, store_f32};
 use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 

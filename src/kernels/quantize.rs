@@ -7,12 +7,13 @@
 //!
 //! with the bounds of [`Bits`] (-8..=7 and 0..=15 for 4 bits, -128..=127 and 0..=255 for 8).
 //!
-//! `rint` is round half to even (the per-lane arithmetic is `simd::quantize_lanes`, shared with the
+//! `rint` is round half to even (the per-lane arithmetic is `kernels::code::quantize_lanes`, shared with the
 //! fused kernels).
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_low_bytes, to_int, CodeBounds};
+use crate::kernels::code::{quantize_lanes, CodeBounds};
+use crate::simd::{for_each_chunk, load_f32, store_low_bytes, to_int};
 use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 

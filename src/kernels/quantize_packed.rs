@@ -10,7 +10,8 @@
 
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, load_f32, quantize_lanes, store_nibble_pairs, to_int, CodeBounds};
+use crate::kernels::code::{quantize_lanes, CodeBounds};
+use crate::simd::{for_each_chunk, load_f32, store_nibble_pairs, to_int};
 use crate::{Error, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 

@@ -34,8 +34,8 @@
 //! (`num_key_value_heads` or `num_attention_heads`/`n_head`, `head_dim` or
 //! `hidden_size`/`n_embd` over the head count) next to the model.
 
-use crate::calibrate::inputs::{vocabulary, InputSpec};
 use crate::calibrate::runtime::{Input, InputData};
+use crate::calibrate::spec::{vocabulary, InputSpec};
 use crate::error::{Error, Result};
 use crate::graph::model::Model;
 use crate::graph::onnx::{tensor_proto::DataType, NodeProto};
@@ -228,7 +228,7 @@ fn cache(model: &Model, s: &InputSpec, dims: &HashMap<String, usize>, cfg: &Conf
             "KV-cache input '{}'{}: its head count or head size is symbolic and neither the attention node reading it \
              nor a genai_config.json/config.json next to the model gives it; pass --calibration-shapes {}",
             s.name,
-            crate::calibrate::inputs::shape_text(s),
+            crate::calibrate::spec::shape_text(s),
             missing.join(",")
         )));
     };

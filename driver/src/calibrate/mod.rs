@@ -15,6 +15,7 @@ pub mod inputs;
 pub mod npy;
 pub mod runtime;
 pub mod sequential;
+pub mod spec;
 pub mod text;
 pub mod twin;
 

@@ -16,6 +16,7 @@ pub mod model;
 #[rustfmt::skip]
 pub mod onnx;
 pub mod opset;
+pub mod output;
 pub mod read;
 pub mod readers;
 pub mod stream;

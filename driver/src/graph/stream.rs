@@ -15,8 +15,8 @@
 //! inline, so the output is the same file byte for byte as when every tensor was held in memory.
 
 use crate::error::{Error, Result};
-use crate::graph::model::{ExternalData, TempFile, EXTERNAL_ALIGN, EXTERNAL_THRESHOLD, PROTOBUF_LIMIT};
 use crate::graph::onnx::{tensor_proto::DataLocation, GraphProto, ModelProto, StringStringEntryProto, TensorProto};
+use crate::graph::output::{ExternalData, TempFile, EXTERNAL_ALIGN, EXTERNAL_THRESHOLD, PROTOBUF_LIMIT};
 use bytes::Bytes;
 use prost::Message;
 use std::path::Path;
