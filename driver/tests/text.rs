@@ -5,7 +5,7 @@
 mod common;
 
 use common::{decoder_logits, nibble, nibble_ok, text, tmp};
-use nibble_driver::calibrate::text::{load_tokenizer, read_text, text_windows, tokenize, windows};
+use nibble_driver::calibrate::text::{lead_tokens, load_tokenizer, read_text, text_windows, tokenize, windows};
 use nibble_driver::cli::decoder_example::{write_folder, DecoderConfig, DecoderKind};
 use nibble_driver::graph::model::Model;
 use std::path::{Path, PathBuf};
@@ -50,6 +50,43 @@ fn windows_are_spread_and_do_not_overlap() {
     let e = windows(&tokens, 1, 101, Path::new("short.txt")).unwrap_err().to_string();
     assert!(e.contains("holds 100 tokens") && !e.contains("at most"), "{e}");
     assert!(windows(&tokens, 0, 10, Path::new("t")).is_err());
+}
+
+/// A tokenizer whose post-processor puts `<|endoftext|>` before every text (as Gemma's and Llama's
+/// put `<bos>`): each window starts with it and holds T - 1 text tokens; the example's own
+/// ByteLevel post-processor adds nothing.
+#[test]
+fn windows_start_with_the_tokenizers_leading_special_tokens() {
+    let t = tmp();
+    let dir = folder(t.path(), DecoderKind::Genai);
+    let plain_path = dir.join("tokenizer.json");
+    let plain = load_tokenizer(&plain_path).unwrap();
+    assert_eq!(lead_tokens(&plain, &plain_path).unwrap(), Vec::<i64>::new());
+    let eos = i64::from(plain.token_to_id("<|endoftext|>").unwrap());
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plain_path).unwrap()).unwrap();
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 0}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [eos], "tokens": ["<|endoftext|>"]}}
+    });
+    let bos_path = t.path().join("bos-tokenizer.json");
+    std::fs::write(&bos_path, json.to_string()).unwrap();
+    assert_eq!(lead_tokens(&load_tokenizer(&bos_path).unwrap(), &bos_path).unwrap(), vec![eos]);
+    let text = write_text(t.path(), 3000);
+    let with_bos = text_windows(&text, &bos_path, 3, 32).unwrap();
+    let without = text_windows(&text, &plain_path, 3, 32).unwrap();
+    let ids = tokenize(&plain, &read_text(&text).unwrap(), &text).unwrap();
+    let body = windows(&ids, 3, 31, &text).unwrap();
+    for (w, b) in with_bos.iter().zip(&body) {
+        assert_eq!(w.len(), 32);
+        assert_eq!(w[0], eos);
+        assert_eq!(&w[1..], b.as_slice());
+    }
+    assert!(without.iter().all(|w| w.len() == 32 && w[0] != eos));
+    let e = text_windows(&text, &bos_path, 3, 1).unwrap_err().to_string();
+    assert!(e.contains("no room for text") && e.contains("longer sequence length"), "{e}");
 }
 
 #[test]

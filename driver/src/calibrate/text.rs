@@ -1,6 +1,10 @@
 //! Calibration (and perplexity) samples from text: a UTF-8 file (or `.jsonl` with a `text` field
 //! per line) tokenized with a Hugging Face `tokenizer.json` (the `tokenizers` crate), cut into
 //! windows of T tokens spread evenly over the text, each window one sample of `input_ids [1, T]`.
+//! Each window starts with the special tokens the tokenizer puts before a text by default (its
+//! post-processor: `<bos>` for Gemma and Llama, nothing for Qwen2), as `tokenizer(text)` in
+//! transformers and onnxruntime-genai's generator feed the model, followed by T minus that many
+//! text tokens.
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -105,10 +109,32 @@ pub fn windows(tokens: &[i64], count: usize, len: usize, what: &Path) -> Result<
         .collect())
 }
 
+/// The special tokens `tokenizer` puts before a text when asked to add them (its post-processor's
+/// template: `[bos]` for Gemma and Llama tokenizers, `[]` for Qwen2's or a ByteLevel one): the ids
+/// of `encode("a", true)` ahead of those of `encode("a", false)`.
+pub fn lead_tokens(tokenizer: &tokenizers::Tokenizer, what: &Path) -> Result<Vec<i64>> {
+    let plain = tokenize(tokenizer, "a", what)?;
+    let with = tokenizer
+        .encode("a", true)
+        .map_err(|e| Error::Parse { path: what.to_path_buf(), why: format!("the tokenizer failed on it: {e}") })?;
+    let with: Vec<i64> = with.get_ids().iter().map(|&id| i64::from(id)).collect();
+    let at = with.windows(plain.len().max(1)).position(|w| w == plain.as_slice()).unwrap_or(0);
+    Ok(with[..at].to_vec())
+}
+
 /// Reads `text`, tokenizes it with the tokenizer at `tokenizer` and cuts `count` windows of `len`
-/// tokens: the token sequences for `CalibrationOptions::tokens` or perplexity.
+/// tokens, each the tokenizer's [`lead_tokens`] followed by `len` minus that many text tokens: the
+/// token sequences for `CalibrationOptions::tokens` or perplexity.
 pub fn text_windows(text: &Path, tokenizer: &Path, count: usize, len: usize) -> Result<Vec<Vec<i64>>> {
     let tok = load_tokenizer(tokenizer)?;
+    let lead = lead_tokens(&tok, tokenizer)?;
+    if len <= lead.len() {
+        return Err(Error::Usage(format!(
+            "a sequence length of {len} tokens leaves no room for text after the tokenizer's {} leading special token(s); give a longer sequence length",
+            lead.len()
+        )));
+    }
     let ids = tokenize(&tok, &read_text(text)?, text)?;
-    windows(&ids, count, len, text)
+    let body = windows(&ids, count, len - lead.len(), text)?;
+    Ok(body.into_iter().map(|w| lead.iter().copied().chain(w).collect()).collect())
 }
