@@ -161,6 +161,80 @@ proptest! {
     }
 
     #[test]
+    fn quantize_block_matches_reference_and_unfused_kernels(
+        fi in 0usize..3,
+        bi in 0usize..2,
+        s0 in slab(FloatFormat::F32, 5),
+        a in alpha(),
+        zp: bool,
+        padded: bool,
+        tile in 0usize..=20,
+        codes_too: bool,
+    ) {
+        let (format, width) = (FORMATS[fi], WIDTHS[bi]);
+        let w: Vec<f32> = s0.w().iter().map(|&x| format.round(x)).collect();
+        let cols = s0.cols;
+        // tile 0: the kernel's own choice of tile.
+        let run = |tier: Tier, scale: &mut [f32], z: Option<&mut [f32]>, codes: &mut [u8]| match tile {
+            0 => quantize_block_with(tier, format, width, &w, cols, a, padded, scale, z, codes).unwrap(),
+            t => quantize_block_tiled_with(tier, format, width, &w, cols, t, a, padded, scale, z, codes).unwrap(),
+        };
+        // The oracle: statistics, scales and codes of the scalar reference, one after the other.
+        let (lo, hi) = reference::block_minmax(&w, cols, padded);
+        let amax = reference::block_absmax(&w, cols);
+        let bad = match zp {
+            true => (0..cols).find(|&c| !lo[c].is_finite() || !hi[c].is_finite()),
+            false => amax.iter().position(|x| !x.is_finite()),
+        };
+        let (want_s, want_z) = match zp {
+            true => {
+                let (s, z) = reference::scales_zero_point(format, width, &lo, &hi, a);
+                (s, Some(z))
+            }
+            false => (reference::scales_symmetric(format, width, &amax, a), None),
+        };
+        let want_q = if bad.is_none() && codes_too {
+            reference::quantize(format, width, &w, cols, &want_s, want_z.as_deref())
+        } else {
+            vec![]
+        };
+        for tier in Tier::available() {
+            let mut scale = vec![-1.0f32; cols];
+            let mut z = vec![-1.0f32; cols];
+            let mut q = vec![0xAAu8; if codes_too { w.len() } else { 0 }];
+            let got = run(tier, &mut scale, zp.then_some(&mut z[..]), &mut q);
+            prop_assert_eq!(got, bad, "non-finite column {:?} {:?}", tier, format);
+            if bad.is_some() {
+                continue;
+            }
+            prop_assert_eq!(bits(&scale), bits(&want_s), "scales {:?} {:?}", tier, format);
+            if let Some(want_z) = &want_z {
+                prop_assert_eq!(bits(&z), bits(want_z), "zero points {:?} {:?}", tier, format);
+            }
+            prop_assert_eq!(&q, &want_q, "codes {:?} {:?}", tier, format);
+            // The unfused kernels on the whole slab give the same bytes.
+            let mut s2 = vec![0.0f32; cols];
+            let mut z2 = vec![0.0f32; cols];
+            let mut stat = vec![0.0f32; cols];
+            if zp {
+                let mut hi2 = vec![0.0f32; cols];
+                block_minmax_with(tier, &w, cols, padded, &mut stat, &mut hi2).unwrap();
+                let alphas = vec![format.constant(a); cols];
+                scales_zero_point_alphas_with(tier, format, width, &stat, &hi2, &alphas, &mut s2, &mut z2).unwrap();
+            } else {
+                block_absmax_with(tier, &w, cols, &mut stat).unwrap();
+                scales_symmetric_with(tier, format, width, &stat, a, &mut s2).unwrap();
+            }
+            prop_assert_eq!(bits(&scale), bits(&s2), "unfused scales {:?} {:?}", tier, format);
+            if codes_too {
+                let mut q2 = vec![0x55u8; w.len()];
+                quantize_with(tier, format, width, &w, cols, &s2, zp.then_some(&z2[..]), &mut q2).unwrap();
+                prop_assert_eq!(&q, &q2, "unfused codes {:?} {:?}", tier, format);
+            }
+        }
+    }
+
+    #[test]
     fn pack_matches_reference(codes in proptest::collection::vec(any::<u8>(), 0..300), offset in 0usize..64) {
         let offset = offset.min(codes.len());
         let codes = &codes[offset..];
@@ -262,6 +336,70 @@ fn non_finite_values_show_in_statistics() {
             }
         }
     }
+}
+
+/// A NaN or infinity in a column of any tile of a fused block: the kernel reports that column (the
+/// first such), on every tier, with and without zero points.
+#[test]
+fn quantize_block_reports_the_first_non_finite_column() {
+    let (rows, cols) = (3usize, 53usize);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for col in [0usize, 15, 16, 17, 40, 52] {
+            let mut w: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 - 6.0).collect();
+            w[2 * cols + col] = bad;
+            w[cols + 52] = f32::NAN; // a later column stays unreported
+            for tier in Tier::available() {
+                for zp in [false, true] {
+                    let mut scale = vec![0.0; cols];
+                    let mut z = vec![0.0; cols];
+                    let mut q = vec![0u8; w.len()];
+                    let got = quantize_block_tiled_with(
+                        tier,
+                        FloatFormat::F32,
+                        Bits::Four,
+                        &w,
+                        cols,
+                        16,
+                        1.0,
+                        false,
+                        &mut scale,
+                        zp.then_some(&mut z[..]),
+                        &mut q,
+                    );
+                    assert_eq!(got.unwrap(), Some(col), "{tier:?} {bad} zp {zp}");
+                }
+            }
+        }
+    }
+    let mut scale = vec![0.0; 4];
+    let w = vec![1.0f32; 8];
+    assert!(quantize_block_tiled_with(
+        Tier::Scalar,
+        FloatFormat::F32,
+        Bits::Four,
+        &w,
+        4,
+        0,
+        1.0,
+        false,
+        &mut scale,
+        None,
+        &mut []
+    )
+    .is_err());
+    assert!(quantize_block_with(
+        Tier::Scalar,
+        FloatFormat::F32,
+        Bits::Four,
+        &w,
+        4,
+        1.0,
+        false,
+        &mut scale,
+        None,
+        &mut [0u8; 7]
+    )
+    .is_err());
 }
 
 /// Wrong lengths are errors naming the buffer, not panics.
