@@ -402,14 +402,24 @@ impl Ctx<'_> {
             |c: usize| Error::NonFinite { block: b, column: column0 + c, start: b * block, end: b * block + rows };
         let (s, z): (&[f32], Option<&[f32]>) = match step {
             Step::Scales { alpha, zero_point } | Step::Quantize { alpha, zero_point } => {
-                // Statistics, scales and codes in one pass over the slab's column tiles.
-                let zp = zero_point.then_some(zp);
-                let padded = rows < block;
-                return match kernels::quantize_block_with(tier, format, bits, w, cols, alpha, padded, scale, zp, codes)?
-                {
-                    Some(c) => Err(non_finite(c)),
-                    None => Ok(()),
-                };
+                let alphas = vec![format.constant(alpha); cols];
+                if zero_point {
+                    let mut lo = vec![0.0f32; cols];
+                    let mut hi = vec![0.0f32; cols];
+                    kernels::block_minmax_with(tier, w, cols, rows < block, &mut lo, &mut hi)?;
+                    if let Some(c) = (0..cols).find(|&c| !lo[c].is_finite() || !hi[c].is_finite()) {
+                        return Err(non_finite(c));
+                    }
+                    kernels::scales_zero_point_alphas_with(tier, format, bits, &lo, &hi, &alphas, scale, zp)?;
+                } else {
+                    let mut amax = vec![0.0f32; cols];
+                    kernels::block_absmax_with(tier, w, cols, &mut amax)?;
+                    if let Some(c) = amax.iter().position(|a| !a.is_finite()) {
+                        return Err(non_finite(c));
+                    }
+                    kernels::scales_symmetric_alphas_with(tier, format, bits, &amax, &alphas, scale)?;
+                }
+                (&*scale, zero_point.then_some(&*zp))
             }
             Step::Given { scale, zero_point } => {
                 if let Some(k) = w.iter().position(|x| !x.is_finite()) {

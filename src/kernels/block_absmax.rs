@@ -20,23 +20,13 @@ pub fn block_absmax_with(tier: Tier, w: &[f32], cols: usize, amax: &mut [f32]) -
     check_tier(tier)?;
     slab_rows("block_absmax weight", w.len(), cols)?;
     check_len("block_absmax output", cols, amax.len())?;
-    let rows = w.len() / cols.max(1);
-    tier.dispatch(BlockAbsmax { w, rows, cols, ld: cols, amax });
+    tier.dispatch(BlockAbsmax { w, cols, amax });
     Ok(())
-}
-
-/// [`block_absmax_with`] on `rows` rows of `cols` columns, row `r` at `w[r * ld..]` (a column tile
-/// of a wider slab); the caller has checked the tier and the lengths.
-pub(crate) fn block_absmax_strided(tier: Tier, w: &[f32], rows: usize, cols: usize, ld: usize, amax: &mut [f32]) {
-    tier.dispatch(BlockAbsmax { w, rows, cols, ld, amax });
 }
 
 struct BlockAbsmax<'a> {
     w: &'a [f32],
-    rows: usize,
     cols: usize,
-    /// Elements from one row's start to the next's.
-    ld: usize,
     amax: &'a mut [f32],
 }
 
@@ -45,15 +35,15 @@ impl WithSimd for BlockAbsmax<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, rows, cols, ld, amax } = self;
+        let Self { w, cols, amax } = self;
         let acc: &mut [u32] = bytemuck::cast_slice_mut(amax);
         acc.fill(0);
         if cols == 0 {
             return;
         }
         let mask = simd.splat_u32s(0x7fff_ffff);
-        for r in 0..rows {
-            let row: &[u32] = bytemuck::cast_slice(&w[r * ld..r * ld + cols]);
+        for row in w.chunks_exact(cols) {
+            let row: &[u32] = bytemuck::cast_slice(row);
             for_each_chunk::<S>(cols, |j, n| {
                 let x = simd.and_u32s(load_u32(simd, &row[j..j + n]), mask);
                 let a = load_u32(simd, &acc[j..j + n]);

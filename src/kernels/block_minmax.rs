@@ -31,25 +31,8 @@ pub fn block_minmax_with(
     slab_rows("block_minmax weight", w.len(), cols)?;
     check_len("block_minmax min output", cols, min.len())?;
     check_len("block_minmax max output", cols, max.len())?;
-    let rows = w.len() / cols.max(1);
-    tier.dispatch(BlockMinMax { w, rows, cols, ld: cols, include_zero, min, max });
+    tier.dispatch(BlockMinMax { w, cols, include_zero, min, max });
     Ok(())
-}
-
-/// [`block_minmax_with`] on `rows` rows of `cols` columns, row `r` at `w[r * ld..]` (a column tile
-/// of a wider slab); the caller has checked the tier and the lengths.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn block_minmax_strided(
-    tier: Tier,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    ld: usize,
-    include_zero: bool,
-    min: &mut [f32],
-    max: &mut [f32],
-) {
-    tier.dispatch(BlockMinMax { w, rows, cols, ld, include_zero, min, max });
 }
 
 /// The order key of a float (an involution).
@@ -67,10 +50,7 @@ fn key_simd<S: Simd>(simd: S, bits: S::u32s) -> S::i32s {
 
 struct BlockMinMax<'a> {
     w: &'a [f32],
-    rows: usize,
     cols: usize,
-    /// Elements from one row's start to the next's.
-    ld: usize,
     include_zero: bool,
     min: &'a mut [f32],
     max: &'a mut [f32],
@@ -81,7 +61,7 @@ impl WithSimd for BlockMinMax<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, rows, cols, ld, include_zero, min, max } = self;
+        let Self { w, cols, include_zero, min, max } = self;
         let lo: &mut [u32] = bytemuck::cast_slice_mut(min);
         let hi: &mut [u32] = bytemuck::cast_slice_mut(max);
         // Keys of the start values: +0.0 with padding, else +Inf for min and -Inf for max.
@@ -90,8 +70,8 @@ impl WithSimd for BlockMinMax<'_> {
         lo.fill(lo0);
         hi.fill(hi0);
         if cols > 0 {
-            for r in 0..rows {
-                let row: &[u32] = bytemuck::cast_slice(&w[r * ld..r * ld + cols]);
+            for row in w.chunks_exact(cols) {
+                let row: &[u32] = bytemuck::cast_slice(row);
                 for_each_chunk::<S>(cols, |j, n| {
                     let k = key_simd(simd, load_u32(simd, &row[j..j + n]));
                     let a: S::i32s = pulp::cast(load_u32(simd, &lo[j..j + n]));

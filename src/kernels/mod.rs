@@ -14,7 +14,6 @@
 //! | `block_absmax`, `block_minmax` | nothing: integer max/min on the magnitude bits, one load and one op per vector |
 //! | `quantize` | bound by the correctly rounded f32 division `w / s` (numpy's), the same on every tier; codes narrowed with `vpmovdb` (AVX-512) or two packs and a shuffle (AVX2) |
 //! | `quantize` with f16 rounding | the integer-only f16 rounding (about 15 ops a vector): AVX-512 and AVX2 now use the hardware pair `vcvtps2ph` / `vcvtph2ps` (AVX2 through F16C) |
-//! | `quantize_block` | `block_absmax` (or `block_minmax`) then `quantize` over a whole 128 x 4096 float32 slab read it from memory twice (2 MiB, the size of the core's L2): now one column tile of about 128 KiB at a time, statistics, scales and codes while the tile is in cache |
 //! | `quantize_packed` | lanes were paired through memory: now paired in registers (`v \| v >> 28` on u64 lanes, then `vpmovqb` or a byte shuffle) |
 //! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`) |
 //! | `dequantize` | code bytes were widened lane by lane through memory: now `vpmovsxbd` / `vpmovzxbd` |
@@ -37,7 +36,6 @@ pub mod dequantize;
 pub mod pack;
 pub mod qdq_error;
 pub mod quantize;
-pub mod quantize_block;
 pub mod quantize_packed;
 pub mod round;
 pub mod scales;
@@ -50,7 +48,6 @@ pub use dequantize::{dequantize, dequantize_with};
 pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};
 pub use qdq_error::{qdq_error, qdq_error_with, QdqOutput};
 pub use quantize::{quantize, quantize_with};
-pub use quantize_block::{quantize_block_tiled_with, quantize_block_with};
 pub use quantize_packed::{quantize_packed, quantize_packed_with};
 pub use round::{round_to_format, round_to_format_with};
 pub use scales::{

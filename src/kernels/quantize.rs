@@ -47,29 +47,9 @@ pub fn quantize_with(
     if cols == 0 {
         return Ok(());
     }
-    let rows = w.len() / cols;
-    quantize_strided(tier, format, bits, w, rows, cols, cols, scale, zero_point, codes);
-    Ok(())
-}
-
-/// [`quantize_with`] on `rows` rows of `cols` columns, row `r` at `w[r * ld..]` and its codes at
-/// `codes[r * ld..]` (a column tile of a wider slab); the caller has checked the tier and the lengths.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn quantize_strided(
-    tier: Tier,
-    format: FloatFormat,
-    bits: Bits,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    ld: usize,
-    scale: &[f32],
-    zero_point: Option<&[f32]>,
-    codes: &mut [u8],
-) {
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(Quantize { w, bits, rows, cols, ld, scale, zero_point, codes, _p: $p })
+            tier.dispatch(Quantize { w, bits, cols, scale, zero_point, codes, _p: $p })
         };
     }
     match format {
@@ -77,15 +57,13 @@ pub(crate) fn quantize_strided(
         FloatFormat::F16 => run!(F16),
         FloatFormat::BF16 => run!(BF16),
     }
+    Ok(())
 }
 
 struct Quantize<'a, P> {
     w: &'a [f32],
     bits: Bits,
-    rows: usize,
     cols: usize,
-    /// Elements from one row's start to the next's (in `w` and in `codes`).
-    ld: usize,
     scale: &'a [f32],
     zero_point: Option<&'a [f32]>,
     codes: &'a mut [u8],
@@ -109,18 +87,13 @@ impl<P: Precision> Quantize<'_, P> {
     #[inline(always)]
     fn body<S: Simd, const BITS: u32>(self, simd: S) {
         let bits = if BITS == 8 { Bits::Eight } else { Bits::Four };
-        let Self { w, bits: _, rows, cols, ld, scale, zero_point, codes, _p: _ } = self;
+        let Self { w, bits: _, cols, scale, zero_point, codes, _p: _ } = self;
         let bounds = CodeBounds::new(simd, bits);
-        if cols == 0 {
-            return;
-        }
-        // Each row's offset in `w` and in `codes`. The zero-point choice stays outside the loops,
-        // so each loop is specialized.
-        let rows = (0..rows).map(|r| r * ld).map(|at| (&w[at..at + cols], at));
+        // The zero-point choice stays outside the loops, so each loop is specialized.
+        let rows = w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols));
         match zero_point {
             None => {
-                for (row, at) in rows {
-                    let out = &mut codes[at..at + cols];
+                for (row, out) in rows {
                     for_each_chunk::<S>(cols, |j, n| {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
@@ -130,8 +103,7 @@ impl<P: Precision> Quantize<'_, P> {
                 }
             }
             Some(zero_point) => {
-                for (row, at) in rows {
-                    let out = &mut codes[at..at + cols];
+                for (row, out) in rows {
                     for_each_chunk::<S>(cols, |j, n| {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
