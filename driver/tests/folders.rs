@@ -120,7 +120,10 @@ fn genai_folder_in_and_out() {
     let input = genai_folder(t.path());
     let before = tree(&input);
     let out = t.path().join("genai_int4");
-    let stdout = nibble_ok(&["quantize", input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32"]);
+    // ModelOpt's DequantizeLinear form (a genai folder's default is MatMulNBits: driver/tests/defaults.rs).
+    let args =
+        ["quantize", input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--block-size", "32", "--format", "dq"];
+    let stdout = nibble_ok(&args);
     assert!(stdout.contains("onnxruntime-genai folder"), "{stdout}");
     assert_eq!(tree(&input), before, "the input folder changed");
     assert_copied(&input, &out, &["model.onnx", "model.onnx.data"]);
