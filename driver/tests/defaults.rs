@@ -186,7 +186,9 @@ fn genai_folders_default_to_matmulnbits() {
     let t = tmp();
     let dir = folder(t.path(), DecoderKind::Genai);
     let reference = decoder_logits(&dir.join("model.onnx"), &windows())[1].clone();
-    let cases: [(&str, &[&str], (bool, bool), Option<i64>); 4] = [
+    // label, extra arguments, (DequantizeLinear written, MatMulNBits written), accuracy level.
+    type Case<'a> = (&'a str, &'a [&'a str], (bool, bool), Option<i64>);
+    let cases: [Case; 4] = [
         ("default", &[], (false, true), Some(4)),
         ("dq", &["--format", "dq"], (true, false), None),
         ("level1", &["--accuracy-level", "1"], (false, true), Some(1)),
