@@ -9,6 +9,8 @@
 //! - [`emit`]: one writer per output form (DQ/QDQ, MatMulNBits, pre-quant scales);
 //! - [`pipeline`]: `quantize_file`, the stages in order;
 //! - [`folder`]: onnxruntime-genai and Optimum model folders in and out, around `quantize_file`;
+//! - [`recipe`]: the measured defaults for what the user leaves unset (method under `--target-bits`,
+//!   the output form of an onnxruntime-genai folder);
 //! - [`cli`]: the `nibble` command (quantize, inspect, compare, example).
 //!
 //! Beside them: [`error`] (every failure, naming the file, node or tensor), [`cleanup`] (temporary
@@ -24,6 +26,7 @@ pub mod graph;
 pub mod methods;
 pub mod pipeline;
 pub mod plan;
+pub mod recipe;
 pub mod rng;
 
 pub use calibrate::runtime;

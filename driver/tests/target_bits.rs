@@ -152,6 +152,8 @@ fn the_sensitive_layer_gets_eight_bits() {
         out.to_str().unwrap(),
         "--target-bits",
         &target_arg,
+        "--method",
+        "rtn_dq",
         "--calibration-samples",
         "4",
         "-v",

@@ -38,9 +38,10 @@ enum Command {
         /// folder (default FOLDER_int4), every other file copied, weights in MODEL.onnx.data.
         #[arg(short, long)]
         output: Option<PathBuf>,
-        /// Algorithm.
-        #[arg(long, value_enum, default_value = "rtn_dq")]
-        method: Method,
+        /// Algorithm [default: rtn_dq; with --target-bits: gptq --zero-point --act-order when calibration
+        /// data is given, else rtn_dq --zero-point].
+        #[arg(long, value_enum)]
+        method: Option<Method>,
         /// Block size along K (even, >= 2), or -1 for per-channel.
         #[arg(long, default_value_t = 128, allow_negative_numbers = true, value_parser = block_size_arg)]
         block_size: i64,
@@ -67,9 +68,10 @@ enum Command {
         /// Leave weights that hold NaN or Inf unquantized (with a warning) instead of stopping.
         #[arg(long)]
         skip_nonfinite: bool,
-        /// Output form: DequantizeLinear (ModelOpt's) or ONNX Runtime's MatMulNBits.
-        #[arg(long, value_enum, default_value = "dq")]
-        format: crate::pipeline::Format,
+        /// Output form: DequantizeLinear (ModelOpt's) or ONNX Runtime's MatMulNBits [default: dq;
+        /// matmulnbits for an onnxruntime-genai folder].
+        #[arg(long, value_enum)]
+        format: Option<crate::pipeline::Format>,
         /// MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
         /// Default 4, as onnxruntime-genai's builder writes (ONNX Runtime's fastest CPU kernel).
         #[arg(long, value_parser = clap::value_parser!(i64).range(0..=4))]
@@ -131,9 +133,15 @@ enum Command {
         /// As for quantize (with --target-bits).
         #[arg(long, requires = "target_bits")]
         zero_point: bool,
-        /// As for quantize (with --target-bits): the output form whose bytes are counted.
-        #[arg(long, value_enum, default_value = "dq", requires = "target_bits")]
-        format: crate::pipeline::Format,
+        /// As for quantize (with --target-bits): without it, the options quantize would choose
+        /// (gptq --zero-point --act-order with calibration data, else rtn_dq --zero-point). The
+        /// sensitivities are measured by rounding whatever the method.
+        #[arg(long, value_enum, requires = "target_bits")]
+        method: Option<Method>,
+        /// As for quantize (with --target-bits): the output form whose bytes are counted [default:
+        /// as quantize chooses].
+        #[arg(long, value_enum, requires = "target_bits")]
+        format: Option<crate::pipeline::Format>,
         /// Draw the sensitivities and the choice into this SVG file.
         #[arg(long, value_name = "FILE.svg", requires = "target_bits")]
         plot_sensitivity: Option<PathBuf>,
@@ -551,8 +559,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 exclude.into_iter().filter(|p| !p.is_empty()).collect()
             };
-            let opts = Options {
-                method,
+            let given = crate::recipe::Given {
+                method: method.is_some(),
+                format: format.is_some(),
+                accuracy_level: accuracy_level.is_some(),
+            };
+            let format = format.unwrap_or(crate::pipeline::Format::Dq);
+            let mut opts = Options {
+                method: method.unwrap_or(Method::RtnDq),
                 block_size,
                 zero_point,
                 exclude,
@@ -585,6 +599,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(svg) = &plot_sensitivity {
                 plot::check_path(svg)?;
             }
+            for note in crate::recipe::fill(&mut opts, &model, given) {
+                println!("default: {note}");
+            }
             let verbose = opts.awq.verbose;
             if folder_input {
                 let f = crate::folder::quantize_folder(&model, &output, &opts)?;
@@ -608,19 +625,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_budget(&s, verbose, plot_sensitivity.as_deref())?;
             print_summary(&s, &output);
         }
-        Command::Inspect { model, exclude, target_bits, block_size, zero_point, format, plot_sensitivity, awq } => {
+        Command::Inspect {
+            model,
+            exclude,
+            target_bits,
+            block_size,
+            zero_point,
+            method,
+            format,
+            plot_sensitivity,
+            awq,
+        } => {
             let exclude = if exclude.is_empty() { vec!["/lm_head".to_string()] } else { exclude };
             match target_bits {
                 Some(t) => {
-                    let opts = Options {
+                    let mut opts = Options {
+                        method: method.unwrap_or(Method::RtnDq),
                         block_size,
                         zero_point,
-                        format,
+                        format: format.unwrap_or(crate::pipeline::Format::Dq),
                         exclude,
                         awq: awq.options(&model)?,
                         target_bits: Some(t),
                         ..Options::default()
                     };
+                    // The plan quantize would make with the same options (inspect has no --method).
+                    let given = crate::recipe::Given {
+                        method: method.is_some(),
+                        format: format.is_some(),
+                        accuracy_level: false,
+                    };
+                    for note in crate::recipe::fill(&mut opts, &model, given) {
+                        eprintln!("nibble: note: default: {note}");
+                    }
                     if let Some(svg) = &plot_sensitivity {
                         plot::check_path(svg)?;
                     }
