@@ -43,10 +43,13 @@ fn activations(model: &Model) -> Vec<String> {
     let mut out: Vec<String> = vec![];
     for n in &g.node {
         let op = n.op_type.as_deref().unwrap_or_default();
-        if (op == "MatMul" || op == "Gemm") && n.input.len() > 1 && inits.contains(n.input[1].as_str()) {
-            if !out.contains(&n.input[0]) && !inits.contains(n.input[0].as_str()) {
-                out.push(n.input[0].clone());
-            }
+        let reads_weight = n.input.len() > 1 && inits.contains(n.input[1].as_str());
+        if (op == "MatMul" || op == "Gemm")
+            && reads_weight
+            && !out.contains(&n.input[0])
+            && !inits.contains(n.input[0].as_str())
+        {
+            out.push(n.input[0].clone());
         }
     }
     out

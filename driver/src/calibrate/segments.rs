@@ -181,7 +181,7 @@ mod tests {
         // Only after r0 is every crossing tensor read twice more (h0 by m1 and r1; mask by m1 only
         // in two layers, so not there either).
         assert_eq!(shared, vec![true, true, false, false, false, false, false, true]);
-        let (_, shared) = crossings(&layers(3), &vec![true; 10]);
+        let (_, shared) = crossings(&layers(3), &[true; 10]);
         assert!(shared[4] && !shared[7], "{shared:?}");
         // A node outside `keep` neither produces nor reads.
         let mut keep = all.clone();

@@ -216,7 +216,7 @@ pub(crate) enum Activations<'c> {
     /// [`Capture::run`] per wave.
     Whole(&'c Capture),
     /// [`Segmented::run`] per wave, with each wave's segment.
-    Segments(Segmented<'c>, Vec<usize>),
+    Segments(Box<Segmented<'c>>, Vec<usize>),
 }
 
 impl Activations<'_> {
@@ -277,7 +277,7 @@ pub(crate) fn calibration_waves<'g, 'c>(
             s.crossing
         );
     }
-    Ok((waves, Activations::Segments(seg, segment_of)))
+    Ok((waves, Activations::Segments(Box::new(seg), segment_of)))
 }
 
 /// The K of a group's weights (rows of the `[K, N]` view).
