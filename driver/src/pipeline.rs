@@ -16,6 +16,7 @@ use crate::graph::onnx::TensorProto;
 use crate::graph::opset;
 use crate::graph::stream::{self, DataSink};
 use crate::methods::awq::{AwqMethod, AwqOptions, AwqResult};
+use crate::methods::finished::Finished;
 use crate::methods::gptq::GptqOptions;
 use crate::plan::budget::BudgetPlan;
 use crate::plan::{compile_patterns, plan, Candidate, Decision};
@@ -393,7 +394,7 @@ fn check_method_options(opts: &Options) -> Result<()> {
 /// What the calibrate-and-search stage leaves for the quantize stage.
 struct Searched {
     /// GPTQ's quantized weights (gptq, awq_gptq), by weight name.
-    gptq: HashMap<String, QuantizedWeight>,
+    gptq: Finished,
     /// AWQ's scales and clip ratios (AWQ methods).
     awq: Option<AwqResult>,
     /// The pre-quant scale nodes still to insert.
@@ -402,8 +403,8 @@ struct Searched {
 
 /// The calibrate-and-search stage: GPTQ's calibration of the float model and its quantized weights
 /// (gptq, awq_gptq), the AWQ searches and their pre-quant scales folded into `model` (AWQ methods).
-/// GPTQ's results are all held until the output form takes them (the Hessians of the whole model
-/// are computed in one calibration run).
+/// GPTQ's results are held (or, calibrating by segments, spilled to a temporary file) until the
+/// output form takes them.
 fn search_weights(
     model: &mut Model,
     chosen: &[&Candidate],
@@ -429,7 +430,7 @@ fn search_weights(
             };
             crate::methods::gptq::quantize(cal, model, chosen, block, opts.zero_point, &gptq_opts, awq.as_ref())?
         }
-        None => HashMap::new(),
+        None => Finished::in_memory(),
     };
     Ok(Searched { gptq, awq, insertions })
 }
@@ -441,7 +442,7 @@ fn search_weights(
 fn quantize_stream<'a>(
     model: &'a Model,
     chosen: &'a [&'a Candidate],
-    mut gptq: HashMap<String, QuantizedWeight>,
+    mut gptq: Finished,
     awq: Option<&'a AwqResult>,
     (block, block_of): (BlockSize, &'a (dyn Fn(&Candidate) -> BlockSize + Sync + 'a)),
     opts: &'a Options,
@@ -449,11 +450,11 @@ fn quantize_stream<'a>(
     let grid = opts.scale_search.then(|| ScaleGrid::clipped_to(opts.scale_search_clip_min));
     let per = rayon::current_num_threads().max(1);
     chosen.chunks(per).flat_map(move |chunk| {
-        let done: Vec<Option<QuantizedWeight>> = chunk.iter().map(|c| gptq.remove(&c.base)).collect();
+        let done: Vec<Result<Option<QuantizedWeight>>> = chunk.iter().map(|c| gptq.take(&c.base)).collect();
         let grid = grid.as_ref();
         done.into_par_iter()
             .zip(chunk.par_iter())
-            .map(|(done, c)| match done {
+            .map(|(done, c)| match done? {
                 Some(q) => Ok(q),
                 None => match awq.filter(|_| c.op != "Gather").and_then(|a| a.weights.get(&c.base)) {
                     Some(a) => crate::methods::awq::quantize_candidate_awq(model, c, block, opts.zero_point, a),

@@ -6,6 +6,7 @@
 //! - [`inputs`]: the calibration samples: from a `.npz`/`.npy` file ([`npy`]), in memory, or seeded random.
 //! - [`capture`]: a copy of the model whose graph outputs are the activations asked for, run in waves.
 //! - [`text`]: token windows from a text file and a Hugging Face tokenizer.json (calibration, perplexity).
+//! - [`segments`], [`segmented`]: calibration by segments, one ONNX Runtime session per segment.
 //! - [`sequential`]: capture step by step, each step seeing the weights quantized before it.
 //! - [`twin`]: the float32 twin of a bfloat16 model, which ONNX Runtime's CPU provider can run.
 
@@ -14,6 +15,8 @@ pub mod feed;
 pub mod inputs;
 pub mod npy;
 pub mod runtime;
+pub mod segmented;
+pub mod segments;
 pub mod sequential;
 pub mod spec;
 pub mod text;

@@ -32,6 +32,11 @@ pub struct Sequential<'c> {
     replacements: Vec<TensorProto>,
     values: std::fs::File,
     values_len: u64,
+    /// The nodes some activation still to capture depends on (all nodes unless
+    /// [`Sequential::only_for`] narrowed them): only what they read is carried.
+    future: Option<Vec<bool>>,
+    /// How each step's session is built.
+    session: SessionOptions,
 }
 
 const VALUES_FILE: &str = "sequential_weights.bin";
@@ -50,7 +55,24 @@ impl<'c> Sequential<'c> {
             replacements: vec![],
             values,
             values_len: 0,
+            future: None,
+            session: SessionOptions::default(),
         })
+    }
+
+    /// Builds each step's session with `session` instead of the defaults.
+    pub fn with_session(mut self, session: SessionOptions) -> Sequential<'c> {
+        self.session = session;
+        self
+    }
+
+    /// Carries only the tensors that the nodes `activations` (every activation the steps will ask
+    /// for) depend on read: a tensor read only by nodes no step runs (a KV-cache output's
+    /// producers) is dropped after its step instead of being held to the end.
+    pub fn only_for(mut self, activations: &[String]) -> Sequential<'c> {
+        let g = self.capture.base().graph.as_ref().expect("graph");
+        self.future = Some(ancestors(g, activations.iter().map(String::as_str)));
+        self
     }
 
     /// Captures `activations` on every sample (`samples` as given to [`Sequential::new`]),
@@ -72,7 +94,10 @@ impl<'c> Sequential<'c> {
             *r |= now;
         }
         // Tensors this step produces that a node still to run reads: carried to later steps.
-        let read_ahead = reads(g.node.iter().zip(&self.ran).filter(|(_, &r)| !r).map(|(n, _)| n));
+        let future = |i: usize| self.future.as_ref().is_none_or(|f| f[i]);
+        let read_ahead = reads(
+            g.node.iter().zip(&self.ran).enumerate().filter(|(i, (_, &r))| !r && future(*i)).map(|(_, (n, _))| n),
+        );
         let produced: Vec<String> = g
             .node
             .iter()
@@ -106,7 +131,7 @@ impl<'c> Sequential<'c> {
                 f.extend(fed.iter().map(|n| c[n].clone()));
                 f
             });
-            let results = self.capture.run_cut(proto, SessionOptions::default(), feeds)?;
+            let results = self.capture.run_cut(proto, self.session, feeds)?;
             for (carried, out) in self.carried.iter_mut().zip(results) {
                 carried.extend(out.into_iter().map(|t| (t.name.clone(), t)));
             }

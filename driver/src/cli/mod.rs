@@ -376,6 +376,12 @@ struct AwqArgs {
     /// Activation memory held at once during calibration, in MiB.
     #[arg(long, default_value_t = 1024)]
     calibration_memory_mb: usize,
+    /// Calibrate by segments: cut the graph where fewest tensors cross (after each decoder layer)
+    /// into segments of at least this many MiB of weights, each run in its own ONNX Runtime
+    /// session holding only its weights, the crossing tensors carried from one to the next; 0 runs
+    /// each wave in a session of the whole graph up to its activations.
+    #[arg(long, default_value_t = 0)]
+    segment_mb: u64,
     /// Print each weight's AWQ choice.
     #[arg(short, long)]
     verbose: bool,
@@ -419,6 +425,7 @@ impl AwqArgs {
                 seed: self.calibration_seed,
             },
             memory_budget: self.calibration_memory_mb.max(1) << 20,
+            segment_bytes: (self.segment_mb > 0).then_some(self.segment_mb << 20),
             per_subgraph: self.per_subgraph,
             verbose: self.verbose,
         })

@@ -13,6 +13,8 @@
 
 use crate::calibrate::capture::Capture;
 use crate::calibrate::inputs::{calibration_inputs, CalibrationOptions};
+use crate::calibrate::runtime::Input;
+use crate::calibrate::segmented::Segmented;
 use crate::error::{Error, Result};
 use crate::graph::floats::decode_floats;
 use crate::graph::model::Model;
@@ -50,6 +52,10 @@ pub struct AwqOptions {
     pub calibration: CalibrationOptions,
     /// Bytes of activations held at once (per wave, all samples).
     pub memory_budget: usize,
+    /// Calibrate by segments of about this many bytes of weights, one ONNX Runtime session each
+    /// ([`crate::calibrate::segmented`]); `None`: each wave runs in a session of the whole graph
+    /// up to its activations.
+    pub segment_bytes: Option<u64>,
     /// One scale per activation, searched on the siblings' combined loss (ModelOpt's
     /// `awqlite_run_per_subgraph`; awq_lite only).
     pub per_subgraph: bool,
@@ -67,6 +73,7 @@ impl Default for AwqOptions {
             fuse: true,
             calibration: CalibrationOptions::default(),
             memory_budget: 1 << 30,
+            segment_bytes: None,
             per_subgraph: false,
             verbose: false,
         }
@@ -203,6 +210,76 @@ pub(crate) fn plan_waves<'g>(
     waves
 }
 
+/// How the activations of each wave are captured: in a session of the whole graph up to them, or
+/// segment by segment.
+pub(crate) enum Activations<'c> {
+    /// [`Capture::run`] per wave.
+    Whole(&'c Capture),
+    /// [`Segmented::run`] per wave, with each wave's segment.
+    Segments(Box<Segmented<'c>>, Vec<usize>),
+}
+
+impl Activations<'_> {
+    /// Captures wave `i`'s activations `names` on every sample.
+    pub(crate) fn run(
+        &mut self,
+        i: usize,
+        names: &[String],
+        samples: &[Vec<Input>],
+    ) -> Result<Vec<Vec<crate::calibrate::runtime::NamedTensor>>> {
+        match self {
+            Activations::Whole(capture) => capture.run(names, samples),
+            Activations::Segments(s, segment) => s.run(segment[i], names, samples),
+        }
+    }
+}
+
+/// The waves of a calibration (activations of `tokens` rows of K float32 per group, all samples,
+/// within `opts.memory_budget` bytes per wave) and how they are captured: with
+/// `opts.segment_bytes`, the groups sorted by their activation's producer and each wave inside one
+/// segment; the whole graph when it does not cut (said once, with the reason).
+pub(crate) fn calibration_waves<'g, 'c>(
+    capture: &'c Capture,
+    groups: &'g [Group],
+    samples: usize,
+    tokens: usize,
+    k_of: &dyn Fn(&Group) -> usize,
+    opts: &AwqOptions,
+) -> Result<(Vec<Vec<&'g Group>>, Activations<'c>)> {
+    let whole = |why: Option<String>| {
+        if let Some(why) = why {
+            eprintln!("nibble: note: calibration runs the whole graph in one session: {why}");
+        }
+        (plan_waves(groups, tokens, k_of, opts.memory_budget), Activations::Whole(capture))
+    };
+    let Some(target) = opts.segment_bytes else { return Ok(whole(None)) };
+    let names: Vec<String> = groups.iter().map(|g| g.activation.clone()).collect();
+    let seg = match Segmented::new(capture, samples, &names, target)? {
+        Ok(seg) => seg,
+        Err(why) => return Ok(whole(Some(why))),
+    };
+    let mut order: Vec<&Group> = groups.iter().collect();
+    order.sort_by_key(|g| seg.producer(&g.activation));
+    let (mut waves, mut segment_of) = (vec![], vec![]);
+    let of = |g: &Group| seg.segments().of(seg.producer(&g.activation));
+    for chunk in order.chunk_by(|a, b| of(a) == of(b)) {
+        for wave in plan_waves(chunk.iter().copied(), tokens, k_of, opts.memory_budget) {
+            segment_of.push(of(wave[0]));
+            waves.push(wave);
+        }
+    }
+    if opts.verbose {
+        let s = seg.segments();
+        eprintln!(
+            "nibble: calibration in {} segments of about {} MB of weights (tensors crossing the cuts: {:?})",
+            s.len(),
+            target >> 20,
+            s.crossing
+        );
+    }
+    Ok((waves, Activations::Segments(Box::new(seg), segment_of)))
+}
+
 /// The K of a group's weights (rows of the `[K, N]` view).
 pub(crate) fn group_k(by_name: &HashMap<&str, &Candidate>, gr: &Group) -> usize {
     let c = by_name[gr.weights[0].as_str()];
@@ -242,7 +319,7 @@ pub fn search(
         chosen.iter().filter(|c| c.op != "Gather").map(|c| (c.base.as_str(), *c)).collect();
     let k_of = |gr: &Group| group_k(&by_name, gr);
     let tokens = tokens_per_sample(&samples[0]) * samples.len();
-    let waves = plan_waves(&groups, tokens, &k_of, opts.memory_budget);
+    let (waves, mut activations) = calibration_waves(&capture, &groups, samples.len(), tokens, &k_of, opts)?;
     let progress = indicatif::ProgressBar::new(chosen.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} weights, {elapsed}")
             .expect("template"),
@@ -251,10 +328,10 @@ pub fn search(
     let tier = Tier::best();
     let lite_alphas = awq::lite_alphas(opts.alpha_step);
     let clip_alphas = awq::clip_alphas(opts.clip_alpha_min, opts.clip_alpha_step);
-    for wave in waves {
+    for (i, wave) in waves.into_iter().enumerate() {
         let names: Vec<String> = wave.iter().map(|g| g.activation.clone()).collect();
         let wave_start = std::time::Instant::now();
-        let captured = capture.run(&names, &samples)?;
+        let captured = activations.run(i, &names, &samples)?;
         calibration_time += wave_start.elapsed();
         for (gi, gr) in wave.iter().enumerate() {
             let k = k_of(gr);

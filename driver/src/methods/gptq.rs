@@ -26,8 +26,9 @@ use crate::graph::model::Model;
 use crate::graph::onnx::GraphProto;
 use crate::graph::read::ancestors;
 use crate::methods::awq::{
-    group_k, groups, plan_waves, say, tokens_per_sample, weight_kn, AwqOptions, AwqResult, Group,
+    calibration_waves, group_k, groups, plan_waves, say, tokens_per_sample, weight_kn, AwqOptions, AwqResult, Group,
 };
+use crate::methods::finished::Finished;
 use crate::plan::{Candidate, Decision};
 use nibble::gptq::{gptq_quantize_factored, GptqFactor, GptqParams, Hessian, ScaleRule};
 use nibble::scale_search::ScaleGrid;
@@ -98,7 +99,8 @@ pub struct Calibration {
     capture: Capture,
     samples: Vec<Vec<Input>>,
     groups: Vec<Group>,
-    memory_budget: usize,
+    /// The calibration settings (memory budget, segments, verbosity).
+    options: AwqOptions,
     verbose: bool,
     /// Weights quantized without GPTQ (round to nearest), with the reason.
     pub plain: Vec<(String, String)>,
@@ -116,7 +118,7 @@ pub fn prepare(model: &Model, chosen: &[&Candidate], cal: &AwqOptions) -> Result
         capture: Capture::new(model)?,
         samples,
         groups,
-        memory_budget: cal.memory_budget,
+        options: cal.clone(),
         verbose: cal.verbose,
         plain,
     })
@@ -124,7 +126,8 @@ pub fn prepare(model: &Model, chosen: &[&Candidate], cal: &AwqOptions) -> Result
 
 /// Quantizes every grouped weight with GPTQ (with `awq`'s pre-quant scales for awq_gptq), reading
 /// the weights from `model` (where the scales may already be folded into producers). The groups of
-/// a wave are quantized in parallel. With `opts.sequential`, the groups are captured step by step
+/// a wave are quantized in parallel; the finished weights are held in memory, or spilled to a
+/// temporary file when calibrating by segments. With `opts.sequential`, the groups are captured step by step
 /// ([`sequential_steps`]), each from the model holding the quantized values of every earlier step.
 pub fn quantize(
     cal: &Calibration,
@@ -134,9 +137,13 @@ pub fn quantize(
     zero_point: bool,
     opts: &GptqOptions,
     awq: Option<&AwqResult>,
-) -> Result<HashMap<String, QuantizedWeight>> {
+) -> Result<Finished> {
     opts.check()?;
-    let mut out = HashMap::new();
+    // Calibrating by segments bounds memory: the finished weights go to a temporary file.
+    let mut out = match cal.options.segment_bytes {
+        Some(_) => Finished::spilled()?,
+        None => Finished::in_memory(),
+    };
     if cal.groups.is_empty() {
         return Ok(out);
     }
@@ -146,15 +153,25 @@ pub fn quantize(
     let k_of = |gr: &Group| group_k(&by_name, gr);
     let tokens = tokens_per_sample(&cal.samples[0]) * cal.samples.len();
     let base = cal.capture.base().graph.as_ref().expect("graph");
-    let waves: Vec<Vec<&Group>> = match opts.sequential {
-        true => sequential_steps(base, &cal.groups)
-            .into_iter()
-            .flat_map(|step| plan_waves(step, tokens, &k_of, cal.memory_budget))
-            .collect(),
-        false => plan_waves(&cal.groups, tokens, &k_of, cal.memory_budget),
+    let (waves, mut activations): (Vec<Vec<&Group>>, _) = match opts.sequential {
+        true => (
+            sequential_steps(base, &cal.groups)
+                .into_iter()
+                .flat_map(|step| plan_waves(step, tokens, &k_of, cal.options.memory_budget))
+                .collect(),
+            None,
+        ),
+        false => {
+            let (waves, a) =
+                calibration_waves(&cal.capture, &cal.groups, cal.samples.len(), tokens, &k_of, &cal.options)?;
+            (waves, Some(a))
+        }
     };
     let mut sequential = match opts.sequential {
-        true => Some(Sequential::new(&cal.capture, cal.samples.len())?),
+        true => {
+            let names: Vec<String> = cal.groups.iter().map(|g| g.activation.clone()).collect();
+            Some(Sequential::new(&cal.capture, cal.samples.len())?.only_for(&names))
+        }
         false => None,
     };
     let progress = indicatif::ProgressBar::new(cal.groups.iter().map(|g| g.weights.len() as u64).sum()).with_style(
@@ -165,16 +182,17 @@ pub fn quantize(
     let mut calibration_time = std::time::Duration::ZERO;
     let mut hessian_time = std::time::Duration::ZERO;
     let job = Job { model, by_name: &by_name, block, zero_point, opts, awq, verbose: cal.verbose, progress: &progress };
-    for wave in &waves {
+    for (i, wave) in waves.iter().enumerate() {
         let names: Vec<String> = wave.iter().map(|g| g.activation.clone()).collect();
         let t0 = std::time::Instant::now();
-        let captured = match &mut sequential {
-            Some(seq) => seq.step(&names, &cal.samples).map_err(|e| {
+        let captured = match (&mut sequential, &mut activations) {
+            (Some(seq), _) => seq.step(&names, &cal.samples).map_err(|e| {
                 Error::Runtime(format!(
                     "{e} (sequential calibration; run without --sequential to calibrate on the float model)"
                 ))
             })?,
-            None => cal.capture.run(&names, &cal.samples)?,
+            (None, Some(a)) => a.run(i, &names, &cal.samples)?,
+            (None, None) => unreachable!("one way of capturing"),
         };
         calibration_time += t0.elapsed();
         let done = wave
@@ -194,7 +212,7 @@ pub fn quantize(
                     let dims: Vec<usize> = c.dims.iter().map(|&d| d as usize).collect();
                     seq.replace(gr.nodes[j], 1, &dims, dtype, &encode_floats(stored, &values))?;
                 }
-                out.insert(w, q);
+                out.insert(w, q)?;
             }
         }
     }

@@ -5,10 +5,12 @@
 //! - [`rtn`]: round to nearest (ModelOpt's `rtn`/`rtn_dq`), optionally with the data-free scale
 //!   search.
 //! - [`awq`]: AWQ-lite, AWQ-clip, AWQ-full (calibrated in ONNX Runtime through [`crate::calibrate`]).
+//! - [`finished`]: quantized weights finished before the output asks for them, held or spilled.
 //! - [`gptq`]: GPTQ and AWQ-lite + GPTQ (the same calibration waves as AWQ).
 //! - [`sensitivity`]: each weight's measured output error at 4 and 8 bits (`--target-bits`).
 
 pub mod awq;
+pub mod finished;
 pub mod gptq;
 pub mod rtn;
 pub mod sensitivity;

@@ -26,7 +26,7 @@ use crate::calibrate::capture::Capture;
 use crate::calibrate::inputs::calibration_inputs;
 use crate::error::{Error, Result};
 use crate::graph::model::Model;
-use crate::methods::awq::{group_k, groups, plan_waves, tokens_per_sample, weight_kn, AwqOptions};
+use crate::methods::awq::{calibration_waves, group_k, groups, tokens_per_sample, weight_kn, AwqOptions};
 use crate::methods::gptq::group_hessian;
 use crate::methods::OwnedWeight;
 use crate::plan::budget::Sensitivity;
@@ -105,9 +105,10 @@ pub fn measure(
         let capture = Capture::new(model)?;
         let tokens = tokens_per_sample(&samples[0]) * samples.len();
         let k_of = |gr: &crate::methods::awq::Group| group_k(&by_name, gr);
-        for wave in plan_waves(&grouped, tokens, &k_of, cal.memory_budget) {
+        let (waves, mut activations) = calibration_waves(&capture, &grouped, samples.len(), tokens, &k_of, cal)?;
+        for (i, wave) in waves.into_iter().enumerate() {
             let names: Vec<String> = wave.iter().map(|g| g.activation.clone()).collect();
-            let captured = capture.run(&names, &samples)?;
+            let captured = activations.run(i, &names, &samples)?;
             let done = wave
                 .par_iter()
                 .enumerate()
