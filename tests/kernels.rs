@@ -203,6 +203,121 @@ proptest! {
     }
 }
 
+/// A scale for the boundary tests: ordinary magnitudes, every binary exponent, and the ones whose
+/// reciprocal is not a normal f32 (then the kernels divide): subnormal, huge. (Not zero or
+/// infinity: `0 / 0` and `inf / inf` are NaN, whose code the oracle and the kernels define
+/// differently, with or without the reciprocal; scales are never either.)
+fn boundary_scale() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        6 => 1.0e-4f32..10.0,
+        3 => (-126i32..=127, 0u32..0x0080_0000).prop_map(|(e, m)| f32::from_bits((((e + 127) as u32) << 23) | m)),
+        1 => prop_oneof![Just(1.0e-40f32), Just(3.0e38), Just(-2.5e-3), Just(2.0f32.powi(125)), Just(2.0f32.powi(126))],
+    ]
+}
+
+/// `fl(h * s)` moved by `ulps` units in the last place: `w / s` lands on or within a few ulps of
+/// `h`, a half-integer (`k + 0.5`) or an integer.
+fn near(h: f32, s: f32, ulps: i32) -> f32 {
+    let x = h * s;
+    let b = x.to_bits() as i64 + if x < 0.0 { -(ulps as i64) } else { ulps as i64 };
+    let y = f32::from_bits(b.clamp(0, u32::MAX as i64) as u32);
+    if y.is_finite() {
+        y
+    } else {
+        0.0
+    }
+}
+
+/// A slab whose every element divides by its column's scale to within 3 ulps of a half-integer in
+/// -260.5..=260.5 (every code of both widths and the clipped range), or of an integer.
+fn boundary_slab() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, usize)> {
+    (1usize..=40, 1usize..=4).prop_flat_map(|(cols, rows)| {
+        let element = (-261i32..=260, 0u8..4, -3i32..=3);
+        (proptest::collection::vec(boundary_scale(), cols), proptest::collection::vec(element, rows * cols)).prop_map(
+            move |(scale, e)| {
+                let w = e
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(k, kind, ulps))| {
+                        let h = k as f32 + if kind == 0 { 0.0 } else { 0.5 };
+                        near(h, scale[i % cols], ulps)
+                    })
+                    .collect();
+                (w, scale, cols)
+            },
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// f32 `quantize`, `quantize_packed` and `qdq_error` multiply by `1 / s` and fall back to the
+    /// division on lanes near a rounding boundary: on slabs made of such lanes every tier still
+    /// gives the codes of `w / s` (the scalar oracle), with and without a zero point.
+    #[test]
+    fn reciprocal_quantize_matches_division_at_boundaries(
+        (w, scale, cols) in boundary_slab(),
+        bi in 0usize..2,
+        zp_seed in proptest::option::of(any::<u64>()),
+    ) {
+        let width = WIDTHS[bi];
+        let format = FloatFormat::F32;
+        let zero: Option<Vec<f32>> = zp_seed.map(|seed| {
+            (0..cols as u64).map(|c| ((seed.rotate_left(c as u32 * 7) ^ c) % (width.levels() as u64 + 1)) as f32).collect()
+        });
+        let zref = zero.as_deref();
+        let want_q = reference::quantize(format, width, &w, cols, &scale, zref);
+        let want_dq = reference::dequantize(format, &want_q, cols, &scale, zref);
+        for tier in Tier::available() {
+            let mut q = vec![0xAAu8; w.len()];
+            quantize_with(tier, format, width, &w, cols, &scale, zref, &mut q).unwrap();
+            prop_assert_eq!(&q, &want_q, "quantize {:?} {:?}", tier, width);
+            if cols % 2 == 0 && width == Bits::Four {
+                let mut packed = vec![0x33u8; w.len() / 2];
+                quantize_packed_with(tier, format, &w, cols, &scale, zref, &mut packed).unwrap();
+                prop_assert_eq!(&packed, &reference::pack(&want_q), "quantize_packed {:?}", tier);
+            }
+            let mut fused = vec![0.0; w.len()];
+            qdq_error_with(tier, format, width, &w, cols, &scale, zref, QdqOutput::Dequantized, &mut fused).unwrap();
+            prop_assert_eq!(bits(&fused), bits(&want_dq), "qdq {:?} {:?}", tier, width);
+        }
+    }
+}
+
+/// The boundary slabs above do hold lanes where `rint(w * fl(1 / s))` differs from `rint(w / s)`
+/// (so a kernel without the fallback would fail that test), and the kernels get them right.
+#[test]
+fn reciprocal_alone_would_round_differently() {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (cols, rows) = (32usize, 64usize);
+    let scale: Vec<f32> = (0..cols).map(|_| 1.0e-3 + (next() >> 40) as f32 / (1u64 << 24) as f32 * 0.1).collect();
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let r = next();
+            near((r % 16) as f32 - 8.0 + 0.5, scale[i % cols], ((r >> 8) % 7) as i32 - 3)
+        })
+        .collect();
+    let differ = w
+        .iter()
+        .enumerate()
+        .filter(|&(i, &x)| (x * (1.0 / scale[i % cols])).round_ties_even() != (x / scale[i % cols]).round_ties_even())
+        .count();
+    assert!(differ > 0, "no lane where the reciprocal alone rounds differently; the generator lost its edge");
+    let want = reference::quantize(FloatFormat::F32, Bits::Four, &w, cols, &scale, None);
+    for tier in Tier::available() {
+        let mut q = vec![0u8; w.len()];
+        quantize_with(tier, FloatFormat::F32, Bits::Four, &w, cols, &scale, None, &mut q).unwrap();
+        assert_eq!(q, want, "{tier:?} ({differ} lanes where the reciprocal alone differs)");
+    }
+}
+
 /// The rounding boundaries that random bit patterns rarely hit.
 #[test]
 fn rounding_edges_match_half() {
