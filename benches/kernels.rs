@@ -33,10 +33,6 @@ fn kernels(c: &mut Criterion) {
         block_absmax_with(tier, &w, cols, &mut amax).unwrap();
         let mut scale = vec![0.0f32; cols];
         scales_symmetric_with(tier, FloatFormat::F32, nibble::Bits::Four, &amax, 1.0, &mut scale).unwrap();
-        // The same scales with one column's out of the reciprocal's safe range, so the f32 kernels
-        // divide every lane (`kernels::code::Divisor`): the division path, measured in the same run.
-        let mut scale_divide = scale.clone();
-        scale_divide[0] = 1.0e38;
         let mut codes = vec![0u8; w.len()];
         let mut packed = vec![0u8; w.len() / 2];
         let mut out = vec![0.0f32; w.len()];
@@ -53,21 +49,6 @@ fn kernels(c: &mut Criterion) {
                     .unwrap()
             })
         });
-        g.bench_with_input(BenchmarkId::new("quantize_divide", tier.name()), &tier, |b, &t| {
-            b.iter(|| {
-                quantize_with(
-                    t,
-                    FloatFormat::F32,
-                    nibble::Bits::Four,
-                    black_box(&w),
-                    cols,
-                    &scale_divide,
-                    None,
-                    &mut codes,
-                )
-                .unwrap()
-            })
-        });
         g.bench_with_input(BenchmarkId::new("quantize_f16_rounding", tier.name()), &tier, |b, &t| {
             b.iter(|| {
                 quantize_with(t, FloatFormat::F16, nibble::Bits::Four, black_box(&w), cols, &scale, None, &mut codes)
@@ -77,12 +58,6 @@ fn kernels(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("quantize_packed", tier.name()), &tier, |b, &t| {
             b.iter(|| {
                 quantize_packed_with(t, FloatFormat::F32, black_box(&w), cols, &scale, None, &mut packed).unwrap()
-            })
-        });
-        g.bench_with_input(BenchmarkId::new("quantize_packed_divide", tier.name()), &tier, |b, &t| {
-            b.iter(|| {
-                quantize_packed_with(t, FloatFormat::F32, black_box(&w), cols, &scale_divide, None, &mut packed)
-                    .unwrap()
             })
         });
         g.bench_with_input(BenchmarkId::new("pack_nibbles", tier.name()), &tier, |b, &t| {

@@ -7,12 +7,12 @@
 //!
 //! with the bounds of [`Bits`] (-8..=7 and 0..=15 for 4 bits, -128..=127 and 0..=255 for 8).
 //!
-//! `rint` is round half to even (the per-lane arithmetic is `kernels::code`, shared with the fused
-//! kernels; f32 weights multiply by `1 / s` with an exactness check there, bit-identical to `w / s`).
+//! `rint` is round half to even (the per-lane arithmetic is `kernels::code::quantize_lanes`, shared with the
+//! fused kernels).
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::kernels::code::{CodeBounds, Divisor};
+use crate::kernels::code::{quantize_lanes, CodeBounds};
 use crate::simd::{for_each_chunk, load_f32, store_low_bytes, to_int};
 use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
@@ -89,7 +89,6 @@ impl<P: Precision> Quantize<'_, P> {
         let bits = if BITS == 8 { Bits::Eight } else { Bits::Four };
         let Self { w, bits: _, cols, scale, zero_point, codes, _p: _ } = self;
         let bounds = CodeBounds::new(simd, bits);
-        let divisor = Divisor::new(P::FORMAT, scale);
         // The zero-point choice stays outside the loops, so each loop is specialized.
         let rows = w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols));
         match zero_point {
@@ -98,7 +97,7 @@ impl<P: Precision> Quantize<'_, P> {
                     for_each_chunk::<S>(cols, |j, n| {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
-                        let q = divisor.code_lanes::<S, P>(simd, &bounds, x, s, None, j, n);
+                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, None);
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }
@@ -109,7 +108,7 @@ impl<P: Precision> Quantize<'_, P> {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
                         let zp = load_f32(simd, &zero_point[j..j + n]);
-                        let q = divisor.code_lanes::<S, P>(simd, &bounds, x, s, Some(zp), j, n);
+                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, Some(zp));
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }

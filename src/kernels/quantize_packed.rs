@@ -10,7 +10,7 @@
 
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
-use crate::kernels::code::{CodeBounds, Divisor};
+use crate::kernels::code::{quantize_lanes, CodeBounds};
 use crate::simd::{for_each_chunk, load_f32, store_nibble_pairs, to_int};
 use crate::{Error, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
@@ -97,7 +97,6 @@ impl<P: Precision> WithSimd for Job<'_, P> {
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { w, cols, scale, zero_point, packed, row_stride, _p: _ } = self;
         let bounds = CodeBounds::new(simd, crate::Bits::Four);
-        let divisor = Divisor::new(P::FORMAT, scale);
         let nib = simd.splat_u32s(0xf);
         // One-lane tiers pair columns through a row of codes (kept in L1).
         let odd_lanes = S::F32_LANES % 2 == 1;
@@ -111,7 +110,7 @@ impl<P: Precision> WithSimd for Job<'_, P> {
                         let x = load_f32(simd, &row[j..j + m]);
                         let s = load_f32(simd, &scale[j..j + m]);
                         #[allow(clippy::redundant_closure_call)]
-                        let q = divisor.code_lanes::<S, P>(simd, &bounds, x, s, ($zp)(j, m), j, m);
+                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, ($zp)(j, m));
                         let q = simd.and_u32s(to_int(simd, q), nib);
                         if odd_lanes {
                             codes[j] = crate::simd::lanes_u32::<S>(&q)[0] as u8;
