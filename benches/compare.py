@@ -7,7 +7,14 @@ to BENCHMARKS.md with the machine it ran on. Not part of the test suite.
     python3 benches/compare.py                       # ~1.1 GB fp32 model (270M parameters)
     python3 benches/compare.py --hidden 768 --layers 4 --runs 1 --methods rtn_dq,awq_lite
 
-Set-up: builds nibble (release), installs ModelOpt and onnxruntime into .venv (first run only).
+Set-up: builds nibble (release) and, on the first run, makes a venv (`--venv`, default .venv; e.g.
+`--venv target/bench-venv` to keep it out of the checkout) with ModelOpt's ONNX path and ONNX Runtime:
+    pip install nvidia-modelopt==0.47.0 onnxslim onnxscript lief onnx-graphsurgeon ml_dtypes onnx \
+        onnxruntime==1.32.0 numpy
+(`import modelopt.onnx.quantization.int4` needs onnxslim, onnxscript, lief, onnx-graphsurgeon and
+ml_dtypes besides onnx; the `[onnx]` extra pulls more than this script uses). `--output` names the
+Markdown file the table is written to (default BENCHMARKS.md, which it overwrites: pass a scratch file
+and copy the table).
 """
 import argparse
 import json
@@ -23,6 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv")
 PY = os.path.join(VENV, "bin", "python")
+MODELOPT_PACKAGES = ["nvidia-modelopt==0.47.0", "onnxslim", "onnxscript", "lief", "onnx-graphsurgeon", "ml_dtypes"]
 NIBBLE = os.path.join(ROOT, "target", "release", "nibble")
 
 MODELOPT_SNIPPET = """
@@ -94,7 +102,7 @@ def setup(skip_modelopt):
     sh([os.path.join(ROOT, "scripts", "setup-ort.sh")])
     if not os.path.exists(PY):
         sh([sys.executable, "-m", "venv", VENV])
-    need = ["numpy", "onnx", "onnxruntime"] + ([] if skip_modelopt else ["nvidia-modelopt[onnx]", "onnx-graphsurgeon", "ml_dtypes"])
+    need = ["numpy", "onnx", "onnxruntime==1.32.0"] + ([] if skip_modelopt else MODELOPT_PACKAGES)
     probe = subprocess.run([PY, "-c", "import numpy, onnx, onnxruntime" + ("" if skip_modelopt else ", modelopt.onnx.quantization.int4")],
                            capture_output=True)
     if probe.returncode:
@@ -140,6 +148,7 @@ def page_cache_read(path, runs):
 
 
 def main():
+    global VENV, PY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--intermediate", type=int, default=4096)
@@ -153,7 +162,10 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--skip-modelopt", action="store_true")
     ap.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--venv", default=VENV, help="the Python environment with ModelOpt and onnxruntime")
     args = ap.parse_args()
+    VENV = os.path.abspath(args.venv)
+    PY = os.path.join(VENV, "bin", "python")
     setup(args.skip_modelopt)
     work = tempfile.mkdtemp(prefix="nibble-bench-")
     try:

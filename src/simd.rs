@@ -222,23 +222,21 @@ pub(crate) fn store_u32<S: Simd>(simd: S, s: &mut [u32], v: S::u32s) {
     }
 }
 
-/// Calls `f(start, len)` for each run of at most LANES columns of `0..cols`: first every full run
-/// with `len` the constant LANES, then the tail, if any, once.
+/// Calls `f(start, len)` for each run of at most LANES columns of `0..cols`, in order.
 ///
-/// The two call sites are inlined apart, so in the loop over full runs `len == LANES` is known to
-/// the optimizer: the full/partial choice of [`load_f32`] and friends folds away and no per-run
-/// `min` is computed. (With one call site for both, the loop kept that bookkeeping, about 25
-/// scalar instructions per vector, which cost the 8-lane AVX2 tier more than its vector work.)
+/// One call site, so `f` is inlined into the kernel and runs with the tier's target features.
+/// (Issue #20 tried two call sites, full runs with the constant LANES and the tail apart, to drop
+/// the per-run `min`; with two call sites the kernels' closures were no longer inlined, so every
+/// pulp operation in them became a call without the tier's features: quantize, block_minmax,
+/// qdq_error and AVX2 dequantize ran 10-30x slower than the scalar tier, criterion 2026-12-03
+/// 11:06 UTC, BENCHMARKS.md.)
 #[inline(always)]
 pub(crate) fn for_each_chunk<S: Simd>(cols: usize, mut f: impl FnMut(usize, usize)) {
     let lanes = S::F32_LANES;
-    let full = cols - cols % lanes;
     let mut j = 0;
-    while j < full {
-        f(j, lanes);
+    while j < cols {
+        let n = lanes.min(cols - j);
+        f(j, n);
         j += lanes;
-    }
-    if full < cols {
-        f(full, cols - full);
     }
 }

@@ -12,16 +12,18 @@
 //! | kernel | what made the SIMD tiers slow, and the fix |
 //! |---|---|
 //! | `block_absmax`, `block_minmax` | nothing: integer max/min on the magnitude bits, one load and one op per vector |
-//! | `quantize` | bound by the correctly rounded f32 division `w / s` (numpy's), the same on every tier; codes narrowed with `vpmovdb` (AVX-512) or two packs and a shuffle (AVX2) |
+//! | `quantize` (f32) | was bound by the correctly rounded division `w / s` (numpy's), as many cycles per lane on every tier (one divider): now a multiply by `1 / s` (reciprocals once per slab) with a boundary check that divides again only the vectors with a lane within 2^-12 of a half-integer, bit-identical (`kernels::code`); same for `quantize_packed` and `qdq_error` on f32; codes narrowed with `vpmovdb` (AVX-512) or two packs and a shuffle (AVX2) |
 //! | `quantize` with f16 rounding | the integer-only f16 rounding (about 15 ops a vector): AVX-512 and AVX2 now use the hardware pair `vcvtps2ph` / `vcvtph2ps` (AVX2 through F16C) |
 //! | `quantize_packed` | lanes were paired through memory: now paired in registers (`v \| v >> 28` on u64 lanes, then `vpmovqb` or a byte shuffle) |
 //! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`) |
 //! | `dequantize` | code bytes were widened lane by lane through memory: now `vpmovsxbd` / `vpmovzxbd` |
 //! | `widen_f16` | AVX2 went through `half`'s 4-lane F16C loop: now `vcvtph2ps` on 8 lanes (AVX-512: 16) |
 //! | `qdq_error`, `block_dot`, `scales_*`, `round_to_format` | the f16 rounding, as for `quantize` |
-//! | every kernel looping with `simd::for_each_chunk` | each vector paid about 25 scalar instructions of chunk bookkeeping (a `min` for the length, the full/partial load choice, bounds checks), more than the vector work on the 8-lane AVX2 tier (seen in the disassembly of `dequantize`): full vectors now run with the constant length (issue #20, 2026-12-03; speed not re-measured yet, see BENCHMARKS.md) |
+//! | every kernel looping with `simd::for_each_chunk` | issue #20 split its loop into full runs and a tail at two call sites to drop about 25 scalar instructions of bookkeeping per vector; the kernels' closures then stopped being inlined and ran without the tier's target features (SIMD tiers 10-30x below scalar): back to one call site, see BENCHMARKS.md |
 //!
-//! Not taken out of the dispatch yet: in one run on a loaded machine (BENCHMARKS.md, before the
+//! After that fix (one loaded run, BENCHMARKS.md) AVX-512 was the fastest tier for every kernel
+//! but `quantize` with f16 rounding (AVX2 5% ahead, inside the noise), so no tier is taken out.
+//! Earlier, before it: in one run on a loaded machine (BENCHMARKS.md, before the
 //! bookkeeping change) `quantize` (f32) ran scalar 2.27, AVX2 1.82, AVX-512 2.12 GiB/s (every
 //! tier bound by the correctly rounded division `w / s`, which is as many cycles per lane on
 //! each), `qdq_error` AVX2 3.28 above AVX-512 2.54, `widen_f16` AVX2 1.91 and AVX-512 1.85;
