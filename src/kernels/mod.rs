@@ -12,7 +12,7 @@
 //! | kernel | what made the SIMD tiers slow, and the fix |
 //! |---|---|
 //! | `block_absmax`, `block_minmax` | nothing: integer max/min on the magnitude bits, one load and one op per vector |
-//! | `quantize` (f32) | was bound by the correctly rounded division `w / s` (numpy's), as many cycles per lane on every tier (one divider): now a multiply by `1 / s` (reciprocals once per slab) with a boundary check that divides again only the vectors with a lane within 2^-12 of a half-integer, bit-identical (`kernels::code`); same for `quantize_packed` and `qdq_error` on f32; codes narrowed with `vpmovdb` (AVX-512) or two packs and a shuffle (AVX2) |
+//! | `quantize` (f32) | bound by the correctly rounded f32 division `w / s` (numpy's), as many cycles per lane on every tier (one divider). A multiply by `1 / s` with a boundary check dividing again near half-integers was built bit-identical and was slower on every tier (reverted, BENCHMARKS.md); with the division AVX-512 was the fastest tier (9.89 vs scalar 9.29 GiB/s). Codes narrowed with `vpmovdb` (AVX-512) or two packs and a shuffle (AVX2) |
 //! | `quantize` with f16 rounding | the integer-only f16 rounding (about 15 ops a vector): AVX-512 and AVX2 now use the hardware pair `vcvtps2ph` / `vcvtph2ps` (AVX2 through F16C) |
 //! | `quantize_packed` | lanes were paired through memory: now paired in registers (`v \| v >> 28` on u64 lanes, then `vpmovqb` or a byte shuffle) |
 //! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`) |
