@@ -9,10 +9,10 @@ to BENCHMARKS.md with the machine it ran on. Not part of the test suite.
 
 Set-up: builds nibble (release) and, on the first run, makes a venv (`--venv`, default .venv; e.g.
 `--venv target/bench-venv` to keep it out of the checkout) with ModelOpt's ONNX path and ONNX Runtime:
-    pip install nvidia-modelopt==0.47.0 onnxslim onnxscript lief onnx-graphsurgeon ml_dtypes onnx \
-        onnxruntime==1.32.0 numpy
+    pip install nvidia-modelopt==0.47.0 onnxslim onnxscript lief onnx-graphsurgeon ml_dtypes cppimport \
+        pybind11 onnx onnxruntime==1.32.0 numpy
 (`import modelopt.onnx.quantization.int4` needs onnxslim, onnxscript, lief, onnx-graphsurgeon and
-ml_dtypes besides onnx; the `[onnx]` extra pulls more than this script uses). `--output` names the
+ml_dtypes besides onnx, and packing its 4-bit output compiles a C++ helper through cppimport and pybind11; the `[onnx]` extra pulls more than this script uses). `--output` names the
 Markdown file the table is written to (default BENCHMARKS.md, which it overwrites: pass a scratch file
 and copy the table).
 """
@@ -30,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv")
 PY = os.path.join(VENV, "bin", "python")
-MODELOPT_PACKAGES = ["nvidia-modelopt==0.47.0", "onnxslim", "onnxscript", "lief", "onnx-graphsurgeon", "ml_dtypes"]
+MODELOPT_PACKAGES = ["nvidia-modelopt==0.47.0", "onnxslim", "onnxscript", "lief", "onnx-graphsurgeon", "ml_dtypes", "cppimport", "pybind11"]
 NIBBLE = os.path.join(ROOT, "target", "release", "nibble")
 
 MODELOPT_SNIPPET = """
