@@ -9,6 +9,8 @@
 //!   byte for byte today's on the genai decoder for every calibrated method. (On the plain
 //!   transformer example they are not always: which fusions ONNX Runtime applies depends on which
 //!   tensors are graph outputs, as it does between today's waves; see README.)
+//! - Carried tensors spilled to disk (`--carry-memory-mb`) come back bit for bit: the activations
+//!   and the quantized models do not change.
 //! - A segment whose session fails names the segment and its first node.
 
 mod common;
@@ -60,9 +62,10 @@ fn bits(t: &nibble_driver::runtime::NamedTensor) -> Vec<u32> {
 }
 
 /// Captures every activation of `path` whole and segment by segment (segments of `target`
-/// bytes) in sessions built with `session`; returns the number of segments, the activations
-/// that differ and the largest relative error of an activation.
-fn compare(path: &Path, target: u64, session: SessionOptions) -> (usize, Vec<String>, f32) {
+/// bytes) in sessions built with `session`, holding `carry` bytes of carried tensors in memory;
+/// returns the number of segments, the activations that differ, the largest relative error of an
+/// activation and the bytes of carried tensors spilled to disk.
+fn compare(path: &Path, target: u64, session: SessionOptions, carry: u64) -> (usize, Vec<String>, f32, u64) {
     let model = Model::load(path).unwrap();
     let opts = CalibrationOptions { samples: 3, random: true, ..Default::default() };
     let samples = calibration_inputs(&model, &opts).unwrap();
@@ -70,7 +73,10 @@ fn compare(path: &Path, target: u64, session: SessionOptions) -> (usize, Vec<Str
     assert!(acts.len() >= 8, "{}: {acts:?}", path.display());
     let capture = Capture::new(&model).unwrap();
     let whole = capture.run_with(&acts, &samples, session).unwrap();
-    let mut seg = Segmented::with_session(&capture, samples.len(), &acts, target, session).unwrap().unwrap();
+    let mut seg = Segmented::with_session(&capture, samples.len(), &acts, target, session)
+        .unwrap()
+        .unwrap()
+        .with_carry_limit(carry);
     let mut order: Vec<usize> = (0..acts.len()).collect();
     order.sort_by_key(|&i| seg.producer(&acts[i]));
     let (mut differ, mut worst) = (vec![], 0f32);
@@ -86,7 +92,7 @@ fn compare(path: &Path, target: u64, session: SessionOptions) -> (usize, Vec<Str
             }
         }
     }
-    (segments.len(), differ, worst)
+    (segments.len(), differ, worst, seg.spilled_bytes())
 }
 
 #[test]
@@ -94,13 +100,29 @@ fn segments_compute_the_activations_of_the_whole_graph_bit_for_bit() {
     let d = tmp();
     let plain = SessionOptions { no_optimization: true, ort_defaults: false };
     for path in [example(d.path(), FloatFormat::F32), genai(d.path())] {
-        let (segments, differ, _) = compare(&path, 1, plain);
+        let (segments, differ, _, spilled) = compare(&path, 1, plain, u64::MAX);
         assert!(segments >= 4, "{}: {segments} segments", path.display());
         assert!(differ.is_empty(), "{}: {differ:?} differ", path.display());
+        assert_eq!(spilled, 0);
     }
     // The genai decoder also with ONNX Runtime's default optimizations (calibration's sessions).
-    let (segments, differ, _) = compare(&genai(&d.path().join("g2")), 1, SessionOptions::default());
+    let (segments, differ, _, _) = compare(&genai(&d.path().join("g2")), 1, SessionOptions::default(), u64::MAX);
     assert!(segments >= 4 && differ.is_empty(), "{segments} segments, {differ:?} differ");
+}
+
+/// Carried tensors spilled to disk (every one: a limit of 0 bytes, or past a limit of one tensor)
+/// come back bit for bit: the activations are still the whole graph's.
+#[test]
+fn spilled_carried_tensors_give_the_activations_of_the_whole_graph() {
+    let d = tmp();
+    let plain = SessionOptions { no_optimization: true, ort_defaults: false };
+    let path = example(d.path(), FloatFormat::F32);
+    for carry in [0, 64 << 10] {
+        let (segments, differ, _, spilled) = compare(&path, 1, plain, carry);
+        assert!(segments >= 4, "{segments} segments");
+        assert!(spilled > 0, "carry limit {carry}: nothing was spilled");
+        assert!(differ.is_empty(), "carry limit {carry}: {differ:?} differ");
+    }
 }
 
 /// fp16: the activations after the first cut differ from the whole graph's by about float16's
@@ -112,7 +134,7 @@ fn segments_compute_the_activations_of_the_whole_graph_bit_for_bit() {
 fn fp16_segments_differ_from_the_whole_graph_by_float16_rounding_only() {
     let d = tmp();
     let plain = SessionOptions { no_optimization: true, ort_defaults: false };
-    let (segments, differ, worst) = compare(&example(d.path(), FloatFormat::F16), 1, plain);
+    let (segments, differ, worst, _) = compare(&example(d.path(), FloatFormat::F16), 1, plain, u64::MAX);
     assert!(segments >= 4, "{segments} segments");
     assert!(!differ.is_empty(), "bit for bit now: the segmented path is exact for fp16 too (update README)");
     assert!(worst < 4e-3, "largest relative error {worst} ({differ:?})");
@@ -148,6 +170,35 @@ fn segmented_calibration_writes_the_same_model_on_the_genai_decoder() {
         }
         let bytes: Vec<Vec<u8>> = outs.iter().map(|o| std::fs::read(o).unwrap()).collect();
         assert!(bytes[0] == bytes[1], "{case:?}: the segmented calibration wrote another model");
+        // Both load and run in ONNX Runtime, default session and optimizations disabled.
+        for o in &outs {
+            let [a, b] = decoder_logits(o, &tokens);
+            assert!(!a.is_empty() && a.iter().chain(&b).all(|v| v.is_finite()), "{case:?}: {}", o.display());
+        }
+    }
+}
+
+/// `--carry-memory-mb 0` spills every carried tensor to the calibration's temporary folder and
+/// reads it back for the next segment (or `--sequential` step): the same model byte for byte.
+#[test]
+fn spilling_the_carried_tensors_writes_the_same_model_on_the_genai_decoder() {
+    let d = tmp();
+    let src = genai(d.path());
+    let tokens: Vec<Vec<i64>> = (0..2).map(|s| (0..24).map(|t| (t * 5 + s * 11) % 500).collect()).collect();
+    let cases: [&[&str]; 3] = [&["--method", "awq_clip"], &["--method", "gptq"], &["--method", "gptq", "--sequential"]];
+    for (i, case) in cases.iter().enumerate() {
+        let mut outs = vec![];
+        for carry in ["1024", "0"] {
+            let out = d.path().join(format!("s{i}_{carry}.onnx"));
+            let mut args = vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap()];
+            args.extend_from_slice(case);
+            args.extend_from_slice(&["--calibration-random", "--segment-mb", "1", "--carry-memory-mb", carry]);
+            let run = nibble(&args);
+            assert!(run.status.success(), "{case:?}: {}", String::from_utf8_lossy(&run.stderr));
+            outs.push(out);
+        }
+        let bytes: Vec<Vec<u8>> = outs.iter().map(|o| std::fs::read(o).unwrap()).collect();
+        assert!(bytes[0] == bytes[1], "{case:?}: spilling the carried tensors changed the model");
         // Both load and run in ONNX Runtime, default session and optimizations disabled.
         for o in &outs {
             let [a, b] = decoder_logits(o, &tokens);

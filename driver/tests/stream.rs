@@ -269,6 +269,9 @@ fn sigint_while_streaming_removes_the_temporary_files() {
     assert_eq!(snapshot(&input_dir), before, "the input changed");
 }
 
+/// Interrupted during a segmented calibration, with the carried tensors held in memory and with
+/// every one spilled to the calibration folder (`--carry-memory-mb 0`): no temporary file and no
+/// output left.
 #[test]
 fn sigint_during_segmented_calibration_removes_the_temporary_files() {
     let d = tmp();
@@ -276,39 +279,51 @@ fn sigint_during_segmented_calibration_removes_the_temporary_files() {
     std::fs::create_dir(&input_dir).unwrap();
     let src = large_model(&input_dir);
     let before = snapshot(&input_dir);
-    let (out_dir, temp) = (d.path().join("out"), d.path().join("temp"));
-    std::fs::create_dir(&out_dir).unwrap();
-    std::fs::create_dir(&temp).unwrap();
-    let out = out_dir.join("q.onnx");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nibble"))
-        .args(["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--method", "awq_clip"])
-        .args(["--segment-mb", "1", "--calibration-memory-mb", "1"])
-        .env("TMPDIR", &temp)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Interrupt once the segmented calibration has started (its carried-weights file exists in the
-    // calibration folder).
-    let start = Instant::now();
-    let segmented = || {
-        std::fs::read_dir(&temp).unwrap().any(|e| {
-            let p = e.unwrap().path();
-            p.file_name().unwrap().to_string_lossy().starts_with("nibble-calibration-")
-                && p.join("sequential_weights.bin").exists()
-        })
-    };
-    while !segmented() && start.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(segmented(), "no segmented calibration started");
-    assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be interrupted");
-    let killed = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    assert_eq!(child.wait().unwrap().code(), Some(130));
-    for dir in [&out_dir, &temp] {
-        let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
+    // In memory: wait for the carrying's replaced-weights file (created when the segmented
+    // calibration starts); spilled: for a spill file of carried tensors.
+    for (carry, marker) in [("1024", "sequential_weights.bin"), ("0", "carried_")] {
+        let (out_dir, temp) = (d.path().join(format!("out{carry}")), d.path().join(format!("temp{carry}")));
+        std::fs::create_dir(&out_dir).unwrap();
+        std::fs::create_dir(&temp).unwrap();
+        let out = out_dir.join("q.onnx");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nibble"))
+            .args(["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--method", "awq_clip"])
+            .args(["--segment-mb", "1", "--calibration-memory-mb", "1", "--carry-memory-mb", carry])
+            .env("TMPDIR", &temp)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Interrupt once the segmented calibration has started (the marker exists in the
+        // calibration folder).
+        let start = Instant::now();
+        let segmented = || {
+            std::fs::read_dir(&temp).unwrap().any(|e| {
+                let p = e.unwrap().path();
+                p.file_name().unwrap().to_string_lossy().starts_with("nibble-calibration-")
+                    && std::fs::read_dir(&p).is_ok_and(|mut files| {
+                        files.any(|f| f.is_ok_and(|f| f.file_name().to_string_lossy().starts_with(marker)))
+                    })
+            })
+        };
+        while !segmented() && start.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(segmented(), "--carry-memory-mb {carry}: no segmented calibration started");
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be interrupted");
+        let killed = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        assert!(killed.success());
+        assert_eq!(child.wait().unwrap().code(), Some(130));
+        for dir in [&out_dir, &temp] {
+            // `.ses` is ONNX Runtime's own (its telemetry library's session file, written to $TMPDIR
+            // when the first session opens, telemetry on or off), not a file of nibble's.
+            let left: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|name| name.to_str() != Some(".ses"))
+                .collect();
+            assert!(left.is_empty(), "--carry-memory-mb {carry}: files left in {}: {left:?}", dir.display());
+        }
     }
     assert_eq!(snapshot(&input_dir), before, "the input changed");
 }

@@ -22,6 +22,26 @@ fn link_file(target: &std::path::Path, link: &std::path::Path) -> Result<()> {
         .map_err(|source| Error::Write { path: link.to_path_buf(), cause: source })
 }
 
+/// A session of a cut of the captured model ([`Capture::open_cut`]).
+pub(crate) struct CutSession {
+    session: ort::session::Session,
+    path: std::path::PathBuf,
+}
+
+impl CutSession {
+    /// Runs sample number `sample` (named in errors) on `inputs`; returns its outputs with their own
+    /// element types.
+    pub(crate) fn run(&mut self, sample: usize, inputs: &[Input]) -> Result<Vec<Input>> {
+        run_values(&mut self.session, inputs).map_err(|e| Error::Runtime(format!("calibration sample {sample}: {e}")))
+    }
+}
+
+impl Drop for CutSession {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl Drop for Capture {
     fn drop(&mut self) {
         crate::cleanup::unregister(self.dir.path());
@@ -162,22 +182,25 @@ impl Capture {
         opts: SessionOptions,
         feeds: impl Iterator<Item = Vec<Input>>,
     ) -> Result<Vec<Vec<Input>>> {
+        let mut session = self.open_cut(proto, opts)?;
+        feeds.enumerate().map(|(s, inputs)| session.run(s, &inputs)).collect()
+    }
+
+    /// Writes `proto` into the temporary folder and opens it (the file is removed when the session
+    /// is dropped), for running the samples one at a time.
+    pub(crate) fn open_cut(&self, proto: ModelProto, opts: SessionOptions) -> Result<CutSession> {
         let i = self.waves.get();
         self.waves.set(i + 1);
         let path = self.dir.path().join(format!("wave{i}.onnx"));
         std::fs::write(&path, proto.encode_to_vec())
             .map_err(|source| Error::Write { path: path.clone(), cause: source })?;
-        let result = open(&path, opts).and_then(|mut session| {
-            feeds
-                .enumerate()
-                .map(|(s, inputs)| {
-                    run_values(&mut session, &inputs)
-                        .map_err(|e| Error::Runtime(format!("calibration sample {s}: {e}")))
-                })
-                .collect()
-        });
-        let _ = std::fs::remove_file(&path);
-        result
+        match open(&path, opts) {
+            Ok(session) => Ok(CutSession { session, path }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
     }
 
     /// The temporary folder (holds the model's data files).

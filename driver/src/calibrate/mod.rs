@@ -7,10 +7,12 @@
 //! - [`capture`]: a copy of the model whose graph outputs are the activations asked for, run in waves.
 //! - [`text`]: token windows from a text file and a Hugging Face tokenizer.json (calibration, perplexity).
 //! - [`segments`], [`segmented`]: calibration by segments, one ONNX Runtime session per segment.
+//! - [`carry`]: the tensors carried between steps, spilled to a temporary file above a limit.
 //! - [`sequential`]: capture step by step, each step seeing the weights quantized before it.
 //! - [`twin`]: the float32 twin of a bfloat16 model, which ONNX Runtime's CPU provider can run.
 
 pub mod capture;
+pub mod carry;
 pub mod feed;
 pub mod inputs;
 pub mod npy;

@@ -64,6 +64,17 @@ impl<'c> Segmented<'c> {
         Ok(Ok(Segmented { capture, runner, segments, producer }))
     }
 
+    /// Holds up to `bytes` of carried tensors (all samples) in memory and spills the rest to a
+    /// temporary file ([`Sequential::with_carry_limit`]). Call it before the first run.
+    pub fn with_carry_limit(self, bytes: u64) -> Segmented<'c> {
+        Segmented { runner: self.runner.with_carry_limit(bytes), ..self }
+    }
+
+    /// Bytes of carried tensors spilled to the temporary folder so far.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.runner.spilled_bytes()
+    }
+
     /// The segments.
     pub fn segments(&self) -> &Segments {
         &self.segments

@@ -6,12 +6,13 @@
 //! Every node of the model runs once over the whole calibration: a step runs only the nodes its
 //! activations need that no earlier step ran, fed with the tensors earlier steps left for later
 //! nodes (the residual stream, masks, positions), which are held per sample until no node still
-//! needs them. A weight's quantized values enter the model by rewiring its consumer's input to a
+//! needs them ([`Carried`]: in memory up to a limit, above it in a temporary file). A weight's quantized values enter the model by rewiring its consumer's input to a
 //! new initializer in the temporary folder (written once, as external data), so the nodes that read
 //! it, all still ahead, compute with them.
 
 use crate::calibrate::capture::Capture;
-use crate::calibrate::runtime::{Input, InputData, NamedTensor, SessionOptions};
+use crate::calibrate::carry::Carried;
+use crate::calibrate::runtime::{Input, NamedTensor, SessionOptions};
 use crate::error::{Error, Result};
 use crate::graph::onnx::{tensor_proto, type_proto, StringStringEntryProto, TensorProto};
 use crate::graph::onnx::{TypeProto, ValueInfoProto};
@@ -25,7 +26,7 @@ pub struct Sequential<'c> {
     /// Nodes of the captured model that already ran.
     ran: Vec<bool>,
     /// Per sample, the tensors produced so far that nodes still to run read.
-    carried: Vec<HashMap<String, Input>>,
+    carried: Carried,
     /// Consumer node -> (input slot, replacement initializer).
     rewired: HashMap<usize, (usize, String)>,
     /// The replacement initializers (external data in `values`).
@@ -41,8 +42,13 @@ pub struct Sequential<'c> {
 
 const VALUES_FILE: &str = "sequential_weights.bin";
 
+/// Default bytes of carried tensors held in memory (all samples) before they are spilled to a
+/// temporary file (`--carry-memory-mb 1024`).
+pub const DEFAULT_CARRY_MEMORY: u64 = 1 << 30;
+
 impl<'c> Sequential<'c> {
-    /// Starts with nothing run and nothing replaced.
+    /// Starts with nothing run and nothing replaced; up to [`DEFAULT_CARRY_MEMORY`] bytes of carried
+    /// tensors are held in memory.
     pub fn new(capture: &'c Capture, samples: usize) -> Result<Sequential<'c>> {
         let path = capture.dir().join(VALUES_FILE);
         let values = std::fs::File::create(&path).map_err(|source| Error::Write { path, cause: source })?;
@@ -50,7 +56,7 @@ impl<'c> Sequential<'c> {
         Ok(Sequential {
             capture,
             ran: vec![false; nodes],
-            carried: vec![HashMap::new(); samples],
+            carried: Carried::new(samples, DEFAULT_CARRY_MEMORY, capture.dir()),
             rewired: HashMap::new(),
             replacements: vec![],
             values,
@@ -64,6 +70,18 @@ impl<'c> Sequential<'c> {
     pub fn with_session(mut self, session: SessionOptions) -> Sequential<'c> {
         self.session = session;
         self
+    }
+
+    /// Holds up to `bytes` of carried tensors (all samples) in memory and spills the rest to a
+    /// temporary file in the calibration folder. Call it before the first step.
+    pub fn with_carry_limit(mut self, bytes: u64) -> Sequential<'c> {
+        self.carried = Carried::new(self.carried.samples(), bytes, self.capture.dir());
+        self
+    }
+
+    /// Bytes of carried tensors spilled to the temporary folder so far.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.carried.spilled_bytes()
     }
 
     /// Carries only the tensors that the nodes `activations` (every activation the steps will ask
@@ -84,10 +102,11 @@ impl<'c> Sequential<'c> {
         }
         let g = self.capture.base().graph.as_ref().expect("graph");
         let graph_inputs: HashSet<&str> = g.input.iter().filter_map(|i| i.name.as_deref()).collect();
-        let available =
-            |name: &str, carried: &HashMap<String, Input>| graph_inputs.contains(name) || carried.contains_key(name);
-        let wanted: Vec<&str> =
-            activations.iter().map(String::as_str).filter(|a| !available(a, &self.carried[0])).collect();
+        let wanted: Vec<&str> = activations
+            .iter()
+            .map(String::as_str)
+            .filter(|a| !graph_inputs.contains(a) && !self.carried.contains(0, a))
+            .collect();
         let need = ancestors(g, wanted.iter().copied());
         let run: Vec<bool> = need.iter().zip(&self.ran).map(|(&n, &r)| n && !r).collect();
         for (r, &now) in self.ran.iter_mut().zip(&run) {
@@ -107,11 +126,13 @@ impl<'c> Sequential<'c> {
             .collect();
         let mut outputs: Vec<String> = wanted.iter().map(|s| s.to_string()).collect();
         outputs.extend(produced.iter().filter(|o| read_ahead.contains(*o) && !wanted.contains(&o.as_str())).cloned());
+        // Per sample, the wanted activations no later node reads (not carried, so never spilled).
+        let mut fresh: Vec<Vec<Input>> = vec![vec![]; samples.len()];
         if run.iter().any(|&r| r) {
             // The carried tensors the nodes of this step read become graph inputs.
             let read_now = reads(g.node.iter().zip(&run).filter(|(_, &r)| r).map(|(n, _)| n));
-            let fed: Vec<String> = self.carried[0].keys().filter(|k| read_now.contains(*k)).cloned().collect();
-            let inputs = fed.iter().map(|n| declared(&self.carried[0][n])).collect();
+            let fed: Vec<String> = self.carried.names(0).filter(|k| read_now.contains(*k)).cloned().collect();
+            let inputs = fed.iter().map(|n| declared(n, self.carried.element(0, n).expect("carried"))).collect();
             let proto = self.capture.cut(
                 &run,
                 |i, n| match self.rewired.get(&i) {
@@ -126,36 +147,45 @@ impl<'c> Sequential<'c> {
                 inputs,
                 &outputs,
             );
-            let feeds = samples.iter().zip(&self.carried).map(|(s, c)| {
-                let mut f = s.clone();
-                f.extend(fed.iter().map(|n| c[n].clone()));
-                f
-            });
-            let results = self.capture.run_cut(proto, self.session, feeds)?;
-            for (carried, out) in self.carried.iter_mut().zip(results) {
-                carried.extend(out.into_iter().map(|t| (t.name.clone(), t)));
+            // One sample at a time: its feeds read back, its outputs carried (or spilled) at once.
+            let mut session = self.capture.open_cut(proto, self.session)?;
+            for (s, sample) in samples.iter().enumerate() {
+                let mut feeds = sample.clone();
+                for n in &fed {
+                    feeds.push(self.carried.get(s, n)?.expect("carried by every sample"));
+                }
+                let out = session.run(s, &feeds)?;
+                drop(feeds);
+                for t in out {
+                    match read_ahead.contains(&t.name) {
+                        true => self.carried.insert(s, t)?,
+                        false => fresh[s].push(t),
+                    }
+                }
             }
+            self.carried.end_step();
         }
-        let result = samples
-            .iter()
-            .zip(&self.carried)
-            .enumerate()
-            .map(|(s, (sample, carried))| {
-                activations
-                    .iter()
-                    .map(|a| {
-                        let t = carried.get(a).or_else(|| sample.iter().find(|i| &i.name == a)).ok_or_else(|| {
-                            Error::Runtime(format!("calibration sample {s}: activation '{a}' was not produced"))
-                        })?;
-                        t.clone().into_float().map_err(|e| Error::Runtime(format!("calibration sample {s}: {e}")))
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut result = Vec::with_capacity(samples.len());
+        for (s, (sample, fresh)) in samples.iter().zip(fresh).enumerate() {
+            let mut fresh: Vec<Option<Input>> = fresh.into_iter().map(Some).collect();
+            let mut tensors = Vec::with_capacity(activations.len());
+            for a in activations {
+                let t = match fresh.iter_mut().find(|t| t.as_ref().is_some_and(|t| &t.name == a)) {
+                    Some(t) => t.take(),
+                    None => match self.carried.get(s, a)? {
+                        Some(t) => Some(t),
+                        None => sample.iter().find(|i| &i.name == a).cloned(),
+                    },
+                };
+                let t = t.ok_or_else(|| {
+                    Error::Runtime(format!("calibration sample {s}: activation '{a}' was not produced"))
+                })?;
+                tensors.push(t.into_float().map_err(|e| Error::Runtime(format!("calibration sample {s}: {e}")))?);
+            }
+            result.push(tensors);
+        }
         // Drop what no node still to run reads.
-        for carried in &mut self.carried {
-            carried.retain(|k, _| read_ahead.contains(k));
-        }
+        self.carried.retain(|k| read_ahead.contains(k));
         Ok(result)
     }
 
@@ -191,21 +221,13 @@ impl<'c> Sequential<'c> {
 }
 
 /// A graph input for a carried tensor: its element type, its rank with unknown dimensions.
-fn declared(t: &Input) -> ValueInfoProto {
-    use crate::graph::onnx::tensor_proto::DataType as D;
-    let elem = match t.data {
-        InputData::F32(_) => D::Float,
-        InputData::F16(_) => D::Float16,
-        InputData::I64(_) => D::Int64,
-        InputData::I32(_) => D::Int32,
-        InputData::Bool(_) => D::Bool,
-    } as i32;
-    let dim = t.shape.iter().map(|_| Default::default()).collect();
+fn declared(name: &str, (elem, rank): (crate::graph::onnx::tensor_proto::DataType, usize)) -> ValueInfoProto {
+    let dim = (0..rank).map(|_| Default::default()).collect();
     ValueInfoProto {
-        name: Some(t.name.clone()),
+        name: Some(name.to_string()),
         r#type: Some(TypeProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(elem),
+                elem_type: Some(elem as i32),
                 shape: Some(crate::graph::onnx::TensorShapeProto { dim }),
             })),
             ..Default::default()

@@ -382,6 +382,11 @@ struct AwqArgs {
     /// each wave in a session of the whole graph up to its activations.
     #[arg(long, default_value_t = 0)]
     segment_mb: u64,
+    /// Tensors carried between calibration steps (segments, --sequential: the residual stream,
+    /// masks, positions of every sample) held in memory, in MiB; above it they are spilled to a
+    /// temporary file and read back for the next step.
+    #[arg(long, default_value_t = 1024)]
+    carry_memory_mb: u64,
     /// Print each weight's AWQ choice.
     #[arg(short, long)]
     verbose: bool,
@@ -426,6 +431,7 @@ impl AwqArgs {
             },
             memory_budget: self.calibration_memory_mb.max(1) << 20,
             segment_bytes: (self.segment_mb > 0).then_some(self.segment_mb << 20),
+            carry_memory: self.carry_memory_mb << 20,
             per_subgraph: self.per_subgraph,
             verbose: self.verbose,
         })

@@ -90,12 +90,7 @@ impl DataSink {
             return Ok(());
         }
         self.tmp.flush()?;
-        let path = self.tmp.path.clone();
-        let read = |cause| Error::Read { path: path.clone(), cause };
-        let file = std::fs::File::open(&path).map_err(read)?;
-        // SAFETY: a read-only private mapping of nibble's own temporary file, whose bytes written so
-        // far are flushed and are never rewritten (the file is only appended to).
-        let map = Bytes::from_owner(unsafe { memmap2::Mmap::map(&file) }.map_err(read)?);
+        let map = map_appended(&self.tmp.path)?;
         for t in graph.initializer.iter_mut() {
             if let Some((offset, length)) = self.range_of(t) {
                 t.raw_data = Some(map.slice(offset..offset + length));
@@ -105,6 +100,22 @@ impl DataSink {
         }
         Ok(())
     }
+}
+
+/// A read-only mapping of one of nibble's own temporary files that is only ever appended to (the
+/// streamed data file, calibration's carried tensors), after the bytes to read have been flushed.
+///
+/// # Errors
+/// [`Error::Read`] naming the file when it cannot be opened or mapped.
+pub fn map_appended(path: &Path) -> Result<Bytes> {
+    let read = |cause| Error::Read { path: path.to_path_buf(), cause };
+    let file = std::fs::File::open(path).map_err(read)?;
+    if file.metadata().map_err(read)?.len() == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: a read-only private mapping of nibble's own temporary file, whose bytes written so
+    // far are flushed and are never rewritten (the file is only appended to).
+    Ok(Bytes::from_owner(unsafe { memmap2::Mmap::map(&file) }.map_err(read)?))
 }
 
 /// Writes the model `proto` to `out`, its external data (if any) to `data_path` through `sink` (which

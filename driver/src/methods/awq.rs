@@ -56,6 +56,9 @@ pub struct AwqOptions {
     /// ([`crate::calibrate::segmented`]); `None`: each wave runs in a session of the whole graph
     /// up to its activations.
     pub segment_bytes: Option<u64>,
+    /// Bytes of tensors carried between calibration steps (segments, `--sequential`) held in memory,
+    /// all samples together; the rest is spilled to a temporary file ([`crate::calibrate::carry`]).
+    pub carry_memory: u64,
     /// One scale per activation, searched on the siblings' combined loss (ModelOpt's
     /// `awqlite_run_per_subgraph`; awq_lite only).
     pub per_subgraph: bool,
@@ -74,6 +77,7 @@ impl Default for AwqOptions {
             calibration: CalibrationOptions::default(),
             memory_budget: 1 << 30,
             segment_bytes: None,
+            carry_memory: crate::calibrate::sequential::DEFAULT_CARRY_MEMORY,
             per_subgraph: false,
             verbose: false,
         }
@@ -255,7 +259,7 @@ pub(crate) fn calibration_waves<'g, 'c>(
     let Some(target) = opts.segment_bytes else { return Ok(whole(None)) };
     let names: Vec<String> = groups.iter().map(|g| g.activation.clone()).collect();
     let seg = match Segmented::new(capture, samples, &names, target)? {
-        Ok(seg) => seg,
+        Ok(seg) => seg.with_carry_limit(opts.carry_memory),
         Err(why) => return Ok(whole(Some(why))),
     };
     let mut order: Vec<&Group> = groups.iter().collect();

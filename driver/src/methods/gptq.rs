@@ -170,7 +170,11 @@ pub fn quantize(
     let mut sequential = match opts.sequential {
         true => {
             let names: Vec<String> = cal.groups.iter().map(|g| g.activation.clone()).collect();
-            Some(Sequential::new(&cal.capture, cal.samples.len())?.only_for(&names))
+            Some(
+                Sequential::new(&cal.capture, cal.samples.len())?
+                    .only_for(&names)
+                    .with_carry_limit(cal.options.carry_memory),
+            )
         }
         false => None,
     };
