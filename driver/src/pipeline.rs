@@ -268,6 +268,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let block = BlockSize::from_i64(opts.block_size).map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
     let patterns = compile_patterns(&opts.exclude)?;
     let mut model = Model::load(input)?;
+    let opts = &auto_segments(opts, &model);
     let data_path = output_data_path(output, opts);
     check_output(&model, output, &data_path, opts.force)?;
     let model_bytes_before = model.bytes_on_disk();
@@ -327,12 +328,40 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     })
 }
 
+/// `opts` with `--segment-mb auto` resolved for `model`: calibration (AWQ, GPTQ, `--target-bits`)
+/// by segments when the model's weights are large against the memory available
+/// ([`crate::calibrate::memory::auto_segment_bytes`]), said once on stderr; else unchanged.
+fn auto_segments<'o>(opts: &'o Options, model: &Model) -> std::borrow::Cow<'o, Options> {
+    use crate::calibrate::memory::{auto_segment_bytes, available_memory, WHOLE_GRAPH_FACTOR};
+    let calibrates = opts.method.gptq() || opts.method.awq().is_some() || opts.target_bits.is_some();
+    if !calibrates || !opts.awq.segment_auto || opts.awq.segment_bytes.is_some() {
+        return std::borrow::Cow::Borrowed(opts);
+    }
+    let g = model.proto.graph.as_ref().expect("graph");
+    let weights: u64 = g.initializer.iter().map(|t| crate::graph::model::byte_size(t).unwrap_or(0) as u64).sum();
+    let available = available_memory();
+    let Some(target) = auto_segment_bytes(weights, available) else { return std::borrow::Cow::Borrowed(opts) };
+    eprintln!(
+        "nibble: note: calibrating by segments of about {} MB of weights (--segment-mb auto: {} MB of weights \
+         would need about {} MB calibrated whole, more than half of the {} MB available; --segment-mb 0 \
+         forces the whole graph)",
+        target >> 20,
+        weights >> 20,
+        (WHOLE_GRAPH_FACTOR * weights) >> 20,
+        available.unwrap_or(0) >> 20
+    );
+    let mut opts = opts.clone();
+    opts.awq.segment_bytes = Some(target);
+    std::borrow::Cow::Owned(opts)
+}
+
 /// The `--target-bits` plan of the model at `input` without writing anything (`nibble inspect
 /// --target-bits`): plan, measure, choose.
 pub fn plan_target_bits(input: &Path, opts: &Options) -> Result<BudgetPlan> {
     let block = BlockSize::from_i64(opts.block_size).map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
     let patterns = compile_patterns(&opts.exclude)?;
     let model = Model::load(input)?;
+    let opts = &auto_segments(opts, &model);
     let (mut candidates, _) = choose_weights(&model, &patterns, block, opts)?;
     let target = opts.target_bits.ok_or_else(|| Error::Usage("give --target-bits".into()))?;
     plan_budget(&model, &mut candidates, block, opts, target)

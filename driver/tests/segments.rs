@@ -207,6 +207,50 @@ fn spilling_the_carried_tensors_writes_the_same_model_on_the_genai_decoder() {
     }
 }
 
+/// The default `--segment-mb auto` keeps the whole-graph path on models small against the machine's
+/// memory (all the test models): the same bytes as `--segment-mb 0`, with no note; a value that is
+/// neither `auto` nor a number is a usage error.
+#[test]
+fn the_default_auto_keeps_the_whole_graph_on_small_models() {
+    let d = tmp();
+    let models = [genai(d.path()), example(d.path(), FloatFormat::F16)];
+    let tokens: Vec<Vec<i64>> = (0..2).map(|s| (0..16).map(|t| (t * 3 + s * 17) % 500).collect()).collect();
+    for (m, src) in models.iter().enumerate() {
+        for (i, method) in ["awq_clip", "gptq"].iter().enumerate() {
+            let mut outs = vec![];
+            for extra in [&[][..], &["--segment-mb", "0"][..], &["--segment-mb", "auto"][..]] {
+                let out = d.path().join(format!("a{m}_{i}_{}.onnx", outs.len()));
+                let mut args = vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap()];
+                args.extend_from_slice(&["--method", method, "--calibration-random"]);
+                args.extend_from_slice(extra);
+                let run = nibble(&args);
+                let log = String::from_utf8_lossy(&run.stderr).into_owned();
+                assert!(run.status.success(), "{method} {extra:?}: {log}");
+                assert!(!log.contains("by segments"), "{method} {extra:?}: {log}");
+                outs.push(out);
+            }
+            let bytes: Vec<Vec<u8>> = outs.iter().map(|o| std::fs::read(o).unwrap()).collect();
+            assert!(bytes[0] == bytes[1] && bytes[0] == bytes[2], "{method}: the default changed the model");
+            if m == 0 {
+                let [a, b] = decoder_logits(&outs[0], &tokens);
+                assert!(!a.is_empty() && a.iter().chain(&b).all(|v| v.is_finite()), "{method}");
+            } else {
+                let x = random_input("input", &[1, 4, 128], 3);
+                for session in
+                    [SessionOptions::default(), SessionOptions { no_optimization: true, ort_defaults: false }]
+                {
+                    let mut s = nibble_driver::runtime::open(&outs[0], session).unwrap();
+                    let out = nibble_driver::runtime::run_f32(&mut s, std::slice::from_ref(&x)).unwrap();
+                    assert!(!out[0].data.is_empty() && out[0].data.iter().all(|v| v.is_finite()), "{method}");
+                }
+            }
+        }
+    }
+    let run = nibble(&["quantize", models[0].to_str().unwrap(), "--method", "gptq", "--segment-mb", "half"]);
+    assert_eq!(run.status.code(), Some(2), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("give auto or a number"));
+}
+
 #[test]
 fn a_failing_segment_names_the_segment_and_its_first_node() {
     let d = tmp();

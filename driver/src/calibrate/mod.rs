@@ -6,6 +6,7 @@
 //! - [`inputs`]: the calibration samples: from a `.npz`/`.npy` file ([`npy`]), in memory, or seeded random.
 //! - [`capture`]: a copy of the model whose graph outputs are the activations asked for, run in waves.
 //! - [`text`]: token windows from a text file and a Hugging Face tokenizer.json (calibration, perplexity).
+//! - [`memory`]: `--segment-mb auto`, whole graph or segments from the model's size and the memory available.
 //! - [`segments`], [`segmented`]: calibration by segments, one ONNX Runtime session per segment.
 //! - [`carry`]: the tensors carried between steps, spilled to a temporary file above a limit.
 //! - [`sequential`]: capture step by step, each step seeing the weights quantized before it.
@@ -15,6 +16,7 @@ pub mod capture;
 pub mod carry;
 pub mod feed;
 pub mod inputs;
+pub mod memory;
 pub mod npy;
 pub mod runtime;
 pub mod segmented;

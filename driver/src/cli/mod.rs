@@ -379,9 +379,10 @@ struct AwqArgs {
     /// Calibrate by segments: cut the graph where fewest tensors cross (after each decoder layer)
     /// into segments of at least this many MiB of weights, each run in its own ONNX Runtime
     /// session holding only its weights, the crossing tensors carried from one to the next; 0 runs
-    /// each wave in a session of the whole graph up to its activations.
-    #[arg(long, default_value_t = 0)]
-    segment_mb: u64,
+    /// each wave in a session of the whole graph up to its activations; auto: the whole graph
+    /// when the model is small against the memory available, else segments.
+    #[arg(long, default_value = "auto", value_parser = parse_segment_mb)]
+    segment_mb: SegmentMb,
     /// Tensors carried between calibration steps (segments, --sequential: the residual stream,
     /// masks, positions of every sample) held in memory, in MiB; above it they are spilled to a
     /// temporary file and read back for the next step.
@@ -390,6 +391,23 @@ struct AwqArgs {
     /// Print each weight's AWQ choice.
     #[arg(short, long)]
     verbose: bool,
+}
+
+/// `--segment-mb auto|N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SegmentMb {
+    Auto,
+    Mb(u64),
+}
+
+fn parse_segment_mb(s: &str) -> Result<SegmentMb, String> {
+    match s {
+        "auto" => Ok(SegmentMb::Auto),
+        _ => s
+            .parse()
+            .map(SegmentMb::Mb)
+            .map_err(|_| format!("'{s}': give auto or a number of MiB (0: the whole graph)")),
+    }
 }
 
 impl AwqArgs {
@@ -430,7 +448,11 @@ impl AwqArgs {
                 seed: self.calibration_seed,
             },
             memory_budget: self.calibration_memory_mb.max(1) << 20,
-            segment_bytes: (self.segment_mb > 0).then_some(self.segment_mb << 20),
+            segment_bytes: match self.segment_mb {
+                SegmentMb::Mb(mb) if mb > 0 => Some(mb << 20),
+                _ => None,
+            },
+            segment_auto: self.segment_mb == SegmentMb::Auto,
             carry_memory: self.carry_memory_mb << 20,
             per_subgraph: self.per_subgraph,
             verbose: self.verbose,

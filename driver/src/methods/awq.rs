@@ -56,6 +56,10 @@ pub struct AwqOptions {
     /// ([`crate::calibrate::segmented`]); `None`: each wave runs in a session of the whole graph
     /// up to its activations.
     pub segment_bytes: Option<u64>,
+    /// `--segment-mb auto`: with no `segment_bytes`, calibrate by segments when the model is large
+    /// against the memory available ([`crate::calibrate::memory::auto_segment_bytes`], resolved by
+    /// the pipeline); `false`: the whole graph (`--segment-mb 0`).
+    pub segment_auto: bool,
     /// Bytes of tensors carried between calibration steps (segments, `--sequential`) held in memory,
     /// all samples together; the rest is spilled to a temporary file ([`crate::calibrate::carry`]).
     pub carry_memory: u64,
@@ -77,6 +81,7 @@ impl Default for AwqOptions {
             calibration: CalibrationOptions::default(),
             memory_budget: 1 << 30,
             segment_bytes: None,
+            segment_auto: true,
             carry_memory: crate::calibrate::sequential::DEFAULT_CARRY_MEMORY,
             per_subgraph: false,
             verbose: false,
