@@ -188,6 +188,8 @@ def quantize_file(
     fuse: bool = True,
     per_subgraph: bool = False,
     calibration_memory_mb: int = 1024,
+    segment_mb: Union[int, str] = "auto",
+    carry_memory_mb: int = 1024,
     verbose: bool = False,
     scale_search: bool = False,
     scale_search_clip_min: float = 1.0,
@@ -257,6 +259,12 @@ def quantize_file(
         per_subgraph: awq_lite searches one scale per activation on the summed loss of the weights
             sharing it (``awqlite_run_per_subgraph``).
         calibration_memory_mb: activation memory held at once during calibration, MiB.
+        segment_mb: calibration by segments (``--segment-mb``): ``"auto"`` (the whole graph when the
+            model's weights are small against the memory available, else segments), ``0`` (the whole
+            graph) or segments of at least this many MiB of weights.
+        carry_memory_mb: tensors carried between calibration segments or ``sequential`` steps held in
+            memory, MiB (all samples); above it they are spilled to a temporary file
+            (``--carry-memory-mb``).
         verbose: print each weight's AWQ choice to stderr.
         scale_search: choose each block's scale by a data-free search over ONNX Runtime's 16-level
             and ModelOpt's 15-level grids (rtn_dq, rtn, gptq, awq_gptq).
@@ -333,6 +341,8 @@ def quantize_file(
         fuse=fuse,
         per_subgraph=per_subgraph,
         calibration_memory_mb=calibration_memory_mb,
+        segment_mb=segment_mb,
+        carry_memory_mb=carry_memory_mb,
         verbose=verbose,
         scale_search=scale_search,
         scale_search_clip_min=scale_search_clip_min,
@@ -419,6 +429,8 @@ _KWARGS = {
     "tokenizer": ("tokenizer", None),
     "calibration_seq_len": ("calibration_seq_len", int),
     "calibration_memory_mb": ("calibration_memory_mb", int),
+    "segment_mb": ("segment_mb", lambda v: v if v == "auto" else int(v)),
+    "carry_memory_mb": ("carry_memory_mb", int),
     "skip_nonfinite": ("skip_nonfinite", bool),
     "scale_search": ("scale_search", bool),
     "scale_search_clip_min": ("scale_search_clip_min", float),
@@ -476,7 +488,7 @@ def quantize(
             (32), ``layers_8bit`` (comma-separated patterns), ``enable_mixed_quant`` (False),
             ``awqclip_bsz_col`` and ``trt_rtx_backend`` (no effect), ``use_column_major`` (False
             only); and nibble's ``calibration_shapes``, ``calibration_samples``,
-            ``calibration_seed``, ``calibration_memory_mb``, ``skip_nonfinite``, ``scale_search``,
+            ``calibration_seed``, ``calibration_memory_mb``, ``segment_mb``, ``carry_memory_mb``, ``skip_nonfinite``, ``scale_search``,
             ``scale_search_clip_min``, ``percdamp``, ``gptq_batch``, ``act_order``, ``sequential``, ``head_bits``,
             ``calibration_text``, ``tokenizer``, ``calibration_seq_len`` (as in
             :func:`quantize_file`). Any other name raises ``TypeError``.

@@ -42,6 +42,8 @@ def quantize_file(
     fuse: bool = True,
     per_subgraph: bool = False,
     calibration_memory_mb: int = 1024,
+    segment_mb: Union[int, str] = "auto",
+    carry_memory_mb: int = 1024,
     verbose: bool = False,
     scale_search: bool = False,
     scale_search_clip_min: float = 1.0,

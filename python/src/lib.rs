@@ -207,7 +207,7 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary, output: &Path) -> PyResult<Bo
     gather_block_size=32, int8_layers=None, mixed_precision=false, calibration_data=None, calibration_inputs=None,
     calibration_shapes=None, calibration_samples=None, calibration_seed=0, calibration_text=None, tokenizer=None,
     calibration_seq_len=512, alpha_step=0.1, clip_alpha_step=0.05,
-    clip_alpha_min=0.5, fuse=true, per_subgraph=false, calibration_memory_mb=1024, verbose=false, scale_search=false,
+    clip_alpha_min=0.5, fuse=true, per_subgraph=false, calibration_memory_mb=1024, segment_mb=None, carry_memory_mb=1024, verbose=false, scale_search=false,
     scale_search_clip_min=1.0,
     percdamp=0.01, gptq_batch=128, act_order=false, sequential=false, head_bits=4, target_bits=None
 ))]
@@ -244,6 +244,8 @@ fn quantize_file<'py>(
     fuse: bool,
     per_subgraph: bool,
     calibration_memory_mb: usize,
+    segment_mb: Option<Bound<'py, PyAny>>,
+    carry_memory_mb: u64,
     verbose: bool,
     scale_search: bool,
     scale_search_clip_min: f64,
@@ -298,6 +300,20 @@ fn quantize_file<'py>(
     opts.awq.fuse = fuse;
     opts.awq.per_subgraph = per_subgraph;
     opts.awq.memory_budget = calibration_memory_mb.max(1) << 20;
+    // `--segment-mb auto|N`: "auto" (or None) the default; 0 the whole graph; N segments of N MiB.
+    (opts.awq.segment_bytes, opts.awq.segment_auto) = match &segment_mb {
+        None => (None, true),
+        Some(v) if v.extract::<String>().is_ok_and(|s| s == "auto") => (None, true),
+        Some(v) => match v.extract::<u64>() {
+            Ok(mb) => ((mb > 0).then_some(mb << 20), false),
+            Err(_) => {
+                return Err(PyValueError::new_err(format!(
+                    "segment_mb {v}: give \"auto\" or a number of MiB (0: the whole graph)"
+                )))
+            }
+        },
+    };
+    opts.awq.carry_memory = carry_memory_mb << 20;
     opts.awq.verbose = verbose;
     opts.awq.calibration.data = calibration_data;
     opts.awq.calibration.shapes = calibration_shapes.unwrap_or_default();
