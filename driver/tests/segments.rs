@@ -154,28 +154,47 @@ fn segmented_calibration_writes_the_same_model_on_the_genai_decoder() {
         &["--method", "rtn_dq", "--target-bits", "6"],
     ];
     for (i, case) in cases.iter().enumerate() {
-        let mut outs = vec![];
-        for mb in ["0", "1"] {
-            let out = d.path().join(format!("q{i}_{mb}.onnx"));
-            let mut args = vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap()];
-            args.extend_from_slice(case);
-            args.extend_from_slice(&["--calibration-random", "--segment-mb", mb, "-v"]);
-            let run = nibble(&args);
-            let log = String::from_utf8_lossy(&run.stderr).into_owned();
-            assert!(run.status.success(), "{case:?}: {log}");
-            if mb == "1" && !case.contains(&"--sequential") {
-                assert!(log.contains("calibration in ") && log.contains(" segments"), "{case:?}: {log}");
-            }
-            outs.push(out);
-        }
-        let bytes: Vec<Vec<u8>> = outs.iter().map(|o| std::fs::read(o).unwrap()).collect();
-        assert!(bytes[0] == bytes[1], "{case:?}: the segmented calibration wrote another model");
-        // Both load and run in ONNX Runtime, default session and optimizations disabled.
-        for o in &outs {
-            let [a, b] = decoder_logits(o, &tokens);
-            assert!(!a.is_empty() && a.iter().chain(&b).all(|v| v.is_finite()), "{case:?}: {}", o.display());
+        let whole: &[&str] = &["--calibration-random", "--segment-mb", "0", "-v"];
+        let segmented: &[&str] = &["--calibration-random", "--segment-mb", "1", "-v"];
+        let logs = same_model_each_way(d.path(), &src, &format!("q{i}"), case, &[whole, segmented], &tokens);
+        if !case.contains(&"--sequential") {
+            assert!(logs[1].contains("calibration in ") && logs[1].contains(" segments"), "{case:?}: {}", logs[1]);
         }
     }
+}
+
+/// Quantizes `src` with the options `case` followed by each of `variants`, asserts that every run
+/// wrote the same bytes and that the models run in ONNX Runtime (decoder `tokens`, default session
+/// and optimizations disabled); returns each run's stderr.
+fn same_model_each_way(
+    dir: &Path,
+    src: &Path,
+    tag: &str,
+    case: &[&str],
+    variants: &[&[&str]],
+    tokens: &[Vec<i64>],
+) -> Vec<String> {
+    let (mut outs, mut logs) = (vec![], vec![]);
+    for (v, variant) in variants.iter().enumerate() {
+        let out = dir.join(format!("{tag}_{v}.onnx"));
+        let mut args = vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend_from_slice(case);
+        args.extend_from_slice(variant);
+        let run = nibble(&args);
+        let log = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{case:?} {variant:?}: {log}");
+        outs.push(out);
+        logs.push(log);
+    }
+    let first = std::fs::read(&outs[0]).unwrap();
+    for (o, variant) in outs.iter().zip(variants).skip(1) {
+        assert!(std::fs::read(o).unwrap() == first, "{case:?}: {variant:?} wrote another model than {:?}", variants[0]);
+    }
+    for o in &outs {
+        let [a, b] = decoder_logits(o, tokens);
+        assert!(!a.is_empty() && a.iter().chain(&b).all(|v| v.is_finite()), "{case:?}: {}", o.display());
+    }
+    logs
 }
 
 /// `--carry-memory-mb 0` spills every carried tensor to the calibration's temporary folder and
@@ -187,23 +206,9 @@ fn spilling_the_carried_tensors_writes_the_same_model_on_the_genai_decoder() {
     let tokens: Vec<Vec<i64>> = (0..2).map(|s| (0..24).map(|t| (t * 5 + s * 11) % 500).collect()).collect();
     let cases: [&[&str]; 3] = [&["--method", "awq_clip"], &["--method", "gptq"], &["--method", "gptq", "--sequential"]];
     for (i, case) in cases.iter().enumerate() {
-        let mut outs = vec![];
-        for carry in ["1024", "0"] {
-            let out = d.path().join(format!("s{i}_{carry}.onnx"));
-            let mut args = vec!["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap()];
-            args.extend_from_slice(case);
-            args.extend_from_slice(&["--calibration-random", "--segment-mb", "1", "--carry-memory-mb", carry]);
-            let run = nibble(&args);
-            assert!(run.status.success(), "{case:?}: {}", String::from_utf8_lossy(&run.stderr));
-            outs.push(out);
-        }
-        let bytes: Vec<Vec<u8>> = outs.iter().map(|o| std::fs::read(o).unwrap()).collect();
-        assert!(bytes[0] == bytes[1], "{case:?}: spilling the carried tensors changed the model");
-        // Both load and run in ONNX Runtime, default session and optimizations disabled.
-        for o in &outs {
-            let [a, b] = decoder_logits(o, &tokens);
-            assert!(!a.is_empty() && a.iter().chain(&b).all(|v| v.is_finite()), "{case:?}: {}", o.display());
-        }
+        let held: &[&str] = &["--calibration-random", "--segment-mb", "1", "--carry-memory-mb", "1024"];
+        let spilled: &[&str] = &["--calibration-random", "--segment-mb", "1", "--carry-memory-mb", "0"];
+        same_model_each_way(d.path(), &src, &format!("s{i}"), case, &[held, spilled], &tokens);
     }
 }
 

@@ -89,6 +89,22 @@ def test_gptq_options_map_to_cli_flags(tmp_path, example):
     assert not (tmp_path / "bad.onnx").exists()
 
 
+def test_segment_options_map_to_cli_flags(tmp_path, example):
+    # Segments of 1 MiB with every carried tensor spilled, as the CLI writes them.
+    spilled = cli_bytes(tmp_path, example, "--method", "gptq", "--segment-mb", "1", "--carry-memory-mb", "0")
+    nibble.quantize_file(example, tmp_path / "api.onnx", method="gptq", segment_mb=1, carry_memory_mb=0)
+    assert (tmp_path / "api.onnx").read_bytes() == spilled
+    # The default ("auto") keeps this small model whole: the bytes of segment_mb=0.
+    whole = tmp_path / "whole.onnx"
+    run_cli("quantize", example, "-o", whole, "--method", "gptq", "--segment-mb", "0", check=0)
+    for value in ("auto", 0):
+        out = tmp_path / f"auto_{value}.onnx"
+        nibble.quantize_file(example, out, method="gptq", segment_mb=value)
+        assert out.read_bytes() == whole.read_bytes(), value
+    with pytest.raises(ValueError, match="segment_mb half"):
+        nibble.quantize_file(example, tmp_path / "bad.onnx", method="gptq", segment_mb="half")
+
+
 def test_per_subgraph_and_no_fusion(tmp_path, example):
     expected = cli_bytes(tmp_path, example, "--method", "awq_lite", "--per-subgraph", "--no-fuse-siblings")
     model = nibble.quantize(example, "awq_lite", awqlite_run_per_subgraph=True, awqlite_fuse_nodes=False)
