@@ -90,7 +90,8 @@ def test_gptq_options_map_to_cli_flags(tmp_path, example):
 
 
 def test_segment_options_map_to_cli_flags(tmp_path, example):
-    # Segments of 1 MiB with every carried tensor spilled, as the CLI writes them.
+    # segment_mb and carry_memory_mb reach the driver as the CLI's flags do: the same bytes. (This
+    # small model does not cut into 1 MiB segments; driver/tests/segments.rs tests the spilling.)
     spilled = cli_bytes(tmp_path, example, "--method", "gptq", "--segment-mb", "1", "--carry-memory-mb", "0")
     nibble.quantize_file(example, tmp_path / "api.onnx", method="gptq", segment_mb=1, carry_memory_mb=0)
     assert (tmp_path / "api.onnx").read_bytes() == spilled
