@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod recipe;
 pub mod rng;
+pub mod shard;
 
 pub use calibrate::runtime;
 pub use error::{Error, Result};
