@@ -706,6 +706,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         plot::write_sensitivity_svg(&plan, svg)?;
                     }
                 }
+                None if awq.segment_mb > 0 => {
+                    // The segments --segments A..B ranges over (0-based), as quantize would cut them.
+                    let opts = Options { exclude, awq: awq.options(&model)?, ..Options::default() };
+                    print!("{}", crate::shard::segments_of(&model, &opts)?.table());
+                }
                 None => print!("{}", inspect::inspect(&model, &exclude)?),
             }
         }

@@ -183,6 +183,23 @@ pub fn quantize_shard(input: &Path, shard: &Path, opts: &Options, range: (usize,
     Ok(ShardSummary { layout, range, weights, bytes, seconds: start.elapsed().as_secs_f64() })
 }
 
+/// The segments of the model at `input` under `opts` (which must set `opts.awq.segment_bytes`),
+/// with their first nodes and weights: what `--segments A..B` ranges over. Plans the weights as
+/// quantize does; calibrates nothing.
+pub fn segments_of(input: &Path, opts: &Options) -> Result<Layout> {
+    let target = opts
+        .awq
+        .segment_bytes
+        .filter(|&b| b > 0)
+        .ok_or_else(|| Error::Usage("give --segment-mb N (the segments' size in MiB of weights)".into()))?;
+    let block = BlockSize::from_i64(opts.block_size).map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
+    let patterns = compile_patterns(&opts.exclude)?;
+    let model = Model::load(input)?;
+    let (candidates, _) = choose_weights(&model, &patterns, block, opts)?;
+    let chosen: Vec<&Candidate> = candidates.iter().filter(|c| c.quantized()).collect();
+    Ok(Layout::of(&model, &chosen, target))
+}
+
 fn indent(table: &str) -> String {
     table.lines().map(|l| format!("  {l}\n")).collect()
 }
