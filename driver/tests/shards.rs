@@ -177,3 +177,50 @@ fn bad_shards_and_ranges_are_refused_and_nothing_is_written() {
     // An existing shard is not replaced without --force.
     fails(&["quantize", src.to_str().unwrap(), "-o", &s0, "--segment-mb", "3", "--segments", "0"], 1, &["--force"]);
 }
+
+/// Ctrl-C while a shard calibrates leaves no shard folder, no temporary folder beside it and no
+/// temporary calibration files; the input is untouched.
+#[test]
+fn sigint_while_writing_a_shard_leaves_nothing_behind() {
+    use std::time::{Duration, Instant};
+    let d = tmp();
+    let input_dir = d.path().join("in");
+    let (out_dir, temp) = (d.path().join("out"), d.path().join("temp"));
+    for dir in [&input_dir, &out_dir, &temp] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    let src = input_dir.join("t.onnx");
+    nibble_ok(&["example", src.to_str().unwrap(), "--layers", "4"]);
+    let before = snapshot(&input_dir);
+    let shard = out_dir.join("s12");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(["quantize", src.to_str().unwrap(), "-o", shard.to_str().unwrap(), "--method", "awq_clip"])
+        .args(["--segment-mb", "3", "--segments", "1..2", "--calibration-memory-mb", "1"])
+        .env("TMPDIR", &temp)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Interrupt once the segmented calibration has started (its carried-weights file exists).
+    let start = Instant::now();
+    let started = || {
+        std::fs::read_dir(&temp).unwrap().any(|e| {
+            let p = e.unwrap().path();
+            p.file_name().unwrap().to_string_lossy().starts_with("nibble-calibration-")
+                && p.join("sequential_weights.bin").exists()
+        })
+    };
+    while !started() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(started(), "no segmented calibration started");
+    assert!(child.try_wait().unwrap().is_none(), "the shard finished before it could be interrupted");
+    let killed = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    for dir in [&out_dir, &temp] {
+        let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
+    }
+    assert_eq!(snapshot(&input_dir), before, "the input changed");
+}
