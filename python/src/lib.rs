@@ -328,7 +328,6 @@ fn quantize_file<'py>(
         .transpose()?;
 
     let cancel = Arc::new(AtomicBool::new(false));
-    let worker_cancel = Arc::clone(&cancel);
     let (worker_input, worker_output) = (input.clone(), output.clone());
     if let Some(range) = segments {
         // A shard (nibble quantize --segments A..B): a folder at `output`.
@@ -364,8 +363,21 @@ fn quantize_file<'py>(
         d.set_item("seconds", f.seconds)?;
         return Ok(d);
     }
+    write_model(py, &output, move || driver_quantize_file(&worker_input, &worker_output, &opts))
+}
+
+/// Runs `work`, which writes the model `output`, interruptibly (Ctrl-C raises
+/// `KeyboardInterrupt`); a model finished after the interrupt is removed. Returns its summary.
+fn write_model<'py>(
+    py: Python<'py>,
+    output: &Path,
+    work: impl FnOnce() -> nibble_driver::Result<Summary> + Send + 'static,
+) -> PyResult<Bound<'py, PyDict>> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let worker_cancel = Arc::clone(&cancel);
+    let worker_output = output.to_path_buf();
     let result = interruptible(py, &cancel, move || {
-        let result = driver_quantize_file(&worker_input, &worker_output, &opts);
+        let result = work();
         if result.is_ok() && worker_cancel.load(Ordering::SeqCst) {
             // Interrupted while the last steps ran: what was written is not wanted.
             let _ = std::fs::remove_file(&worker_output);
@@ -374,7 +386,7 @@ fn quantize_file<'py>(
         result
     })?;
     let summary = result.map_err(to_py)?;
-    summary_dict(py, &summary, &output)
+    summary_dict(py, &summary, output)
 }
 
 /// The segments of the model at `input` at `segment_mb` (see `nibble.segments`).
@@ -415,19 +427,10 @@ fn merge<'py>(
     force: bool,
     fsync: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let worker_cancel = Arc::clone(&cancel);
     let worker_output = output.clone();
-    let result = interruptible(py, &cancel, move || {
-        let result = nibble_driver::shard::merge(&shards, &worker_output, model.as_deref(), force, fsync);
-        if result.is_ok() && worker_cancel.load(Ordering::SeqCst) {
-            let _ = std::fs::remove_file(&worker_output);
-            let _ = std::fs::remove_file(data_path(&worker_output));
-        }
-        result
-    })?;
-    let summary = result.map_err(to_py)?;
-    summary_dict(py, &summary, &output)
+    write_model(py, &output, move || {
+        nibble_driver::shard::merge(&shards, &worker_output, model.as_deref(), force, fsync)
+    })
 }
 
 /// The `nibble` command line: `argv[0]` is the program name. Returns the exit code (0 done, 1
