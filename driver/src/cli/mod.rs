@@ -1,4 +1,4 @@
-//! The `nibble` command line: argument parsing, the four commands (quantize, inspect, compare,
+//! The `nibble` command line: argument parsing, the commands (quantize, merge, inspect, compare,
 //! example) and their printed output. [`main_with_args`] is the whole program; the `nibble` binary
 //! (and the Python package) only call it.
 
