@@ -37,7 +37,9 @@ def quantize_shard(model, shard, method, segment_mb, first, last):
     import nibble as nb  # imported in the worker process
 
     start = time.time()
-    result = nb.quantize_file(model, shard, method=method, segment_mb=segment_mb, segments=(first, last))
+    result = nb.quantize_file(
+        model, shard, method=method, segment_mb=segment_mb, segments=(first, last), force=True
+    )
     return {"range": result["range"], "weights": result["weights"], "seconds": time.time() - start, "pid": os.getpid()}
 
 
@@ -63,7 +65,8 @@ def main():
     if model is None:
         model = os.path.join(work, "model.onnx")
         if not os.path.exists(model):
-            nibble.main(["nibble", "example", model, "--layers", "4"])
+            if nibble.main(["example", model, "--layers", "4"]) != 0:
+                return 1
     model = os.path.abspath(model)
 
     layout = nibble.segments(model, args.segment_mb)
