@@ -116,6 +116,14 @@ pub enum Error {
         /// What is wrong, with the fix.
         why: String,
     },
+    /// A shard (`--segments`, `nibble merge`) that cannot be read or merged.
+    #[error("shard {}: {why}", path.display())]
+    Shard {
+        /// The shard folder.
+        path: PathBuf,
+        /// What is wrong, with the fix.
+        why: String,
+    },
     /// ONNX Runtime could not be found, loaded or run.
     #[error("ONNX Runtime: {0}")]
     Runtime(String),

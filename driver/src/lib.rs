@@ -8,6 +8,7 @@
 //! - [`methods`]: RTN and AWQ, from weights (and activations) to quantized tensors;
 //! - [`emit`]: one writer per output form (DQ/QDQ, MatMulNBits, pre-quant scales);
 //! - [`pipeline`]: `quantize_file`, the stages in order;
+//! - [`shard`]: `--segments A..B` shards and `nibble merge`, around the pipeline's stages;
 //! - [`folder`]: onnxruntime-genai and Optimum model folders in and out, around `quantize_file`;
 //! - [`recipe`]: the measured defaults for what the user leaves unset (method under `--target-bits`,
 //!   the output form of an onnxruntime-genai folder);
@@ -28,6 +29,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod recipe;
 pub mod rng;
+pub mod shard;
 
 pub use calibrate::runtime;
 pub use error::{Error, Result};

@@ -264,6 +264,22 @@ fn skip_nonfinite(model: &Model, candidates: &mut [Candidate]) -> Result<()> {
 /// Quantizes the model at `input` into `output`: load -> plan -> calibrate and search (AWQ) ->
 /// quantize -> emit -> save. Errors name the file, node or tensor; no output is left on error.
 pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summary> {
+    write_model(input, output, opts, &mut search_weights)
+}
+
+/// The calibrate-and-search stage of a run: [`search_weights`] in a whole run; reading the shards'
+/// results in `nibble merge` ([`crate::shard::merge`]).
+pub(crate) type SearchStage<'s> =
+    dyn FnMut(&mut Model, &[&Candidate], BlockSize, &Options, &mut ModelNames) -> Result<Searched> + 's;
+
+/// [`quantize_file`] with the calibrate-and-search stage `search`: every other stage (plan,
+/// quantize, emit, the streamed and atomic output) is the same.
+pub(crate) fn write_model(
+    input: &Path,
+    output: &Path,
+    opts: &Options,
+    search: &mut SearchStage<'_>,
+) -> Result<Summary> {
     let start = Instant::now();
     let block = BlockSize::from_i64(opts.block_size).map_err(|e| Error::Usage(format!("--block-size: {e}")))?;
     let patterns = compile_patterns(&opts.exclude)?;
@@ -282,7 +298,7 @@ pub fn quantize_file(input: &Path, output: &Path, opts: &Options) -> Result<Summ
     let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
     let mut names = ModelNames::of(model.proto.graph.as_ref().expect("graph"));
-    let searched = search_weights(&mut model, &chosen, block, opts, &mut names)?;
+    let searched = search(&mut model, &chosen, block, opts, &mut names)?;
     let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();
     model.inline_external_data()?;
     // Streamed output: each quantized weight's tensors go to the output's data file as soon as they
@@ -400,7 +416,7 @@ fn plan_budget(
 }
 
 /// Refuses option combinations the methods do not take.
-fn check_method_options(opts: &Options) -> Result<()> {
+pub(crate) fn check_method_options(opts: &Options) -> Result<()> {
     if opts.method.gptq() {
         opts.gptq.check()?;
     }
@@ -421,13 +437,14 @@ fn check_method_options(opts: &Options) -> Result<()> {
 }
 
 /// What the calibrate-and-search stage leaves for the quantize stage.
-struct Searched {
-    /// GPTQ's quantized weights (gptq, awq_gptq), by weight name.
-    gptq: Finished,
+pub(crate) struct Searched {
+    /// Quantized weights finished before the quantize stage, by weight name: GPTQ's (gptq,
+    /// awq_gptq), or a merge's shards'.
+    pub(crate) gptq: Finished,
     /// AWQ's scales and clip ratios (AWQ methods).
-    awq: Option<AwqResult>,
+    pub(crate) awq: Option<AwqResult>,
     /// The pre-quant scale nodes still to insert.
-    insertions: Insertions,
+    pub(crate) insertions: Insertions,
 }
 
 /// The calibrate-and-search stage: GPTQ's calibration of the float model and its quantized weights
@@ -497,7 +514,7 @@ fn quantize_stream<'a>(
 /// The plan stage: every candidate weight with its decision (INT8 layers, Gather tables, skipped
 /// non-finite weights), and the Gather tables' block size. Refuses unsupported weights and block
 /// sizes the output form cannot hold.
-fn choose_weights(
+pub(crate) fn choose_weights(
     model: &Model,
     patterns: &[(String, Regex)],
     block: BlockSize,
@@ -610,13 +627,25 @@ fn awq_search(
     for (w, why) in &result.plain {
         eprintln!("nibble: weight '{w}' is quantized without AWQ: {why}");
     }
+    let insertions = fold_scales(model, chosen, &result, opts, names)?;
+    Ok((Some(result), insertions))
+}
+
+/// AWQ's pre-quant scales folded into the producers of `model` (before their own weights are
+/// quantized); returns the Mul nodes for the rest ([`pqs::apply`]).
+pub(crate) fn fold_scales(
+    model: &mut Model,
+    chosen: &[&Candidate],
+    result: &AwqResult,
+    opts: &Options,
+    names: &mut ModelNames,
+) -> Result<Insertions> {
     let formats: HashMap<String, FloatFormat> = chosen
         .iter()
         .filter(|c| c.op != "Gather")
         .map(|c| (c.base.clone(), c.format().expect("float weight")))
         .collect();
-    let insertions = pqs::apply(model, &result, &|w| formats[w], awq_opts.fuse, names)?;
-    Ok((Some(result), insertions))
+    pqs::apply(model, result, &|w| formats[w], opts.awq.fuse, names)
 }
 
 /// The emit stage: the output form's nodes and tensors, the pre-quant scale Muls, and the opset

@@ -33,9 +33,9 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-__all__ = ["quantize", "quantize_file", "inspect", "compare", "main", "ort_library", "__version__"]
+__all__ = ["quantize", "quantize_file", "merge", "segments", "inspect", "compare", "main", "ort_library", "__version__"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -199,6 +199,7 @@ def quantize_file(
     sequential: bool = False,
     head_bits: int = 4,
     target_bits: Optional[float] = None,
+    segments: Optional[Tuple[int, int]] = None,
 ) -> Dict[str, Any]:
     """Quantizes the MatMul/Gemm weights of the ONNX model at ``input`` and writes ``output``
     (default ``INPUT_int4.onnx`` next to the input), as ``nibble quantize`` does (same options, same
@@ -284,6 +285,13 @@ def quantize_file(
             within the budget (HAWQ-V3 knapsack; ``--target-bits``). Outside what the model allows (every weight
             at 4 bits .. every weight at 8): ``ValueError`` naming the range. Not with
             ``method="rtn"``, ``int8_layers``, ``mixed_precision`` or ``gather_axis``.
+        segments: ``(a, b)``: write a *shard* instead of a model (``--segments A..B``): ``output``
+            becomes a folder holding the results of segments ``a..b`` (0-based, inclusive) of the
+            ``segment_mb`` cuts, for :func:`merge`. Needs ``segment_mb`` a number of MiB; not with ``target_bits``,
+            ``sequential`` or ``method="awq_gptq"`` (``ValueError``). Returns ``{"output": folder,
+            "segments": count, "range": (a, b), "first_nodes": first node of each segment,
+            "segment_weights": weights of each segment, "weights": weights held, "bytes": bytes of
+            results, "seconds": wall time}``.
 
     Returns:
         For a folder: ``{"output": folder, "layout": "onnxruntime-genai" or "Optimum", "models":
@@ -352,7 +360,66 @@ def quantize_file(
         sequential=sequential,
         head_bits=head_bits,
         target_bits=target_bits,
+        segments=None if segments is None else (int(segments[0]), int(segments[1])),
         **_calibration(calibration_data),
+    )
+    result["output"] = os.fspath(result["output"])
+    return result
+
+
+def segments(input: PathLike, segment_mb: int, *, exclude: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The segments of the model at ``input`` cut at ``segment_mb`` MiB of weights, as
+    ``quantize_file(..., segment_mb=segment_mb)`` cuts them (``nibble inspect --segment-mb N``):
+    what ``segments=(a, b)`` ranges over (0-based, inclusive). Calibrates nothing.
+
+    Returns:
+        ``{"count": segments, "first_nodes": first node of each, "weights": the weights of each,
+        "whole": why the graph does not cut (``None`` when it does), "table": one line per segment}``.
+        ``exclude`` as for :func:`quantize_file` (it decides which weights are planned).
+
+    Raises:
+        ValueError: ``segment_mb`` is 0 or the model cannot be planned. OSError: unreadable input.
+    """
+    return _nibble.segments(
+        os.fspath(input), int(segment_mb), exclude=None if exclude is None else list(exclude)
+    )
+
+
+def merge(
+    shards: Sequence[PathLike],
+    output: PathLike,
+    *,
+    model: Optional[PathLike] = None,
+    force: bool = False,
+    fsync: bool = False,
+) -> Dict[str, Any]:
+    """Assembles shards (``quantize_file(..., segment_mb=N, segments=(a, b))``) into ``output``:
+    the model ``quantize_file(input, output, segment_mb=N)`` with the shards' options writes, byte
+    for byte (``nibble merge``). The shards must come from one model and one set of options and
+    hold every segment exactly once.
+
+    Args:
+        shards: the shard folders.
+        output: the model to write (atomically; with external data also ``OUTPUT_data``).
+        model: the input model, when it is no longer at the path the shards name (it must be the
+            same file: same CRC-32 and sizes).
+        force: overwrite an existing output.
+        fsync: flush the output to disk before renaming it into place.
+
+    Returns:
+        The dict :func:`quantize_file` returns for a model file.
+
+    Raises:
+        ValueError: not a shard, shards of other models or options, a segment in two shards or in
+        none (the message names the shard and segment). OSError: unreadable input, existing output
+        without ``force`` (``FileExistsError``).
+    """
+    result = _nibble.merge(
+        [os.fspath(s) for s in shards],
+        os.fspath(output),
+        model=None if model is None else os.fspath(model),
+        force=force,
+        fsync=fsync,
     )
     result["output"] = os.fspath(result["output"])
     return result

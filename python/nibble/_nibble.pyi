@@ -52,6 +52,16 @@ def quantize_file(
     act_order: bool = False,
     sequential: bool = False,
     target_bits: Optional[float] = None,
+    segments: Optional[Tuple[int, int]] = None,
+) -> Dict[str, Any]: ...
+def segments(input: _Path, segment_mb: int, *, exclude: Optional[Sequence[str]] = None) -> Dict[str, Any]: ...
+def merge(
+    shards: Sequence[_Path],
+    output: _Path,
+    *,
+    model: Optional[_Path] = None,
+    force: bool = False,
+    fsync: bool = False,
 ) -> Dict[str, Any]: ...
 def main(argv: List[str]) -> int: ...
 def inspect(path: _Path, exclude: Optional[Sequence[str]] = None) -> Dict[str, Any]: ...

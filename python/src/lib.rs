@@ -209,7 +209,8 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary, output: &Path) -> PyResult<Bo
     calibration_seq_len=512, alpha_step=0.1, clip_alpha_step=0.05,
     clip_alpha_min=0.5, fuse=true, per_subgraph=false, calibration_memory_mb=1024, segment_mb=None, carry_memory_mb=1024, verbose=false, scale_search=false,
     scale_search_clip_min=1.0,
-    percdamp=0.01, gptq_batch=128, act_order=false, sequential=false, head_bits=4, target_bits=None
+    percdamp=0.01, gptq_batch=128, act_order=false, sequential=false, head_bits=4, target_bits=None,
+    segments=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn quantize_file<'py>(
@@ -255,6 +256,7 @@ fn quantize_file<'py>(
     sequential: bool,
     head_bits: u32,
     target_bits: Option<f64>,
+    segments: Option<(usize, usize)>,
 ) -> PyResult<Bound<'py, PyDict>> {
     // The same checks and defaults as the CLI's (driver/src/cli.rs), so equal options give equal bytes.
     for (name, v) in [("alpha_step", alpha_step), ("clip_alpha_step", clip_alpha_step)] {
@@ -340,8 +342,25 @@ fn quantize_file<'py>(
         .transpose()?;
 
     let cancel = Arc::new(AtomicBool::new(false));
-    let worker_cancel = Arc::clone(&cancel);
     let (worker_input, worker_output) = (input.clone(), output.clone());
+    if let Some(range) = segments {
+        // A shard (nibble quantize --segments A..B): a folder at `output`.
+        nibble_driver::shard::check_shardable(&opts, range).map_err(to_py)?;
+        let result = interruptible(py, &cancel, move || {
+            nibble_driver::shard::quantize_shard(&worker_input, &worker_output, &opts, range)
+        })?;
+        let s = result.map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("output", &output)?;
+        d.set_item("segments", s.layout.len())?;
+        d.set_item("range", s.range)?;
+        d.set_item("first_nodes", s.layout.first_nodes.clone())?;
+        d.set_item("segment_weights", s.layout.weights.clone())?;
+        d.set_item("weights", s.weights)?;
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("seconds", s.seconds)?;
+        return Ok(d);
+    }
     if input.is_dir() {
         let result = interruptible(py, &cancel, move || {
             nibble_driver::folder::quantize_folder(&worker_input, &worker_output, &opts)
@@ -358,8 +377,21 @@ fn quantize_file<'py>(
         d.set_item("seconds", f.seconds)?;
         return Ok(d);
     }
+    write_model(py, &output, move || driver_quantize_file(&worker_input, &worker_output, &opts))
+}
+
+/// Runs `work`, which writes the model `output`, interruptibly (Ctrl-C raises
+/// `KeyboardInterrupt`); a model finished after the interrupt is removed. Returns its summary.
+fn write_model<'py>(
+    py: Python<'py>,
+    output: &Path,
+    work: impl FnOnce() -> nibble_driver::Result<Summary> + Send + 'static,
+) -> PyResult<Bound<'py, PyDict>> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let worker_cancel = Arc::clone(&cancel);
+    let worker_output = output.to_path_buf();
     let result = interruptible(py, &cancel, move || {
-        let result = driver_quantize_file(&worker_input, &worker_output, &opts);
+        let result = work();
         if result.is_ok() && worker_cancel.load(Ordering::SeqCst) {
             // Interrupted while the last steps ran: what was written is not wanted.
             let _ = std::fs::remove_file(&worker_output);
@@ -368,7 +400,51 @@ fn quantize_file<'py>(
         result
     })?;
     let summary = result.map_err(to_py)?;
-    summary_dict(py, &summary, &output)
+    summary_dict(py, &summary, output)
+}
+
+/// The segments of the model at `input` at `segment_mb` (see `nibble.segments`).
+#[pyfunction]
+#[pyo3(signature = (input, segment_mb, *, exclude=None))]
+fn segments<'py>(
+    py: Python<'py>,
+    input: PathBuf,
+    segment_mb: u64,
+    exclude: Option<Vec<String>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let mut opts = Options {
+        exclude: match exclude {
+            None => vec!["/lm_head".to_string()],
+            Some(patterns) => patterns.into_iter().filter(|p| !p.is_empty()).collect(),
+        },
+        ..Options::default()
+    };
+    opts.awq.segment_bytes = (segment_mb > 0).then_some(segment_mb << 20);
+    let layout = py.detach(|| nibble_driver::shard::segments_of(&input, &opts)).map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("count", layout.len())?;
+    d.set_item("first_nodes", layout.first_nodes.clone())?;
+    d.set_item("weights", layout.weights.clone())?;
+    d.set_item("whole", layout.whole.clone())?;
+    d.set_item("table", layout.table())?;
+    Ok(d)
+}
+
+/// Assembles shards into the model a single run writes (see `nibble.merge`).
+#[pyfunction]
+#[pyo3(signature = (shards, output, *, model=None, force=false, fsync=false))]
+fn merge<'py>(
+    py: Python<'py>,
+    shards: Vec<PathBuf>,
+    output: PathBuf,
+    model: Option<PathBuf>,
+    force: bool,
+    fsync: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let worker_output = output.clone();
+    write_model(py, &output, move || {
+        nibble_driver::shard::merge(&shards, &worker_output, model.as_deref(), force, fsync)
+    })
 }
 
 /// The `nibble` command line: `argv[0]` is the program name. Returns the exit code (0 done, 1
@@ -497,6 +573,8 @@ fn simd_tier() -> &'static str {
 fn _nibble(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_file, m)?)?;
     m.add_function(wrap_pyfunction!(main, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(segments, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(compare, m)?)?;
     m.add_function(wrap_pyfunction!(ort_library, m)?)?;

@@ -11,10 +11,10 @@
 
 use crate::calibrate::capture::Capture;
 use crate::calibrate::runtime::{Input, NamedTensor, SessionOptions};
-use crate::calibrate::segments::{cut, Segments};
+use crate::calibrate::segments::{cut_for, Segments};
 use crate::calibrate::sequential::Sequential;
 use crate::error::{Error, Result};
-use crate::graph::read::{ancestors, node_label};
+use crate::graph::read::node_label;
 use std::collections::HashMap;
 
 /// A calibration run segment by segment.
@@ -47,16 +47,8 @@ impl<'c> Segmented<'c> {
         session: SessionOptions,
     ) -> Result<std::result::Result<Segmented<'c>, String>> {
         let g = capture.base().graph.as_ref().expect("graph");
-        let producer: HashMap<String, usize> = g
-            .node
-            .iter()
-            .enumerate()
-            .flat_map(|(i, n)| n.output.iter().filter(|o| !o.is_empty()).map(move |o| (o.clone(), i)))
-            .collect();
-        let made: Vec<usize> = activations.iter().filter_map(|a| producer.get(a).copied()).collect();
-        let window = made.iter().copied().min().unwrap_or(0)..made.iter().copied().max().unwrap_or(0);
-        let keep = ancestors(g, activations.iter().map(String::as_str));
-        let segments = match cut(g, &keep, window, target) {
+        let (producer, segments) = cut_for(g, activations, target);
+        let segments = match segments {
             Ok(s) => s,
             Err(why) => return Ok(Err(why)),
         };

@@ -141,6 +141,28 @@ pub fn cut(g: &GraphProto, keep: &[bool], window: std::ops::Range<usize>, target
     Ok(Segments { starts, crossing })
 }
 
+/// The index of the node producing each tensor of `g`, and `g` cut ([`cut`]) for capturing
+/// `activations`: the nodes they depend on, cut between the first and the last activation's
+/// producer into segments of at least `target` bytes of weights (`Err`: why the graph stays whole).
+/// Calibration by segments and shards (`--segments`, [`crate::shard`]) cut the same way.
+pub fn cut_for(
+    g: &GraphProto,
+    activations: &[String],
+    target: u64,
+) -> (HashMap<String, usize>, Result<Segments, String>) {
+    let producer: HashMap<String, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().filter(|o| !o.is_empty()).map(move |o| (o.clone(), i)))
+        .collect();
+    let made: Vec<usize> = activations.iter().filter_map(|a| producer.get(a).copied()).collect();
+    let window = made.iter().copied().min().unwrap_or(0)..made.iter().copied().max().unwrap_or(0);
+    let keep = crate::graph::read::ancestors(g, activations.iter().map(String::as_str));
+    let segments = cut(g, &keep, window, target);
+    (producer, segments)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,4 @@
-//! The `nibble` command line: argument parsing, the four commands (quantize, inspect, compare,
+//! The `nibble` command line: argument parsing, the commands (quantize, merge, inspect, compare,
 //! example) and their printed output. [`main_with_args`] is the whole program; the `nibble` binary
 //! (and the Python package) only call it.
 
@@ -6,6 +6,7 @@ pub mod compare;
 pub mod decoder_example;
 pub mod example;
 pub mod inspect;
+pub mod merge;
 pub mod perplexity;
 pub mod plot;
 pub mod sweep;
@@ -111,10 +112,32 @@ enum Command {
         /// Draw the sensitivities --target-bits measured and the choice into this SVG file.
         #[arg(long, value_name = "FILE.svg", requires = "target_bits")]
         plot_sensitivity: Option<PathBuf>,
+        /// Write a shard: quantize only the weights of segments A..B (0-based, inclusive) of the
+        /// --segment-mb cuts into the folder -o, for `nibble merge` (the quantize log lists the segments).
+        #[arg(long, value_name = "A..B", value_parser = merge::segments_arg, conflicts_with_all = ["target_bits", "sequential"])]
+        segments: Option<(usize, usize)>,
         #[command(flatten)]
         awq: AwqArgs,
         #[command(flatten)]
         gptq: GptqArgs,
+    },
+    /// Assemble shards (quantize --segments A..B) into the model a single run writes.
+    Merge {
+        /// The shard folders: together they must hold every segment exactly once.
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+        /// Output model.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The input model, when it is no longer at the path the shards name (it must be the same file).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Overwrite an existing output.
+        #[arg(long)]
+        force: bool,
+        /// Flush the output to disk before renaming it into place.
+        #[arg(long)]
+        fsync: bool,
     },
     /// List the model's opset and each MatMul/Gemm weight with what quantize would do.
     Inspect {
@@ -454,6 +477,7 @@ impl AwqArgs {
             },
             segment_auto: self.segment_mb == SegmentMb::Auto,
             carry_memory: self.carry_memory_mb << 20,
+            segments: None,
             per_subgraph: self.per_subgraph,
             verbose: self.verbose,
         })
@@ -579,10 +603,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             scale_search_clip_min,
             target_bits,
             plot_sensitivity,
+            segments,
             awq,
             gptq,
         } => {
             let folder_input = model.is_dir();
+            let shard_output = match segments {
+                Some(_) => Some(merge::shard_output(folder_input, output.as_deref())?),
+                None => None,
+            };
             let output = output.unwrap_or_else(|| match folder_input {
                 true => crate::folder::default_output(&model),
                 false => default_output(&model),
@@ -656,6 +685,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
+            if let (Some(range), Some(shard)) = (segments, &shard_output) {
+                return merge::quantize_shard(&model, shard, &opts, range);
+            }
             let s = quantize_file(&model, &output, &opts)?;
             print_budget(&s, verbose, plot_sensitivity.as_deref())?;
             print_summary(&s, &output);
@@ -702,8 +734,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         plot::write_sensitivity_svg(&plan, svg)?;
                     }
                 }
+                None if awq.segment_mb > 0 => {
+                    // The segments --segments A..B ranges over (0-based), as quantize would cut them.
+                    let opts = Options { exclude, awq: awq.options(&model)?, ..Options::default() };
+                    print!("{}", crate::shard::segments_of(&model, &opts)?.table());
+                }
                 None => print!("{}", inspect::inspect(&model, &exclude)?),
             }
+        }
+        Command::Merge { shards, output, model, force, fsync } => {
+            merge::merge(&shards, &output, model.as_deref(), force, fsync)?;
         }
         Command::Compare { original, quantized, seed, calibration_data, per_layer, json, extra } => {
             let mut tokens = extra.perplexity.as_deref().map(perplexity::read_tokens).transpose()?;
@@ -917,10 +957,17 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
     });
     let code = match run(cli) {
         Ok(()) => 0,
-        Err(e) => {
-            eprintln!("nibble: error: {e:#}");
-            1
-        }
+        Err(e) => match e.downcast_ref::<clap::Error>() {
+            // Usage errors found after parsing (merge::usage): clap's format and exit code 2.
+            Some(usage) => {
+                let _ = usage.print();
+                usage.exit_code()
+            }
+            None => {
+                eprintln!("nibble: error: {e:#}");
+                1
+            }
+        },
     };
     let _ = std::io::stdout().flush();
     code

@@ -63,6 +63,10 @@ pub struct AwqOptions {
     /// Bytes of tensors carried between calibration steps (segments, `--sequential`) held in memory,
     /// all samples together; the rest is spilled to a temporary file ([`crate::calibrate::carry`]).
     pub carry_memory: u64,
+    /// A shard (`--segments A..B`, [`crate::shard`]): search only the weights of segments `A..=B`
+    /// (0-based, inclusive), run the waves of the segments before them forward only (the same
+    /// sessions as a whole run, so the carried tensors are the same) and skip those after.
+    pub segments: Option<(usize, usize)>,
     /// One scale per activation, searched on the siblings' combined loss (ModelOpt's
     /// `awqlite_run_per_subgraph`; awq_lite only).
     pub per_subgraph: bool,
@@ -83,6 +87,7 @@ impl Default for AwqOptions {
             segment_bytes: None,
             segment_auto: true,
             carry_memory: crate::calibrate::sequential::DEFAULT_CARRY_MEMORY,
+            segments: None,
             per_subgraph: false,
             verbose: false,
         }
@@ -228,7 +233,32 @@ pub(crate) enum Activations<'c> {
     Segments(Box<Segmented<'c>>, Vec<usize>),
 }
 
+/// What a calibration does with one wave ([`AwqOptions::segments`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Capture and search (every wave without `segments`).
+    Search,
+    /// Capture only: a wave before the shard's segments, run for the tensors it carries on.
+    Forward,
+    /// Not run: after the shard's segments.
+    Skip,
+}
+
 impl Activations<'_> {
+    /// What to do with wave `i` in a shard of `segments` (a graph run whole is segment 0).
+    pub(crate) fn role(&self, i: usize, segments: Option<(usize, usize)>) -> Role {
+        let Some((first, last)) = segments else { return Role::Search };
+        let s = match self {
+            Activations::Whole(_) => 0,
+            Activations::Segments(_, segment) => segment[i],
+        };
+        match s {
+            s if s < first => Role::Forward,
+            s if s > last => Role::Skip,
+            _ => Role::Search,
+        }
+    }
+
     /// Captures wave `i`'s activations `names` on every sample.
     pub(crate) fn run(
         &mut self,
@@ -340,7 +370,14 @@ pub fn search(
     for (i, wave) in waves.into_iter().enumerate() {
         let names: Vec<String> = wave.iter().map(|g| g.activation.clone()).collect();
         let wave_start = std::time::Instant::now();
+        let role = activations.role(i, opts.segments);
+        if role == Role::Skip {
+            continue;
+        }
         let captured = activations.run(i, &names, &samples)?;
+        if role == Role::Forward {
+            continue;
+        }
         calibration_time += wave_start.elapsed();
         for (gi, gr) in wave.iter().enumerate() {
             let k = k_of(gr);

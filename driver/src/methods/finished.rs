@@ -8,15 +8,68 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
-/// Where one spilled weight lies in the file: its codes, then its scales (f32, little-endian), then
-/// its zero points.
-struct Entry {
-    offset: u64,
-    packed: usize,
-    scales: usize,
-    zero_points: Option<usize>,
-    scale_shape: [usize; 2],
-    block: usize,
+/// Where one stored weight lies in a file (a spill file, or a shard's `weights.bin`): its codes,
+/// then its scales (f32, little-endian), then its zero points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Byte offset of the codes.
+    pub offset: u64,
+    /// Bytes of the packed codes.
+    pub packed: usize,
+    /// Number of scales.
+    pub scales: usize,
+    /// Bytes of the zero points, if any.
+    pub zero_points: Option<usize>,
+    /// Shape of the scales.
+    pub scale_shape: [usize; 2],
+    /// Block length along K.
+    pub block: usize,
+}
+
+impl Entry {
+    /// The bytes of `q` as stored, and where they lie when written at `offset`.
+    pub fn encode(q: &QuantizedWeight, offset: u64) -> (Vec<u8>, Entry) {
+        let mut bytes = q.packed.clone();
+        bytes.extend(q.scale.iter().flat_map(|v| v.to_le_bytes()));
+        if let Some(z) = &q.zero_point {
+            bytes.extend_from_slice(z);
+        }
+        let entry = Entry {
+            offset,
+            packed: q.packed.len(),
+            scales: q.scale.len(),
+            zero_points: q.zero_point.as_ref().map(Vec::len),
+            scale_shape: q.scale_shape,
+            block: q.block,
+        };
+        (bytes, entry)
+    }
+
+    /// Bytes the weight takes in the file.
+    pub fn len(&self) -> usize {
+        self.packed + 4 * self.scales + self.zero_points.unwrap_or(0)
+    }
+
+    /// Never true for a quantized weight (it has codes).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads the weight back from `file` (at `path`, named in errors).
+    pub fn read(&self, file: &std::fs::File, path: &std::path::Path) -> Result<QuantizedWeight> {
+        let mut bytes = vec![0u8; self.len()];
+        file.read_exact_at(&mut bytes, self.offset)
+            .map_err(|source| Error::Read { path: path.to_path_buf(), cause: source })?;
+        let (packed, rest) = bytes.split_at(self.packed);
+        let (scales, zero_points) = rest.split_at(4 * self.scales);
+        Ok(QuantizedWeight {
+            packed: packed.to_vec(),
+            scale: scales.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            scale_shape: self.scale_shape,
+            zero_point: self.zero_points.map(|_| zero_points.to_vec()),
+            block: self.block,
+        })
+    }
 }
 
 /// The temporary file of spilled weights, removed when dropped (and on Ctrl-C).
@@ -37,6 +90,9 @@ impl Drop for Spill {
 pub struct Finished {
     held: HashMap<String, QuantizedWeight>,
     spill: Option<Spill>,
+    /// Files written by earlier runs (shards, [`crate::shard`]), only read.
+    files: Vec<(std::path::PathBuf, std::fs::File)>,
+    stored: HashMap<String, (usize, Entry)>,
 }
 
 impl Finished {
@@ -52,7 +108,18 @@ impl Finished {
             .tempfile()
             .map_err(|e| Error::Runtime(format!("cannot create a temporary file for the quantized weights: {e}")))?;
         crate::cleanup::register(file.path());
-        Ok(Finished { held: HashMap::new(), spill: Some(Spill { file, index: HashMap::new(), len: 0 }) })
+        Ok(Finished { spill: Some(Spill { file, index: HashMap::new(), len: 0 }), ..Default::default() })
+    }
+
+    /// Adds the weights `entries` stored in the file at `path` (opened read-only, read when
+    /// taken).
+    pub fn add_file(&mut self, path: &std::path::Path, entries: Vec<(String, Entry)>) -> Result<()> {
+        let file =
+            std::fs::File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), cause: source })?;
+        let i = self.files.len();
+        self.files.push((path.to_path_buf(), file));
+        self.stored.extend(entries.into_iter().map(|(name, e)| (name, (i, e))));
+        Ok(())
     }
 
     /// Keeps `q` as the quantization of weight `name`.
@@ -61,21 +128,9 @@ impl Finished {
             self.held.insert(name, q);
             return Ok(());
         };
-        let mut bytes = q.packed.clone();
-        bytes.extend(q.scale.iter().flat_map(|v| v.to_le_bytes()));
-        if let Some(z) = &q.zero_point {
-            bytes.extend_from_slice(z);
-        }
+        let (bytes, entry) = Entry::encode(&q, spill.len);
         let path = spill.file.path().to_path_buf();
         spill.file.as_file_mut().write_all(&bytes).map_err(|source| Error::Write { path, cause: source })?;
-        let entry = Entry {
-            offset: spill.len,
-            packed: q.packed.len(),
-            scales: q.scale.len(),
-            zero_points: q.zero_point.as_ref().map(Vec::len),
-            scale_shape: q.scale_shape,
-            block: q.block,
-        };
         spill.len += bytes.len() as u64;
         spill.index.insert(name, entry);
         Ok(())
@@ -83,24 +138,18 @@ impl Finished {
 
     /// The quantization of weight `name`, if finished (once: it is given away).
     pub fn take(&mut self, name: &str) -> Result<Option<QuantizedWeight>> {
-        let Some(spill) = &mut self.spill else { return Ok(self.held.remove(name)) };
-        let Some(e) = spill.index.remove(name) else { return Ok(None) };
-        let len = e.packed + 4 * e.scales + e.zero_points.unwrap_or(0);
-        let mut bytes = vec![0u8; len];
-        spill
-            .file
-            .as_file()
-            .read_exact_at(&mut bytes, e.offset)
-            .map_err(|source| Error::Read { path: spill.file.path().to_path_buf(), cause: source })?;
-        let (packed, rest) = bytes.split_at(e.packed);
-        let (scales, zero_points) = rest.split_at(4 * e.scales);
-        Ok(Some(QuantizedWeight {
-            packed: packed.to_vec(),
-            scale: scales.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            scale_shape: e.scale_shape,
-            zero_point: e.zero_points.map(|_| zero_points.to_vec()),
-            block: e.block,
-        }))
+        if let Some(q) = self.held.remove(name) {
+            return Ok(Some(q));
+        }
+        if let Some(spill) = &mut self.spill {
+            if let Some(e) = spill.index.remove(name) {
+                return e.read(spill.file.as_file(), spill.file.path()).map(Some);
+            }
+        }
+        match self.stored.remove(name) {
+            Some((i, e)) => e.read(&self.files[i].1, &self.files[i].0).map(Some),
+            None => Ok(None),
+        }
     }
 }
 

@@ -27,6 +27,7 @@ use crate::graph::onnx::GraphProto;
 use crate::graph::read::ancestors;
 use crate::methods::awq::{
     calibration_waves, group_k, groups, plan_waves, say, tokens_per_sample, weight_kn, AwqOptions, AwqResult, Group,
+    Role,
 };
 use crate::methods::finished::Finished;
 use crate::plan::{Candidate, Decision};
@@ -195,7 +196,14 @@ pub fn quantize(
                     "{e} (sequential calibration; run without --sequential to calibrate on the float model)"
                 ))
             })?,
-            (None, Some(a)) => a.run(i, &names, &cal.samples)?,
+            (None, Some(a)) => match a.role(i, cal.options.segments) {
+                Role::Skip => continue,
+                Role::Forward => {
+                    a.run(i, &names, &cal.samples)?;
+                    continue;
+                }
+                Role::Search => a.run(i, &names, &cal.samples)?,
+            },
             (None, None) => unreachable!("one way of capturing"),
         };
         calibration_time += t0.elapsed();
