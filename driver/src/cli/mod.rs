@@ -734,7 +734,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         plot::write_sensitivity_svg(&plan, svg)?;
                     }
                 }
-                None if awq.segment_mb > 0 => {
+                None if matches!(awq.segment_mb, SegmentMb::Mb(mb) if mb > 0) => {
                     // The segments --segments A..B ranges over (0-based), as quantize would cut them.
                     let opts = Options { exclude, awq: awq.options(&model)?, ..Options::default() };
                     print!("{}", crate::shard::segments_of(&model, &opts)?.table());
