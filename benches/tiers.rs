@@ -5,10 +5,15 @@
 //! other jobs on a shared machine, so this is the run that decides the dispatch table in
 //! `src/kernels/mod.rs`.
 //!
+//! Then the whole 4096 x 4096 weight (`quantize_weight`, block 128, RTN, all cores) on each tier
+//! for f32, f16 and bf16 input, beside a plain read of the same bytes, interleaved the same way
+//! (ROUNDS / 20 rounds, at least 5).
+//!
 //! `cargo bench --bench tiers [-- ROUNDS]` (default 300 rounds; one line per kernel and tier).
 
 use nibble::kernels::*;
-use nibble::{Bits, FloatFormat, Tier};
+use nibble::quantize_weight::quantize_weight_with;
+use nibble::{Bits, BlockSize, FloatFormat, QuantParams, Tier, WeightData};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -191,6 +196,12 @@ fn main() {
             Box::new(move || widen_f16_with(tier, black_box(w16), &mut o).unwrap()),
         );
     }
+    report(&mut cases, rounds);
+    whole_weight((rounds / 20).max(5));
+}
+
+/// Runs every case once per round, keeps the best, and prints one table row per name.
+fn report(cases: &mut [Case], rounds: usize) {
     for _ in 0..rounds {
         for case in cases.iter_mut() {
             let start = Instant::now();
@@ -201,7 +212,7 @@ fn main() {
     println!("{rounds} interleaved rounds, best of each, GiB/s of bytes read");
     let gib = |c: &Case| c.bytes as f64 / c.best.as_secs_f64() / (1u64 << 30) as f64;
     let mut names: Vec<&str> = Vec::new();
-    for c in &cases {
+    for c in cases.iter() {
         if !names.contains(&c.name) {
             names.push(c.name);
         }
@@ -213,4 +224,62 @@ fn main() {
         let fastest = row.iter().max_by(|a, b| gib(a).total_cmp(&gib(b))).and_then(|c| c.tier).map_or("", |t| t.name());
         println!("| {name} | {} | {fastest} |", cells.join(" | "));
     }
+}
+
+/// The whole 4096 x 4096 weight in f32, f16 and bf16 on each tier, and plain reads of its bytes.
+fn whole_weight(rounds: usize) {
+    let (k, n) = (4096usize, 4096usize);
+    let w = data(k * n);
+    let w16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let wb16: Vec<half::bf16> = w.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let params = QuantParams::rtn(BlockSize::Blocked(128));
+    let (w, w16, wb16, params) = (&w, &w16, &wb16, &params);
+    let mut cases: Vec<Case> = Vec::new();
+    let mut add = |name, tier, bytes, run: Box<dyn FnMut()>| {
+        cases.push(Case { name, tier, bytes, run, best: Duration::MAX });
+    };
+    add(
+        "plain read, f32 (one core)",
+        None,
+        k * n * 4,
+        Box::new(move || {
+            black_box(w.iter().fold(0u32, |a, x| a ^ x.to_bits()));
+        }),
+    );
+    add(
+        "plain read, 16-bit (one core)",
+        None,
+        k * n * 2,
+        Box::new(move || {
+            black_box(w16.iter().fold(0u16, |a, x| a ^ x.to_bits()));
+        }),
+    );
+    for tier in Tier::available() {
+        let t = Some(tier);
+        add(
+            "whole weight f32",
+            t,
+            k * n * 4,
+            Box::new(move || {
+                black_box(quantize_weight_with(tier, WeightData::F32(black_box(w)), [k, n], params).unwrap());
+            }),
+        );
+        add(
+            "whole weight f16",
+            t,
+            k * n * 2,
+            Box::new(move || {
+                black_box(quantize_weight_with(tier, WeightData::F16(black_box(w16)), [k, n], params).unwrap());
+            }),
+        );
+        add(
+            "whole weight bf16",
+            t,
+            k * n * 2,
+            Box::new(move || {
+                black_box(quantize_weight_with(tier, WeightData::BF16(black_box(wb16)), [k, n], params).unwrap());
+            }),
+        );
+    }
+    report(&mut cases, rounds);
 }
