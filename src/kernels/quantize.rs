@@ -43,18 +43,8 @@ pub fn quantize_with(
     zero_point: Option<&[f32]>,
     codes: &mut [u8],
 ) -> Result<()> {
-    check_slab("quantize", tier, w.len(), cols, scale, zero_point, w.len(), codes.len())?;
-    if cols == 0 {
-        return Ok(());
-    }
-    // f32: the scalar body auto-vectorized with the tier's features beats the hand-written lanes
-    // (dispatch table in `kernels`).
     let op = Quantize { w, bits, cols, scale, zero_point, codes, _p: F32 };
-    match format {
-        FloatFormat::F32 => tier.dispatch_autovec(op),
-        _ => run(tier, format, op),
-    }
-    Ok(())
+    checked(tier, format, op, true)
 }
 
 /// [`quantize_with`] on the tier's hand-written lanes for every format (f32 included), for the
@@ -71,11 +61,23 @@ pub fn quantize_handwritten_with(
     zero_point: Option<&[f32]>,
     codes: &mut [u8],
 ) -> Result<()> {
+    let op = Quantize { w, bits, cols, scale, zero_point, codes, _p: F32 };
+    checked(tier, format, op, false)
+}
+
+/// Checks `op`'s lengths and runs it: f32 on the auto-vectorized scalar body when `autovec` (it
+/// beats the hand-written lanes on both x86 tiers, dispatch table in `kernels`), else on the
+/// tier's hand-written lanes.
+fn checked(tier: Tier, format: FloatFormat, op: Quantize<'_, F32>, autovec: bool) -> Result<()> {
+    let Quantize { w, cols, scale, zero_point, ref codes, .. } = op;
     check_slab("quantize", tier, w.len(), cols, scale, zero_point, w.len(), codes.len())?;
     if cols == 0 {
         return Ok(());
     }
-    run(tier, format, Quantize { w, bits, cols, scale, zero_point, codes, _p: F32 });
+    match format {
+        FloatFormat::F32 if autovec => tier.dispatch_autovec(op),
+        _ => run(tier, format, op),
+    }
     Ok(())
 }
 

@@ -37,6 +37,12 @@ pub fn quantize_packed_with(
     zero_point: Option<&[f32]>,
     packed: &mut [u8],
 ) -> Result<()> {
+    check(tier, w, cols, scale, zero_point, packed)?;
+    quantize_packed_rows(tier, format, w, cols, scale, zero_point, packed, cols / 2)
+}
+
+/// The checks of [`quantize_packed_with`].
+fn check(tier: Tier, w: &[f32], cols: usize, scale: &[f32], zero_point: Option<&[f32]>, packed: &[u8]) -> Result<()> {
     check_tier(tier)?;
     if cols % 2 != 0 {
         return Err(Error::LengthMismatch {
@@ -45,8 +51,7 @@ pub fn quantize_packed_with(
             actual: cols,
         });
     }
-    check_slab("quantize_packed", tier, w.len(), cols, scale, zero_point, w.len() / 2, packed.len())?;
-    quantize_packed_rows(tier, format, w, cols, scale, zero_point, packed, cols / 2)
+    check_slab("quantize_packed", tier, w.len(), cols, scale, zero_point, w.len() / 2, packed.len())
 }
 
 /// [`quantize_packed`] writing row `r` of the slab at `packed[r * row_stride..]` (`row_stride >=
@@ -89,8 +94,8 @@ pub fn quantize_packed_handwritten_with(
     zero_point: Option<&[f32]>,
     packed: &mut [u8],
 ) -> Result<()> {
-    check_slab("quantize_packed", tier, w.len(), cols, scale, zero_point, w.len() / 2, packed.len())?;
-    if cols == 0 || cols % 2 != 0 {
+    check(tier, w, cols, scale, zero_point, packed)?;
+    if cols == 0 {
         return Ok(());
     }
     run(tier, format, Job { w, cols, scale, zero_point, packed, row_stride: cols / 2, _p: F32 });
