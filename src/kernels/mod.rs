@@ -6,8 +6,9 @@
 //! # Dispatch table
 //!
 //! Every kernel runs on the best tier of the CPU (AVX-512 > AVX2 > scalar; the AVX2 tier requires
-//! F16C). Why each tier is as fast as it is, measured with `cargo bench --bench kernels --
-//! slab_128x4096_f32` (all tiers in one run; numbers in BENCHMARKS.md):
+//! F16C). Why each tier is as fast as it is, measured with `cargo bench --bench tiers` (every
+//! kernel and tier interleaved, best of N rounds; `--bench kernels` is the criterion view; numbers
+//! in BENCHMARKS.md):
 //!
 //! | kernel | what made the SIMD tiers slow, and the fix |
 //! |---|---|
@@ -22,12 +23,12 @@
 //! | `qdq_error`, `block_dot`, `scales_*`, `round_to_format` | the f16 rounding, as for `quantize` |
 //! | every kernel looping with `simd::for_each_chunk` | issue #20 split its loop into full runs and a tail at two call sites to drop about 25 scalar instructions of bookkeeping per vector; the kernels' closures then stopped being inlined and ran without the tier's target features (SIMD tiers 10-30x below scalar): back to one call site, see BENCHMARKS.md |
 //!
-//! Deciding run (`cargo bench --bench tiers -- 1000`: every kernel and tier interleaved, best of
-//! 1000 rounds, robust to the other jobs on a shared machine; 2026-12-03 13:28-13:33 UTC, load
-//! 8-15, three runs): the dispatched tier is the fastest for every kernel, except ties inside the
-//! runs' spread (`widen_f16` AVX2 3% ahead of AVX-512 in two runs, `dequantize` and `qdq_error`
-//! AVX2 within 5% of scalar), so no tier is taken out. Earlier criterion runs (means, loaded
-//! machine) are in BENCHMARKS.md.
+//! Deciding runs (`cargo bench --bench tiers -- 1000`: every kernel and tier interleaved, best of
+//! 1000 rounds, robust to the other jobs on a shared machine; 2026-12-03 13:28-13:47 UTC, load
+//! 8-15, four runs): the dispatched tier is the fastest for every kernel but for ties inside the
+//! runs' spread, so no tier is taken out: `dequantize` (AVX-512 first in three runs, scalar first
+//! in one), `widen_f16` and `pack_nibbles` (AVX2 1-6% ahead of AVX-512 in some runs), `qdq_error`
+//! (AVX2 within 5% of scalar).
 
 pub mod block_absmax;
 pub mod block_dot;
