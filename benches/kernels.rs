@@ -49,6 +49,21 @@ fn kernels(c: &mut Criterion) {
                     .unwrap()
             })
         });
+        g.bench_with_input(BenchmarkId::new("quantize_handwritten", tier.name()), &tier, |b, &t| {
+            b.iter(|| {
+                nibble::kernels::quantize::quantize_handwritten_with(
+                    t,
+                    FloatFormat::F32,
+                    nibble::Bits::Four,
+                    black_box(&w),
+                    cols,
+                    &scale,
+                    None,
+                    &mut codes,
+                )
+                .unwrap()
+            })
+        });
         g.bench_with_input(BenchmarkId::new("quantize_f16_rounding", tier.name()), &tier, |b, &t| {
             b.iter(|| {
                 quantize_with(t, FloatFormat::F16, nibble::Bits::Four, black_box(&w), cols, &scale, None, &mut codes)
@@ -58,6 +73,20 @@ fn kernels(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("quantize_packed", tier.name()), &tier, |b, &t| {
             b.iter(|| {
                 quantize_packed_with(t, FloatFormat::F32, black_box(&w), cols, &scale, None, &mut packed).unwrap()
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("quantize_packed_handwritten", tier.name()), &tier, |b, &t| {
+            b.iter(|| {
+                nibble::kernels::quantize_packed::quantize_packed_handwritten_with(
+                    t,
+                    FloatFormat::F32,
+                    black_box(&w),
+                    cols,
+                    &scale,
+                    None,
+                    &mut packed,
+                )
+                .unwrap()
             })
         });
         g.bench_with_input(BenchmarkId::new("pack_nibbles", tier.name()), &tier, |b, &t| {

@@ -100,6 +100,58 @@ impl Tier {
             _ => panic!("tier {} is not compiled for this target", self.name()),
         }
     }
+
+    /// Runs `op` with one-lane [`pulp::Scalar`] arithmetic compiled with this tier's target
+    /// features, which LLVM auto-vectorizes (AVX2: 256-bit, AVX-512: LLVM's preferred width), for
+    /// kernels whose hand-written lanes are slower than that (the dispatch table in `kernels`
+    /// names them). Other tiers run [`Tier::dispatch`].
+    ///
+    /// # Panics
+    /// As [`Tier::dispatch`].
+    #[inline]
+    pub(crate) fn dispatch_autovec<Op: pulp::WithSimd>(self, op: Op) -> Op::Output {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx2 => {
+                assert!(self.is_available(), "avx2 tier unavailable");
+                // SAFETY: `is_available` checked x86-64-v3 (pulp's V3 token) and F16C, every
+                // feature `scalar_lanes_avx2` enables.
+                unsafe { scalar_lanes_avx2(op) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx512 => {
+                assert!(self.is_available(), "avx512 tier unavailable");
+                // SAFETY: `is_available` checked pulp's V4 token, whose features are the ones
+                // `scalar_lanes_avx512` enables.
+                unsafe { scalar_lanes_avx512(op) }
+            }
+            _ => self.dispatch(op),
+        }
+    }
+}
+
+/// Runs `op` on one-lane [`pulp::Scalar`] arithmetic inside x86-64-v3's features and F16C, so LLVM
+/// auto-vectorizes the scalar body with AVX2 instructions.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA, BMI1/2, LZCNT and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse,sse2,fxsr,sse3,ssse3,sse4.1,sse4.2,popcnt,avx,avx2,bmi1,bmi2,fma,lzcnt,f16c")]
+unsafe fn scalar_lanes_avx2<Op: pulp::WithSimd>(op: Op) -> Op::Output {
+    op.with_simd(pulp::Scalar::new())
+}
+
+/// Runs `op` on one-lane [`pulp::Scalar`] arithmetic inside x86-64-v4's features (pulp's `V4`), so
+/// LLVM auto-vectorizes the scalar body with AVX-512 instructions.
+///
+/// # Safety
+/// The CPU must have every feature of pulp's `V4` token.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(
+    enable = "sse,sse2,fxsr,sse3,ssse3,sse4.1,sse4.2,popcnt,avx,avx2,bmi1,bmi2,fma,lzcnt,avx512f,avx512bw,avx512cd,avx512dq,avx512vl"
+)]
+unsafe fn scalar_lanes_avx512<Op: pulp::WithSimd>(op: Op) -> Op::Output {
+    op.with_simd(pulp::Scalar::new())
 }
 
 /// Runs `op` with x86-64-v3's features and F16C enabled, so the kernels inline into code that may

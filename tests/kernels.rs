@@ -114,6 +114,40 @@ proptest! {
         }
     }
 
+    /// Wide rows (64..=300 columns), so the x86 tiers' auto-vectorized f32 bodies run their
+    /// unrolled main loops (32 or 64 lanes a step), not only their tails.
+    #[test]
+    fn quantize_wide_rows_match_reference(
+        cols in 64usize..=300,
+        rows in 1usize..=3,
+        seed in proptest::collection::vec(element(), 1..=900),
+        bi in 0usize..2,
+        zp: bool,
+    ) {
+        let width = WIDTHS[bi];
+        let w: Vec<f32> = (0..rows * cols).map(|i| seed[i % seed.len()] * (1.0 + (i % 13) as f32 * 0.01)).collect();
+        prop_assume!(finite(&w));
+        let (scale, zero) = if zp {
+            let (lo, hi) = reference::block_minmax(&w, cols, false);
+            let (s, z) = reference::scales_zero_point(FloatFormat::F32, width, &lo, &hi, 1.0);
+            (s, Some(z))
+        } else {
+            (reference::scales_symmetric(FloatFormat::F32, width, &reference::block_absmax(&w, cols), 1.0), None)
+        };
+        let zref = zero.as_deref();
+        let want_q = reference::quantize(FloatFormat::F32, width, &w, cols, &scale, zref);
+        for tier in Tier::available() {
+            let mut q = vec![0xAAu8; w.len()];
+            quantize_with(tier, FloatFormat::F32, width, &w, cols, &scale, zref, &mut q).unwrap();
+            prop_assert_eq!(&q, &want_q, "quantize {:?}", tier);
+            if cols % 2 == 0 && width == Bits::Four {
+                let mut packed = vec![0x33u8; w.len() / 2];
+                quantize_packed_with(tier, FloatFormat::F32, &w, cols, &scale, zref, &mut packed).unwrap();
+                prop_assert_eq!(&packed, &reference::pack(&want_q), "quantize_packed {:?}", tier);
+            }
+        }
+    }
+
     #[test]
     fn quantize_dequantize_qdq_match_reference(
         fi in 0usize..3,

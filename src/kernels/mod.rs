@@ -6,13 +6,15 @@
 //! # Dispatch table
 //!
 //! Every kernel runs on the best tier of the CPU (AVX-512 > AVX2 > scalar; the AVX2 tier requires
-//! F16C). Why each tier is as fast as it is, measured with `cargo bench --bench kernels --
-//! slab_128x4096_f32` (all tiers in one run; numbers in BENCHMARKS.md):
+//! F16C). Why each tier is as fast as it is, measured with `cargo bench --bench tiers` (every
+//! kernel and tier interleaved, best of N rounds; `--bench kernels` is the criterion view; numbers
+//! in BENCHMARKS.md):
 //!
 //! | kernel | what made the SIMD tiers slow, and the fix |
 //! |---|---|
 //! | `block_absmax`, `block_minmax` | nothing: integer max/min on the magnitude bits, one load and one op per vector |
-//! | `quantize` (f32) | bound by the correctly rounded f32 division `w / s` (numpy's), as many cycles per lane on every tier (one divider). A multiply by `1 / s` with a boundary check dividing again near half-integers was built bit-identical and was slower on every tier (reverted, BENCHMARKS.md); with the division AVX-512 was the fastest tier (9.89 vs scalar 9.29 GiB/s). Codes narrowed with `vpmovdb` (AVX-512) or two packs and a shuffle (AVX2) |
+//! | `quantize` (f32) | bound by the correctly rounded f32 division `w / s` (numpy's). The hand-written 8-lane AVX2 body ran below the scalar tier (8.5-8.9 vs 10.2-11.2 GiB/s) and the 16-lane AVX-512 body below LLVM's own vectorization of the scalar body: both x86 tiers now run the one-lane scalar body compiled with the tier's target features (`Tier::dispatch_autovec`), which LLVM vectorizes and unrolls (AVX2 12.4-14.0, AVX-512 13.6-14.4 GiB/s; `cargo bench --bench tiers`, three runs, BENCHMARKS.md). f16/bf16 rounding keeps the hand-written lanes (hardware conversions) |
+//! | `quantize_packed` (f32) | AVX2: the auto-vectorized scalar body (11.3-11.8 vs hand-written 10.0-10.4 GiB/s); AVX-512: the hand-written lanes (13.2-14.0 vs 12.2-12.3 GiB/s auto-vectorized, in the two runs that measured both) |
 //! | `quantize` with f16 rounding | the integer-only f16 rounding (about 15 ops a vector): AVX-512 and AVX2 now use the hardware pair `vcvtps2ph` / `vcvtph2ps` (AVX2 through F16C) |
 //! | `quantize_packed` | lanes were paired through memory: now paired in registers (`v \| v >> 28` on u64 lanes, then `vpmovqb` or a byte shuffle) |
 //! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`) |
@@ -21,14 +23,12 @@
 //! | `qdq_error`, `block_dot`, `scales_*`, `round_to_format` | the f16 rounding, as for `quantize` |
 //! | every kernel looping with `simd::for_each_chunk` | issue #20 split its loop into full runs and a tail at two call sites to drop about 25 scalar instructions of bookkeeping per vector; the kernels' closures then stopped being inlined and ran without the tier's target features (SIMD tiers 10-30x below scalar): back to one call site, see BENCHMARKS.md |
 //!
-//! After that fix (one loaded run, BENCHMARKS.md) AVX-512 was the fastest tier for every kernel
-//! but `quantize` with f16 rounding (AVX2 5% ahead, inside the noise), so no tier is taken out.
-//! Earlier, before it: in one run on a loaded machine (BENCHMARKS.md, before the
-//! bookkeeping change) `quantize` (f32) ran scalar 2.27, AVX2 1.82, AVX-512 2.12 GiB/s (every
-//! tier bound by the correctly rounded division `w / s`, which is as many cycles per lane on
-//! each), `qdq_error` AVX2 3.28 above AVX-512 2.54, `widen_f16` AVX2 1.91 and AVX-512 1.85;
-//! issue #20's quiet run had AVX-512 ahead for `quantize` (21.5 vs 11.6) and `qdq_error`, so one
-//! loaded run does not decide it.
+//! Deciding runs (`cargo bench --bench tiers -- 1000`: every kernel and tier interleaved, best of
+//! 1000 rounds, robust to the other jobs on a shared machine; 2026-12-03 13:28-13:47 UTC, load
+//! 8-15, four runs): the dispatched tier is the fastest for every kernel but for ties inside the
+//! runs' spread, so no tier is taken out: `dequantize` (AVX-512 first in three runs, scalar first
+//! in one), `widen_f16` and `pack_nibbles` (AVX2 1-6% ahead of AVX-512 in some runs), `qdq_error`
+//! (AVX2 within 5% of scalar).
 
 pub mod block_absmax;
 pub mod block_dot;

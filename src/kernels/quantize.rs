@@ -43,10 +43,47 @@ pub fn quantize_with(
     zero_point: Option<&[f32]>,
     codes: &mut [u8],
 ) -> Result<()> {
+    let op = Quantize { w, bits, cols, scale, zero_point, codes, _p: F32 };
+    checked(tier, format, op, true)
+}
+
+/// [`quantize_with`] on the tier's hand-written lanes for every format (f32 included), for the
+/// benches that compare them with the auto-vectorized f32 body the dispatch uses.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_handwritten_with(
+    tier: Tier,
+    format: FloatFormat,
+    bits: Bits,
+    w: &[f32],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    codes: &mut [u8],
+) -> Result<()> {
+    let op = Quantize { w, bits, cols, scale, zero_point, codes, _p: F32 };
+    checked(tier, format, op, false)
+}
+
+/// Checks `op`'s lengths and runs it: f32 on the auto-vectorized scalar body when `autovec` (it
+/// beats the hand-written lanes on both x86 tiers, dispatch table in `kernels`), else on the
+/// tier's hand-written lanes.
+fn checked(tier: Tier, format: FloatFormat, op: Quantize<'_, F32>, autovec: bool) -> Result<()> {
+    let Quantize { w, cols, scale, zero_point, ref codes, .. } = op;
     check_slab("quantize", tier, w.len(), cols, scale, zero_point, w.len(), codes.len())?;
     if cols == 0 {
         return Ok(());
     }
+    match format {
+        FloatFormat::F32 if autovec => tier.dispatch_autovec(op),
+        _ => run(tier, format, op),
+    }
+    Ok(())
+}
+
+/// Runs `op` (built for f32) on `tier`'s hand-written lanes in `format`'s precision.
+fn run(tier: Tier, format: FloatFormat, op: Quantize<'_, F32>) {
+    let Quantize { w, bits, cols, scale, zero_point, codes, _p: _ } = op;
     macro_rules! run {
         ($p:expr) => {
             tier.dispatch(Quantize { w, bits, cols, scale, zero_point, codes, _p: $p })
@@ -57,7 +94,6 @@ pub fn quantize_with(
         FloatFormat::F16 => run!(F16),
         FloatFormat::BF16 => run!(BF16),
     }
-    Ok(())
 }
 
 struct Quantize<'a, P> {

@@ -37,6 +37,12 @@ pub fn quantize_packed_with(
     zero_point: Option<&[f32]>,
     packed: &mut [u8],
 ) -> Result<()> {
+    check(tier, w, cols, scale, zero_point, packed)?;
+    quantize_packed_rows(tier, format, w, cols, scale, zero_point, packed, cols / 2)
+}
+
+/// The checks of [`quantize_packed_with`].
+fn check(tier: Tier, w: &[f32], cols: usize, scale: &[f32], zero_point: Option<&[f32]>, packed: &[u8]) -> Result<()> {
     check_tier(tier)?;
     if cols % 2 != 0 {
         return Err(Error::LengthMismatch {
@@ -45,8 +51,7 @@ pub fn quantize_packed_with(
             actual: cols,
         });
     }
-    check_slab("quantize_packed", tier, w.len(), cols, scale, zero_point, w.len() / 2, packed.len())?;
-    quantize_packed_rows(tier, format, w, cols, scale, zero_point, packed, cols / 2)
+    check_slab("quantize_packed", tier, w.len(), cols, scale, zero_point, w.len() / 2, packed.len())
 }
 
 /// [`quantize_packed`] writing row `r` of the slab at `packed[r * row_stride..]` (`row_stride >=
@@ -67,6 +72,39 @@ pub(crate) fn quantize_packed_rows(
     if cols == 0 {
         return Ok(());
     }
+    // f32 on AVX2: the scalar body auto-vectorized with AVX2 beats the hand-written lanes (on
+    // AVX-512 the hand-written lanes win; dispatch table in `kernels`).
+    let job = Job { w, cols, scale, zero_point, packed, row_stride, _p: F32 };
+    match (format, tier) {
+        (FloatFormat::F32, Tier::Avx2) => tier.dispatch_autovec(job),
+        _ => run(tier, format, job),
+    }
+    Ok(())
+}
+
+/// [`quantize_packed_with`] on the tier's hand-written lanes for every format (f32 included), for
+/// the benches that compare them with the auto-vectorized f32 body the dispatch uses.
+#[doc(hidden)]
+pub fn quantize_packed_handwritten_with(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    packed: &mut [u8],
+) -> Result<()> {
+    check(tier, w, cols, scale, zero_point, packed)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    run(tier, format, Job { w, cols, scale, zero_point, packed, row_stride: cols / 2, _p: F32 });
+    Ok(())
+}
+
+/// Runs `job` (built for f32) on `tier`'s hand-written lanes in `format`'s precision.
+fn run(tier: Tier, format: FloatFormat, job: Job<'_, F32>) {
+    let Job { w, cols, scale, zero_point, packed, row_stride, _p: _ } = job;
     macro_rules! run {
         ($p:expr) => {
             tier.dispatch(Job { w, cols, scale, zero_point, packed, row_stride, _p: $p })
@@ -77,7 +115,6 @@ pub(crate) fn quantize_packed_rows(
         FloatFormat::F16 => run!(F16),
         FloatFormat::BF16 => run!(BF16),
     }
-    Ok(())
 }
 
 struct Job<'a, P> {

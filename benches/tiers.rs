@@ -1,0 +1,285 @@
+//! Every kernel on every available tier, interleaved: each round runs every (kernel, tier) once on
+//! the same 128 x 4096 f32 slab (2 MiB), and the best round of each is reported, in GiB/s of the
+//! bytes the kernel reads, beside a plain read of the slab. The minimum over interleaved rounds is
+//! what the kernel costs when it has the core; criterion's means are pulled apart by the load of
+//! other jobs on a shared machine, so this is the run that decides the dispatch table in
+//! `src/kernels/mod.rs`.
+//!
+//! Then the whole 4096 x 4096 weight (`quantize_weight`, block 128, RTN, all cores) on each tier
+//! for f32, f16 and bf16 input, beside a plain read of the same bytes, interleaved the same way
+//! (ROUNDS / 20 rounds, at least 5).
+//!
+//! `cargo bench --bench tiers [-- ROUNDS]` (default 300 rounds; one line per kernel and tier).
+
+use nibble::kernels::*;
+use nibble::quantize_weight::quantize_weight_with;
+use nibble::{Bits, BlockSize, FloatFormat, QuantParams, Tier, WeightData};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+fn data(n: usize) -> Vec<f32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+        })
+        .collect()
+}
+
+/// One measured kernel: its name, tier, bytes read per call, and the call.
+struct Case<'a> {
+    name: &'static str,
+    tier: Option<Tier>,
+    bytes: usize,
+    run: Box<dyn FnMut() + 'a>,
+    best: Duration,
+}
+
+fn main() {
+    let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(300);
+    let (rows, cols) = (128usize, 4096usize);
+    let w = data(rows * cols);
+    let w16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let mut amax = vec![0.0f32; cols];
+    block_absmax(&w, cols, &mut amax).unwrap();
+    let mut scale = vec![0.0f32; cols];
+    scales_symmetric(FloatFormat::F32, Bits::Four, &amax, 1.0, &mut scale).unwrap();
+    let mut codes0 = vec![0u8; w.len()];
+    quantize(FloatFormat::F32, Bits::Four, &w, cols, &scale, None, &mut codes0).unwrap();
+    let f32_bytes = w.len() * 4;
+    let (w, w16, scale, codes0) = (&w, &w16, &scale, &codes0);
+    let mut cases: Vec<Case> = Vec::new();
+    let mut add = |name, tier, bytes, run: Box<dyn FnMut()>| {
+        cases.push(Case { name, tier, bytes, run, best: Duration::MAX });
+    };
+    add(
+        "plain read",
+        None,
+        f32_bytes,
+        Box::new(move || {
+            black_box(w.iter().fold(0u32, |a, x| a ^ x.to_bits()));
+        }),
+    );
+    for tier in Tier::available() {
+        let t = Some(tier);
+        let mut o = vec![0.0f32; cols];
+        add(
+            "block_absmax",
+            t,
+            f32_bytes,
+            Box::new(move || block_absmax_with(tier, black_box(w), cols, &mut o).unwrap()),
+        );
+        let (mut lo, mut hi) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+        add(
+            "block_minmax",
+            t,
+            f32_bytes,
+            Box::new(move || block_minmax_with(tier, black_box(w), cols, false, &mut lo, &mut hi).unwrap()),
+        );
+        let mut c = vec![0u8; w.len()];
+        add(
+            "quantize (f32, dispatched body)",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                quantize_with(tier, FloatFormat::F32, Bits::Four, black_box(w), cols, scale, None, &mut c).unwrap()
+            }),
+        );
+        let mut c = vec![0u8; w.len()];
+        add(
+            "quantize (f32, hand-written lanes)",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                quantize::quantize_handwritten_with(
+                    tier,
+                    FloatFormat::F32,
+                    Bits::Four,
+                    black_box(w),
+                    cols,
+                    scale,
+                    None,
+                    &mut c,
+                )
+                .unwrap()
+            }),
+        );
+        let mut c = vec![0u8; w.len()];
+        add(
+            "quantize (f16 rounding)",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                quantize_with(tier, FloatFormat::F16, Bits::Four, black_box(w), cols, scale, None, &mut c).unwrap()
+            }),
+        );
+        let mut p = vec![0u8; w.len() / 2];
+        add(
+            "quantize_packed (f32, dispatched body)",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                quantize_packed_with(tier, FloatFormat::F32, black_box(w), cols, scale, None, &mut p).unwrap()
+            }),
+        );
+        let mut p = vec![0u8; w.len() / 2];
+        add(
+            "quantize_packed (f32, hand-written lanes)",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                quantize_packed::quantize_packed_handwritten_with(
+                    tier,
+                    FloatFormat::F32,
+                    black_box(w),
+                    cols,
+                    scale,
+                    None,
+                    &mut p,
+                )
+                .unwrap()
+            }),
+        );
+        let mut p = vec![0u8; w.len() / 2];
+        add(
+            "quantize_packed (f16 rounding)",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                quantize_packed_with(tier, FloatFormat::F16, black_box(w), cols, scale, None, &mut p).unwrap()
+            }),
+        );
+        let mut p = vec![0u8; w.len() / 2];
+        add(
+            "pack_nibbles (per code byte)",
+            t,
+            w.len(),
+            Box::new(move || pack_nibbles_with(tier, black_box(codes0), &mut p).unwrap()),
+        );
+        let mut o = vec![0.0f32; w.len()];
+        add(
+            "dequantize (per f32 written)",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                dequantize_with(tier, FloatFormat::F32, black_box(codes0), cols, scale, None, &mut o).unwrap()
+            }),
+        );
+        let mut o = vec![0.0f32; w.len()];
+        add(
+            "qdq_error",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                qdq_error_with(
+                    tier,
+                    FloatFormat::F32,
+                    Bits::Four,
+                    black_box(w),
+                    cols,
+                    scale,
+                    None,
+                    QdqOutput::Error,
+                    &mut o,
+                )
+                .unwrap()
+            }),
+        );
+        let mut o = vec![0.0f32; w.len()];
+        add(
+            "widen_f16 (per f16 byte)",
+            t,
+            w.len() * 2,
+            Box::new(move || widen_f16_with(tier, black_box(w16), &mut o).unwrap()),
+        );
+    }
+    report(&mut cases, rounds);
+    whole_weight((rounds / 20).max(5));
+}
+
+/// Runs every case once per round, keeps the best, and prints one table row per name.
+fn report(cases: &mut [Case], rounds: usize) {
+    for _ in 0..rounds {
+        for case in cases.iter_mut() {
+            let start = Instant::now();
+            (case.run)();
+            case.best = case.best.min(start.elapsed());
+        }
+    }
+    println!("{rounds} interleaved rounds, best of each, GiB/s of bytes read");
+    let gib = |c: &Case| c.bytes as f64 / c.best.as_secs_f64() / (1u64 << 30) as f64;
+    let mut names: Vec<&str> = Vec::new();
+    for c in cases.iter() {
+        if !names.contains(&c.name) {
+            names.push(c.name);
+        }
+    }
+    println!("| kernel | {} | fastest |", Tier::available().iter().map(|t| t.name()).collect::<Vec<_>>().join(" | "));
+    for name in names {
+        let row: Vec<&Case> = cases.iter().filter(|c| c.name == name).collect();
+        let cells: Vec<String> = row.iter().map(|c| format!("{:.2}", gib(c))).collect();
+        let fastest = row.iter().max_by(|a, b| gib(a).total_cmp(&gib(b))).and_then(|c| c.tier).map_or("", |t| t.name());
+        println!("| {name} | {} | {fastest} |", cells.join(" | "));
+    }
+}
+
+/// The whole 4096 x 4096 weight in f32, f16 and bf16 on each tier, and plain reads of its bytes.
+fn whole_weight(rounds: usize) {
+    let (k, n) = (4096usize, 4096usize);
+    let w = data(k * n);
+    let w16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let wb16: Vec<half::bf16> = w.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let params = QuantParams::rtn(BlockSize::Blocked(128));
+    let (w, w16, wb16, params) = (&w, &w16, &wb16, &params);
+    let mut cases: Vec<Case> = Vec::new();
+    let mut add = |name, tier, bytes, run: Box<dyn FnMut()>| {
+        cases.push(Case { name, tier, bytes, run, best: Duration::MAX });
+    };
+    add(
+        "plain read, f32 (one core)",
+        None,
+        k * n * 4,
+        Box::new(move || {
+            black_box(w.iter().fold(0u32, |a, x| a ^ x.to_bits()));
+        }),
+    );
+    add(
+        "plain read, 16-bit (one core)",
+        None,
+        k * n * 2,
+        Box::new(move || {
+            black_box(w16.iter().fold(0u16, |a, x| a ^ x.to_bits()));
+        }),
+    );
+    for tier in Tier::available() {
+        let t = Some(tier);
+        add(
+            "whole weight f32",
+            t,
+            k * n * 4,
+            Box::new(move || {
+                black_box(quantize_weight_with(tier, WeightData::F32(black_box(w)), [k, n], params).unwrap());
+            }),
+        );
+        add(
+            "whole weight f16",
+            t,
+            k * n * 2,
+            Box::new(move || {
+                black_box(quantize_weight_with(tier, WeightData::F16(black_box(w16)), [k, n], params).unwrap());
+            }),
+        );
+        add(
+            "whole weight bf16",
+            t,
+            k * n * 2,
+            Box::new(move || {
+                black_box(quantize_weight_with(tier, WeightData::BF16(black_box(wb16)), [k, n], params).unwrap());
+            }),
+        );
+    }
+    report(&mut cases, rounds);
+}
