@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--extra", default="", help="more quantize options, space-separated")
     ap.add_argument("--work", default=None, help="folder for models and outputs (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the models and outputs")
+    ap.add_argument("--stderr-tail", type=int, default=0,
+                    help="print the last N lines of each run's stderr (e.g. the GPTQ time summary of -v)")
     a = ap.parse_args()
     if not os.path.exists(a.nibble):
         sys.exit(f"{a.nibble} not found: run `cargo build --release` or pass --nibble")
@@ -112,7 +114,10 @@ def main():
                 if method not in ("rtn_dq", "rtn"):
                     cmd += ["--calibration-samples", str(a.calibration_samples)]
                 cmd += a.extra.split()
-                wall, anon, rss, _ = measure(cmd)
+                wall, anon, rss, err = measure(cmd)
+                if a.stderr_tail > 0:
+                    tail = [line for line in err.splitlines() if line.strip()][-a.stderr_tail:]
+                    print("\n".join(tail), file=sys.stderr)
                 rows.append((layers, model_mb, method, anon, rss, wall, size_mb(out)))
                 print(f"{layers} layers ({model_mb:.0f} MB) {method}: peak RssAnon {anon:.0f} MB, "
                       f"peak RSS {rss:.0f} MB, {wall:.1f} s, output {size_mb(out):.0f} MB", file=sys.stderr)

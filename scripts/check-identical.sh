@@ -67,6 +67,7 @@ examples=(
     "op13.onnx --hidden 64 --intermediate 128 --layers 2 --vocab 96 --opset 13"
     "op21.onnx --hidden 64 --intermediate 128 --layers 2 --vocab 96 --opset 21"
     "ext.onnx --hidden 64 --intermediate 128 --layers 2 --vocab 96 --external-data always"
+    "wide.onnx --hidden 256 --intermediate 704 --layers 1 --vocab 96 --dtype f16"
 )
 for e in "${examples[@]}"; do
     read -r name rest <<<"$e"
@@ -122,6 +123,21 @@ for method in rtn_dq rtn awq_lite awq_clip awq_full; do
     q "$demo" -o OUT/q.onnx --method $method
     q "$demo" -o OUT/q.onnx --method $method --format matmulnbits --zero-point
 done
+
+# GPTQ (Hessians, factors, the working-set batches of --calibration-memory-mb): both forms, zero
+# point, act order, awq_gptq (fused and not), sequential, segments; wide.onnx has K = 704 (faer's
+# blocked and recursive factorization paths).
+for m in f32 f16 bf16 ext gemm_f32 gemm_f16 wide; do
+    src="$work/in/$m.onnx"
+    q "$src" -o OUT/q.onnx --method gptq
+    q "$src" -o OUT/q.onnx --method gptq --format matmulnbits --zero-point --block-size 32
+    q "$src" -o OUT/q.onnx --method gptq --act-order --zero-point
+    q "$src" -o OUT/q.onnx --method awq_gptq
+    q "$src" -o OUT/q.onnx --method awq_gptq --no-fuse-siblings --format matmulnbits
+    q "$src" -o OUT/q.onnx --method gptq --sequential
+    q "$src" -o OUT/q.onnx --method gptq --segment-mb 1 --calibration-memory-mb 1
+done
+q "$demo" -o OUT/q.onnx --method gptq
 
 # Errors and usage: same message, same exit code, no output.
 q "$work/in/missing.onnx" -o OUT/q.onnx

@@ -568,3 +568,63 @@ fn bad_inputs_are_errors() {
     ));
     assert!(h.add_batch(&[1.0; 7]).is_err());
 }
+
+/// The factor made in place ([`GptqFactor::from_hessian`]: the Hessian's own buffer, Cholesky in
+/// place, at most two `K x K` buffers alive) is bit for bit the one of the chain of fresh copies
+/// it replaced (full symmetric `H`, permuted and dampened copy, `Mat::llt` on a copy, triangular
+/// inverse, `U`), written out here with faer's public API; and the Hessian scaled in place is
+/// bit for bit [`Hessian::scale_inputs`]. K = 300 and 520 go through faer's blocked and
+/// recursive (parallel) paths; dead inputs and act order included.
+#[test]
+fn factor_in_place_is_bit_identical_to_the_copying_chain() {
+    use faer::{Mat, Par, Side};
+    use nibble::gptq::GptqFactor;
+    let copying_chain = |hessian: &Hessian, percdamp: f64, act_order: bool| -> Vec<f64> {
+        let k = hessian.k();
+        let mut h = hessian.matrix();
+        for i in 0..k {
+            if h[i * k + i] == 0.0 {
+                h[i * k + i] = 1.0;
+            }
+        }
+        let diagonal: Vec<f64> = (0..k).map(|i| h[i * k + i]).collect();
+        let mut perm: Vec<usize> = (0..k).collect();
+        if act_order {
+            perm.sort_by(|&a, &b| diagonal[b].total_cmp(&diagonal[a]));
+        }
+        let damp = percdamp * diagonal.iter().sum::<f64>() / k as f64;
+        let rev = |i: usize| perm[k - 1 - i];
+        let hr = Mat::<f64>::from_fn(k, k, |i, j| h[rev(i) * k + rev(j)] + if i == j { damp } else { 0.0 });
+        let llt = hr.llt(Side::Lower).unwrap();
+        let mut li = Mat::<f64>::zeros(k, k);
+        faer::linalg::triangular_inverse::invert_lower_triangular(li.as_mut(), llt.L(), Par::rayon(0));
+        let mut u = vec![0.0f64; k * k];
+        for i in 0..k {
+            for j in i..k {
+                u[i * k + j] = li[(k - 1 - i, k - 1 - j)];
+            }
+        }
+        u
+    };
+    for (k, cond, act_order, seed) in [
+        (300, Conditioning::Good, false, 1),
+        (300, Conditioning::NearSingular, true, 2),
+        (520, Conditioning::Good, true, 3),
+        (520, Conditioning::NearSingular, false, 4),
+    ] {
+        let mut rng = Rng(seed);
+        let (x, _) = activations(&mut rng, k, cond, true);
+        // Three batches: the last rows stay in the float32 pending sums.
+        let hessian = hessian_of(&x, k, 3);
+        let want = copying_chain(&hessian, 0.01, act_order);
+        let f = GptqFactor::from_hessian(hessian.clone(), 0.01, act_order).unwrap();
+        let same = f.u.iter().zip(&want).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+        assert_eq!(same, k * k, "K = {k} {cond:?} act order {act_order}: {same} of {} entries of U equal", k * k);
+        assert_eq!(f.u, GptqFactor::new(&hessian, 0.01, act_order).unwrap().u);
+        let s: Vec<f64> = (0..k).map(|_| 0.25 + rng.normal().abs()).collect();
+        let scaled = hessian.scale_inputs(&s).unwrap().gram();
+        let in_place = hessian.clone().into_scaled_inputs(&s).unwrap().gram();
+        assert!(scaled.iter().zip(&in_place).all(|(a, b)| a.to_bits() == b.to_bits()), "K = {k}: scaled Gram differs");
+        assert!(hessian.clone().into_scaled_inputs(&s[1..]).is_err());
+    }
+}

@@ -34,7 +34,8 @@ pub struct Hessian {
     k: usize,
     rows: u64,
     /// The float32 sums of the last rows (at most [`CHUNK_ROWS`]), lower triangle, not yet
-    /// added to `upper`.
+    /// added to `upper`; `0 x 0` until the first batch (a Hessian made by [`Hessian::from_gram`]
+    /// or [`Hessian::scale_inputs`] holds no `K^2` float32 buffer it does not use).
     pending: Mat<f32>,
     pending_rows: usize,
     /// `X^T X`, `[K, K]` row-major: the upper triangle (`j >= i`) holds the sums, the strictly
@@ -45,7 +46,7 @@ pub struct Hessian {
 impl Hessian {
     /// An empty accumulator for `k` input channels (the weight's K).
     pub fn new(k: usize) -> Hessian {
-        Hessian { k, rows: 0, pending: Mat::zeros(k, k), pending_rows: 0, upper: vec![0.0; k * k] }
+        Hessian { k, rows: 0, pending: Mat::zeros(0, 0), pending_rows: 0, upper: vec![0.0; k * k] }
     }
 
     /// From a Gram matrix `X^T X` (`[K, K]` row-major, symmetric) of `rows` rows, e.g. one computed
@@ -59,7 +60,7 @@ impl Hessian {
         for i in 0..k {
             upper[i * k..i * k + i].fill(0.0);
         }
-        Ok(Hessian { k, rows, pending: Mat::zeros(k, k), pending_rows: 0, upper })
+        Ok(Hessian { k, rows, pending: Mat::zeros(0, 0), pending_rows: 0, upper })
     }
 
     /// Adds the rows of `x: [t, K]` (row-major float32, `t = x.len() / K`): `gram += x^T x`,
@@ -74,6 +75,9 @@ impl Hessian {
         if k == 0 || t == 0 {
             self.rows += t as u64;
             return Ok(());
+        }
+        if self.pending.nrows() != k {
+            self.pending = Mat::zeros(k, k);
         }
         for chunk in x.chunks(CHUNK_ROWS * k) {
             let rows = chunk.len() / k;
@@ -112,6 +116,14 @@ impl Hessian {
         }
         self.pending.fill(0.0);
         self.pending_rows = 0;
+    }
+
+    /// `X^T X` as one upper triangle (row-major `[K, K]` float64, strictly lower part zero),
+    /// pending sums included, without a copy: the float32 buffer of pending sums is freed. The
+    /// same values as [`Hessian::gram`]'s upper triangle.
+    pub fn into_upper(mut self) -> Vec<f64> {
+        self.flush();
+        self.upper
     }
 
     /// `X^T X` as one upper triangle (row-major `[K, K]`, lower part zero), pending sums included.
@@ -216,7 +228,24 @@ impl Hessian {
         let k = self.k;
         let total = self.upper_total();
         let upper = (0..k * k).map(|e| total[e] / (s[e / k] * s[e % k])).collect();
-        Ok(Hessian { k, rows: self.rows, pending: Mat::zeros(k, k), pending_rows: 0, upper })
+        Ok(Hessian { k, rows: self.rows, pending: Mat::zeros(0, 0), pending_rows: 0, upper })
+    }
+
+    /// [`Hessian::scale_inputs`] in place (no second `K^2` buffer): the same values.
+    ///
+    /// # Errors
+    /// As [`Hessian::scale_inputs`].
+    pub fn into_scaled_inputs(self, s: &[f64]) -> Result<Hessian> {
+        check_len("Hessian input scale", self.k, s.len())?;
+        if let Some(i) = s.iter().position(|v| !v.is_finite() || *v == 0.0) {
+            return Err(Error::BadInputScale { index: i });
+        }
+        let (k, rows) = (self.k, self.rows);
+        let mut upper = self.into_upper();
+        for (e, v) in upper.iter_mut().enumerate() {
+            *v /= s[e / k] * s[e % k];
+        }
+        Ok(Hessian { k, rows, pending: Mat::zeros(0, 0), pending_rows: 0, upper })
     }
 }
 

@@ -396,7 +396,9 @@ struct AwqArgs {
     /// (ModelOpt's awqlite_run_per_subgraph).
     #[arg(long)]
     per_subgraph: bool,
-    /// Activation memory held at once during calibration, in MiB.
+    /// Activation memory held at once during calibration, in MiB. GPTQ also runs at once only the
+    /// groups (weights sharing an activation) whose working sets fit in it (about max(16 K^2,
+    /// 8 K^2 + 12 K N) bytes each: Hessian, factorization, quantization); a larger one runs alone.
     #[arg(long, default_value_t = 1024)]
     calibration_memory_mb: usize,
     /// Calibrate by segments: cut the graph where fewest tensors cross (after each decoder layer)

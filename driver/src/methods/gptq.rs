@@ -186,6 +186,8 @@ pub fn quantize(
     progress.set_message("GPTQ");
     let mut calibration_time = std::time::Duration::ZERO;
     let mut hessian_time = std::time::Duration::ZERO;
+    let mut factor_time = std::time::Duration::ZERO;
+    let mut gptq_time = std::time::Duration::ZERO;
     let job = Job { model, by_name: &by_name, block, zero_point, opts, awq, verbose: cal.verbose, progress: &progress };
     for (i, wave) in waves.iter().enumerate() {
         let names: Vec<String> = wave.iter().map(|g| g.activation.clone()).collect();
@@ -207,14 +209,22 @@ pub fn quantize(
             (None, None) => unreachable!("one way of capturing"),
         };
         calibration_time += t0.elapsed();
-        let done = wave
-            .par_iter()
-            .enumerate()
-            .map(|(gi, gr)| job.group(gr, captured.iter().map(|sample| &sample[gi])))
-            .collect::<Result<Vec<_>>>()?;
+        // The groups of a wave run in parallel, in batches whose working sets fit the memory
+        // budget (a group larger than it runs alone).
+        let mut done = Vec::with_capacity(wave.len());
+        for batch in working_set_batches(wave, &|gr| working_set_bytes(&by_name, gr), cal.options.memory_budget) {
+            done.extend(
+                batch
+                    .into_par_iter()
+                    .map(|gi| job.group(wave[gi], captured.iter().map(|sample| &sample[gi])))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+        }
         drop(captured);
         for (gr, (weights, secs)) in wave.iter().zip(done) {
-            hessian_time += secs;
+            hessian_time += secs[0];
+            factor_time += secs[1];
+            gptq_time += secs[2];
             for (j, (w, q, values)) in weights.into_iter().enumerate() {
                 if let (Some(seq), Some(values)) = (&mut sequential, values) {
                     let c = by_name[w.as_str()];
@@ -236,12 +246,14 @@ pub fn quantize(
             false => String::new(),
         };
         eprintln!(
-            "nibble: GPTQ: calibration (ONNX Runtime, {} samples{steps}) {:.2} s, Hessians {:.2} s (summed over threads), \
-             factors and quantization {:.2} s",
+            "nibble: GPTQ: calibration (ONNX Runtime, {} samples{steps}) {:.2} s, Hessians {:.2} s, factors {:.2} s, \
+             quantization {:.2} s (these three summed over the groups run at once), total {:.2} s",
             cal.samples.len(),
             calibration_time.as_secs_f64(),
             hessian_time.as_secs_f64(),
-            (total - calibration_time).as_secs_f64()
+            factor_time.as_secs_f64(),
+            gptq_time.as_secs_f64(),
+            total.as_secs_f64()
         );
     }
     Ok(out)
@@ -286,40 +298,61 @@ struct Job<'a> {
 impl Job<'_> {
     /// The Hessian of one activation (from every sample's captured tensor), its factors (one per
     /// distinct pre-quant scale) and GPTQ on each of its weights: the weights in the group's order,
-    /// and the time spent on the Hessian.
+    /// and the time spent on the Hessian, the factors and the quantization.
     fn group<'t>(
         &self,
         gr: &Group,
         captured: impl Iterator<Item = &'t NamedTensor>,
-    ) -> Result<(Vec<Quantized>, std::time::Duration)> {
+    ) -> Result<(Vec<Quantized>, [std::time::Duration; 3])> {
         let t1 = std::time::Instant::now();
         let k = group_k(self.by_name, gr);
         let h = group_hessian(gr, k, captured)?;
         let hessian_time = t1.elapsed();
-        // One factor per distinct pre-quant scale (siblings share one unless unfused).
-        let mut factors: Vec<(Option<Vec<f32>>, GptqFactor)> = vec![];
+        // One factor per distinct pre-quant scale (siblings share one unless unfused), made when
+        // its first weight comes; the last one consumes the Hessian (no copy), and each is freed
+        // after its last weight: at most two K x K float64 buffers per distinct scale alive.
+        let scales: Vec<Option<Vec<f32>>> =
+            gr.weights.iter().map(|w| self.awq.and_then(|a| a.weights.get(w)).and_then(|a| a.scale.clone())).collect();
+        let mut distinct: Vec<&Option<Vec<f32>>> = vec![];
+        for s in &scales {
+            if !distinct.contains(&s) {
+                distinct.push(s);
+            }
+        }
+        let mut h = Some(h);
+        let (mut factor_time, mut gptq_time) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        let mut factors: Vec<(Option<Vec<f32>>, Option<GptqFactor>)> = vec![];
         let mut out = vec![];
-        for w in &gr.weights {
+        for (wi, w) in gr.weights.iter().enumerate() {
             let c = self.by_name[w.as_str()];
-            let s = self.awq.and_then(|a| a.weights.get(w)).and_then(|a| a.scale.clone());
+            let s = scales[wi].clone();
             let fi = match factors.iter().position(|(fs, _)| *fs == s) {
                 Some(i) => i,
                 None => {
+                    let last = factors.len() + 1 == distinct.len();
+                    let h = match last {
+                        true => h.take().expect("the Hessian is consumed by the last factor only"),
+                        false => h.as_ref().expect("the Hessian is kept until the last factor").clone(),
+                    };
                     let hs = match &s {
                         Some(s) => {
                             let s64: Vec<f64> = s.iter().map(|&v| v as f64).collect();
-                            h.scale_inputs(&s64).map_err(|e| Error::kernel(w, e))?
+                            h.into_scaled_inputs(&s64).map_err(|e| Error::kernel(w, e))?
                         }
-                        None => h.clone(),
+                        None => h,
                     };
-                    let f = GptqFactor::new(&hs, self.opts.percdamp, self.opts.act_order)
+                    let t = std::time::Instant::now();
+                    let f = GptqFactor::from_hessian(hs, self.opts.percdamp, self.opts.act_order)
                         .map_err(|e| Error::kernel(w, e))?;
-                    factors.push((s.clone(), f));
+                    factor_time += t.elapsed();
+                    factors.push((s.clone(), Some(f)));
                     factors.len() - 1
                 }
             };
-            let kn =
-                quantize_weight(self.model, c, self.block, self.zero_point, self.opts, &factors[fi].1, s.as_deref())?;
+            let factor = factors[fi].1.as_ref().expect("a factor is freed after its last weight");
+            let t = std::time::Instant::now();
+            let kn = quantize_weight(self.model, c, self.block, self.zero_point, self.opts, factor, s.as_deref())?;
+            gptq_time += t.elapsed();
             let values = match self.opts.sequential {
                 true => Some(dequantized(c, &kn, s.as_deref())?),
                 false => None,
@@ -331,18 +364,59 @@ impl Job<'_> {
                 _ => kn,
             };
             if self.verbose {
-                let dead = factors[fi].1.dead.iter().filter(|&&d| d).count();
+                let dead = factor.dead.iter().filter(|&&d| d).count();
                 let pqs = if s.is_some() { " on W * s (awq_lite scale)" } else { "" };
                 say(
                     self.progress,
                     format!("{w}: gptq K = {k}{pqs}, {} dead input channels, {:?} blocks", dead, c.block(self.block)),
                 );
             }
+            if !scales[wi + 1..].contains(&s) {
+                factors[fi].1 = None;
+            }
             out.push((w.clone(), q, values));
             self.progress.inc(1);
         }
-        Ok((out, hessian_time))
+        Ok((out, [hessian_time, factor_time, gptq_time]))
     }
+}
+
+/// The largest working memory of one group, in bytes, for `K` input channels and `N` the widest
+/// weight's output channels: the Hessian's accumulator (`K^2` float64 sums and `K^2` float32
+/// partial sums, 12 K^2), the factorization (two `K x K` float64 buffers at a time, 16 K^2:
+/// [`GptqFactor::from_hessian`]), and the quantization (`U`, 8 K^2, with the weight widened to
+/// float64 and read as float32, 12 K N).
+pub(crate) fn working_set_bytes(by_name: &HashMap<&str, &Candidate>, gr: &Group) -> usize {
+    let k = group_k(by_name, gr);
+    let n = gr
+        .weights
+        .iter()
+        .map(|w| by_name[w.as_str()].dims.iter().product::<i64>() as usize / k.max(1))
+        .max()
+        .unwrap_or(0);
+    (16 * k * k).max(8 * k * k + 12 * k * n)
+}
+
+/// The groups of a wave (indices, in order) cut into consecutive batches run in parallel, each
+/// summing to at most `budget` bytes of working memory (`bytes` of a group); a group larger than
+/// the budget forms a batch of its own.
+pub(crate) fn working_set_batches<G>(wave: &[G], bytes: &dyn Fn(&G) -> usize, budget: usize) -> Vec<Vec<usize>> {
+    let mut batches: Vec<Vec<usize>> = vec![];
+    let mut used = 0usize;
+    for (i, g) in wave.iter().enumerate() {
+        let b = bytes(g);
+        match batches.last_mut() {
+            Some(last) if used.saturating_add(b) <= budget => {
+                last.push(i);
+                used += b;
+            }
+            _ => {
+                batches.push(vec![i]);
+                used = b;
+            }
+        }
+    }
+    batches
 }
 
 /// The Gram matrix `X^T X` of one group's activation, `K` its weights' input channels, from every
@@ -420,4 +494,20 @@ fn quantize_weight(
         ..GptqParams::new(c.block(block))
     };
     gptq_quantize_factored(data.data(), factor, &params).map_err(|e| Error::kernel(&c.weight, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::working_set_batches;
+
+    /// Consecutive groups share a batch while their working sets fit the budget; a group larger
+    /// than the budget runs alone; every group is in exactly one batch, in order.
+    #[test]
+    fn working_set_batches_fit_the_budget() {
+        let bytes = |b: &usize| *b;
+        assert_eq!(working_set_batches(&[3, 3, 3, 1], &bytes, 7), vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(working_set_batches(&[2, 9, 2, 2], &bytes, 5), vec![vec![0], vec![1], vec![2, 3]]);
+        assert_eq!(working_set_batches(&[1, 1, 1], &bytes, 100), vec![vec![0, 1, 2]]);
+        assert_eq!(working_set_batches::<usize>(&[], &bytes, 100), Vec::<Vec<usize>>::new());
+    }
 }
