@@ -182,7 +182,7 @@ fn bad_shards_and_ranges_are_refused_and_nothing_is_written() {
 /// temporary calibration files; the input is untouched.
 #[test]
 fn sigint_while_writing_a_shard_leaves_nothing_behind() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let d = tmp();
     let input_dir = d.path().join("in");
     let (out_dir, temp) = (d.path().join("out"), d.path().join("temp"));
@@ -202,7 +202,6 @@ fn sigint_while_writing_a_shard_leaves_nothing_behind() {
         .spawn()
         .unwrap();
     // Interrupt once the segmented calibration has started (its carried-weights file exists).
-    let start = Instant::now();
     let started = || {
         std::fs::read_dir(&temp).unwrap().any(|e| {
             let p = e.unwrap().path();
@@ -210,16 +209,9 @@ fn sigint_while_writing_a_shard_leaves_nothing_behind() {
                 && p.join("sequential_weights.bin").exists()
         })
     };
-    while !started() && start.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(started(), "no segmented calibration started");
-    assert!(child.try_wait().unwrap().is_none(), "the shard finished before it could be interrupted");
-    let killed = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    assert_eq!(child.wait().unwrap().code(), Some(130));
+    interrupt_when(&mut child, started, Duration::from_secs(120), "shard 1..2");
     for dir in [&out_dir, &temp] {
-        let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left = files_left(dir);
         assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
     }
     assert_eq!(snapshot(&input_dir), before, "the input changed");

@@ -17,7 +17,7 @@ use nibble_driver::graph::onnx::{
 use nibble_driver::runtime::{open, run_f32, NamedTensor, SessionOptions};
 use nibble_driver::{quantize_file, Format, Method, Options};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const HIDDEN: usize = 128;
 
@@ -252,18 +252,10 @@ fn sigint_while_streaming_removes_the_temporary_files() {
         .spawn()
         .unwrap();
     // Interrupt once the streamed data file exists (the quantized weights are being written).
-    let start = Instant::now();
     let streaming = || {
         std::fs::read_dir(&out_dir).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("nibble-tmp"))
     };
-    while !streaming() && start.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(streaming(), "no temporary data file appeared");
-    assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be interrupted");
-    let killed = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    assert_eq!(child.wait().unwrap().code(), Some(130));
+    interrupt_when(&mut child, streaming, Duration::from_secs(60), "streamed output");
     let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "files left in the output folder: {left:?}");
     assert_eq!(snapshot(&input_dir), before, "the input changed");
@@ -296,7 +288,6 @@ fn sigint_during_segmented_calibration_removes_the_temporary_files() {
             .unwrap();
         // Interrupt once the segmented calibration has started (the marker exists in the
         // calibration folder).
-        let start = Instant::now();
         let segmented = || {
             std::fs::read_dir(&temp).unwrap().any(|e| {
                 let p = e.unwrap().path();
@@ -306,22 +297,9 @@ fn sigint_during_segmented_calibration_removes_the_temporary_files() {
                     })
             })
         };
-        while !segmented() && start.elapsed() < Duration::from_secs(120) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(segmented(), "--carry-memory-mb {carry}: no segmented calibration started");
-        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be interrupted");
-        let killed = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-        assert!(killed.success());
-        assert_eq!(child.wait().unwrap().code(), Some(130));
+        interrupt_when(&mut child, segmented, Duration::from_secs(120), &format!("--carry-memory-mb {carry}"));
         for dir in [&out_dir, &temp] {
-            // `.ses` is ONNX Runtime's own (its telemetry library's session file, written to $TMPDIR
-            // when the first session opens, telemetry on or off), not a file of nibble's.
-            let left: Vec<_> = std::fs::read_dir(dir)
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .filter(|name| name.to_str() != Some(".ses"))
-                .collect();
+            let left = files_left(dir);
             assert!(left.is_empty(), "--carry-memory-mb {carry}: files left in {}: {left:?}", dir.display());
         }
     }

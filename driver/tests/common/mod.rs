@@ -189,3 +189,34 @@ pub fn decoder_logits(model: &Path, tokens: &[Vec<i64>]) -> [Vec<f32>; 2] {
             .collect()
     })
 }
+
+/// Waits (up to `timeout`) until `ready()` holds, checks that `child` still runs, sends it SIGINT
+/// (Ctrl-C) and checks that it exits with 130, nibble's exit status for an interrupted run.
+/// `what` names the run in the failure messages.
+pub fn interrupt_when(
+    child: &mut std::process::Child,
+    ready: impl Fn() -> bool,
+    timeout: std::time::Duration,
+    what: &str,
+) {
+    let start = std::time::Instant::now();
+    while !ready() && start.elapsed() < timeout {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(ready(), "{what}: the awaited state never came within {timeout:?}");
+    assert!(child.try_wait().unwrap().is_none(), "{what}: the run finished before it could be interrupted");
+    let killed = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success(), "{what}: kill -INT failed");
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{what}: exit status after SIGINT");
+}
+
+/// The names of the files left in `dir`, leaving out `.ses`: ONNX Runtime's own (its telemetry
+/// library's session file, written to `$TMPDIR` when the first session opens, telemetry on or
+/// off), not a file of nibble's.
+pub fn files_left(dir: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name.to_str() != Some(".ses"))
+        .collect()
+}
