@@ -7,23 +7,13 @@
 //!
 //! `cargo bench --bench gptq -- --warm-up-time 1 --measurement-time 5`
 
+mod common;
+use common::data;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nibble::gptq::{gptq_quantize_factored, GptqFactor, GptqParams, Hessian, ScaleRule};
 use nibble::scale_search::{scale_search_weight, ScaleGrid};
 use nibble::{BlockSize, QuantParams, WeightData};
 use std::hint::black_box;
-
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-        })
-        .collect()
-}
 
 fn hessian(x: &[f32], k: usize) -> Hessian {
     let mut h = Hessian::new(k);

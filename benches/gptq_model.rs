@@ -7,21 +7,11 @@
 //!
 //! `cargo bench --bench gptq_model`
 
+mod common;
+use common::data;
 use nibble::gptq::{gptq_quantize_factored, GptqFactor, GptqParams, Hessian};
 use nibble::{BlockSize, WeightData};
 use std::time::{Duration, Instant};
-
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-        })
-        .collect()
-}
 
 fn main() {
     let (layers, t, samples) = (30usize, 2048usize, 16usize);

@@ -2,28 +2,18 @@
 //! `Throughput::Bytes` of the weight bytes read, so results read as a fraction of bandwidth.
 //! `cargo bench --bench kernels -- --warm-up-time 1 --measurement-time 3`
 
+mod common;
+use common::data;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use nibble::kernels::*;
 use nibble::quantize_weight::quantize_weight_with;
 use nibble::{BlockSize, FloatFormat, QuantParams, Tier, WeightData};
 use std::hint::black_box;
 
-fn data(n: usize) -> Vec<f32> {
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-        })
-        .collect()
-}
-
 fn kernels(c: &mut Criterion) {
     // One block slab: 128 rows x 4096 columns of f32 (2 MiB, as a 4096-wide layer's block).
     let (rows, cols) = (128usize, 4096usize);
-    let w = data(rows * cols);
+    let w = data(rows * cols, common::SLAB_SEED);
     let bytes = (w.len() * 4) as u64;
     let mut g = c.benchmark_group("slab_128x4096_f32");
     g.throughput(Throughput::Bytes(bytes));
@@ -124,8 +114,8 @@ fn kernels(c: &mut Criterion) {
 fn block_dot_macs(c: &mut Criterion) {
     // AWQ-clip's exact products: 64 tokens x one 128-row block of a 1024-column weight, per call.
     let (t, rows, cols) = (64usize, 128usize, 1024usize);
-    let x = data(t * rows);
-    let w = data(rows * cols);
+    let x = data(t * rows, common::SLAB_SEED);
+    let w = data(rows * cols, common::SLAB_SEED);
     let mut out = vec![0.0f32; t * cols];
     let mut g = c.benchmark_group("block_dot_64x128x1024");
     g.throughput(Throughput::Elements((t * rows * cols) as u64));
@@ -143,7 +133,7 @@ fn block_dot_macs(c: &mut Criterion) {
 fn whole_weight(c: &mut Criterion) {
     // A 4096 x 4096 weight (64 MiB f32, 32 MiB f16), block 128, all cores.
     let (k, n) = (4096usize, 4096usize);
-    let w = data(k * n);
+    let w = data(k * n, common::SLAB_SEED);
     let w16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();
     let params = QuantParams::rtn(BlockSize::Blocked(128));
     let mut g = c.benchmark_group("quantize_weight_4096x4096");

@@ -11,23 +11,13 @@
 //!
 //! `cargo bench --bench tiers [-- ROUNDS]` (default 300 rounds; one line per kernel and tier).
 
+mod common;
+use common::data;
 use nibble::kernels::*;
 use nibble::quantize_weight::quantize_weight_with;
 use nibble::{Bits, BlockSize, FloatFormat, QuantParams, Tier, WeightData};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-
-fn data(n: usize) -> Vec<f32> {
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-        })
-        .collect()
-}
 
 /// One measured kernel: its name, tier, bytes read per call, and the call.
 struct Case<'a> {
@@ -41,7 +31,7 @@ struct Case<'a> {
 fn main() {
     let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(300);
     let (rows, cols) = (128usize, 4096usize);
-    let w = data(rows * cols);
+    let w = data(rows * cols, common::SLAB_SEED);
     let w16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();
     let mut amax = vec![0.0f32; cols];
     block_absmax(&w, cols, &mut amax).unwrap();
@@ -229,7 +219,7 @@ fn report(cases: &mut [Case], rounds: usize) {
 /// The whole 4096 x 4096 weight in f32, f16 and bf16 on each tier, and plain reads of its bytes.
 fn whole_weight(rounds: usize) {
     let (k, n) = (4096usize, 4096usize);
-    let w = data(k * n);
+    let w = data(k * n, common::SLAB_SEED);
     let w16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();
     let wb16: Vec<half::bf16> = w.iter().map(|&x| half::bf16::from_f32(x)).collect();
     let params = QuantParams::rtn(BlockSize::Blocked(128));
