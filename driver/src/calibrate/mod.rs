@@ -8,6 +8,7 @@
 //! - [`text`]: token windows from a text file and a Hugging Face tokenizer.json (calibration, perplexity).
 //! - [`memory`]: `--segment-mb auto`, whole graph or segments from the model's size and the memory available.
 //! - [`segments`], [`segmented`]: calibration by segments, one ONNX Runtime session per segment.
+//! - [`forward`]: a model's graph outputs computed segment by segment (`nibble compare`).
 //! - [`carry`]: the tensors carried between steps, spilled to a temporary file above a limit.
 //! - [`sequential`]: capture step by step, each step seeing the weights quantized before it.
 //! - [`twin`]: the float32 twin of a bfloat16 model, which ONNX Runtime's CPU provider can run.
@@ -15,6 +16,7 @@
 pub mod capture;
 pub mod carry;
 pub mod feed;
+pub mod forward;
 pub mod inputs;
 pub mod memory;
 pub mod npy;

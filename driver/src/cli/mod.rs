@@ -192,6 +192,18 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Run each model by segments: cut the original where fewest tensors cross (after each
+        /// decoder layer, as calibration cuts it) into segments of at least this many MiB of
+        /// weights, and the quantized model at the same tensors; each segment runs in its own ONNX
+        /// Runtime session holding only its weights, the crossing tensors of every sample carried to
+        /// the next; 0 runs each model whole; auto: whole when the original is small against the
+        /// memory available, else segments (quantize's rule).
+        #[arg(long, default_value = "auto", value_parser = parse_segment_mb)]
+        segment_mb: SegmentMb,
+        /// Tensors carried between segments (all samples) held in memory, in MiB; above it they are
+        /// spilled to a temporary file and read back for the next segment.
+        #[arg(long, default_value_t = 1024)]
+        carry_memory_mb: u64,
         #[command(flatten)]
         extra: CompareExtra,
     },
@@ -747,7 +759,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge { shards, output, model, force, fsync } => {
             merge::merge(&shards, &output, model.as_deref(), force, fsync)?;
         }
-        Command::Compare { original, quantized, seed, calibration_data, per_layer, json, extra } => {
+        Command::Compare {
+            original,
+            quantized,
+            seed,
+            calibration_data,
+            per_layer,
+            json,
+            segment_mb,
+            carry_memory_mb,
+            extra,
+        } => {
             let mut tokens = extra.perplexity.as_deref().map(perplexity::read_tokens).transpose()?;
             if let Some(text) = &extra.perplexity_text {
                 let tokenizer = crate::calibrate::text::find_tokenizer(extra.tokenizer.as_deref(), &original)?;
@@ -810,26 +832,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let original = crate::folder::model_file(&original)?;
             let quantized = quantized.map(|q| crate::folder::model_file(&q)).transpose()?;
             let quantized = quantized.expect("clap requires QUANTIZED without --methods");
+            let run = compare::RunOptions {
+                segment_bytes: match segment_mb {
+                    SegmentMb::Mb(mb) if mb > 0 => Some(mb << 20),
+                    _ => None,
+                },
+                segment_auto: segment_mb == SegmentMb::Auto,
+                carry_memory: carry_memory_mb << 20,
+            }
+            .resolved(&original)?;
             let ppl = match &tokens {
-                Some(t) => Some([
-                    perplexity::perplexity(&original, t, extra.logits.as_deref())?,
-                    perplexity::perplexity(&quantized, t, extra.logits.as_deref())?,
-                ]),
+                Some(t) => Some(compare::perplexities(&original, &quantized, t, extra.logits.as_deref(), &run)?),
                 None => None,
             };
-            let reports = match (&calibration_data, &tokens) {
-                (Some(data), _) => compare::compare_with_data(&original, &quantized, data)?,
+            let samples = match (&calibration_data, &tokens) {
+                (Some(data), _) => compare::samples(&original, Some(data), seed)?,
                 // The outputs are compared on the perplexity's sequences (a decoder is fed through
                 // its feed plan).
                 (None, Some(t)) => {
                     let sequences: Vec<Vec<i64>> = t.ids.chunks(t.length).map(<[i64]>::to_vec).collect();
-                    compare::compare_with_tokens(&original, &quantized, &sequences)?
+                    compare::token_samples(&original, &sequences)?
                 }
-                (None, None) => compare::compare(&original, &quantized, seed)?,
+                (None, None) => compare::samples(&original, None, seed)?,
             };
+            let reports = compare::compare_samples(&original, &quantized, &samples, &run)?;
             let layers = if per_layer {
                 let samples = compare::samples(&original, calibration_data.as_deref(), seed)?;
-                compare::compare_layers(&original, &quantized, &samples)?
+                compare::compare_layers_with(&original, &quantized, &samples, &run)?
             } else {
                 vec![]
             };

@@ -14,10 +14,16 @@
 //! Both models run in a default ONNX Runtime session ([`SESSION`]), as a user gets it: ONNX
 //! Runtime fuses DequantizeLinear(INT4) + MatMul into MatMulNBits and runs it at its default
 //! accuracy level (int8 activations, `session.qdq_matmulnbits_accuracy_level` 4).
+//!
+//! By segments ([`perplexity_with`], `--segment-mb`): one default session per segment, the logits
+//! computed only by the last and scored one sequence at a time (a 32000-token vocabulary over 1024
+//! tokens is 131 MB of float32 logits a sequence).
 
 use crate::calibrate::feed::{self, Feed};
 use crate::calibrate::inputs::{input_specs, vocabulary};
-use crate::calibrate::runtime::{environment, run, Input, InputData};
+use crate::calibrate::capture::Capture;
+use crate::calibrate::forward::Forward;
+use crate::calibrate::runtime::{environment, run, Input, InputData, NamedTensor, SessionOptions};
 use crate::error::{Error, Result};
 use crate::graph::model::Model;
 use crate::graph::onnx::tensor_proto::DataType;
@@ -179,6 +185,55 @@ fn sequence_inputs(model: &Model, ids_name: &str, ids: &[i64]) -> Result<Vec<Inp
 ///
 /// Errors: the model cannot be opened or run, no logits output, a token id outside the vocabulary.
 pub fn perplexity(model_path: &Path, tokens: &Tokens, logits: Option<&str>) -> Result<Perplexity> {
+    perplexity_with(model_path, tokens, logits, None, 0)
+}
+
+/// The graph outputs that may be the logits: `logits` if given, else the float outputs declared of
+/// rank 3 (or without a shape) whose last dimension is the vocabulary or not fixed; every output
+/// when none is.
+fn logits_candidates(model: &Model, logits: Option<&str>, vocab: Option<usize>) -> Result<Vec<String>> {
+    use crate::graph::onnx::{tensor_shape_proto::dimension::Value, type_proto};
+    let g = model.proto.graph.as_ref().expect("graph");
+    let all: Vec<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
+    if let Some(name) = logits {
+        if !all.iter().any(|o| o == name) {
+            return Err(Error::Usage(format!(
+                "--logits {name}: {} has no such float output (it has {all:?})",
+                model.path.display()
+            )));
+        }
+        return Ok(vec![name.to_string()]);
+    }
+    let fits = |o: &&crate::graph::onnx::ValueInfoProto| {
+        let Some(type_proto::Value::TensorType(t)) = o.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+            return true;
+        };
+        let float = [DataType::Float, DataType::Float16, DataType::Bfloat16].map(|d| d as i32);
+        let Some(shape) = &t.shape else { return t.elem_type.is_none_or(|e| float.contains(&e)) };
+        let last = match shape.dim.last().and_then(|d| d.value.as_ref()) {
+            Some(Value::DimValue(v)) => Some(*v as usize),
+            _ => None,
+        };
+        t.elem_type.is_none_or(|e| float.contains(&e))
+            && shape.dim.len() == 3
+            && last.is_none_or(|l| vocab.is_none_or(|v| v == l) && l > 1)
+    };
+    let chosen: Vec<String> = g.output.iter().filter(fits).filter_map(|o| o.name.clone()).collect();
+    Ok(if chosen.is_empty() { all } else { chosen })
+}
+
+/// [`perplexity`], run by the segments of `cut` (each in its own default session, the crossing
+/// tensors of every sequence carried, up to `carry` bytes in memory and the rest spilled to a
+/// temporary file; [`crate::calibrate::forward`]) when given: only the last segment computes the
+/// logits, and each sequence's NLL is summed as soon as its logits are out, so no more than one
+/// sequence's logits are held. A graph that does not match the cut runs whole, said on stderr.
+pub fn perplexity_with(
+    model_path: &Path,
+    tokens: &Tokens,
+    logits: Option<&str>,
+    cut: Option<&crate::calibrate::forward::SegmentMap>,
+    carry: u64,
+) -> Result<Perplexity> {
     let model = Model::load(model_path)?;
     let ids_name = ids_input(&model)?;
     let vocab = vocabulary(&model, &ids_name);
@@ -190,24 +245,23 @@ pub fn perplexity(model_path: &Path, tokens: &Tokens, logits: Option<&str>) -> R
             model_path.display()
         )));
     }
-    let env = environment(None)?;
-    let err = |e: ort::Error| Error::Runtime(format!("{}: {e}", model_path.display()));
-    let mut session = ort::session::Session::builder(env).map_err(err)?.commit_from_file(model_path).map_err(err)?;
     let t = tokens.length;
-    let (mut sum, mut chosen) = (0f64, None::<String>);
     // A decoder with a KV cache (or other inputs tied to the ids) is fed by the feed plan with an
     // empty past; a model with only ids/mask/positions as before.
     let plan = feed::plan(&model, &input_specs(&model)?, &std::collections::HashMap::new())?;
     let by_plan = plan.is_decoder()
         && plan.inputs.iter().all(|(s, f)| *f != Feed::Random && (*f != Feed::Tokens || s.name == ids_name));
-    for seq in tokens.ids.chunks_exact(t) {
-        let inputs = if by_plan {
+    let inputs = tokens
+        .ids
+        .chunks_exact(t)
+        .map(|seq| match by_plan {
             // No input is Random (checked above), so the filler is never called.
-            plan.sample(seq, |s| Input { name: s.name.clone(), shape: vec![0], data: InputData::I64(vec![]) })
-        } else {
-            sequence_inputs(&model, &ids_name, seq)?
-        };
-        let outputs = run(&mut session, &inputs)?;
+            true => Ok(plan.sample(seq, |s| Input { name: s.name.clone(), shape: vec![0], data: InputData::I64(vec![]) })),
+            false => sequence_inputs(&model, &ids_name, seq),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (mut sum, mut chosen) = (0f64, None::<String>);
+    let mut score = |seq: &[i64], outputs: Vec<NamedTensor>| -> Result<()> {
         let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
         let out = match logits {
             Some(name) => outputs.iter().find(|o| o.name == name).ok_or_else(|| {
@@ -244,6 +298,37 @@ pub fn perplexity(model_path: &Path, tokens: &Tokens, logits: Option<&str>) -> R
         }
         sum += nll_sum(&out.data[..(t - 1) * v], v, &seq[1..]);
         chosen = Some(out.name.clone());
+        Ok(())
+    };
+    let segmented = match cut {
+        Some(map) => {
+            let capture = Capture::new(&model)?;
+            let outputs = logits_candidates(&model, logits, vocab)?;
+            match Forward::segmented(&capture, &outputs, map) {
+                Ok(forward) => {
+                    let opts = SessionOptions { ort_defaults: true, ..Default::default() };
+                    let seqs: Vec<&[i64]> = tokens.ids.chunks_exact(t).collect();
+                    forward.run(&inputs, opts, carry, |_, s, outs| {
+                        let outs = outs.into_iter().filter_map(|o| o.into_float().ok()).collect();
+                        score(seqs[s], outs)
+                    })?;
+                    true
+                }
+                Err(why) => {
+                    eprintln!("nibble: note: perplexity of {} runs whole, not by segments: {why}", model_path.display());
+                    false
+                }
+            }
+        }
+        None => false,
+    };
+    if !segmented {
+        let env = environment(None)?;
+        let err = |e: ort::Error| Error::Runtime(format!("{}: {e}", model_path.display()));
+        let mut session = ort::session::Session::builder(env).map_err(err)?.commit_from_file(model_path).map_err(err)?;
+        for (seq, inputs) in tokens.ids.chunks_exact(t).zip(&inputs) {
+            score(seq, run(&mut session, inputs)?)?;
+        }
     }
     let predictions = tokens.sequences * (t - 1);
     let nll = sum / predictions as f64;
