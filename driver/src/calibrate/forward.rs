@@ -21,8 +21,8 @@ use crate::calibrate::capture::Capture;
 use crate::calibrate::carry::Carried;
 use crate::calibrate::runtime::{Input, SessionOptions};
 use crate::calibrate::segments::cut_for;
-use crate::error::{Error, Result};
 use crate::calibrate::sequential::declared;
+use crate::error::{Error, Result};
 use crate::graph::onnx::GraphProto;
 use crate::graph::read::{ancestors, node_label, reads};
 use std::collections::{HashMap, HashSet};
@@ -87,7 +87,11 @@ fn constant_nodes(g: &GraphProto) -> Vec<bool> {
 /// without, one step of every node the outputs depend on. `Err` says why `g` cannot be run by
 /// `map`'s segments (a node producing none of the cut graph's tensors, a tensor read before the
 /// segment producing it, an output that is a graph input).
-pub fn steps(g: &GraphProto, outputs: &[String], map: Option<&SegmentMap>) -> std::result::Result<Vec<Vec<bool>>, String> {
+pub fn steps(
+    g: &GraphProto,
+    outputs: &[String],
+    map: Option<&SegmentMap>,
+) -> std::result::Result<Vec<Vec<bool>>, String> {
     let need = ancestors(g, outputs.iter().map(String::as_str));
     let Some(map) = map else { return Ok(vec![need]) };
     let produced: HashSet<&str> = g.node.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
@@ -388,11 +392,13 @@ mod tests {
             g.node.iter().zip(m).filter(|(_, &k)| k).map(|(n, _)| n.name.clone().unwrap()).collect()
         };
         let o_names: Vec<Vec<String>> = os.iter().map(|m| names(&o, m)).collect();
-        assert_eq!(o_names, [vec!["mm0", "r0", "mm1", "r1"], vec!["mm2", "r2"], vec!["mm3", "r3"]]);
+        // Cut after r0 and r1 (one tensor crosses, and 64 bytes of weights fill a segment); the
+        // nodes after the last activation's producer go to the last segment.
+        assert_eq!(o_names, [vec!["mm0", "r0"], vec!["mm1", "r1"], vec!["mm2", "r2", "mm3", "r3"]]);
         // Each DequantizeLinear goes with the MatMul reading it.
         let q_names: Vec<Vec<String>> = qs.iter().map(|m| names(&q, m)).collect();
-        assert_eq!(q_names[1], ["dq2", "mm2", "r2"]);
-        assert_eq!(q_names[0].len(), 6);
+        assert_eq!(q_names[1], ["dq1", "mm1", "r1"]);
+        assert_eq!(q_names[2].len(), 6);
         // The whole graph: one step of everything the outputs need.
         assert_eq!(steps(&q, &out, None).unwrap(), vec![vec![true; q.node.len()]]);
     }
@@ -400,13 +406,13 @@ mod tests {
     #[test]
     fn a_graph_that_does_not_match_the_cut_says_why() {
         let o = layers(4, false);
-        let acts: Vec<String> = vec!["x".into(), "h2".into()];
+        let acts: Vec<String> = vec!["h0".into(), "h2".into()];
         let map = SegmentMap::cut(&o, &acts, 16).unwrap();
         let mut q = layers(4, false);
         q.node[4].output[0] = "renamed".into();
         q.node[5].input[0] = "renamed".into();
         let why = steps(&q, &["h3".to_string()], Some(&map)).unwrap_err();
-        assert!(why.contains("'mm1' produces no tensor of the original graph"), "{why}");
+        assert!(why.contains("'mm2' produces no tensor of the original graph"), "{why}");
         let why = steps(&o, &["x".to_string()], Some(&map)).unwrap_err();
         assert!(why.contains("output 'x' is not computed by a node"), "{why}");
     }

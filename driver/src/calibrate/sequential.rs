@@ -221,7 +221,10 @@ impl<'c> Sequential<'c> {
 }
 
 /// A graph input for a carried tensor: its element type, its rank with unknown dimensions.
-pub(crate) fn declared(name: &str, (elem, rank): (crate::graph::onnx::tensor_proto::DataType, usize)) -> ValueInfoProto {
+pub(crate) fn declared(
+    name: &str,
+    (elem, rank): (crate::graph::onnx::tensor_proto::DataType, usize),
+) -> ValueInfoProto {
     let dim = (0..rank).map(|_| Default::default()).collect();
     ValueInfoProto {
         name: Some(name.to_string()),

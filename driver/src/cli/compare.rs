@@ -237,17 +237,25 @@ fn forward<'c>(
     }
 }
 
-/// The cut of `run` (resolved) for the two models, or `None` (said on stderr when a cut was asked
-/// for and the graph does not cut).
+/// The cut of `run` (resolved) for the two models, or `None` (whole: no cut asked for, or the graph
+/// does not cut; [`cut_note`] says why).
 fn cut_of(original: &Model, quantized: &Model, run: &RunOptions) -> Option<crate::calibrate::forward::SegmentMap> {
-    let target = run.segment_bytes?;
-    match segment_map(original, quantized, target) {
-        Ok(map) => Some(map),
-        Err(why) => {
-            eprintln!("nibble: note: {} runs whole, not by segments: {why}", original.path.display());
-            None
-        }
-    }
+    segment_map(original, quantized, run.segment_bytes?).ok()
+}
+
+/// The line that says how `compare` runs the two models with `run` (resolved): by how many
+/// segments, or whole and why; `None` when the whole graph was asked for.
+pub fn cut_note(original: &Path, quantized: &Path, run: &RunOptions) -> Result<Option<String>> {
+    let Some(target) = run.segment_bytes else { return Ok(None) };
+    Ok(Some(match segment_map(&Model::load(original)?, &Model::load(quantized)?, target) {
+        Ok(map) => format!(
+            "comparing by {} segments of at least {} MB of weights (the original's cut; the quantized model cut at the \
+             same tensors)",
+            map.len(),
+            target >> 20
+        ),
+        Err(why) => format!("{} runs whole, not by segments: {why}", original.display()),
+    }))
 }
 
 /// Per sample, `forward`'s outputs in `names` order concatenated over the samples (the shape of
@@ -460,7 +468,11 @@ pub fn compare_layers_with(
             for t in outs {
                 let t = float(s, t)?;
                 let o = held.remove(&(s, t.name.clone())).ok_or_else(|| {
-                    Error::Runtime(format!("sample {s}: layer output '{}' of {} was not produced", t.name, original.display()))
+                    Error::Runtime(format!(
+                        "sample {s}: layer output '{}' of {} was not produced",
+                        t.name,
+                        original.display()
+                    ))
                 })?;
                 let i = names.iter().position(|n| *n == t.name).expect("a layer output");
                 for (&a, &b) in t.data.iter().zip(&o) {

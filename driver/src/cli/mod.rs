@@ -841,6 +841,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 carry_memory: carry_memory_mb << 20,
             }
             .resolved(&original)?;
+            if let Some(note) = compare::cut_note(&original, &quantized, &run)? {
+                eprintln!("nibble: note: {note}");
+            }
             let ppl = match &tokens {
                 Some(t) => Some(compare::perplexities(&original, &quantized, t, extra.logits.as_deref(), &run)?),
                 None => None,

@@ -19,10 +19,10 @@
 //! computed only by the last and scored one sequence at a time (a 32000-token vocabulary over 1024
 //! tokens is 131 MB of float32 logits a sequence).
 
-use crate::calibrate::feed::{self, Feed};
-use crate::calibrate::inputs::{input_specs, vocabulary};
 use crate::calibrate::capture::Capture;
+use crate::calibrate::feed::{self, Feed};
 use crate::calibrate::forward::Forward;
+use crate::calibrate::inputs::{input_specs, vocabulary};
 use crate::calibrate::runtime::{environment, run, Input, InputData, NamedTensor, SessionOptions};
 use crate::error::{Error, Result};
 use crate::graph::model::Model;
@@ -256,7 +256,9 @@ pub fn perplexity_with(
         .chunks_exact(t)
         .map(|seq| match by_plan {
             // No input is Random (checked above), so the filler is never called.
-            true => Ok(plan.sample(seq, |s| Input { name: s.name.clone(), shape: vec![0], data: InputData::I64(vec![]) })),
+            true => {
+                Ok(plan.sample(seq, |s| Input { name: s.name.clone(), shape: vec![0], data: InputData::I64(vec![]) }))
+            }
             false => sequence_inputs(&model, &ids_name, seq),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -315,7 +317,10 @@ pub fn perplexity_with(
                     true
                 }
                 Err(why) => {
-                    eprintln!("nibble: note: perplexity of {} runs whole, not by segments: {why}", model_path.display());
+                    eprintln!(
+                        "nibble: note: perplexity of {} runs whole, not by segments: {why}",
+                        model_path.display()
+                    );
                     false
                 }
             }
@@ -325,7 +330,8 @@ pub fn perplexity_with(
     if !segmented {
         let env = environment(None)?;
         let err = |e: ort::Error| Error::Runtime(format!("{}: {e}", model_path.display()));
-        let mut session = ort::session::Session::builder(env).map_err(err)?.commit_from_file(model_path).map_err(err)?;
+        let mut session =
+            ort::session::Session::builder(env).map_err(err)?.commit_from_file(model_path).map_err(err)?;
         for (seq, inputs) in tokens.ids.chunks_exact(t).zip(&inputs) {
             score(seq, run(&mut session, inputs)?)?;
         }
