@@ -443,9 +443,17 @@ def compare(
     seed: int = 0,
     calibration_data: Optional[PathLike] = None,
     per_layer: bool = False,
+    segment_mb: Union[str, int, None] = "auto",
+    carry_memory_mb: int = 1024,
 ) -> Dict[str, Any]:
     """Runs ``original`` and ``quantized`` in ONNX Runtime on the same inputs (one seeded random
     sample, or every sample of a ``.npz``/``.npy``) and measures the error of every output.
+
+    ``segment_mb`` as ``nibble compare --segment-mb``: a number of MiB runs each model by segments
+    of at least that many MiB of weights (each in its own ONNX Runtime session, the quantized model
+    cut at the original's crossing tensors, up to ``carry_memory_mb`` MiB of carried tensors held in
+    memory and the rest spilled to a temporary file), for models larger than memory; 0 runs them
+    whole; ``"auto"`` (or None) whole unless the original is large against the memory available.
 
     The quantized model runs in a session with ONNX Runtime's default options, as its users run it
     (DequantizeLinear+MatMul fused into MatMulNBits with int8 activations,
@@ -464,6 +472,8 @@ def compare(
         seed=seed,
         calibration_data=None if calibration_data is None else os.fspath(calibration_data),
         per_layer=per_layer,
+        segment_mb=segment_mb,
+        carry_memory_mb=carry_memory_mb,
     )
 
 

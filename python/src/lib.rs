@@ -302,19 +302,7 @@ fn quantize_file<'py>(
     opts.awq.fuse = fuse;
     opts.awq.per_subgraph = per_subgraph;
     opts.awq.memory_budget = calibration_memory_mb.max(1) << 20;
-    // `--segment-mb auto|N`: "auto" (or None) the default; 0 the whole graph; N segments of N MiB.
-    (opts.awq.segment_bytes, opts.awq.segment_auto) = match &segment_mb {
-        None => (None, true),
-        Some(v) if v.extract::<String>().is_ok_and(|s| s == "auto") => (None, true),
-        Some(v) => match v.extract::<u64>() {
-            Ok(mb) => ((mb > 0).then_some(mb << 20), false),
-            Err(_) => {
-                return Err(PyValueError::new_err(format!(
-                    "segment_mb {v}: give \"auto\" or a number of MiB (0: the whole graph)"
-                )))
-            }
-        },
-    };
+    (opts.awq.segment_bytes, opts.awq.segment_auto) = segment_arg(&segment_mb)?;
     opts.awq.carry_memory = carry_memory_mb << 20;
     opts.awq.verbose = verbose;
     opts.awq.calibration.data = calibration_data;
@@ -504,9 +492,25 @@ fn inspect<'py>(py: Python<'py>, path: PathBuf, exclude: Option<Vec<String>>) ->
     Ok(d)
 }
 
+/// `--segment-mb auto|N` as (segment bytes, auto): "auto" (or None) the default; 0 the whole
+/// graph; N segments of N MiB.
+fn segment_arg(segment_mb: &Option<Bound<'_, PyAny>>) -> PyResult<(Option<u64>, bool)> {
+    match segment_mb {
+        None => Ok((None, true)),
+        Some(v) if v.extract::<String>().is_ok_and(|s| s == "auto") => Ok((None, true)),
+        Some(v) => match v.extract::<u64>() {
+            Ok(mb) => Ok(((mb > 0).then_some(mb << 20), false)),
+            Err(_) => Err(PyValueError::new_err(format!(
+                "segment_mb {v}: give \"auto\" or a number of MiB (0: the whole graph)"
+            ))),
+        },
+    }
+}
+
 /// Runs both models in ONNX Runtime on the same inputs (see `nibble.compare`).
 #[pyfunction]
-#[pyo3(signature = (original, quantized, seed=0, calibration_data=None, per_layer=false))]
+#[pyo3(signature = (original, quantized, seed=0, calibration_data=None, per_layer=false, segment_mb=None, carry_memory_mb=1024))]
+#[allow(clippy::too_many_arguments)]
 fn compare<'py>(
     py: Python<'py>,
     original: PathBuf,
@@ -514,20 +518,18 @@ fn compare<'py>(
     seed: u64,
     calibration_data: Option<PathBuf>,
     per_layer: bool,
+    segment_mb: Option<Bound<'py, PyAny>>,
+    carry_memory_mb: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
     use driver::compare as c;
+    let (segment_bytes, segment_auto) = segment_arg(&segment_mb)?;
+    let run = c::RunOptions { segment_bytes, segment_auto, carry_memory: carry_memory_mb << 20 };
     let cancel = Arc::new(AtomicBool::new(false));
     let (outputs, layers) = interruptible(py, &cancel, move || -> nibble_driver::Result<_> {
-        let outputs = match &calibration_data {
-            Some(data) => c::compare_with_data(&original, &quantized, data)?,
-            None => c::compare(&original, &quantized, seed)?,
-        };
-        let layers = if per_layer {
-            let samples = c::samples(&original, calibration_data.as_deref(), seed)?;
-            c::compare_layers(&original, &quantized, &samples)?
-        } else {
-            vec![]
-        };
+        let run = run.resolved(&original)?;
+        let samples = c::samples(&original, calibration_data.as_deref(), seed)?;
+        let outputs = c::compare_samples(&original, &quantized, &samples, &run)?;
+        let layers = if per_layer { c::compare_layers_with(&original, &quantized, &samples, &run)? } else { vec![] };
         Ok((outputs, layers))
     })?
     .map_err(to_py)?;
