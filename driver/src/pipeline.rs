@@ -449,8 +449,7 @@ pub(crate) struct Searched {
 
 /// The calibrate-and-search stage: GPTQ's calibration of the float model and its quantized weights
 /// (gptq, awq_gptq), the AWQ searches and their pre-quant scales folded into `model` (AWQ methods).
-/// GPTQ's results are held (or, calibrating by segments, spilled to a temporary file) until the
-/// output form takes them.
+/// GPTQ's results are spilled to a temporary file until the output form takes them.
 fn search_weights(
     model: &mut Model,
     chosen: &[&Candidate],

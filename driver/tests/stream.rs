@@ -305,3 +305,40 @@ fn sigint_during_segmented_calibration_removes_the_temporary_files() {
     }
     assert_eq!(snapshot(&input_dir), before, "the input changed");
 }
+
+/// GPTQ calibrated on the whole graph (`--segment-mb 0`) writes each finished weight to a temporary
+/// file as soon as it is final instead of holding it until the output form takes it (held, the
+/// finished weights grow with the model's depth): the file holds weights while the run goes on, and
+/// a Ctrl-C then leaves no temporary file and no output.
+#[test]
+fn gptq_on_the_whole_graph_spills_its_finished_weights() {
+    let d = tmp();
+    let input_dir = d.path().join("in");
+    std::fs::create_dir(&input_dir).unwrap();
+    let src = large_model(&input_dir);
+    let before = snapshot(&input_dir);
+    let (out_dir, temp) = (d.path().join("out"), d.path().join("temp"));
+    std::fs::create_dir(&out_dir).unwrap();
+    std::fs::create_dir(&temp).unwrap();
+    let out = out_dir.join("q.onnx");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--method", "gptq"])
+        .args(["--segment-mb", "0", "--calibration-memory-mb", "1"])
+        .env("TMPDIR", &temp)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let spilled = || {
+        std::fs::read_dir(&temp).unwrap().any(|e| {
+            let e = e.unwrap();
+            e.file_name().to_string_lossy().starts_with("nibble-finished-") && e.metadata().is_ok_and(|m| m.len() > 0)
+        })
+    };
+    interrupt_when(&mut child, spilled, Duration::from_secs(120), "gptq --segment-mb 0");
+    for dir in [&out_dir, &temp] {
+        let left = files_left(dir);
+        assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
+    }
+    assert_eq!(snapshot(&input_dir), before, "the input changed");
+}

@@ -1,6 +1,7 @@
 //! Quantized weights finished before the output form asks for them (GPTQ's, computed in
-//! calibration order while the output is written in plan order): held in memory, or spilled to a
-//! temporary file (calibration by segments, so that memory does not grow with the model's depth).
+//! calibration order while the output is written in plan order): spilled to a temporary file as
+//! they come (GPTQ, so that memory does not grow with the model's depth), held in memory, or read
+//! from the files earlier runs wrote (a merge's shards).
 
 use crate::error::{Error, Result};
 use nibble::QuantizedWeight;

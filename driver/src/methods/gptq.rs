@@ -127,9 +127,10 @@ pub fn prepare(model: &Model, chosen: &[&Candidate], cal: &AwqOptions) -> Result
 
 /// Quantizes every grouped weight with GPTQ (with `awq`'s pre-quant scales for awq_gptq), reading
 /// the weights from `model` (where the scales may already be folded into producers). The groups of
-/// a wave are quantized in parallel; the finished weights are held in memory, or spilled to a
-/// temporary file when calibrating by segments. With `opts.sequential`, the groups are captured step by step
-/// ([`sequential_steps`]), each from the model holding the quantized values of every earlier step.
+/// a wave are quantized in parallel; each finished weight is spilled at once to a temporary file
+/// ([`Finished::spilled`]) and read back when the output form takes it. With `opts.sequential`, the
+/// groups are captured step by step ([`sequential_steps`]), each from the model holding the
+/// quantized values of every earlier step.
 pub fn quantize(
     cal: &Calibration,
     model: &Model,
@@ -140,14 +141,13 @@ pub fn quantize(
     awq: Option<&AwqResult>,
 ) -> Result<Finished> {
     opts.check()?;
-    // Calibrating by segments bounds memory: the finished weights go to a temporary file.
-    let mut out = match cal.options.segment_bytes {
-        Some(_) => Finished::spilled()?,
-        None => Finished::in_memory(),
-    };
     if cal.groups.is_empty() {
-        return Ok(out);
+        return Ok(Finished::in_memory());
     }
+    // Every finished weight goes to a temporary file (packed, as stored) as soon as it is final,
+    // whether the graph is calibrated whole or by segments: held until the output form asks for
+    // it, it would grow with the model's depth (about half a byte per parameter at 4 bits).
+    let mut out = Finished::spilled()?;
     let started = std::time::Instant::now();
     let by_name: HashMap<&str, &Candidate> =
         chosen.iter().filter(|c| c.op != "Gather").map(|c| (c.base.as_str(), *c)).collect();
