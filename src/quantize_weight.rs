@@ -5,10 +5,10 @@
 //! block's rows are widened to f32 if needed, reduced to per-column statistics, turned into scales
 //! (and zero points), quantized and packed straight into the block's part of the output (a block is
 //! `B * N` codes, an even count since B is even, so blocks never share a byte). For 4-bit codes and
-//! an even N this is one fused pass per column stripe (f32 rows in place; f16/bf16 widened into a
-//! stripe that stays in L2): block absmax -> scale -> round-ties-even -> nibble pairs written into
-//! the packed weight, with no code buffer (`BlockJob::run_fused`). Axis 1 (blocks along
-//! the contiguous axis: Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch,
+//! an even N the weight is read from memory once, in its own format (f32 rows whole; f16/bf16
+//! column stripes of 256 KiB that stay in L2, widened in registers, no f32 copy), by the fused pass
+//! of each stripe: block absmax -> scale -> round-ties-even -> nibble pairs written into the packed
+//! weight, with no code buffer (`BlockJob::run_fused`). Axis 1 (blocks along the contiguous axis: Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch,
 //! runs the same kernels, and transposes the codes back before packing.
 
 use crate::kernels;

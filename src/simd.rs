@@ -285,9 +285,10 @@ impl Element for half::f16 {
         widen_lanes(simd, s)
     }
 
+    /// The software conversion, inlined (`half`'s `to_f32` checks for F16C at each call).
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
+        self.to_f32_const()
     }
 }
 
