@@ -8,8 +8,9 @@
 //! an even N the weight is read from memory once, in its own format (f32 rows whole; f16/bf16
 //! column stripes of 256 KiB that stay in L2, widened in registers, no f32 copy), by the fused pass
 //! of each stripe: block absmax -> scale -> round-ties-even -> nibble pairs written into the packed
-//! weight, with no code buffer (`BlockJob::run_fused`). Axis 1 (blocks along the contiguous axis: Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch,
-//! runs the same kernels, and transposes the codes back before packing.
+//! weight, with no code buffer (`BlockJob::run_fused`). Axis 1 (blocks along the contiguous axis:
+//! Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch, runs the same kernels,
+//! and transposes the codes back before packing.
 
 use crate::kernels;
 use crate::simd::Element;
