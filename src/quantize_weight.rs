@@ -539,8 +539,8 @@ impl BlockJob<'_> {
     /// `width` columns (the whole width for f32; for f16/bf16 a stripe of about `STRIPE_BYTES` that
     /// stays in L2 between its two passes), block absmax (or min/max) -> scales -> round-ties-even
     /// codes -> nibble pairs written straight into the block's packed rows
-    /// ([`kernels::quantize_packed::quantize_packed_rows`]), f16/bf16 widened in registers: the
-    /// weight is read from memory once, with no f32 copy and no code buffer.
+    /// ([`kernels::quantize_packed::quantize_packed_rows`]), f16/bf16 widened in registers on AVX2 and
+    /// AVX-512 (into an f32 scratch per stripe elsewhere): the weight is read from memory once.
     fn run_fused<E: Element>(
         &self,
         w: &[E],
@@ -551,35 +551,68 @@ impl BlockJob<'_> {
         width: usize,
     ) -> Result<()> {
         let n = self.n;
+        // Tiers without hardware f16 conversions (scalar, NEON) widen one element at a time in
+        // registers, 2.5x slower than `half`'s slice conversion into an f32 scratch (BENCHMARKS.md).
+        let scratch_needed = std::mem::size_of::<E>() == 2 && !matches!(self.tier, Tier::Avx2 | Tier::Avx512);
+        let mut scratch = vec![0.0f32; if scratch_needed { rows * width.min(n) } else { 0 }];
         let mut c0 = 0;
         while c0 < n {
             let s = width.min(n - c0);
             let w = &w[c0..];
             let zp_out = zp_out.as_deref_mut().map(|z| &mut z[c0..c0 + s]);
             let scale = &mut scale[c0..c0 + s];
-            let zp = self.stripe_scales(w, rows, n, c0, scale, zp_out)?;
-            let zp = self.zero_point.then_some(&zp[..]);
-            kernels::quantize_packed::quantize_packed_rows(
-                self.tier,
-                self.format,
-                w,
-                rows,
-                s,
-                n,
-                scale,
-                zp,
-                &mut codes_out[c0 / 2..],
-                n / 2,
-            );
-            // The overflow check reads codes; only a column whose widest code could overflow
-            // needs them (rare: huge scales in f16), so they are computed again just then.
-            if overflow_possible(self.format, self.bits, scale, zp) {
-                let wf: Vec<f32> = (0..rows).flat_map(|r| w[r * n..r * n + s].iter().map(|x| x.to_f32())).collect();
-                let mut codes = vec![0u8; wf.len()];
-                kernels::quantize_with(self.tier, self.format, self.bits, &wf, s, scale, zp, &mut codes)?;
-                self.check_overflow(&codes, c0, rows, scale, zp)?;
+            let codes_out = &mut codes_out[c0 / 2..];
+            if scratch_needed {
+                let buf = &mut scratch[..rows * s];
+                for (r, row) in buf.chunks_exact_mut(s).enumerate() {
+                    E::widen_slice(&w[r * n..r * n + s], row);
+                }
+                self.fused_stripe(buf, rows, s, c0, scale, zp_out, codes_out)?;
+            } else {
+                self.fused_stripe(w, rows, n, c0, scale, zp_out, codes_out)?;
             }
             c0 += s;
+        }
+        Ok(())
+    }
+
+    /// One stripe of the fused path: `rows x scale.len()` elements, row `r` at `w[r * stride..]`
+    /// (columns `c0..` of the block), packed into `codes_out` (the block's packed rows from column
+    /// `c0`, row stride `n / 2` bytes).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_stripe<E: Element>(
+        &self,
+        w: &[E],
+        rows: usize,
+        stride: usize,
+        c0: usize,
+        scale: &mut [f32],
+        zp_out: Option<&mut [u8]>,
+        codes_out: &mut [u8],
+    ) -> Result<()> {
+        let s = scale.len();
+        let zp = self.stripe_scales(w, rows, stride, c0, scale, zp_out)?;
+        let zp = self.zero_point.then_some(&zp[..]);
+        kernels::quantize_packed::quantize_packed_rows(
+            self.tier,
+            self.format,
+            w,
+            rows,
+            s,
+            stride,
+            scale,
+            zp,
+            codes_out,
+            self.n / 2,
+        );
+        // The overflow check reads codes; only a column whose widest code could overflow needs
+        // them (rare: huge scales in f16), so they are computed again just then.
+        if overflow_possible(self.format, self.bits, scale, zp) {
+            let wf: Vec<f32> =
+                (0..rows).flat_map(|r| w[r * stride..r * stride + s].iter().map(|x| x.to_f32())).collect();
+            let mut codes = vec![0u8; wf.len()];
+            kernels::quantize_with(self.tier, self.format, self.bits, &wf, s, scale, zp, &mut codes)?;
+            self.check_overflow(&codes, c0, rows, scale, zp)?;
         }
         Ok(())
     }

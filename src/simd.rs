@@ -248,6 +248,8 @@ pub(crate) trait Element: bytemuck::Pod + Send + Sync {
     fn load<S: Simd>(simd: S, s: &[Self]) -> S::f32s;
     /// The element as f32 (exact).
     fn to_f32(self) -> f32;
+    /// Widens `src` into `out` (same length), exact: `half`'s slice conversions for f16/bf16.
+    fn widen_slice(src: &[Self], out: &mut [f32]);
 }
 
 impl Element for f32 {
@@ -259,6 +261,10 @@ impl Element for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+
+    fn widen_slice(src: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(src);
     }
 }
 
@@ -289,6 +295,10 @@ impl Element for half::f16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self.to_f32_const()
+    }
+
+    fn widen_slice(src: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, out);
     }
 }
 
@@ -321,6 +331,10 @@ impl Element for half::bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
+    }
+
+    fn widen_slice(src: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, out);
     }
 }
 
