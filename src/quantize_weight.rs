@@ -5,13 +5,15 @@
 //! block's rows are widened to f32 if needed, reduced to per-column statistics, turned into scales
 //! (and zero points), quantized and packed straight into the block's part of the output (a block is
 //! `B * N` codes, an even count since B is even, so blocks never share a byte). For 4-bit codes and
-//! an even N this is one fused pass per column stripe (f32 rows in place; f16/bf16 widened into a
-//! stripe that stays in L2): block absmax -> scale -> round-ties-even -> nibble pairs written into
-//! the packed weight, with no code buffer (`BlockJob::run_fused`). Axis 1 (blocks along
-//! the contiguous axis: Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch,
-//! runs the same kernels, and transposes the codes back before packing.
+//! an even N the weight is read from memory once, in its own format (f32 rows whole; f16/bf16
+//! column stripes of 256 KiB that stay in L2, widened in registers, no f32 copy), by the fused pass
+//! of each stripe: block absmax -> scale -> round-ties-even -> nibble pairs written into the packed
+//! weight, with no code buffer (`BlockJob::run_fused`). Axis 1 (blocks along the contiguous axis:
+//! Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch, runs the same kernels,
+//! and transposes the codes back before packing.
 
 use crate::kernels;
+use crate::simd::Element;
 use crate::{Bits, Error, FloatFormat, Result, Tier};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -312,17 +314,19 @@ fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
     t
 }
 
-/// Bytes of f32 scratch per column stripe: a block's rows x the stripe's columns stay in L2 while
-/// they are reduced, quantized and packed (two passes over the stripe, one read of the weight).
+/// Bytes per column stripe (of f32 scratch, or of the f16/bf16 weight read in place): a block's
+/// rows x the stripe's columns stay in L2 while they are reduced, quantized and packed (two passes
+/// over the stripe, one read of the weight).
 const STRIPE_BYTES: usize = 256 << 10;
 
-/// Columns per stripe for blocks of `rows` rows and `n` columns: a multiple of 16 (whole vectors,
-/// and even, so each row's codes of a stripe start on a byte), or all of them when `n` is odd.
-fn stripe_width(rows: usize, n: usize) -> usize {
+/// Columns per stripe for blocks of `rows` rows and `n` columns of `elem_bytes`-byte elements: a
+/// multiple of 16 (whole vectors, and even, so each row's codes of a stripe start on a byte), or all
+/// of them when `n` is odd.
+fn stripe_width(rows: usize, n: usize, elem_bytes: usize) -> usize {
     if n % 2 == 1 {
         return n.max(1);
     }
-    let w = (STRIPE_BYTES / 4 / rows.max(1)) / 16 * 16;
+    let w = (STRIPE_BYTES / elem_bytes / rows.max(1)) / 16 * 16;
     w.max(16).min(n).max(1)
 }
 
@@ -457,18 +461,28 @@ impl BlockJob<'_> {
     ) -> Result<()> {
         let n = self.n;
         let row0 = self.b * self.block;
-        // f32 rows are used in place, whole (a copy costs more than it saves); f16/bf16 rows are
-        // widened stripe by stripe into a scratch that stays in L2.
+        // Packed 4-bit codes with an even column count take the fused path, which reads every format
+        // in place. Otherwise f32 rows are used in place, whole (a copy costs more than it saves),
+        // and f16/bf16 rows are widened stripe by stripe into a scratch that stays in L2.
         let in_place = match source {
             WeightData::F32(v) => Some(&v[row0 * n..(row0 + rows) * n]),
             _ => None,
         };
-        let width = if in_place.is_some() { n.max(1) } else { stripe_width(rows, n) };
         let dequantized = output == Output::Dequantized;
         let packing = output == Output::Packed && self.bits == Bits::Four;
         if packing && n % 2 == 0 {
-            return self.run_fused(source, in_place, rows, scale, zp_out, codes_out, width);
+            let block_rows = row0 * n..(row0 + rows) * n;
+            return match source {
+                WeightData::F32(v) => self.run_fused(&v[block_rows], rows, scale, zp_out, codes_out, n.max(1)),
+                WeightData::F16(v) => {
+                    self.run_fused(&v[block_rows], rows, scale, zp_out, codes_out, stripe_width(rows, n, 2))
+                }
+                WeightData::BF16(v) => {
+                    self.run_fused(&v[block_rows], rows, scale, zp_out, codes_out, stripe_width(rows, n, 2))
+                }
+            };
         }
+        let width = if in_place.is_some() { n.max(1) } else { stripe_width(rows, n, 4) };
         if let (Some(w), false) = (in_place, packing) {
             // One stripe, written straight into the output.
             let zp = zp_out.as_deref_mut();
@@ -520,16 +534,16 @@ impl BlockJob<'_> {
         Ok(())
     }
 
-    /// The fused path for 4-bit packed output with an even column count: stripe by stripe (f32
-    /// rows in place, whole; f16/bf16 widened into a scratch of `width` columns that stays in L2),
-    /// block absmax (or min/max) -> scales -> round-ties-even codes -> nibble pairs written straight
-    /// into the block's packed rows ([`kernels::quantize_packed::quantize_packed_rows`]): no code
-    /// buffer and no second pass over the codes.
-    #[allow(clippy::too_many_arguments)]
-    fn run_fused(
+    /// The fused path for 4-bit packed output with an even column count, reading the block's rows
+    /// `w` (`rows x n`, row stride `n`) in the weight's own element type: stripe by stripe of
+    /// `width` columns (the whole width for f32; for f16/bf16 a stripe of about `STRIPE_BYTES` that
+    /// stays in L2 between its two passes), block absmax (or min/max) -> scales -> round-ties-even
+    /// codes -> nibble pairs written straight into the block's packed rows
+    /// ([`kernels::quantize_packed::quantize_packed_rows`]), f16/bf16 widened in registers on AVX2 and
+    /// AVX-512 (into an f32 scratch per stripe elsewhere): the weight is read from memory once.
+    fn run_fused<E: Element>(
         &self,
-        source: WeightData<'_>,
-        in_place: Option<&[f32]>,
+        w: &[E],
         rows: usize,
         scale: &mut [f32],
         mut zp_out: Option<&mut [u8]>,
@@ -537,61 +551,94 @@ impl BlockJob<'_> {
         width: usize,
     ) -> Result<()> {
         let n = self.n;
-        let row0 = self.b * self.block;
-        let mut scratch = vec![0.0f32; if in_place.is_some() { 0 } else { rows * width }];
+        // Tiers without hardware f16 conversions (scalar, NEON) widen one element at a time in
+        // registers, 2.5x slower than `half`'s slice conversion into an f32 scratch (BENCHMARKS.md).
+        let scratch_needed = std::mem::size_of::<E>() == 2 && !matches!(self.tier, Tier::Avx2 | Tier::Avx512);
+        let mut scratch = vec![0.0f32; if scratch_needed { rows * width.min(n) } else { 0 }];
         let mut c0 = 0;
         while c0 < n {
             let s = width.min(n - c0);
-            let w: &[f32] = match in_place {
-                Some(v) => v,
-                None => {
-                    let w = &mut scratch[..rows * s];
-                    for (r, row) in w.chunks_exact_mut(s).enumerate() {
-                        source.copy_f32(self.tier, (row0 + r) * n + c0, row)?;
-                    }
-                    w
-                }
-            };
+            let w = &w[c0..];
             let zp_out = zp_out.as_deref_mut().map(|z| &mut z[c0..c0 + s]);
             let scale = &mut scale[c0..c0 + s];
-            let zp = self.stripe_scales(w, c0, scale, zp_out)?;
-            let zp = self.zero_point.then_some(&zp[..]);
-            kernels::quantize_packed::quantize_packed_rows(
-                self.tier,
-                self.format,
-                w,
-                s,
-                scale,
-                zp,
-                &mut codes_out[c0 / 2..],
-                n / 2,
-            )?;
-            // The overflow check reads codes; only a column whose widest code could overflow
-            // needs them (rare: huge scales in f16), so they are computed again just then.
-            if overflow_possible(self.format, self.bits, scale, zp) {
-                let mut codes = vec![0u8; w.len()];
-                kernels::quantize_with(self.tier, self.format, self.bits, w, s, scale, zp, &mut codes)?;
-                self.check_overflow(&codes, c0, rows, scale, zp)?;
+            let codes_out = &mut codes_out[c0 / 2..];
+            if scratch_needed {
+                let buf = &mut scratch[..rows * s];
+                for (r, row) in buf.chunks_exact_mut(s).enumerate() {
+                    E::widen_slice(&w[r * n..r * n + s], row);
+                }
+                self.fused_stripe(buf, rows, s, c0, scale, zp_out, codes_out)?;
+            } else {
+                self.fused_stripe(w, rows, n, c0, scale, zp_out, codes_out)?;
             }
             c0 += s;
         }
         Ok(())
     }
 
+    /// One stripe of the fused path: `rows x scale.len()` elements, row `r` at `w[r * stride..]`
+    /// (columns `c0..` of the block), packed into `codes_out` (the block's packed rows from column
+    /// `c0`, row stride `n / 2` bytes).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_stripe<E: Element>(
+        &self,
+        w: &[E],
+        rows: usize,
+        stride: usize,
+        c0: usize,
+        scale: &mut [f32],
+        zp_out: Option<&mut [u8]>,
+        codes_out: &mut [u8],
+    ) -> Result<()> {
+        let s = scale.len();
+        let zp = self.stripe_scales(w, rows, stride, c0, scale, zp_out)?;
+        let zp = self.zero_point.then_some(&zp[..]);
+        kernels::quantize_packed::quantize_packed_rows(
+            self.tier,
+            self.format,
+            w,
+            rows,
+            s,
+            stride,
+            scale,
+            zp,
+            codes_out,
+            self.n / 2,
+        );
+        // The overflow check reads codes; only a column whose widest code could overflow needs
+        // them (rare: huge scales in f16), so they are computed again just then.
+        if overflow_possible(self.format, self.bits, scale, zp) {
+            let wf: Vec<f32> =
+                (0..rows).flat_map(|r| w[r * stride..r * stride + s].iter().map(|x| x.to_f32())).collect();
+            let mut codes = vec![0u8; wf.len()];
+            kernels::quantize_with(self.tier, self.format, self.bits, &wf, s, scale, zp, &mut codes)?;
+            self.check_overflow(&codes, c0, rows, scale, zp)?;
+        }
+        Ok(())
+    }
+
     /// Statistics and scales (and zero points, into `zp_out` and returned as floats; empty without
-    /// zero points) of one stripe `w` (`rows x s`, columns `c0..c0 + s` of the block).
-    fn stripe_scales(&self, w: &[f32], c0: usize, scale: &mut [f32], zp_out: Option<&mut [u8]>) -> Result<Vec<f32>> {
+    /// zero points) of one stripe of `rows x scale.len()` elements, row `r` at `w[r * stride..]`
+    /// (columns `c0..c0 + scale.len()` of the block).
+    fn stripe_scales<E: Element>(
+        &self,
+        w: &[E],
+        rows: usize,
+        stride: usize,
+        c0: usize,
+        scale: &mut [f32],
+        zp_out: Option<&mut [u8]>,
+    ) -> Result<Vec<f32>> {
         let BlockJob { tier, format, bits, n: _, padded, zero_point, b, block, alphas } = *self;
         let s = scale.len();
         let alphas = &alphas[c0..c0 + s];
-        let rows = w.len() / s.max(1);
         let non_finite =
             |column: usize| Error::NonFinite { block: b, column: c0 + column, start: b * block, end: b * block + rows };
         let mut zp = vec![0.0f32; if zero_point { s } else { 0 }];
         if zero_point {
             let mut lo = vec![0.0f32; s];
             let mut hi = vec![0.0f32; s];
-            kernels::block_minmax_with(tier, w, s, padded, &mut lo, &mut hi)?;
+            kernels::block_minmax::block_minmax_rows(tier, w, rows, s, stride, padded, &mut lo, &mut hi);
             if let Some(c) = (0..s).find(|&c| !lo[c].is_finite() || !hi[c].is_finite()) {
                 return Err(non_finite(c));
             }
@@ -603,7 +650,7 @@ impl BlockJob<'_> {
             }
         } else {
             let mut amax = vec![0.0f32; s];
-            kernels::block_absmax_with(tier, w, s, &mut amax)?;
+            kernels::block_absmax::block_absmax_rows(tier, w, rows, s, stride, &mut amax);
             if let Some(c) = amax.iter().position(|a| !a.is_finite()) {
                 return Err(non_finite(c));
             }
@@ -644,7 +691,7 @@ impl BlockJob<'_> {
         let BlockJob { tier, format, bits, zero_point, .. } = *self;
         let s = scale.len();
         let rows = w.len() / s.max(1);
-        let zp = self.stripe_scales(w, c0, scale, zp_out)?;
+        let zp = self.stripe_scales(w, rows, s, c0, scale, zp_out)?;
         let zp = zero_point.then_some(&zp[..]);
         match output {
             Output::Packed | Output::Codes => {

@@ -240,3 +240,113 @@ pub(crate) fn for_each_chunk<S: Simd>(cols: usize, mut f: impl FnMut(usize, usiz
         j += lanes;
     }
 }
+
+/// An element type the kernels read straight from a weight: f32, or f16 / bf16 widened to f32 in
+/// registers (exact), so a 2-byte weight is read once, at its own size, with no f32 copy.
+pub(crate) trait Element: bytemuck::Pod + Send + Sync {
+    /// Loads `s.len() <= LANES` elements as f32 lanes (a full vector when `s.len() == LANES`).
+    fn load<S: Simd>(simd: S, s: &[Self]) -> S::f32s;
+    /// The element as f32 (exact).
+    fn to_f32(self) -> f32;
+    /// Widens `src` into `out` (same length), exact: `half`'s slice conversions for f16/bf16.
+    fn widen_slice(src: &[Self], out: &mut [f32]);
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn load<S: Simd>(simd: S, s: &[f32]) -> S::f32s {
+        load_f32(simd, s)
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    fn widen_slice(src: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(src);
+    }
+}
+
+impl Element for half::f16 {
+    /// AVX-512: one `vcvtph2ps` for 16 lanes; AVX2: its F16C form for 8; elsewhere lane by lane.
+    #[inline(always)]
+    fn load<S: Simd>(simd: S, s: &[Self]) -> S::f32s {
+        #[cfg(target_arch = "x86_64")]
+        if s.len() == 16 {
+            if let Some(v4) = as_v4(simd) {
+                let h: [u16; 16] = bytemuck::cast(<[half::f16; 16]>::try_from(s).expect("16 lanes"));
+                let f: pulp::f32x16 = bytemuck::cast(v4.avx512f._mm512_cvtph_ps(bytemuck::cast(h)));
+                return bytemuck::cast(f);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if s.len() == 8 && as_v3(simd).is_some() {
+            let h: [u16; 8] = bytemuck::cast(<[half::f16; 8]>::try_from(s).expect("8 lanes"));
+            // SAFETY: S is V3, which runs only through the AVX2 tier: the CPU has F16C (checked by
+            // `Tier::is_available`) and the dispatch enables it around this inlined code.
+            let f = unsafe { core::arch::x86_64::_mm256_cvtph_ps(bytemuck::cast(h)) };
+            return bytemuck::cast(bytemuck::cast::<_, pulp::f32x8>(f));
+        }
+        widen_lanes(simd, s)
+    }
+
+    /// The software conversion, inlined (`half`'s `to_f32` checks for F16C at each call).
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self.to_f32_const()
+    }
+
+    fn widen_slice(src: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, out);
+    }
+}
+
+impl Element for half::bf16 {
+    /// The bits shifted into the upper half of each u32 lane: AVX-512 and AVX2 widen a full
+    /// vector with one `vpmovzxwd` and shift it; elsewhere lane by lane.
+    #[inline(always)]
+    fn load<S: Simd>(simd: S, s: &[Self]) -> S::f32s {
+        #[cfg(target_arch = "x86_64")]
+        if s.len() == 16 {
+            if let Some(v4) = as_v4(simd) {
+                let h: [u16; 16] = bytemuck::cast(<[half::bf16; 16]>::try_from(s).expect("16 lanes"));
+                let x = v4.avx512f._mm512_cvtepu16_epi32(bytemuck::cast(h));
+                let f: pulp::u32x16 = bytemuck::cast(v4.avx512f._mm512_slli_epi32::<16>(x));
+                return bytemuck::cast(f);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if s.len() == 8 {
+            if let Some(v3) = as_v3(simd) {
+                let h: [u16; 8] = bytemuck::cast(<[half::bf16; 8]>::try_from(s).expect("8 lanes"));
+                let x = v3.avx2._mm256_cvtepu16_epi32(bytemuck::cast(h));
+                let f: pulp::u32x8 = bytemuck::cast(v3.avx2._mm256_slli_epi32::<16>(x));
+                return bytemuck::cast(f);
+            }
+        }
+        widen_lanes(simd, s)
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+
+    fn widen_slice(src: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, out);
+    }
+}
+
+/// `s.len() <= LANES` elements widened one by one (the one-lane tiers, NEON and tails).
+#[inline(always)]
+fn widen_lanes<S: Simd, E: Element>(simd: S, s: &[E]) -> S::f32s {
+    if S::F32_LANES == 1 && s.len() == 1 {
+        return simd.splat_f32s(s[0].to_f32());
+    }
+    let mut buf = [0.0f32; 16];
+    for (o, &x) in buf.iter_mut().zip(s) {
+        *o = x.to_f32();
+    }
+    load_f32(simd, &buf[..s.len()])
+}

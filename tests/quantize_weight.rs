@@ -68,21 +68,28 @@ proptest! {
     }
 }
 
-/// A NaN beyond the first column stripe is reported at its own column, block and rows.
+/// A NaN beyond the first column stripe is reported at its own column, block and rows, for f32 and
+/// for f16/bf16 weights read in place by the fused stripe pass.
 #[test]
 fn non_finite_is_located_in_wide_tensors() {
     let (r, c) = (256usize, 1040usize);
     let mut w = vec![0.25f32; r * c];
     w[200 * c + 700] = f32::NAN;
-    for tier in Tier::available() {
-        for zero_point in [false, true] {
-            let params = QuantParams { zero_point, ..QuantParams::rtn(BlockSize::Blocked(128)) };
-            let err = quantize_weight_with(tier, WeightData::F32(&w), [r, c], &params).unwrap_err();
-            assert_eq!(
-                err,
-                nibble::Error::NonFinite { block: 1, column: 700, start: 128, end: 256 },
-                "{tier:?} zero point {zero_point}"
-            );
+    let h16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let hb: Vec<half::bf16> = w.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    assert!(h16[200 * c + 700].is_nan() && hb[200 * c + 700].is_nan());
+    for data in [WeightData::F32(&w), WeightData::F16(&h16), WeightData::BF16(&hb)] {
+        for tier in Tier::available() {
+            for zero_point in [false, true] {
+                let params = QuantParams { zero_point, ..QuantParams::rtn(BlockSize::Blocked(128)) };
+                let err = quantize_weight_with(tier, data, [r, c], &params).unwrap_err();
+                assert_eq!(
+                    err,
+                    nibble::Error::NonFinite { block: 1, column: 700, start: 128, end: 256 },
+                    "{:?} {tier:?} zero point {zero_point}",
+                    data.format()
+                );
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 //! shows as a non-finite `amax` on every tier alike (float `max` instructions differ on NaN).
 
 use super::{check_len, check_tier, slab_rows};
-use crate::simd::{for_each_chunk, load_u32, store_u32};
+use crate::simd::{for_each_chunk, load_u32, store_u32, Element};
 use crate::{Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -20,32 +20,49 @@ pub fn block_absmax_with(tier: Tier, w: &[f32], cols: usize, amax: &mut [f32]) -
     check_tier(tier)?;
     slab_rows("block_absmax weight", w.len(), cols)?;
     check_len("block_absmax output", cols, amax.len())?;
-    tier.dispatch(BlockAbsmax { w, cols, amax });
+    block_absmax_rows(tier, w, w.len() / cols.max(1), cols, cols, amax);
     Ok(())
 }
 
-struct BlockAbsmax<'a> {
-    w: &'a [f32],
+/// [`block_absmax_with`] over `rows` rows of `cols` elements of any [`Element`] type, row `r` at
+/// `w[r * stride..]` (a column stripe of a wider matrix, f16/bf16 widened in registers). The caller
+/// has checked the tier, `amax.len() == cols` and that `w` holds `(rows - 1) * stride + cols`
+/// elements or more.
+pub(crate) fn block_absmax_rows<E: Element>(
+    tier: Tier,
+    w: &[E],
+    rows: usize,
     cols: usize,
+    stride: usize,
+    amax: &mut [f32],
+) {
+    tier.dispatch(BlockAbsmax { w, rows, cols, stride, amax });
+}
+
+struct BlockAbsmax<'a, E> {
+    w: &'a [E],
+    rows: usize,
+    cols: usize,
+    stride: usize,
     amax: &'a mut [f32],
 }
 
-impl WithSimd for BlockAbsmax<'_> {
+impl<E: Element> WithSimd for BlockAbsmax<'_, E> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, cols, amax } = self;
+        let Self { w, rows, cols, stride, amax } = self;
         let acc: &mut [u32] = bytemuck::cast_slice_mut(amax);
         acc.fill(0);
         if cols == 0 {
             return;
         }
         let mask = simd.splat_u32s(0x7fff_ffff);
-        for row in w.chunks_exact(cols) {
-            let row: &[u32] = bytemuck::cast_slice(row);
+        for r in 0..rows {
+            let row = &w[r * stride..r * stride + cols];
             for_each_chunk::<S>(cols, |j, n| {
-                let x = simd.and_u32s(load_u32(simd, &row[j..j + n]), mask);
+                let x = simd.and_u32s(pulp::cast(E::load(simd, &row[j..j + n])), mask);
                 let a = load_u32(simd, &acc[j..j + n]);
                 store_u32(simd, &mut acc[j..j + n], simd.max_u32s(a, x));
             });

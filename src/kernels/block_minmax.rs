@@ -7,7 +7,7 @@
 //! block with NaN or infinity has a non-finite min or max.
 
 use super::{check_len, check_tier, slab_rows};
-use crate::simd::{for_each_chunk, load_u32, store_u32};
+use crate::simd::{for_each_chunk, load_u32, store_u32, Element};
 use crate::{Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -31,8 +31,26 @@ pub fn block_minmax_with(
     slab_rows("block_minmax weight", w.len(), cols)?;
     check_len("block_minmax min output", cols, min.len())?;
     check_len("block_minmax max output", cols, max.len())?;
-    tier.dispatch(BlockMinMax { w, cols, include_zero, min, max });
+    block_minmax_rows(tier, w, w.len() / cols.max(1), cols, cols, include_zero, min, max);
     Ok(())
+}
+
+/// [`block_minmax_with`] over `rows` rows of `cols` elements of any [`Element`] type, row `r` at
+/// `w[r * stride..]` (a column stripe of a wider matrix, f16/bf16 widened in registers). The caller
+/// has checked the tier, the output lengths (`cols`) and that `w` holds `(rows - 1) * stride +
+/// cols` elements or more.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn block_minmax_rows<E: Element>(
+    tier: Tier,
+    w: &[E],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    include_zero: bool,
+    min: &mut [f32],
+    max: &mut [f32],
+) {
+    tier.dispatch(BlockMinMax { w, rows, cols, stride, include_zero, min, max });
 }
 
 /// The order key of a float (an involution).
@@ -48,20 +66,22 @@ fn key_simd<S: Simd>(simd: S, bits: S::u32s) -> S::i32s {
     pulp::cast(simd.xor_u32s(bits, flip))
 }
 
-struct BlockMinMax<'a> {
-    w: &'a [f32],
+struct BlockMinMax<'a, E> {
+    w: &'a [E],
+    rows: usize,
     cols: usize,
+    stride: usize,
     include_zero: bool,
     min: &'a mut [f32],
     max: &'a mut [f32],
 }
 
-impl WithSimd for BlockMinMax<'_> {
+impl<E: Element> WithSimd for BlockMinMax<'_, E> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, cols, include_zero, min, max } = self;
+        let Self { w, rows, cols, stride, include_zero, min, max } = self;
         let lo: &mut [u32] = bytemuck::cast_slice_mut(min);
         let hi: &mut [u32] = bytemuck::cast_slice_mut(max);
         // Keys of the start values: +0.0 with padding, else +Inf for min and -Inf for max.
@@ -70,10 +90,10 @@ impl WithSimd for BlockMinMax<'_> {
         lo.fill(lo0);
         hi.fill(hi0);
         if cols > 0 {
-            for row in w.chunks_exact(cols) {
-                let row: &[u32] = bytemuck::cast_slice(row);
+            for r in 0..rows {
+                let row = &w[r * stride..r * stride + cols];
                 for_each_chunk::<S>(cols, |j, n| {
-                    let k = key_simd(simd, load_u32(simd, &row[j..j + n]));
+                    let k = key_simd(simd, pulp::cast(E::load(simd, &row[j..j + n])));
                     let a: S::i32s = pulp::cast(load_u32(simd, &lo[j..j + n]));
                     let b: S::i32s = pulp::cast(load_u32(simd, &hi[j..j + n]));
                     store_u32(simd, &mut lo[j..j + n], pulp::cast(simd.min_i32s(a, k)));

@@ -20,6 +20,7 @@
 //! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`) |
 //! | `dequantize` | code bytes were widened lane by lane through memory: now `vpmovsxbd` / `vpmovzxbd` |
 //! | `widen_f16` | AVX2 went through `half`'s 4-lane F16C loop: now `vcvtph2ps` on 8 lanes (AVX-512: 16) |
+//! | f16/bf16 input to the fused pass (`block_absmax`, `block_minmax`, `quantize_packed` inside `quantize_weight`) | the stripe was widened into an f32 scratch and read back twice: the three kernels now take any `simd::Element` with a row stride and widen each vector in registers (`vcvtph2ps`, or `vpmovzxwd` + shift for bf16), reading the weight in place on AVX2 and AVX-512 (scalar and NEON keep the scratch: element-by-element widening was 2.5x slower there); no speed gain shown yet beyond the load's noise (BENCHMARKS.md) |
 //! | `qdq_error`, `block_dot`, `scales_*`, `round_to_format` | the f16 rounding, as for `quantize` |
 //! | every kernel looping with `simd::for_each_chunk` | issue #20 split its loop into full runs and a tail at two call sites to drop about 25 scalar instructions of bookkeeping per vector; the kernels' closures then stopped being inlined and ran without the tier's target features (SIMD tiers 10-30x below scalar): back to one call site, see BENCHMARKS.md |
 //!

@@ -5,13 +5,14 @@
 //! Each step quantizes one vector of consecutive columns (exactly `quantize`'s arithmetic) and
 //! pairs neighbouring lanes into bytes, `byte = (q[2i] & 0xf) | (q[2i + 1] & 0xf) << 4`, in
 //! registers (`simd::store_nibble_pairs`), written straight into the packed row: no code buffer and
-//! no second pass. The pipeline (`quantize_weight`) runs it on each stripe of a block, writing into
-//! the packed weight through [`quantize_packed_rows`].
+//! no second pass. The pipeline (`quantize_weight`) runs it on each stripe of a block, reading the
+//! weight in its own format (f16/bf16 widened in registers) and writing into the packed weight
+//! through [`quantize_packed_rows`].
 
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
 use crate::kernels::code::{quantize_lanes, CodeBounds};
-use crate::simd::{for_each_chunk, load_f32, store_nibble_pairs, to_int};
+use crate::simd::{for_each_chunk, load_f32, store_nibble_pairs, to_int, Element};
 use crate::{Error, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -38,7 +39,8 @@ pub fn quantize_packed_with(
     packed: &mut [u8],
 ) -> Result<()> {
     check(tier, w, cols, scale, zero_point, packed)?;
-    quantize_packed_rows(tier, format, w, cols, scale, zero_point, packed, cols / 2)
+    quantize_packed_rows(tier, format, w, w.len() / cols.max(1), cols, cols, scale, zero_point, packed, cols / 2);
+    Ok(())
 }
 
 /// The checks of [`quantize_packed_with`].
@@ -54,32 +56,35 @@ fn check(tier: Tier, w: &[f32], cols: usize, scale: &[f32], zero_point: Option<&
     check_slab("quantize_packed", tier, w.len(), cols, scale, zero_point, w.len() / 2, packed.len())
 }
 
-/// [`quantize_packed`] writing row `r` of the slab at `packed[r * row_stride..]` (`row_stride >=
-/// cols / 2` bytes), so a stripe of columns goes straight into its place in a wider packed matrix.
-/// The caller has checked the tier, an even `cols`, the slab and the scales; `packed` holds
-/// `(rows - 1) * row_stride + cols / 2` bytes or more.
+/// [`quantize_packed`] of `rows` rows of `cols` elements of any [`Element`] type (f16/bf16 widened
+/// in registers), row `r` read at `w[r * w_stride..]` and written at `packed[r * row_stride..]`
+/// (`row_stride >= cols / 2` bytes), so a column stripe of a wider weight is read in its own
+/// format and goes straight into its place in the packed matrix. The caller has checked the tier,
+/// an even `cols`, the scales (`cols`), that `w` holds `(rows - 1) * w_stride + cols` elements or
+/// more and `packed` `(rows - 1) * row_stride + cols / 2` bytes or more.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn quantize_packed_rows(
+pub(crate) fn quantize_packed_rows<E: Element>(
     tier: Tier,
     format: FloatFormat,
-    w: &[f32],
+    w: &[E],
+    rows: usize,
     cols: usize,
+    w_stride: usize,
     scale: &[f32],
     zero_point: Option<&[f32]>,
     packed: &mut [u8],
     row_stride: usize,
-) -> Result<()> {
+) {
     if cols == 0 {
-        return Ok(());
+        return;
     }
     // f32 on AVX2: the scalar body auto-vectorized with AVX2 beats the hand-written lanes (on
     // AVX-512 the hand-written lanes win; dispatch table in `kernels`).
-    let job = Job { w, cols, scale, zero_point, packed, row_stride, _p: F32 };
+    let job = Job { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, _p: F32 };
     match (format, tier) {
         (FloatFormat::F32, Tier::Avx2) => tier.dispatch_autovec(job),
         _ => run(tier, format, job),
     }
-    Ok(())
 }
 
 /// [`quantize_packed_with`] on the tier's hand-written lanes for every format (f32 included), for
@@ -98,16 +103,17 @@ pub fn quantize_packed_handwritten_with(
     if cols == 0 {
         return Ok(());
     }
-    run(tier, format, Job { w, cols, scale, zero_point, packed, row_stride: cols / 2, _p: F32 });
+    let rows = w.len() / cols;
+    run(tier, format, Job { w, rows, cols, w_stride: cols, scale, zero_point, packed, row_stride: cols / 2, _p: F32 });
     Ok(())
 }
 
 /// Runs `job` (built for f32) on `tier`'s hand-written lanes in `format`'s precision.
-fn run(tier: Tier, format: FloatFormat, job: Job<'_, F32>) {
-    let Job { w, cols, scale, zero_point, packed, row_stride, _p: _ } = job;
+fn run<E: Element>(tier: Tier, format: FloatFormat, job: Job<'_, E, F32>) {
+    let Job { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, _p: _ } = job;
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(Job { w, cols, scale, zero_point, packed, row_stride, _p: $p })
+            tier.dispatch(Job { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, _p: $p })
         };
     }
     match format {
@@ -117,9 +123,11 @@ fn run(tier: Tier, format: FloatFormat, job: Job<'_, F32>) {
     }
 }
 
-struct Job<'a, P> {
-    w: &'a [f32],
+struct Job<'a, E, P> {
+    w: &'a [E],
+    rows: usize,
     cols: usize,
+    w_stride: usize,
     scale: &'a [f32],
     zero_point: Option<&'a [f32]>,
     packed: &'a mut [u8],
@@ -127,12 +135,12 @@ struct Job<'a, P> {
     _p: P,
 }
 
-impl<P: Precision> WithSimd for Job<'_, P> {
+impl<E: Element, P: Precision> WithSimd for Job<'_, E, P> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, cols, scale, zero_point, packed, row_stride, _p: _ } = self;
+        let Self { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, _p: _ } = self;
         let bounds = CodeBounds::new(simd, crate::Bits::Four);
         let nib = simd.splat_u32s(0xf);
         // One-lane tiers pair columns through a row of codes (kept in L1).
@@ -141,10 +149,11 @@ impl<P: Precision> WithSimd for Job<'_, P> {
         // The zero-point choice stays outside the loops, so each loop is specialized.
         macro_rules! rows {
             ($zp:expr) => {
-                for (r, row) in w.chunks_exact(cols).enumerate() {
+                for r in 0..rows {
+                    let row = &w[r * w_stride..r * w_stride + cols];
                     let out = &mut packed[r * row_stride..r * row_stride + cols / 2];
                     for_each_chunk::<S>(cols, |j, m| {
-                        let x = load_f32(simd, &row[j..j + m]);
+                        let x = E::load(simd, &row[j..j + m]);
                         let s = load_f32(simd, &scale[j..j + m]);
                         #[allow(clippy::redundant_closure_call)]
                         let q = quantize_lanes::<S, P>(simd, &bounds, x, s, ($zp)(j, m));
