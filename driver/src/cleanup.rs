@@ -26,3 +26,15 @@ pub fn remove_all() {
         }
     }
 }
+
+/// Ends the process at once with `code`, after [`remove_all`], from the signal handler's thread.
+///
+/// `std::process::exit` would run the C and C++ exit handlers, among them ONNX Runtime's static
+/// destructors, while a session may still be running on another thread; that crashed the process
+/// (SIGSEGV) instead of exiting with `code`. `_exit` ends every thread without running them.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` takes no pointers and never returns; it only skips exit handlers and
+    // destructors, and nothing of nibble's needs them: its temporary files are already removed
+    // and stderr is unbuffered.
+    unsafe { libc::_exit(code) }
+}

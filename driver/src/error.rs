@@ -130,6 +130,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// Names the segment a session error came from: `segment S of N (from node 'FIRST'): CAUSE`
+    /// (`what` before it, e.g. `"calibration "`), ONNX Runtime's cause said once. A graph run
+    /// whole (`count` 1) keeps the error as it is: there is no segment to name.
+    pub fn in_segment(self, what: &str, segment: usize, count: usize, first: &str) -> Error {
+        if count <= 1 {
+            return self;
+        }
+        let cause = match self {
+            Error::Runtime(m) => m,
+            other => other.to_string(),
+        };
+        Error::Runtime(format!("{what}segment {} of {count} (from node '{first}'): {cause}", segment + 1))
+    }
+
     /// Wraps a kernel error for `tensor`, turning its NaN report into [`Error::NonFinite`].
     pub fn kernel(tensor: &str, source: nibble::Error) -> Error {
         match source {

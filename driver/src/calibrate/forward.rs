@@ -299,7 +299,7 @@ impl ForwardRun<'_, '_> {
         let g = f.capture.base().graph.as_ref().expect("graph");
         let named = |e: Error| {
             let first = g.node.iter().zip(mask).find(|(_, &m)| m).map(|(n, _)| node_label(n)).unwrap_or_default();
-            Error::Runtime(format!("segment {} of {} (from node '{first}'): {e}", k + 1, f.steps.len()))
+            e.in_segment("", k, f.steps.len(), &first)
         };
         let inputs = plan.fed.iter().map(|n| declared(n, self.carried.element(0, n).expect("carried"))).collect();
         let mut outputs = plan.wanted.clone();

@@ -13,7 +13,7 @@ use crate::calibrate::capture::Capture;
 use crate::calibrate::runtime::{Input, NamedTensor, SessionOptions};
 use crate::calibrate::segments::{cut_for, Segments};
 use crate::calibrate::sequential::Sequential;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::graph::read::node_label;
 use std::collections::HashMap;
 
@@ -89,12 +89,7 @@ impl<'c> Segmented<'c> {
         self.runner.step(activations, samples).map_err(|e| {
             let g = self.capture.base().graph.as_ref().expect("graph");
             let first = &g.node[self.segments.starts[segment]];
-            Error::Runtime(format!(
-                "calibration segment {} of {} (from node '{}'): {e}",
-                segment + 1,
-                self.segments.len(),
-                node_label(first)
-            ))
+            e.in_segment("calibration ", segment, self.segments.len(), &node_label(first))
         })
     }
 }

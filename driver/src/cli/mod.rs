@@ -987,7 +987,7 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
     let _ = ctrlc::set_handler(|| {
         crate::cleanup::remove_all();
         eprintln!("nibble: interrupted; no output written");
-        std::process::exit(130);
+        crate::cleanup::exit_now(130);
     });
     let code = match run(cli) {
         Ok(()) => 0,

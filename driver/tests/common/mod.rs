@@ -207,7 +207,9 @@ pub fn interrupt_when(
     assert!(child.try_wait().unwrap().is_none(), "{what}: the run finished before it could be interrupted");
     let killed = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(killed.success(), "{what}: kill -INT failed");
-    assert_eq!(child.wait().unwrap().code(), Some(130), "{what}: exit status after SIGINT");
+    let st = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.code(), Some(130), "{what}: exit status after SIGINT: signal {:?}", st.signal());
 }
 
 /// The names of the files left in `dir`, leaving out `.ses`: ONNX Runtime's own (its telemetry
