@@ -9,7 +9,8 @@
 //! for f32, f16 and bf16 input, beside a plain read of the same bytes, interleaved the same way
 //! (ROUNDS / 20 rounds, at least 5).
 //!
-//! `cargo bench --bench tiers [-- ROUNDS]` (default 300 rounds; one line per kernel and tier).
+//! `cargo bench --bench tiers [-- ROUNDS] [whole]` (default 300 rounds; one line per kernel and
+//! tier). With `whole`, only the whole weight, ROUNDS rounds (`RAYON_NUM_THREADS=1` for one core).
 
 mod common;
 use common::data;
@@ -30,6 +31,10 @@ struct Case<'a> {
 
 fn main() {
     let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(300);
+    if std::env::args().any(|a| a == "whole") {
+        whole_weight(rounds);
+        return;
+    }
     let (rows, cols) = (128usize, 4096usize);
     let w = data(rows * cols, common::SLAB_SEED);
     let w16: Vec<half::f16> = w.iter().map(|&x| half::f16::from_f32(x)).collect();

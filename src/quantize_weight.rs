@@ -5,12 +5,13 @@
 //! block's rows are widened to f32 if needed, reduced to per-column statistics, turned into scales
 //! (and zero points), quantized and packed straight into the block's part of the output (a block is
 //! `B * N` codes, an even count since B is even, so blocks never share a byte). For 4-bit codes and
-//! an even N the weight is read from memory once, in its own format (f32 rows whole; f16/bf16
-//! column stripes of 256 KiB that stay in L2, widened in registers, no f32 copy), by the fused pass
-//! of each stripe: block absmax -> scale -> round-ties-even -> nibble pairs written into the packed
-//! weight, with no code buffer (`BlockJob::run_fused`). Axis 1 (blocks along the contiguous axis:
-//! Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch, runs the same kernels,
-//! and transposes the codes back before packing.
+//! an even N the weight is read from memory once, in its own format (column stripes of 256 KiB
+//! that stay in L2; f16/bf16 widened in registers, no f32 copy), by the fused pass of each stripe:
+//! block absmax -> scale -> round-ties-even -> nibble pairs written into the packed weight, with no
+//! code buffer (`BlockJob::run_fused`); while a stripe is quantized the next one is prefetched into
+//! L2, so reading memory overlaps the division instead of following it. Axis 1 (blocks along the
+//! contiguous axis: Gather tables, `transB=1` Gemm weights) transposes into an f32 scratch, runs
+//! the same kernels, and transposes the codes back before packing.
 
 use crate::kernels;
 use crate::simd::Element;
@@ -314,9 +315,11 @@ fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
     t
 }
 
-/// Bytes per column stripe (of f32 scratch, or of the f16/bf16 weight read in place): a block's
-/// rows x the stripe's columns stay in L2 while they are reduced, quantized and packed (two passes
-/// over the stripe, one read of the weight).
+/// Bytes per column stripe (of f32 scratch, or of the weight read in place): a block's rows x the
+/// stripe's columns stay in L2 while they are reduced, quantized and packed (two passes over the
+/// stripe, one read of the weight), beside the next stripe being prefetched. Measured on the fused
+/// path with prefetching (4096 x 4096, one core, interleaved): 256 KiB beat 128 KiB, 512 KiB and,
+/// for f32, whole 2 MiB blocks (BENCHMARKS.md).
 const STRIPE_BYTES: usize = 256 << 10;
 
 /// Columns per stripe for blocks of `rows` rows and `n` columns of `elem_bytes`-byte elements: a
@@ -471,14 +474,18 @@ impl BlockJob<'_> {
         let dequantized = output == Output::Dequantized;
         let packing = output == Output::Packed && self.bits == Bits::Four;
         if packing && n % 2 == 0 {
-            let block_rows = row0 * n..(row0 + rows) * n;
+            // From the block's first row to the end of the weight: the fused pass prefetches the
+            // next block's first stripe while it quantizes the block's last one.
+            let from_block = row0 * n..;
             return match source {
-                WeightData::F32(v) => self.run_fused(&v[block_rows], rows, scale, zp_out, codes_out, n.max(1)),
+                WeightData::F32(v) => {
+                    self.run_fused(&v[from_block], rows, scale, zp_out, codes_out, stripe_width(rows, n, 4))
+                }
                 WeightData::F16(v) => {
-                    self.run_fused(&v[block_rows], rows, scale, zp_out, codes_out, stripe_width(rows, n, 2))
+                    self.run_fused(&v[from_block], rows, scale, zp_out, codes_out, stripe_width(rows, n, 2))
                 }
                 WeightData::BF16(v) => {
-                    self.run_fused(&v[block_rows], rows, scale, zp_out, codes_out, stripe_width(rows, n, 2))
+                    self.run_fused(&v[from_block], rows, scale, zp_out, codes_out, stripe_width(rows, n, 2))
                 }
             };
         }
@@ -535,12 +542,14 @@ impl BlockJob<'_> {
     }
 
     /// The fused path for 4-bit packed output with an even column count, reading the block's rows
-    /// `w` (`rows x n`, row stride `n`) in the weight's own element type: stripe by stripe of
-    /// `width` columns (the whole width for f32; for f16/bf16 a stripe of about `STRIPE_BYTES` that
-    /// stays in L2 between its two passes), block absmax (or min/max) -> scales -> round-ties-even
-    /// codes -> nibble pairs written straight into the block's packed rows
-    /// ([`kernels::quantize_packed::quantize_packed_rows`]), f16/bf16 widened in registers on AVX2 and
-    /// AVX-512 (into an f32 scratch per stripe elsewhere): the weight is read from memory once.
+    /// (the first `rows x n` elements of `w`, row stride `n`; `w` goes on to the end of the weight)
+    /// in the weight's own element type: stripe by stripe of `width` columns (about `STRIPE_BYTES`,
+    /// which stay in L2 between the two passes), block absmax (or min/max) -> scales ->
+    /// round-ties-even codes -> nibble pairs written straight into the block's packed rows
+    /// ([`kernels::quantize_packed::quantize_packed_rows`]), f16/bf16 widened in registers on AVX2
+    /// and AVX-512 (into an f32 scratch per stripe elsewhere): the weight is read from memory once.
+    /// While a stripe is quantized (bound by the division, from L2) the next one (the next block's
+    /// first stripe after the last) is prefetched, so its first pass does not wait for memory.
     fn run_fused<E: Element>(
         &self,
         w: &[E],
@@ -558,6 +567,10 @@ impl BlockJob<'_> {
         let mut c0 = 0;
         while c0 < n {
             let s = width.min(n - c0);
+            let next = match c0 + s < n {
+                true => &w[c0 + s..rows * n],
+                false => &w[(rows * n).min(w.len())..(2 * rows * n).min(w.len())],
+            };
             let w = &w[c0..];
             let zp_out = zp_out.as_deref_mut().map(|z| &mut z[c0..c0 + s]);
             let scale = &mut scale[c0..c0 + s];
@@ -567,9 +580,9 @@ impl BlockJob<'_> {
                 for (r, row) in buf.chunks_exact_mut(s).enumerate() {
                     E::widen_slice(&w[r * n..r * n + s], row);
                 }
-                self.fused_stripe(buf, rows, s, c0, scale, zp_out, codes_out)?;
+                self.fused_stripe(buf, rows, s, c0, scale, zp_out, codes_out, &[])?;
             } else {
-                self.fused_stripe(w, rows, n, c0, scale, zp_out, codes_out)?;
+                self.fused_stripe(w, rows, n, c0, scale, zp_out, codes_out, next)?;
             }
             c0 += s;
         }
@@ -578,7 +591,7 @@ impl BlockJob<'_> {
 
     /// One stripe of the fused path: `rows x scale.len()` elements, row `r` at `w[r * stride..]`
     /// (columns `c0..` of the block), packed into `codes_out` (the block's packed rows from column
-    /// `c0`, row stride `n / 2` bytes).
+    /// `c0`, row stride `n / 2` bytes), prefetching `next` (the next stripe, same layout; may be empty).
     #[allow(clippy::too_many_arguments)]
     fn fused_stripe<E: Element>(
         &self,
@@ -589,6 +602,7 @@ impl BlockJob<'_> {
         scale: &mut [f32],
         zp_out: Option<&mut [u8]>,
         codes_out: &mut [u8],
+        next: &[E],
     ) -> Result<()> {
         let s = scale.len();
         let zp = self.stripe_scales(w, rows, stride, c0, scale, zp_out)?;
@@ -604,6 +618,7 @@ impl BlockJob<'_> {
             zp,
             codes_out,
             self.n / 2,
+            next,
         );
         // The overflow check reads codes; only a column whose widest code could overflow needs
         // them (rare: huge scales in f16), so they are computed again just then.

@@ -17,19 +17,23 @@
 //! | `quantize_packed` (f32) | AVX2: the auto-vectorized scalar body (11.3-11.8 vs hand-written 10.0-10.4 GiB/s); AVX-512: the hand-written lanes (13.2-14.0 vs 12.2-12.3 GiB/s auto-vectorized, in the two runs that measured both) |
 //! | `quantize` with f16 rounding | the integer-only f16 rounding (about 15 ops a vector): AVX-512 and AVX2 now use the hardware pair `vcvtps2ph` / `vcvtph2ps` (AVX2 through F16C) |
 //! | `quantize_packed` | lanes were paired through memory: now paired in registers (`v \| v >> 28` on u64 lanes, then `vpmovqb` or a byte shuffle) |
-//! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`) |
-//! | `dequantize` | code bytes were widened lane by lane through memory: now `vpmovsxbd` / `vpmovzxbd` |
-//! | `widen_f16` | AVX2 went through `half`'s 4-lane F16C loop: now `vcvtph2ps` on 8 lanes (AVX-512: 16) |
+//! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`). Settled 2026-12-04 (seven runs, load 3.6-5.8): AVX-512 first in 6 of 7, median 21.0 vs AVX2 19.5 GiB/s |
+//! | `dequantize` | code bytes were widened lane by lane through memory: now `vpmovsxbd` / `vpmovzxbd`. 2026-12-04, seven runs: medians scalar 16.8, AVX2 15.1, AVX-512 17.6 GiB/s, AVX-512 first in 4 (scalar 2, AVX2 1): every tier is bound by writing 2 MiB of f32 per call and the spreads overlap, so AVX-512 stays |
+//! | `widen_f16` | AVX2 went through `half`'s 4-lane F16C loop: now `vcvtph2ps` on 8 lanes (AVX-512: 16). 2026-12-04, seven runs: AVX2 and AVX-512 tie (medians 8.29 vs 8.12 GiB/s of f16, each first in about half the runs): 1 MiB read and 2 MiB written per call, beyond L2, so both run at the memory traffic's speed; AVX-512 stays (off the hot path: only the non-fused f16 paths widen) |
+//! | the whole weight (`quantize_weight`'s fused pass) | not the driving (rayon jobs, page faults: about 2%): each stripe's first pass (absmax) waited for memory and its second (the division, from L2) then ran alone. `quantize_packed_rows` now prefetches the next stripe (`simd::prefetch`) while it quantizes, and f32 uses 256 KiB stripes too: one core +24-27% for f16/bf16, +6-12% for f32 (BENCHMARKS.md, 2026-12-04) |
 //! | f16/bf16 input to the fused pass (`block_absmax`, `block_minmax`, `quantize_packed` inside `quantize_weight`) | the stripe was widened into an f32 scratch and read back twice: the three kernels now take any `simd::Element` with a row stride and widen each vector in registers (`vcvtph2ps`, or `vpmovzxwd` + shift for bf16), reading the weight in place on AVX2 and AVX-512 (scalar and NEON keep the scratch: element-by-element widening was 2.5x slower there); no speed gain shown yet beyond the load's noise (BENCHMARKS.md) |
 //! | `qdq_error`, `block_dot`, `scales_*`, `round_to_format` | the f16 rounding, as for `quantize` |
 //! | every kernel looping with `simd::for_each_chunk` | issue #20 split its loop into full runs and a tail at two call sites to drop about 25 scalar instructions of bookkeeping per vector; the kernels' closures then stopped being inlined and ran without the tier's target features (SIMD tiers 10-30x below scalar): back to one call site, see BENCHMARKS.md |
 //!
 //! Deciding runs (`cargo bench --bench tiers -- 1000`: every kernel and tier interleaved, best of
 //! 1000 rounds, robust to the other jobs on a shared machine; 2026-12-03 13:28-13:47 UTC, load
-//! 8-15, four runs): the dispatched tier is the fastest for every kernel but for ties inside the
-//! runs' spread, so no tier is taken out: `dequantize` (AVX-512 first in three runs, scalar first
-//! in one), `widen_f16` and `pack_nibbles` (AVX2 1-6% ahead of AVX-512 in some runs), `qdq_error`
-//! (AVX2 within 5% of scalar).
+//! 8-15, four runs; 2026-12-04 15:45-16:06 UTC, load 3.6-5.8, seven runs on an Intel AVX-512 CPU):
+//! the dispatched tier is the fastest for every kernel but for ties inside the runs' spread, so no
+//! tier is taken out: `dequantize` (AVX-512 the highest median, first in 4 of 7), `widen_f16`
+//! (AVX2 and AVX-512 tie at the memory traffic's speed), `qdq_error` (AVX2 within 5% of scalar in
+//! 2026-12-03's runs; 2026-12-04: AVX-512 first in 5 of 7, AVX2 ahead by 2-3% in the other two).
+//! Every other kernel had AVX-512 first in all seven 2026-12-04 runs. `pack_nibbles` is settled
+//! (AVX-512).
 
 pub mod block_absmax;
 pub mod block_dot;

@@ -12,7 +12,7 @@
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
 use crate::kernels::code::{quantize_lanes, CodeBounds};
-use crate::simd::{for_each_chunk, load_f32, store_nibble_pairs, to_int, Element};
+use crate::simd::{for_each_chunk, load_f32, prefetch, store_nibble_pairs, to_int, Element};
 use crate::{Error, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -39,7 +39,8 @@ pub fn quantize_packed_with(
     packed: &mut [u8],
 ) -> Result<()> {
     check(tier, w, cols, scale, zero_point, packed)?;
-    quantize_packed_rows(tier, format, w, w.len() / cols.max(1), cols, cols, scale, zero_point, packed, cols / 2);
+    let rows = w.len() / cols.max(1);
+    quantize_packed_rows(tier, format, w, rows, cols, cols, scale, zero_point, packed, cols / 2, &[]);
     Ok(())
 }
 
@@ -62,6 +63,11 @@ fn check(tier: Tier, w: &[f32], cols: usize, scale: &[f32], zero_point: Option<&
 /// format and goes straight into its place in the packed matrix. The caller has checked the tier,
 /// an even `cols`, the scales (`cols`), that `w` holds `(rows - 1) * w_stride + cols` elements or
 /// more and `packed` `(rows - 1) * row_stride + cols / 2` bytes or more.
+///
+/// `next` (empty for none) is what the caller reads next, laid out like `w`: after each row `r` the
+/// lines of `next[r * w_stride..][..cols]` (as far as `next` goes) are prefetched into L2, so the
+/// next stripe's first pass, which reads memory, finds them there while this pass, bound by the
+/// division, overlaps their loading.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn quantize_packed_rows<E: Element>(
     tier: Tier,
@@ -74,13 +80,14 @@ pub(crate) fn quantize_packed_rows<E: Element>(
     zero_point: Option<&[f32]>,
     packed: &mut [u8],
     row_stride: usize,
+    next: &[E],
 ) {
     if cols == 0 {
         return;
     }
     // f32 on AVX2: the scalar body auto-vectorized with AVX2 beats the hand-written lanes (on
     // AVX-512 the hand-written lanes win; dispatch table in `kernels`).
-    let job = Job { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, _p: F32 };
+    let job = Job { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, next, _p: F32 };
     match (format, tier) {
         (FloatFormat::F32, Tier::Avx2) => tier.dispatch_autovec(job),
         _ => run(tier, format, job),
@@ -104,16 +111,18 @@ pub fn quantize_packed_handwritten_with(
         return Ok(());
     }
     let rows = w.len() / cols;
-    run(tier, format, Job { w, rows, cols, w_stride: cols, scale, zero_point, packed, row_stride: cols / 2, _p: F32 });
+    let job =
+        Job { w, rows, cols, w_stride: cols, scale, zero_point, packed, row_stride: cols / 2, next: &[], _p: F32 };
+    run(tier, format, job);
     Ok(())
 }
 
 /// Runs `job` (built for f32) on `tier`'s hand-written lanes in `format`'s precision.
 fn run<E: Element>(tier: Tier, format: FloatFormat, job: Job<'_, E, F32>) {
-    let Job { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, _p: _ } = job;
+    let Job { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, next, _p: _ } = job;
     macro_rules! run {
         ($p:expr) => {
-            tier.dispatch(Job { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, _p: $p })
+            tier.dispatch(Job { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, next, _p: $p })
         };
     }
     match format {
@@ -132,6 +141,7 @@ struct Job<'a, E, P> {
     zero_point: Option<&'a [f32]>,
     packed: &'a mut [u8],
     row_stride: usize,
+    next: &'a [E],
     _p: P,
 }
 
@@ -140,7 +150,7 @@ impl<E: Element, P: Precision> WithSimd for Job<'_, E, P> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, _p: _ } = self;
+        let Self { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, next, _p: _ } = self;
         let bounds = CodeBounds::new(simd, crate::Bits::Four);
         let nib = simd.splat_u32s(0xf);
         // One-lane tiers pair columns through a row of codes (kept in L1).
@@ -165,6 +175,8 @@ impl<E: Element, P: Precision> WithSimd for Job<'_, E, P> {
                             store_nibble_pairs(simd, q, &mut out[j / 2..(j + m) / 2]);
                         }
                     });
+                    let ahead = (r * w_stride).min(next.len());
+                    prefetch(&next[ahead..(ahead + cols).min(next.len())]);
                     if odd_lanes {
                         for (o, pair) in out.iter_mut().zip(codes.chunks_exact(2)) {
                             *o = pair[0] | (pair[1] << 4);
