@@ -4,6 +4,7 @@
 //! writer (`stream.rs`).
 
 use crate::error::{Error, Result};
+use bytes::Bytes;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -32,10 +33,33 @@ pub fn external_data_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// A temporary file next to the output that is removed unless committed.
+/// Small writes are gathered up to this many bytes before they go to the writer thread.
+const BUFFER: usize = 1 << 20;
+/// Writes queued for the writer thread at most (each a gathered buffer or one tensor's bytes), so
+/// memory stays bounded: the caller waits when the disk is slower than the quantization.
+const QUEUE: usize = 4;
+
+/// A temporary file next to the output that is removed unless committed. Its bytes are written by a
+/// thread of its own, in the order given: the copies into the page cache overlap the caller's work
+/// (quantizing the next weights) instead of following it.
 pub(crate) struct TempFile {
     pub(crate) path: PathBuf,
-    file: Option<std::io::BufWriter<std::fs::File>>,
+    writer: Option<Writer>,
+}
+
+/// The writer thread of a [`TempFile`] and what is queued for it.
+struct Writer {
+    /// Small writes not yet sent.
+    pending: Vec<u8>,
+    queue: std::sync::mpsc::SyncSender<Job>,
+    /// Returns the file, or the first error (after which it writes nothing more).
+    thread: std::thread::JoinHandle<std::io::Result<std::fs::File>>,
+}
+
+enum Job {
+    Write(Bytes),
+    /// Answered when every write queued before it is done.
+    Flush(std::sync::mpsc::SyncSender<()>),
 }
 
 impl TempFile {
@@ -44,33 +68,114 @@ impl TempFile {
         name.push(target.file_name().unwrap_or_default());
         name.push(format!(".nibble-tmp-{}", std::process::id()));
         let path = target.with_file_name(name);
-        let file = std::fs::File::create(&path).map_err(|source| Error::Write { path: path.clone(), cause: source })?;
+        let err = |cause| Error::Write { path: path.clone(), cause };
+        let mut file = std::fs::File::create(&path).map_err(err)?;
         crate::cleanup::register(&path);
-        Ok(TempFile { path, file: Some(std::io::BufWriter::with_capacity(1 << 20, file)) })
+        let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("nibble-writer".into())
+            .spawn(move || {
+                for job in jobs {
+                    match job {
+                        Job::Write(bytes) => file.write_all(&bytes)?,
+                        Job::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                Ok(file)
+            })
+            .map_err(err);
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                crate::cleanup::unregister(&path);
+                return Err(e);
+            }
+        };
+        Ok(TempFile { path, writer: Some(Writer { pending: Vec::with_capacity(BUFFER), queue, thread }) })
     }
 
+    /// Appends `bytes` (copied: for small pieces; [`TempFile::write_bytes`] takes large ones without
+    /// a copy).
     pub(crate) fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
-        let path = &self.path;
-        self.file
-            .as_mut()
-            .expect("open")
-            .write_all(bytes)
-            .map_err(|source| Error::Write { path: path.clone(), cause: source })
+        let w = self.writer.as_mut().expect("open");
+        if w.pending.len() + bytes.len() > BUFFER {
+            self.send_pending()?;
+        }
+        if bytes.len() >= BUFFER {
+            return self.send(Job::Write(Bytes::copy_from_slice(bytes)));
+        }
+        self.writer.as_mut().expect("open").pending.extend_from_slice(bytes);
+        Ok(())
     }
 
-    /// Writes the buffered bytes to the file (which stays open for more).
+    /// Appends `bytes`, handed to the writer thread without a copy when large (a tensor's data,
+    /// or a slice of a mapped file).
+    pub(crate) fn write_bytes(&mut self, bytes: Bytes) -> Result<()> {
+        if bytes.len() < BUFFER {
+            return self.write_all(&bytes);
+        }
+        self.send_pending()?;
+        self.send(Job::Write(bytes))
+    }
+
+    fn send_pending(&mut self) -> Result<()> {
+        let w = self.writer.as_mut().expect("open");
+        if w.pending.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut w.pending, Vec::with_capacity(BUFFER));
+        self.send(Job::Write(Bytes::from(full)))
+    }
+
+    /// Queues `job`; when the writer thread has stopped on an error, returns that error.
+    fn send(&mut self, job: Job) -> Result<()> {
+        match self.writer.as_ref().expect("open").queue.send(job) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.stopped()),
+        }
+    }
+
+    /// The error the writer thread stopped on (it stops only on one).
+    fn stopped(&mut self) -> Error {
+        self.stop().err().unwrap_or_else(|| self.error(std::io::Error::other("the writer thread stopped")))
+    }
+
+    /// Ends the writer thread (after the writes queued so far) and returns the file.
+    fn stop(&mut self) -> Result<std::fs::File> {
+        let Writer { queue, thread, .. } = self.writer.take().expect("open");
+        drop(queue);
+        match thread.join() {
+            Ok(done) => done.map_err(|cause| self.error(cause)),
+            Err(_) => Err(self.error(std::io::Error::other("the writer thread panicked"))),
+        }
+    }
+
+    fn error(&self, cause: std::io::Error) -> Error {
+        Error::Write { path: self.path.clone(), cause }
+    }
+
+    /// Waits until every byte given so far is in the file (which stays open for more).
     pub(crate) fn flush(&mut self) -> Result<()> {
-        let path = &self.path;
-        self.file.as_mut().expect("open").flush().map_err(|source| Error::Write { path: path.clone(), cause: source })
+        self.send_pending()?;
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        self.send(Job::Flush(done))?;
+        match wait.recv() {
+            Ok(()) => Ok(()),
+            // The thread stopped on an error before reaching the flush.
+            Err(_) => Err(self.stopped()),
+        }
     }
 
-    /// Flushes the buffer, and with `sync` waits until the data is on disk.
+    /// Writes every byte given so far, ends the writer thread, and with `sync` waits until the
+    /// data is on disk.
     pub(crate) fn finish(&mut self, sync: bool) -> Result<()> {
-        let path = self.path.clone();
-        let w = |source| Error::Write { path: path.clone(), cause: source };
-        let file = self.file.take().expect("open").into_inner().map_err(|e| w(e.into_error()))?;
+        self.send_pending()?;
+        let file = self.stop()?;
         if sync {
-            file.sync_all().map_err(w)?;
+            file.sync_all().map_err(|cause| self.error(cause))?;
         }
         Ok(())
     }
@@ -86,6 +191,11 @@ impl TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
+        // Not finished (an error elsewhere): the queued writes end before the file is removed.
+        if let Some(Writer { queue, thread, .. }) = self.writer.take() {
+            drop(queue);
+            let _ = thread.join();
+        }
         if !self.path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.path);
             crate::cleanup::unregister(&self.path);

@@ -8,7 +8,8 @@
 //! protobuf last, encoded field by field straight into the file ([`write_proto`]: one tensor's
 //! encoding at a time, the same bytes as prost's `encode_to_vec`). Both files are temporary files
 //! next to the output, renamed into place at the end and removed on error or Ctrl-C; the input is
-//! only read.
+//! only read. Each is written by a thread of its own (`output::TempFile`), so the copies into the page
+//! cache overlap the quantization of the next weights.
 //!
 //! When the output is a single `.onnx` file (`--external-data never`, or `auto` under protobuf's
 //! 2 GiB limit), the streamed tensors are mapped back from the temporary data file and written
@@ -53,22 +54,22 @@ impl DataSink {
     /// # Errors
     /// [`Error::Write`] when the file cannot be written (a full disk, a file size limit).
     pub fn put(&mut self, t: &mut TensorProto) -> Result<()> {
-        let Some(raw) = t.raw_data.as_ref().filter(|r| r.len() >= EXTERNAL_THRESHOLD) else {
+        let Some(raw) = t.raw_data.take_if(|r| r.len() >= EXTERNAL_THRESHOLD) else {
             return Ok(());
         };
         let pad = (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
         self.tmp.write_all(&[0u8; EXTERNAL_ALIGN as usize][..pad as usize])?;
         self.offset += pad;
-        self.tmp.write_all(raw)?;
+        let length = raw.len();
+        self.tmp.write_bytes(raw)?;
         let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         t.external_data = vec![
             entry("location", self.location.clone()),
             entry("offset", self.offset.to_string()),
-            entry("length", raw.len().to_string()),
+            entry("length", length.to_string()),
         ];
-        self.offset += raw.len() as u64;
+        self.offset += length as u64;
         t.data_location = Some(DataLocation::External as i32);
-        t.raw_data = None;
         Ok(())
     }
 
@@ -258,6 +259,6 @@ fn write_tensor(tmp: &mut TempFile, tag: u32, t: &TensorProto) -> Result<()> {
     encode_key(9, WireType::LengthDelimited, &mut head);
     encode_varint(raw.len() as u64, &mut head);
     tmp.write_all(&head)?;
-    tmp.write_all(raw)?;
+    tmp.write_bytes(raw.clone())?;
     tmp.write_all(&after.encode_to_vec())
 }
