@@ -256,7 +256,7 @@ pub fn quantize_weight_alphas_with(
     match params.axis {
         0 => {
             let block = params.block_size.resolve(r);
-            let out = axis0(tier, format, data, [r, c], block, params, alphas, Output::Packed)?;
+            let out = axis0(tier, format, data, [r, c], block, params, alphas, Output::Packed, Vec::new())?;
             Ok(out.into_quantized(block))
         }
         1 => {
@@ -264,7 +264,7 @@ pub fn quantize_weight_alphas_with(
             // Transpose to [C, R] in f32, quantize along its rows, transpose codes and scales back.
             let w = data.to_f32(0..r * c);
             let t = transpose(&w, r, c);
-            let q = axis0(tier, format, WeightData::F32(&t), [c, r], block, params, alphas, Output::Codes)?;
+            let q = axis0(tier, format, WeightData::F32(&t), [c, r], block, params, alphas, Output::Codes, Vec::new())?;
             let codes = transpose(&q.data, c, r);
             let packed = match params.bits {
                 Bits::Four => {
@@ -298,11 +298,30 @@ pub fn fake_quantize_with(
     params: &QuantParams,
     alphas: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    fake_quantize_into(tier, format, w, [k, n], params, alphas, &mut out)?;
+    Ok(out)
+}
+
+/// [`fake_quantize_with`] into `out` (resized to `k * n`; its allocation is reused, so a search
+/// that fake-quantizes many candidates does not take fresh pages from the system for each).
+#[allow(clippy::too_many_arguments)]
+pub fn fake_quantize_into(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    [k, n]: [usize; 2],
+    params: &QuantParams,
+    alphas: Option<&[f32]>,
+    out: &mut Vec<f32>,
+) -> Result<()> {
     kernels::check_tier(tier)?;
     kernels::check_len("weight", k * n, w.len())?;
     let block = params.block_size.resolve(k);
-    let out = axis0(tier, format, WeightData::F32(w), [k, n], block, params, alphas, Output::Dequantized)?;
-    Ok(out.dequantized)
+    let storage = std::mem::take(out);
+    let q = axis0(tier, format, WeightData::F32(w), [k, n], block, params, alphas, Output::Dequantized, storage)?;
+    *out = q.dequantized;
+    Ok(())
 }
 
 fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
@@ -375,6 +394,7 @@ fn axis0(
     params: &QuantParams,
     alphas: Option<&[f32]>,
     output: Output,
+    mut dequantized: Vec<f32>,
 ) -> Result<Axis0> {
     let nb = k.div_ceil(block);
     if let Some(a) = alphas {
@@ -390,7 +410,9 @@ fn axis0(
     // A single block (per channel) takes all bytes, even when K * N is odd.
     let per_block = if nb == 1 { code_bytes } else { per_block };
     let mut data = vec![0u8; code_bytes];
-    let mut dequantized = vec![0.0f32; if output == Output::Dequantized { k * n } else { 0 }];
+    // `dequantized` is storage to reuse (its values are overwritten).
+    dequantized.clear();
+    dequantized.resize(if output == Output::Dequantized { k * n } else { 0 }, 0.0);
     if k == 0 || n == 0 {
         return Ok(Axis0 { data, dequantized, scale, zero_point, nb, n });
     }

@@ -10,8 +10,9 @@
 //! An alpha whose scaled weight `rnd(w * s)` is not finite (a float16 weight times a large scale
 //! passing 65504) is skipped: its loss is `+inf`, so it is never chosen, and it is listed in
 //! [`LiteSearch::skipped`]. (ModelOpt computes that alpha's NaN loss, which `min` never picks either.)
-//! A weight that is itself not finite is an error, as in [`fake_quantize_with`]; so is a grid
-//! whose every alpha overflows ([`Error::ScaledWeightOverflow`](crate::Error::ScaledWeightOverflow)).
+//! A weight that is itself not finite is an error, as in
+//! [`fake_quantize_with`](crate::quantize_weight::fake_quantize_with); so is a grid whose every
+//! alpha overflows ([`Error::ScaledWeightOverflow`](crate::Error::ScaledWeightOverflow)).
 //!
 //! Everything elementwise is computed exactly as numpy does in the weight dtype; the products are
 //! float32 SGEMMs (ModelOpt uses BLAS, whose summation order is its own) and the loss is summed in
@@ -34,11 +35,12 @@
 //! (For f16/bf16 weights numpy rounds `x / s` to the dtype, which the Gram form cannot follow, so
 //! those keep the direct products.)
 
-use super::matmul::matmul;
+use super::matmul::matmul_into;
 use super::stats::{act_scale, awq_scale, weight_scale};
-use crate::quantize_weight::{fake_quantize_with, QuantParams};
+use crate::quantize_weight::{fake_quantize_into, QuantParams};
 use crate::{FloatFormat, Result, Tier};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// The outcome of one AWQ-lite search.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,29 +70,62 @@ fn round_all(format: FloatFormat, v: &mut [f32]) {
 
 /// `w * s[:, None]` rounded to the format.
 pub fn scale_rows(format: FloatFormat, w: &[f32], s: &[f32], n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(w.len());
-    for (row, &sk) in w.chunks_exact(n.max(1)).zip(s) {
-        out.extend(row.iter().map(|&v| v * sk));
-    }
-    round_all(format, &mut out);
+    let mut out = Vec::new();
+    let _finite = scale_rows_into(format, w, s, n, &mut out);
     out
+}
+
+/// [`scale_rows`] into `out` (its allocation is reused); returns whether every value is finite.
+/// Each row is scaled, rounded and checked while it is in cache.
+pub fn scale_rows_into(format: FloatFormat, w: &[f32], s: &[f32], n: usize, out: &mut Vec<f32>) -> bool {
+    out.clear();
+    out.reserve(w.len());
+    let mut finite = true;
+    for (row, &sk) in w.chunks_exact(n.max(1)).zip(s) {
+        let start = out.len();
+        out.extend(row.iter().map(|&v| v * sk));
+        let scaled = &mut out[start..];
+        round_all(format, scaled);
+        finite &= scaled.iter().fold(true, |all, v| all & v.is_finite());
+    }
+    finite
 }
 
 /// `x * 1.0 / s` rounded to the format (`x: [T, K]`).
 pub fn divide_columns(format: FloatFormat, x: &[f32], s: &[f32]) -> Vec<f32> {
+    let mut out = Vec::new();
+    divide_columns_into(format, x, s, &mut out);
+    out
+}
+
+/// [`divide_columns`] into `out` (its allocation is reused).
+pub fn divide_columns_into(format: FloatFormat, x: &[f32], s: &[f32], out: &mut Vec<f32>) {
     let k = s.len().max(1);
-    let mut out = Vec::with_capacity(x.len());
+    out.clear();
     for row in x.chunks_exact(k) {
         out.extend(row.iter().zip(s).map(|(&v, &sk)| v / sk));
     }
-    round_all(format, &mut out);
-    out
+    round_all(format, out);
+}
+
+/// `sum(f(a[i], b[i]))` in f64, in 16 interleaved partial sums (a sum in order is one chain of
+/// dependent additions, 4 cycles each; these vectorize and are no less accurate).
+fn sum_f64(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&p, &q)| f(p as f64, q as f64)).sum();
+    for (pa, pb) in ca.zip(cb) {
+        for j in 0..LANES {
+            acc[j] += f(pa[j] as f64, pb[j] as f64);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Mean squared difference in f64.
 pub fn mse(a: &[f32], b: &[f32]) -> f64 {
-    let sum: f64 = a.iter().zip(b).map(|(&p, &q)| (p as f64 - q as f64).powi(2)).sum();
-    sum / a.len().max(1) as f64
+    sum_f64(a, b, |p, q| (p - q) * (p - q)) / a.len().max(1) as f64
 }
 
 /// How the AWQ-lite losses are computed.
@@ -104,6 +139,34 @@ pub enum LossForm {
     Gram,
 }
 
+/// The buffers of one alpha's loss: the scaled weight, its fake quantization (or error matrix),
+/// the divided activations (direct form) and the product.
+#[derive(Default)]
+struct Buffers {
+    scaled: Vec<f32>,
+    dq: Vec<f32>,
+    lhs: Vec<f32>,
+    product: Vec<f32>,
+}
+
+/// Buffers reused from alpha to alpha and from weight to weight (one set per thread at work).
+///
+/// A fresh allocation of several megabytes is served by `mmap`, and every 4 KiB page of it then
+/// costs a page fault and the kernel's zeroing: with new buffers per alpha, the 48M-parameter
+/// model's search took 540 thousand page faults and 1.2 s of system time.
+#[derive(Default)]
+pub struct LiteScratch(Mutex<Vec<Buffers>>);
+
+impl LiteScratch {
+    /// Runs `f` with a set of buffers (taken from the pool, or new), then gives them back.
+    fn with<R>(&self, f: impl FnOnce(&mut Buffers) -> R) -> R {
+        let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        let r = f(&mut b);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+        r
+    }
+}
+
 /// Searches the AWQ-lite scale for `w: [K, N]` with activations `x: [T, K]` (values of `format`).
 pub fn lite_search(
     tier: Tier,
@@ -114,12 +177,42 @@ pub fn lite_search(
     params: &QuantParams,
     alphas: &[f64],
 ) -> Result<LiteSearch> {
-    lite_search_with(tier, format, x, w, shape, params, alphas, LossForm::Auto)
+    lite_search_in(&LiteScratch::default(), tier, format, x, w, shape, params, alphas)
+}
+
+/// [`lite_search`] with buffers kept in `scratch` for the next searches.
+#[allow(clippy::too_many_arguments)]
+pub fn lite_search_in(
+    scratch: &LiteScratch,
+    tier: Tier,
+    format: FloatFormat,
+    x: &[f32],
+    w: &[f32],
+    shape: [usize; 2],
+    params: &QuantParams,
+    alphas: &[f64],
+) -> Result<LiteSearch> {
+    search(scratch, tier, format, x, w, shape, params, alphas, LossForm::Auto)
 }
 
 /// [`lite_search`] with a chosen [`LossForm`] (`Gram` on f16/bf16 weights falls back to `Direct`).
 #[allow(clippy::too_many_arguments)]
 pub fn lite_search_with(
+    tier: Tier,
+    format: FloatFormat,
+    x: &[f32],
+    w: &[f32],
+    shape: [usize; 2],
+    params: &QuantParams,
+    alphas: &[f64],
+    form: LossForm,
+) -> Result<LiteSearch> {
+    search(&LiteScratch::default(), tier, format, x, w, shape, params, alphas, form)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn search(
+    scratch: &LiteScratch,
     tier: Tier,
     format: FloatFormat,
     x: &[f32],
@@ -140,32 +233,34 @@ pub fn lite_search_with(
             LossForm::Gram => true,
         };
     let weight_finite = w.iter().all(|v| v.is_finite());
-    // `None` when the scaled weight overflows (a finite weight only: a NaN weight is the error
-    // fake_quantize_with reports).
-    let fake_quantized = |alpha: f64| -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    // Fills `b.dq` and returns the scale; `None` when the scaled weight overflows (a finite weight
+    // only: a NaN weight is the error fake_quantize_with reports).
+    let fake_quantized = |alpha: f64, b: &mut Buffers| -> Result<Option<Vec<f32>>> {
         let s = awq_scale(format, &act, &wsc, alpha);
-        let scaled = scale_rows(format, w, &s, n);
-        if weight_finite && scaled.iter().any(|v| !v.is_finite()) {
+        let finite = scale_rows_into(format, w, &s, n, &mut b.scaled);
+        if weight_finite && !finite {
             return Ok(None);
         }
-        let dq = fake_quantize_with(tier, format, &scaled, [k, n], params, None)?;
-        Ok(Some((s, dq)))
+        fake_quantize_into(tier, format, &b.scaled, [k, n], params, None, &mut b.dq)?;
+        Ok(Some(s))
     };
     let losses: Vec<Result<Option<f64>>> = if gram_form {
         let m = super::matmul::gram_lower_doubled(x, t, k);
         alphas
             .par_iter()
             .map(|&alpha| {
-                let Some((s, dq)) = fake_quantized(alpha)? else { return Ok(None) };
-                let mut e = dq;
-                for ((erow, wrow), &sk) in e.chunks_exact_mut(n.max(1)).zip(w.chunks_exact(n.max(1))).zip(&s) {
-                    for (ev, &wv) in erow.iter_mut().zip(wrow) {
-                        *ev = wv - *ev / sk;
+                scratch.with(|b| {
+                    let Some(s) = fake_quantized(alpha, b)? else { return Ok(None) };
+                    let e = &mut b.dq;
+                    for ((erow, wrow), &sk) in e.chunks_exact_mut(n.max(1)).zip(w.chunks_exact(n.max(1))).zip(&s) {
+                        for (ev, &wv) in erow.iter_mut().zip(wrow) {
+                            *ev = wv - *ev / sk;
+                        }
                     }
-                }
-                let me = super::matmul::lower_triangular_matmul(&m, &e, k, n);
-                let sum: f64 = e.iter().zip(&me).map(|(&a, &b)| a as f64 * b as f64).sum();
-                Ok(Some(sum / (t * n).max(1) as f64))
+                    super::matmul::lower_triangular_matmul_into(&m, e, k, n, &mut b.product);
+                    let sum = sum_f64(e, &b.product, |p, q| p * q);
+                    Ok(Some(sum / (t * n).max(1) as f64))
+                })
             })
             .collect()
     } else {
@@ -173,9 +268,12 @@ pub fn lite_search_with(
         alphas
             .par_iter()
             .map(|&alpha| {
-                let Some((s, dq)) = fake_quantized(alpha)? else { return Ok(None) };
-                let out = matmul(&divide_columns(format, x, &s), &dq, t, k, n);
-                Ok(Some(mse(&reference, &out)))
+                scratch.with(|b| {
+                    let Some(s) = fake_quantized(alpha, b)? else { return Ok(None) };
+                    divide_columns_into(format, x, &s, &mut b.lhs);
+                    matmul_into(&b.lhs, &b.dq, t, k, n, &mut b.product);
+                    Ok(Some(mse(&reference, &b.product)))
+                })
             })
             .collect()
     };

@@ -15,7 +15,17 @@ use faer::{Accum, MatMut, MatRef, Par};
 /// # Panics
 /// If `a` is not `m * k` or `b` not `k * n` long.
 pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    product(a, b, m, k, n, Par::Seq)
+    let mut c = Vec::new();
+    product(a, b, m, k, n, Par::Seq, &mut c);
+    c
+}
+
+/// [`matmul`] into `c` (resized to `m * n`; its allocation is reused).
+///
+/// # Panics
+/// As [`matmul`].
+pub fn matmul_into(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, c: &mut Vec<f32>) {
+    product(a, b, m, k, n, Par::Seq, c);
 }
 
 /// [`matmul`] over rayon's threads (for a product that runs alone).
@@ -23,25 +33,32 @@ pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
 /// # Panics
 /// As [`matmul`].
 pub fn par_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    product(a, b, m, k, n, Par::rayon(0))
+    let mut c = Vec::new();
+    product(a, b, m, k, n, Par::rayon(0), &mut c);
+    c
 }
 
-fn product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, par: Par) -> Vec<f32> {
+/// Zeros `c` as `len` values, keeping its allocation.
+fn zeroed(c: &mut Vec<f32>, len: usize) {
+    c.clear();
+    c.resize(len, 0.0);
+}
+
+fn product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, par: Par, c: &mut Vec<f32>) {
     assert_eq!(a.len(), m * k, "matmul: a is not [m, k]");
     assert_eq!(b.len(), k * n, "matmul: b is not [k, n]");
-    let mut c = vec![0.0f32; m * n];
+    zeroed(c, m * n);
     if m == 0 || n == 0 {
-        return c;
+        return;
     }
     faer::linalg::matmul::matmul(
-        MatMut::from_row_major_slice_mut(&mut c, m, n),
+        MatMut::from_row_major_slice_mut(c, m, n),
         Accum::Replace,
         MatRef::from_row_major_slice(a, m, k),
         MatRef::from_row_major_slice(b, k, n),
         1.0f32,
         par,
     );
-    c
 }
 
 /// `M = tril(G) + tril(G, -1)` of the Gram matrix `G = x^T x` of row-major `x: [t, k]`: `[k, k]`
@@ -76,14 +93,21 @@ pub fn gram_lower_doubled(x: &[f32], t: usize, k: usize) -> Vec<f32> {
 /// row-major; returns `[k, n]`. One float32 triangular GEMM on the calling thread (faer), half the
 /// multiply-adds of the full product.
 pub fn lower_triangular_matmul(l: &[f32], b: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let mut c = Vec::new();
+    lower_triangular_matmul_into(l, b, k, n, &mut c);
+    c
+}
+
+/// [`lower_triangular_matmul`] into `c` (resized to `k * n`; its allocation is reused).
+pub fn lower_triangular_matmul_into(l: &[f32], b: &[f32], k: usize, n: usize, c: &mut Vec<f32>) {
     assert_eq!(l.len(), k * k, "lower_triangular_matmul: l is not [k, k]");
     assert_eq!(b.len(), k * n, "lower_triangular_matmul: b is not [k, n]");
-    let mut c = vec![0.0f32; k * n];
+    zeroed(c, k * n);
     if k == 0 || n == 0 {
-        return c;
+        return;
     }
     triangular::matmul(
-        MatMut::from_row_major_slice_mut(&mut c, k, n),
+        MatMut::from_row_major_slice_mut(c, k, n),
         BlockStructure::Rectangular,
         Accum::Replace,
         MatRef::from_row_major_slice(l, k, k),
@@ -93,5 +117,4 @@ pub fn lower_triangular_matmul(l: &[f32], b: &[f32], k: usize, n: usize) -> Vec<
         1.0f32,
         Par::Seq,
     );
-    c
 }

@@ -12,6 +12,6 @@ pub mod stats;
 pub mod subgraph;
 
 pub use clip::{clip_search, subsample, ClipSearch};
-pub use lite::{lite_search, lite_search_with, LiteSearch, LossForm};
+pub use lite::{lite_search, lite_search_in, lite_search_with, LiteScratch, LiteSearch, LossForm};
 pub use stats::*;
 pub use subgraph::{subgraph_search, SubgraphSearch};

@@ -20,7 +20,7 @@ use crate::graph::floats::decode_floats;
 use crate::graph::model::Model;
 use crate::graph::read::{attr_int, constants};
 use crate::plan::{Candidate, Decision};
-use nibble::awq::{self, clip_search, lite_search};
+use nibble::awq::{self, clip_search, lite_search_in, LiteScratch};
 use nibble::{Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, Tier};
 use std::collections::HashMap;
 
@@ -367,6 +367,7 @@ pub fn search(
     let tier = Tier::best();
     let lite_alphas = awq::lite_alphas(opts.alpha_step);
     let clip_alphas = awq::clip_alphas(opts.clip_alpha_min, opts.clip_alpha_step);
+    let lite_scratch = LiteScratch::default();
     for (i, wave) in waves.into_iter().enumerate() {
         let names: Vec<String> = wave.iter().map(|g| g.activation.clone()).collect();
         let wave_start = std::time::Instant::now();
@@ -441,7 +442,8 @@ pub fn search(
                 let mut out = WeightAwq::default();
                 let mut clip_input = None;
                 if opts.method != AwqMethod::Clip {
-                    let s = lite_search(tier, format, xq, &wkn, shape, &params, &lite_alphas).map_err(kernel_err)?;
+                    let s = lite_search_in(&lite_scratch, tier, format, xq, &wkn, shape, &params, &lite_alphas)
+                        .map_err(kernel_err)?;
                     if opts.verbose {
                         say(
                             &progress,
@@ -462,7 +464,9 @@ pub fn search(
                             );
                         }
                     }
-                    clip_input = Some(awq::lite::scale_rows(format, &wkn, &s.best_scale, shape[1]));
+                    if opts.method == AwqMethod::Full {
+                        clip_input = Some(awq::lite::scale_rows(format, &wkn, &s.best_scale, shape[1]));
+                    }
                     scales.push(s.best_scale.clone());
                     out.scale = Some(s.best_scale);
                 }
