@@ -177,22 +177,7 @@ pub fn lite_search(
     params: &QuantParams,
     alphas: &[f64],
 ) -> Result<LiteSearch> {
-    lite_search_in(&LiteScratch::default(), tier, format, x, w, shape, params, alphas)
-}
-
-/// [`lite_search`] with buffers kept in `scratch` for the next searches.
-#[allow(clippy::too_many_arguments)]
-pub fn lite_search_in(
-    scratch: &LiteScratch,
-    tier: Tier,
-    format: FloatFormat,
-    x: &[f32],
-    w: &[f32],
-    shape: [usize; 2],
-    params: &QuantParams,
-    alphas: &[f64],
-) -> Result<LiteSearch> {
-    search(scratch, tier, format, x, w, shape, params, alphas, LossForm::Auto)
+    lite_search_in(&LiteScratch::default(), tier, format, x, w, shape, params, alphas, LossForm::Auto)
 }
 
 /// [`lite_search`] with a chosen [`LossForm`] (`Gram` on f16/bf16 weights falls back to `Direct`).
@@ -207,11 +192,12 @@ pub fn lite_search_with(
     alphas: &[f64],
     form: LossForm,
 ) -> Result<LiteSearch> {
-    search(&LiteScratch::default(), tier, format, x, w, shape, params, alphas, form)
+    lite_search_in(&LiteScratch::default(), tier, format, x, w, shape, params, alphas, form)
 }
 
+/// [`lite_search_with`] with buffers kept in `scratch` for the next searches.
 #[allow(clippy::too_many_arguments)]
-fn search(
+pub fn lite_search_in(
     scratch: &LiteScratch,
     tier: Tier,
     format: FloatFormat,

@@ -20,7 +20,7 @@ use crate::graph::floats::decode_floats;
 use crate::graph::model::Model;
 use crate::graph::read::{attr_int, constants};
 use crate::plan::{Candidate, Decision};
-use nibble::awq::{self, clip_search, lite_search_in, LiteScratch};
+use nibble::awq::{self, clip_search, lite_search_in, LiteScratch, LossForm};
 use nibble::{Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, Tier};
 use std::collections::HashMap;
 
@@ -442,8 +442,18 @@ pub fn search(
                 let mut out = WeightAwq::default();
                 let mut clip_input = None;
                 if opts.method != AwqMethod::Clip {
-                    let s = lite_search_in(&lite_scratch, tier, format, xq, &wkn, shape, &params, &lite_alphas)
-                        .map_err(kernel_err)?;
+                    let s = lite_search_in(
+                        &lite_scratch,
+                        tier,
+                        format,
+                        xq,
+                        &wkn,
+                        shape,
+                        &params,
+                        &lite_alphas,
+                        LossForm::Auto,
+                    )
+                    .map_err(kernel_err)?;
                     if opts.verbose {
                         say(
                             &progress,
