@@ -298,12 +298,17 @@ pub(crate) fn write_model(
     let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
     let mut names = ModelNames::of(model.proto.graph.as_ref().expect("graph"));
+    let weights = weight_initializers(&model, &candidates);
     let searched = search(&mut model, &chosen, block, opts, &mut names)?;
     let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();
     model.inline_external_data()?;
-    // Streamed output: each quantized weight's tensors go to the output's data file as soon as they
-    // are built; the unchanged tensors are copied from the input's mapping at the end.
+    // Streamed output: the tensors that stay as they are go first to the output's data file (copied
+    // from the input's mapping by the writer thread while the weights are quantized), then each
+    // quantized weight's tensors as soon as they are built.
     let mut sink = DataSink::create(&data_path)?;
+    let root = model.proto.graph.as_ref().expect("graph");
+    let unchanged = |i: usize| root.initializer[i].name.as_ref().is_some_and(|n| !weights.contains(n));
+    stream::put_unchanged(&mut sink, root, &unchanged, opts.external_data)?;
     let reader = model.reader();
     let blocks = (block, &block_of as &(dyn Fn(&Candidate) -> BlockSize + Sync));
     let mut quantized = quantize_stream(&reader, &chosen, searched.gptq, searched.awq.as_ref(), blocks, opts);
@@ -342,6 +347,17 @@ pub(crate) fn write_model(
         budget,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The names of the main graph's initializers that hold a candidate weight (or the constant its
+/// folded chain starts from): the ones emitting may replace, remove or keep beside a quantized form.
+fn weight_initializers(model: &Model, candidates: &[Candidate]) -> std::collections::HashSet<String> {
+    let root = model.proto.graph.as_ref().expect("graph");
+    let source = |c: &Candidate| match c.source {
+        crate::graph::read::Source::Initializer(i) if c.graph.is_empty() => root.initializer.get(i)?.name.clone(),
+        _ => None,
+    };
+    candidates.iter().flat_map(|c| [Some(c.weight.clone()), source(c)]).flatten().collect()
 }
 
 /// `opts` with `--segment-mb auto` resolved for `model`: calibration (AWQ, GPTQ, `--target-bits`)

@@ -50,6 +50,24 @@ fn inlined(path: &Path) -> ModelProto {
     m.proto
 }
 
+/// The bytes and the number of the top-level tensors the model at `path` keeps in external data.
+fn referenced(path: &Path) -> (u64, u64) {
+    let m = Model::load(path).unwrap();
+    let lengths: Vec<u64> = m
+        .proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .filter_map(|t| {
+            let length = t.external_data.iter().find(|e| e.key.as_deref() == Some("length"))?;
+            length.value.as_ref()?.parse().ok()
+        })
+        .collect();
+    (lengths.iter().sum(), lengths.len() as u64)
+}
+
 /// The outputs of the model at `path` on a random input in ONNX Runtime, with default session
 /// options and with graph optimizations disabled; every value finite.
 fn outputs(path: &Path) -> Vec<Vec<NamedTensor>> {
@@ -118,6 +136,14 @@ fn streamed_output_equals_the_in_memory_output() {
                     };
                     assert_eq!(x.len(), y.len(), "{label}: data file sizes differ");
                     assert_eq!(sorted(&x), sorted(&y), "{label}: data files hold other bytes");
+                    // Tensors written ahead (the unchanged ones) are each written once and all
+                    // referenced: nothing in the file but tensors and their alignment padding.
+                    let (bytes, count) = referenced(&streamed);
+                    assert!(
+                        y.len() as u64 <= bytes + 63 * count,
+                        "{label}: {} bytes unreferenced",
+                        y.len() as u64 - bytes
+                    );
                 }
             }
             assert_eq!(outputs(&held), outputs(&streamed), "{label}: ONNX Runtime computes other outputs");
@@ -341,4 +367,43 @@ fn gptq_on_the_whole_graph_spills_its_finished_weights() {
         assert!(left.is_empty(), "files left in {}: {left:?}", dir.display());
     }
     assert_eq!(snapshot(&input_dir), before, "the input changed");
+}
+
+/// The tensors that do not change (here an embedding table read by a Gather) are written to the
+/// data file ahead of the quantized weights, once, and referenced there: the model is the one the
+/// in-memory path writes, and the data file holds nothing unreferenced.
+#[test]
+fn unchanged_tensors_written_ahead_are_referenced_once() {
+    let d = tmp();
+    let (h, vocab) = (64, 100);
+    let values = |n: usize| (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect::<Vec<f32>>();
+    let graph = GraphProto {
+        name: Some("ahead".into()),
+        node: vec![
+            node("Gather", "/embed/Gather", &["embed", "ids"], &["h"], vec![]),
+            node("MatMul", "/layer/MatMul", &["h", "W"], &["y"], vec![]),
+        ],
+        initializer: vec![
+            init("embed", &[vocab, h], &values(vocab * h), FloatFormat::F32),
+            init("W", &[h, h], &values(h * h), FloatFormat::F32),
+        ],
+        input: vec![io("ids", 7, &[None])],
+        output: vec![io("y", 1, &[None, Some(h)])],
+        ..Default::default()
+    };
+    let src = d.path().join("g.onnx");
+    save(nibble_driver::graph::build::model(graph, 17), &src, ExternalData::Always).unwrap();
+    let (held, streamed) = (d.path().join("held.onnx"), d.path().join("streamed.onnx"));
+    quantize_file(&src, &held, &options(Method::RtnDq, Format::Dq, ExternalData::Always, true)).unwrap();
+    quantize_file(&src, &streamed, &options(Method::RtnDq, Format::Dq, ExternalData::Always, false)).unwrap();
+    assert_eq!(inlined(&held), inlined(&streamed), "tensors or graph differ");
+    let size = std::fs::metadata(streamed.with_file_name("streamed.onnx_data")).unwrap().len();
+    let (bytes, count) = referenced(&streamed);
+    assert!(bytes >= (vocab * h * 4) as u64, "the table is not in the data file");
+    assert!(size <= bytes + 63 * count, "{} bytes unreferenced", size - bytes);
+    // The table was written first (ahead of the quantized weight).
+    let m = Model::load(&streamed).unwrap();
+    let embed =
+        m.proto.graph.as_ref().unwrap().initializer.iter().find(|t| t.name.as_deref() == Some("embed")).unwrap();
+    assert!(embed.external_data.iter().any(|e| e.key.as_deref() == Some("offset") && e.value.as_deref() == Some("0")));
 }

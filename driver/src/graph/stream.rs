@@ -3,8 +3,9 @@
 //! A [`DataSink`] is the output's external data file, written as the run goes: each quantized
 //! tensor is appended when it is finished ([`DataSink::put`] moves its bytes out of memory and leaves
 //! an external-data reference: `location`, `offset`, `length`, offsets aligned to 64 bytes, tensors
-//! under 1024 bytes kept inline, as ONNX's `save_model` does). [`finish`] appends the tensors that did
-//! not change (copied from the input's memory map, so no copy of the model is held) and writes the
+//! under 1024 bytes kept inline, as ONNX's `save_model` does). The tensors that will not change are
+//! written first ([`put_unchanged`], copied from the input's memory map, so no copy of the model is
+//! held), while the weights are quantized; [`finish`] appends any other tensor and writes the
 //! protobuf last, encoded field by field straight into the file ([`write_proto`]: one tensor's
 //! encoding at a time, the same bytes as prost's `encode_to_vec`). Both files are temporary files
 //! next to the output, renamed into place at the end and removed on error or Ctrl-C; the input is
@@ -30,6 +31,16 @@ pub struct DataSink {
     location: String,
     /// Bytes written so far (padding included).
     offset: u64,
+    /// Tensors written ahead by [`DataSink::put_early`], by name: where their bytes are.
+    early: std::collections::HashMap<String, Early>,
+}
+
+/// A tensor's bytes written ahead of the quantized weights: the slice they were taken from (its
+/// address and length, to know the tensor still holds those bytes) and where they went.
+struct Early {
+    address: usize,
+    length: usize,
+    offset: u64,
 }
 
 impl DataSink {
@@ -39,7 +50,7 @@ impl DataSink {
     /// [`Error::Write`] naming the temporary file when it cannot be created.
     pub fn create(data_path: &Path) -> Result<DataSink> {
         let location = data_path.file_name().expect("a file name").to_string_lossy().into_owned();
-        Ok(DataSink { tmp: TempFile::create(data_path)?, location, offset: 0 })
+        Ok(DataSink { tmp: TempFile::create(data_path)?, location, offset: 0, early: Default::default() })
     }
 
     /// Bytes written so far (tensor data and the padding that aligns each tensor to 64 bytes).
@@ -57,20 +68,53 @@ impl DataSink {
         let Some(raw) = t.raw_data.take_if(|r| r.len() >= EXTERNAL_THRESHOLD) else {
             return Ok(());
         };
-        let pad = (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
-        self.tmp.write_all(&[0u8; EXTERNAL_ALIGN as usize][..pad as usize])?;
-        self.offset += pad;
         let length = raw.len();
-        self.tmp.write_bytes(raw)?;
+        // Written ahead and still holding the very bytes written (the same slice): referenced there.
+        let ahead = t.name.as_ref().and_then(|n| self.early.remove(n));
+        let offset = match ahead.filter(|e| (e.address, e.length) == (raw.as_ptr() as usize, length)) {
+            Some(e) => e.offset,
+            None => self.append(raw)?,
+        };
         let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         t.external_data = vec![
             entry("location", self.location.clone()),
-            entry("offset", self.offset.to_string()),
+            entry("offset", offset.to_string()),
             entry("length", length.to_string()),
         ];
-        self.offset += length as u64;
         t.data_location = Some(DataLocation::External as i32);
         Ok(())
+    }
+
+    /// Appends the `raw_data` of `t` (when it holds 1024 bytes or more) now, leaving `t` as it is:
+    /// for a tensor that will be written unchanged, so that the writer thread copies it while the
+    /// weights are quantized instead of after them. [`DataSink::put`] then references those bytes
+    /// when `t` still holds the same slice (same address and length), and appends them again
+    /// otherwise.
+    ///
+    /// # Errors
+    /// [`Error::Write`] when the file cannot be written.
+    pub fn put_early(&mut self, t: &TensorProto) -> Result<()> {
+        let (Some(name), Some(raw)) = (&t.name, t.raw_data.as_ref().filter(|r| r.len() >= EXTERNAL_THRESHOLD)) else {
+            return Ok(());
+        };
+        if self.early.contains_key(name) {
+            return Ok(());
+        }
+        let (address, length) = (raw.as_ptr() as usize, raw.len());
+        let offset = self.append(raw.clone())?;
+        self.early.insert(name.clone(), Early { address, length, offset });
+        Ok(())
+    }
+
+    /// Appends `raw` at the next multiple of 64 bytes; returns its offset.
+    fn append(&mut self, raw: Bytes) -> Result<u64> {
+        let pad = (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
+        self.tmp.write_all(&[0u8; EXTERNAL_ALIGN as usize][..pad as usize])?;
+        self.offset += pad;
+        let offset = self.offset;
+        self.offset += raw.len() as u64;
+        self.tmp.write_bytes(raw)?;
+        Ok(offset)
     }
 
     /// The `(offset, length)` of `t` when its data is in this file.
@@ -103,6 +147,44 @@ impl DataSink {
     }
 }
 
+/// With `--external-data auto`, models larger than this held inline get external data (protobuf's
+/// limit less 16 MiB for the protobuf's own fields).
+const AUTO_LIMIT: usize = PROTOBUF_LIMIT - (16 << 20);
+
+/// Writes ahead ([`DataSink::put_early`]) the top-level initializers of `graph` that `unchanged`
+/// says will be written as they are (by index), when their data certainly goes to the data file:
+/// with `Always`, or with `Auto` when their bytes alone exceed the inline limit. The writer thread
+/// then copies them while the weights are quantized.
+///
+/// # Errors
+/// [`Error::Write`] when the file cannot be written.
+pub fn put_unchanged(
+    sink: &mut DataSink,
+    graph: &GraphProto,
+    unchanged: &dyn Fn(usize) -> bool,
+    mode: ExternalData,
+) -> Result<()> {
+    let ahead = || {
+        graph
+            .initializer
+            .iter()
+            .enumerate()
+            .filter(|&(i, t)| unchanged(i) && t.raw_data.as_ref().is_some_and(|r| r.len() >= EXTERNAL_THRESHOLD))
+            .map(|(_, t)| t)
+    };
+    let external = match mode {
+        ExternalData::Always => true,
+        ExternalData::Never => false,
+        ExternalData::Auto => ahead().map(|t| t.raw_data.as_ref().map_or(0, |r| r.len())).sum::<usize>() > AUTO_LIMIT,
+    };
+    if external {
+        for t in ahead() {
+            sink.put_early(t)?;
+        }
+    }
+    Ok(())
+}
+
 /// A read-only mapping of one of nibble's own temporary files that is only ever appended to (the
 /// streamed data file, calibration's carried tensors), after the bytes to read have been flushed.
 ///
@@ -122,7 +204,8 @@ pub fn map_appended(path: &Path) -> Result<Bytes> {
 /// Writes the model `proto` to `out`, its external data (if any) to `data_path` through `sink` (which
 /// may already hold streamed tensors), both atomically. With external data (`Always`, or `Auto`
 /// when the model held inline would exceed protobuf's 2 GiB limit less 16 MiB), every top-level
-/// initializer of 1024 bytes or more that still holds `raw_data` is appended to the data file; else
+/// initializer of 1024 bytes or more that still holds `raw_data` is appended to the data file (or
+/// referenced where [`put_unchanged`] wrote it ahead); else
 /// the streamed tensors are put back inline and no data file is written (a stale one is removed).
 /// Returns the bytes written (data file with padding, plus the `.onnx` file).
 ///
@@ -143,7 +226,7 @@ pub fn finish(
         ExternalData::Auto => {
             let mut inline = proto.clone();
             sink.inline(&mut inline)?;
-            inline.encoded_len() > PROTOBUF_LIMIT - (16 << 20)
+            inline.encoded_len() > AUTO_LIMIT
         }
     };
     let mut data = None;
