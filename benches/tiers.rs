@@ -149,6 +149,15 @@ fn main() {
         );
         let mut p = vec![0u8; w.len() / 2];
         add(
+            "quantize_packed (bf16 rounding)",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                quantize_packed_with(tier, FloatFormat::BF16, black_box(w), cols, scale, None, &mut p).unwrap()
+            }),
+        );
+        let mut p = vec![0u8; w.len() / 2];
+        add(
             "pack_nibbles (per code byte)",
             t,
             w.len(),

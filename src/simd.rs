@@ -63,6 +63,24 @@ pub(crate) fn from_int<S: Simd>(simd: S, v: S::u32s) -> S::f32s {
     simd.sub_f32s(biased, simd.splat_f32s(MAGIC))
 }
 
+/// Whether every lane of a comparison's mask is true: `kortest` on AVX-512, `vmovmskps` on AVX2,
+/// lane by lane elsewhere.
+#[inline(always)]
+pub(crate) fn all_lanes<S: Simd>(simd: S, mask: S::m32s) -> bool {
+    let bytes = bytemuck::bytes_of(&mask);
+    #[cfg(target_arch = "x86_64")]
+    if as_v4(simd).is_some() {
+        return bytes == [0xff, 0xff];
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = as_v3(simd) {
+        let m: [u8; 32] = bytes.try_into().expect("8 lanes");
+        return v3.avx._mm256_movemask_ps(bytemuck::cast(m)) == 0xff;
+    }
+    let _ = simd;
+    bytes.chunks(bytes.len() / S::F32_LANES).all(|lane| lane.iter().any(|&b| b != 0))
+}
+
 /// The lanes of a vector as a slice.
 #[inline(always)]
 pub(crate) fn lanes_u32<S: Simd>(v: &S::u32s) -> &[u32] {

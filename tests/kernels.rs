@@ -331,3 +331,90 @@ fn widen_matches_half_for_every_bit_pattern() {
     widen_bf16(&bf16s, &mut out).unwrap();
     assert!(out.iter().zip(&bf16s).all(|(&o, h)| same(o, h.to_f32())), "bf16");
 }
+
+/// `x` moved by `d` steps of `format` (its bit pattern plus `d`; `x` finite and nonzero).
+fn nudge(format: FloatFormat, x: f32, d: i32) -> f32 {
+    match format {
+        FloatFormat::F32 => f32::from_bits(x.to_bits().wrapping_add_signed(d)),
+        FloatFormat::F16 => {
+            half::f16::from_bits(half::f16::from_f32(x).to_bits().wrapping_add_signed(d as i16)).to_f32()
+        }
+        FloatFormat::BF16 => {
+            half::bf16::from_bits(half::bf16::from_f32(x).to_bits().wrapping_add_signed(d as i16)).to_f32()
+        }
+    }
+}
+
+/// Quotients `x / s` built next to the boundaries of the roundings, where a reciprocal product can
+/// round the other way than the division (the bf16 fast path of `kernels::code` must then take the
+/// division): `x = (k + 0.5) s` for k in -9..=9, nudged by -3..=3 steps of the format (format and
+/// plain f32 scales), and `x / s` within -3..=3 f32 steps of the midpoint between k + 0.5 and its
+/// neighbour in the format towards the odd integer (`s` an f32 chosen for `x`). One column per pair; every format, width, tier, symmetric and zero
+/// point, bit for bit against the reference. The data must include pairs whose codes a plain
+/// reciprocal product gets wrong, or this test could not fail.
+#[test]
+fn quotients_at_rounding_boundaries_match_reference() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32
+    };
+    for format in FORMATS {
+        let mut pairs: Vec<(f32, f32)> = Vec::new();
+        for k in -9i32..=9 {
+            for d in -3..=3 {
+                for plain_scale in [false, true, false, true] {
+                    let s = 0.001 + rand() * 0.2;
+                    let s = if plain_scale { s } else { format.round(s) };
+                    pairs.push((nudge(format, format.round((k as f32 + 0.5) * s), d), s));
+                }
+                // The midpoint m between k + 0.5 and its neighbour on the side of the odd integer
+                // (where a quotient rounding to the neighbour instead of k + 0.5 changes the code).
+                let y = k as f32 + 0.5;
+                let odd = if k % 2 == 0 { k as f32 + 1.0 } else { k as f32 };
+                let m = (y + nudge(format, y, if (odd > y) == (y > 0.0) { 1 } else { -1 })) / 2.0;
+                for _ in 0..4 {
+                    let x = format.round((0.05 + rand()) * if k < 0 { -1.0 } else { 1.0 });
+                    pairs.push((x, f32::from_bits((x / m).to_bits().wrapping_add_signed(d))));
+                }
+            }
+        }
+        let pairs: Vec<(f32, f32)> = pairs.into_iter().filter(|(x, s)| x.is_finite() && *s != 0.0).collect();
+        let naive_wrong = pairs
+            .iter()
+            .filter(|&&(x, s)| format.round(x / s).round_ties_even() != format.round(x * (1.0 / s)).round_ties_even())
+            .count();
+        assert!(naive_wrong >= 5, "{format:?}: {naive_wrong} pairs where a reciprocal product rounds differently");
+        // One row of 16 columns (a full vector on every tier) per pair: the pair in column i % 16,
+        // ordinary quotients (`x / 1.0`) in the others, so a lane alone decides its vector's path.
+        let cols = 16;
+        for (i, &(x, s)) in pairs.iter().enumerate() {
+            let w: Vec<f32> = (0..cols).map(|j| if j == i % cols { x } else { format.round(0.3 * j as f32) }).collect();
+            let scale: Vec<f32> = (0..cols).map(|j| if j == i % cols { s } else { 1.0 }).collect();
+            let w = &w[..];
+            for width in WIDTHS {
+                let zp: Vec<f32> = (0..cols).map(|j| ((j * 7) as f32) % (width.levels() + 1.0)).collect();
+                for zref in [None, Some(&zp[..])] {
+                    let want_q = reference::quantize(format, width, w, cols, &scale, zref);
+                    let want_dq = reference::dequantize(format, &want_q, cols, &scale, zref);
+                    for tier in Tier::available() {
+                        let mut q = vec![0xAAu8; w.len()];
+                        quantize_with(tier, format, width, w, cols, &scale, zref, &mut q).unwrap();
+                        assert_eq!(q, want_q, "quantize {tier:?} {format:?} {width:?} zp {}", zref.is_some());
+                        if width == Bits::Four {
+                            let mut packed = vec![0x33u8; w.len() / 2];
+                            quantize_packed_with(tier, format, w, cols, &scale, zref, &mut packed).unwrap();
+                            assert_eq!(packed, reference::pack(&want_q), "quantize_packed {tier:?} {format:?}");
+                        }
+                        let mut dq = vec![0.0; w.len()];
+                        qdq_error_with(tier, format, width, w, cols, &scale, zref, QdqOutput::Dequantized, &mut dq)
+                            .unwrap();
+                        assert_eq!(bits(&dq), bits(&want_dq), "qdq {tier:?} {format:?} {width:?}");
+                    }
+                }
+            }
+        }
+    }
+}

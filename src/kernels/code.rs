@@ -1,10 +1,43 @@
 //! The per-lane code arithmetic shared by [`quantize`](super::quantize),
 //! [`quantize_packed`](super::quantize_packed) and [`qdq_error`](super::qdq_error): ModelOpt's
 //! `rtn` on one vector of lanes, in the weight's [`Precision`].
+//!
+//! # bf16: the division off the hot path
+//!
+//! Every code needs `rint(rnd_P(x / s))`: the correctly rounded f32 quotient `y0 = fl(x / s)`,
+//! rounded to the weight's precision P (`y1 = rnd_P(y0)`), then to an integer, ties to even. For
+//! bf16 the SIMD tiers multiply by the column's reciprocal instead, `y' = fl(x * r)` with
+//! `r = fl(1 / s)` computed once per column and slab ([`reciprocals`]), and keep `rnd_bf16(y')` for
+//! vectors whose every lane passes the test below, which proves it equal to `y1`; any other vector
+//! is computed by the division, exactly as before.
+//!
+//! **Why it is exact.** `r` is NaN unless `2^-125 <= |s| <= 2^125`, so `1 / s` is a normal number:
+//! `r = (1 / s)(1 + a)`, `|a| <= 2^-24`, and `x * r = v (1 + a)` with `v = x / s` exact; NaN fails
+//! the test. `y'` and `y0` are the f32 roundings (monotone) of two reals of the same sign at most a
+//! factor `1 +- 2^-24` apart, so both lie between the roundings of `|v| (1 - 2^-24)` and
+//! `|v| (1 + 2^-24)` (sign apart): an interval of width `2^-23 |v|` in which f32 values are at least
+//! `2^-24 |v| (1 - 2^-24)` apart (or 2^-149, wider than the interval, when subnormal), so it holds
+//! at most three of them and the bits of `y'` and `y0` are at most 4 apart. The rounding to bf16,
+//! on the bits `u` of a finite f32 (sign apart), rounds `u` to the nearest multiple of 2^16, ties to
+//! even: its only boundaries are `u = 0x8000 (mod 2^16)`. A lane passes when `y'` is finite and the
+//! low 16 bits of its bits are not within 8 of 0x8000; then no boundary lies between the bits of
+//! `y'` and `y0`, so `y1 = rnd_bf16(y')`, which, away from a tie, is `(u + 0x8000) & !0xffff` (the
+//! sign bit rides along: no carry reaches it from a finite value). About 2^-12 of the lanes fail
+//! for arbitrary quotients, and none when `x` and `s` are both bf16 values, as in the pipeline (a
+//! quotient of two 8-bit significands is never within 2^-17 of a 9-bit midpoint, 64 f32 steps).
+//!
+//! Measured (BENCHMARKS.md, "The division off the hot path"): bf16 `quantize_packed` +13-16% on
+//! AVX-512. f32 and f16 keep the division: the same idea with a half-integer test
+//! (`e + |y'| (2^-p + 2^-20) < 1/2`, `e` the distance of `y'` to its nearest integer) made f16
+//! 6-15% slower and f32 no faster, because
+//! these loops are bound by their instruction count, not by the divider (f16's rounding is two
+//! hardware conversions, cheaper than the test, and 5% of its vectors took the division). The
+//! one-lane scalar tier keeps the division for every format.
 
-use crate::float::Precision;
-use crate::simd::rint_clamped;
+use crate::float::{FloatFormat, Precision};
+use crate::simd::{all_lanes, rint_clamped};
 use pulp::Simd;
+use std::borrow::Cow;
 
 /// The code bounds of a [`Bits`](crate::Bits) width, splatted once outside the loops.
 #[derive(Clone, Copy)]
@@ -32,20 +65,55 @@ impl<S: Simd> CodeBounds<S> {
     }
 }
 
+/// Whether [`quantize_lanes`] multiplies by the reciprocals on tier `S` in precision `P`.
+const fn uses_reciprocals<S: Simd, P: Precision>() -> bool {
+    S::F32_LANES > 1 && matches!(P::FORMAT, FloatFormat::BF16)
+}
+
+/// The `recip` argument of [`quantize_lanes`] for each column: `1 / s` when `2^-125 <= |s| <= 2^125`,
+/// NaN otherwise (zero, tiny, huge or NaN scales, whose lanes then always take the division); the
+/// scales themselves, unread, where the division is kept.
+pub(crate) fn reciprocals<S: Simd, P: Precision>(scale: &[f32]) -> Cow<'_, [f32]> {
+    const LO: f32 = 1.0 / (1u128 << 125) as f32;
+    const HI: f32 = (1u128 << 125) as f32;
+    if !uses_reciprocals::<S, P>() {
+        return Cow::Borrowed(scale);
+    }
+    scale.iter().map(|&s| if (LO..=HI).contains(&s.abs()) { 1.0 / s } else { f32::NAN }).collect()
+}
+
+/// `rnd_P(x / s)`: for bf16 on SIMD tiers `rnd_bf16(x * recip)` when every lane passes the test
+/// (module doc), else the division.
+#[inline(always)]
+fn rounded_quotient<S: Simd, P: Precision>(simd: S, x: S::f32s, s: S::f32s, recip: S::f32s) -> S::f32s {
+    if uses_reciprocals::<S, P>() {
+        let u: S::u32s = pulp::cast(simd.mul_f32s(x, recip));
+        let magnitude = simd.and_u32s(u, simd.splat_u32s(0x7fff_ffff));
+        let finite = simd.less_than_u32s(magnitude, simd.splat_u32s(0x7f80_0000));
+        let low = simd.and_u32s(simd.sub_u32s(u, simd.splat_u32s(0x8000 - 8)), simd.splat_u32s(0xffff));
+        let far = simd.greater_than_u32s(low, simd.splat_u32s(16));
+        if all_lanes(simd, simd.and_m32s(finite, far)) {
+            return pulp::cast(simd.and_u32s(simd.add_u32s(u, simd.splat_u32s(0x8000)), simd.splat_u32s(0xffff_0000)));
+        }
+    }
+    P::round_simd(simd, simd.div_f32s(x, s))
+}
+
 /// The code of each lane as an integer-valued float, exactly ModelOpt's `rtn`:
 /// `clip(rint(rnd(x / s)), qmin, qmax)`, or with a zero point `clip(rint(rnd(x / s)) + zp, 0, levels)`
-/// (bounds of [`Bits`](crate::Bits)). The zero-point form clamps `rnd(x / s)` to
-/// [-(levels + 1), levels + 1] first, which changes nothing after the final clip (zp is in
-/// 0..=levels) and keeps the magic-number rounding in range.
+/// (bounds of [`Bits`](crate::Bits)), `recip` the lanes' [`reciprocals`]. The zero-point form
+/// clamps `rnd(x / s)` to [-(levels + 1), levels + 1] first, which changes nothing after the final
+/// clip (zp is in 0..=levels) and keeps the magic-number rounding in range.
 #[inline(always)]
 pub(crate) fn quantize_lanes<S: Simd, P: Precision>(
     simd: S,
     bounds: &CodeBounds<S>,
     x: S::f32s,
     s: S::f32s,
+    recip: S::f32s,
     zp: Option<S::f32s>,
 ) -> S::f32s {
-    let y = P::round_simd(simd, simd.div_f32s(x, s));
+    let y = rounded_quotient::<S, P>(simd, x, s, recip);
     match zp {
         None => rint_clamped(simd, y, bounds.qmin, bounds.qmax),
         Some(z) => {

@@ -15,6 +15,7 @@
 //! | `block_absmax`, `block_minmax` | nothing: integer max/min on the magnitude bits, one load and one op per vector |
 //! | `quantize` (f32) | bound by the correctly rounded f32 division `w / s` (numpy's). The hand-written 8-lane AVX2 body ran below the scalar tier (8.5-8.9 vs 10.2-11.2 GiB/s) and the 16-lane AVX-512 body below LLVM's own vectorization of the scalar body: both x86 tiers now run the one-lane scalar body compiled with the tier's target features (`Tier::dispatch_autovec`), which LLVM vectorizes and unrolls (AVX2 12.4-14.0, AVX-512 13.6-14.4 GiB/s; `cargo bench --bench tiers`, three runs, BENCHMARKS.md). f16/bf16 rounding keeps the hand-written lanes (hardware conversions) |
 //! | `quantize_packed` (f32) | AVX2: the auto-vectorized scalar body (11.3-11.8 vs hand-written 10.0-10.4 GiB/s); AVX-512: the hand-written lanes (13.2-14.0 vs 12.2-12.3 GiB/s auto-vectorized, in the two runs that measured both) |
+//! | `quantize`, `quantize_packed`, `qdq_error` with bf16 rounding | the correctly rounded division and bf16's integer rounding (about 8 ops): the SIMD tiers now multiply by per-column reciprocals and round with 2 ops, taking the division only for vectors with a lane near a bf16 rounding boundary (never for bf16 weights and scales; `kernels::code` has the proof). 2026-12-04, load 5-6, best of 400 calls on a 128 x 4096 slab, 4 interleaved rounds: AVX-512 `quantize_packed` 13.8-13.9 vs 11.9-12.4 GiB/s (+13-16%), `quantize` 13.0-14.3 vs 11.9-12.2. f32 and f16 keep the division: the same idea with a half-integer test made f16 `quantize_packed` 6-13% slower (11.3-12.2 vs 12.8-13.3) and f32 no faster, these loops being bound by their instruction count, not by the divider |
 //! | `quantize` with f16 rounding | the integer-only f16 rounding (about 15 ops a vector): AVX-512 and AVX2 now use the hardware pair `vcvtps2ph` / `vcvtph2ps` (AVX2 through F16C) |
 //! | `quantize_packed` | lanes were paired through memory: now paired in registers (`v \| v >> 28` on u64 lanes, then `vpmovqb` or a byte shuffle) |
 //! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`). Settled 2026-12-04 (seven runs, load 3.6-5.8): AVX-512 first in 6 of 7, median 21.0 vs AVX2 19.5 GiB/s |
@@ -33,7 +34,12 @@
 //! (AVX2 and AVX-512 tie at the memory traffic's speed), `qdq_error` (AVX2 within 5% of scalar in
 //! 2026-12-03's runs; 2026-12-04: AVX-512 first in 5 of 7, AVX2 ahead by 2-3% in the other two).
 //! Every other kernel had AVX-512 first in all seven 2026-12-04 runs. `pack_nibbles` is settled
-//! (AVX-512).
+//! (AVX-512). Four more runs (`tiers -- 300`, 2026-12-04 19:49-19:51 UTC, load 4.6-5.9, Intel
+//! AVX-512 host): `quantize` with f16 rounding AVX-512 first in 4 of 4 (14.0-14.5 vs AVX2
+//! 8.0-8.7 GiB/s) and `widen_f16` in 4 of 4 (7.2-8.3 vs 6.6-8.0): both stay AVX-512, settled;
+//! `pack_nibbles` AVX-512 and AVX2 within 1% in three runs (AVX2 ahead in two), AVX-512 8% ahead in
+//! one: a tie, AVX-512 stays. `dequantize` had scalar first in 3 of those 4 (18.8-23.4 vs AVX-512
+//! 14.6-20.1): not settled, left as it is (it writes 2 MiB of f32 per call; see its row).
 
 pub mod block_absmax;
 pub mod block_dot;

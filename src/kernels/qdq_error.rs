@@ -12,7 +12,7 @@
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::kernels::code::{quantize_lanes, CodeBounds};
+use crate::kernels::code::{quantize_lanes, reciprocals, CodeBounds};
 use crate::simd::{for_each_chunk, load_f32, store_f32};
 use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
@@ -102,12 +102,14 @@ impl<P: Precision> Qdq<'_, P> {
         let bits = if BITS == 8 { Bits::Eight } else { Bits::Four };
         let Self { w, bits: _, cols, scale, zero_point, error, out, _p: _ } = self;
         let bounds = CodeBounds::new(simd, bits);
+        let recip = reciprocals::<S, P>(scale);
         for (row, out) in w.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
             for_each_chunk::<S>(cols, |j, n| {
                 let x = load_f32(simd, &row[j..j + n]);
                 let s = load_f32(simd, &scale[j..j + n]);
+                let r = load_f32(simd, &recip[j..j + n]);
                 let zp = zero_point.map(|z| load_f32(simd, &z[j..j + n]));
-                let q = quantize_lanes::<S, P>(simd, &bounds, x, s, zp);
+                let q = quantize_lanes::<S, P>(simd, &bounds, x, s, r, zp);
                 let dq = match zp {
                     None => simd.mul_f32s(q, s),
                     Some(zp) => simd.mul_f32s(simd.sub_f32s(q, zp), s),

@@ -12,7 +12,7 @@
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::kernels::code::{quantize_lanes, CodeBounds};
+use crate::kernels::code::{quantize_lanes, reciprocals, CodeBounds};
 use crate::simd::{for_each_chunk, load_f32, store_low_bytes, to_int};
 use crate::{Bits, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
@@ -125,6 +125,7 @@ impl<P: Precision> Quantize<'_, P> {
         let bits = if BITS == 8 { Bits::Eight } else { Bits::Four };
         let Self { w, bits: _, cols, scale, zero_point, codes, _p: _ } = self;
         let bounds = CodeBounds::new(simd, bits);
+        let recip = reciprocals::<S, P>(scale);
         // The zero-point choice stays outside the loops, so each loop is specialized.
         let rows = w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols));
         match zero_point {
@@ -133,7 +134,8 @@ impl<P: Precision> Quantize<'_, P> {
                     for_each_chunk::<S>(cols, |j, n| {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
-                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, None);
+                        let r = load_f32(simd, &recip[j..j + n]);
+                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, r, None);
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }
@@ -143,8 +145,9 @@ impl<P: Precision> Quantize<'_, P> {
                     for_each_chunk::<S>(cols, |j, n| {
                         let x = load_f32(simd, &row[j..j + n]);
                         let s = load_f32(simd, &scale[j..j + n]);
+                        let r = load_f32(simd, &recip[j..j + n]);
                         let zp = load_f32(simd, &zero_point[j..j + n]);
-                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, Some(zp));
+                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, r, Some(zp));
                         store_low_bytes(simd, to_int(simd, q), &mut out[j..j + n]);
                     });
                 }

@@ -11,7 +11,7 @@
 
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
-use crate::kernels::code::{quantize_lanes, CodeBounds};
+use crate::kernels::code::{quantize_lanes, reciprocals, CodeBounds};
 use crate::simd::{for_each_chunk, load_f32, prefetch, store_nibble_pairs, to_int, Element};
 use crate::{Error, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
@@ -152,6 +152,7 @@ impl<E: Element, P: Precision> WithSimd for Job<'_, E, P> {
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { w, rows, cols, w_stride, scale, zero_point, packed, row_stride, next, _p: _ } = self;
         let bounds = CodeBounds::new(simd, crate::Bits::Four);
+        let recip = reciprocals::<S, P>(scale);
         let nib = simd.splat_u32s(0xf);
         // One-lane tiers pair columns through a row of codes (kept in L1).
         let odd_lanes = S::F32_LANES % 2 == 1;
@@ -165,8 +166,9 @@ impl<E: Element, P: Precision> WithSimd for Job<'_, E, P> {
                     for_each_chunk::<S>(cols, |j, m| {
                         let x = E::load(simd, &row[j..j + m]);
                         let s = load_f32(simd, &scale[j..j + m]);
+                        let rc = load_f32(simd, &recip[j..j + m]);
                         #[allow(clippy::redundant_closure_call)]
-                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, ($zp)(j, m));
+                        let q = quantize_lanes::<S, P>(simd, &bounds, x, s, rc, ($zp)(j, m));
                         let q = simd.and_u32s(to_int(simd, q), nib);
                         if odd_lanes {
                             codes[j] = crate::simd::lanes_u32::<S>(&q)[0] as u8;
