@@ -49,3 +49,22 @@ fn gram_and_direct_losses_agree() {
     }
     assert_eq!(cases, 12);
 }
+
+/// The products write into buffers kept from earlier alphas without clearing them: whatever the
+/// buffer held (NaN here, so any value read would show) must not reach the result.
+#[test]
+fn products_ignore_what_the_buffer_held() {
+    use nibble::awq::matmul::{lower_triangular_matmul, lower_triangular_matmul_into, matmul, matmul_into};
+    for (m, k, n) in [(1, 1, 1), (37, 300, 40), (256, 96, 130), (1024, 768, 64)] {
+        let a = data(m * k, 3, |_| 1.0);
+        let b = data(k * n, 5, |_| 1.0);
+        let mut c = vec![f32::NAN; m * n + 7];
+        matmul_into(&a, &b, m, k, n, &mut c);
+        assert_eq!(c, matmul(&a, &b, m, k, n), "matmul {m}x{k}x{n}");
+        let l = data(k * k, 7, |_| 1.0);
+        let mut c = vec![f32::NAN; k * n];
+        lower_triangular_matmul_into(&l, &b, k, n, &mut c);
+        assert_eq!(c, lower_triangular_matmul(&l, &b, k, n), "triangular {k}x{n}");
+        assert!(c.iter().all(|v| v.is_finite()));
+    }
+}

@@ -78,13 +78,14 @@ pub fn scale_rows(format: FloatFormat, w: &[f32], s: &[f32], n: usize) -> Vec<f3
 /// [`scale_rows`] into `out` (its allocation is reused); returns whether every value is finite.
 /// Each row is scaled, rounded and checked while it is in cache.
 pub fn scale_rows_into(format: FloatFormat, w: &[f32], s: &[f32], n: usize, out: &mut Vec<f32>) -> bool {
-    out.clear();
-    out.reserve(w.len());
+    let n = n.max(1);
+    let rows = (w.len() / n).min(s.len());
+    out.resize(rows * n, 0.0);
     let mut finite = true;
-    for (row, &sk) in w.chunks_exact(n.max(1)).zip(s) {
-        let start = out.len();
-        out.extend(row.iter().map(|&v| v * sk));
-        let scaled = &mut out[start..];
+    for ((scaled, row), &sk) in out.chunks_exact_mut(n).zip(w.chunks_exact(n)).zip(s) {
+        for (o, &v) in scaled.iter_mut().zip(row) {
+            *o = v * sk;
+        }
         round_all(format, scaled);
         finite &= scaled.iter().fold(true, |all, v| all & v.is_finite());
     }

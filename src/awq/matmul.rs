@@ -38,16 +38,16 @@ pub fn par_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32
     c
 }
 
-/// Zeros `c` as `len` values, keeping its allocation.
-fn zeroed(c: &mut Vec<f32>, len: usize) {
-    c.clear();
+/// Sizes `c` to `len` values, keeping its allocation and its values: the products overwrite every
+/// value (`Accum::Replace` does not read the destination), so it is not cleared first.
+fn sized(c: &mut Vec<f32>, len: usize) {
     c.resize(len, 0.0);
 }
 
 fn product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, par: Par, c: &mut Vec<f32>) {
     assert_eq!(a.len(), m * k, "matmul: a is not [m, k]");
     assert_eq!(b.len(), k * n, "matmul: b is not [k, n]");
-    zeroed(c, m * n);
+    sized(c, m * n);
     if m == 0 || n == 0 {
         return;
     }
@@ -102,7 +102,7 @@ pub fn lower_triangular_matmul(l: &[f32], b: &[f32], k: usize, n: usize) -> Vec<
 pub fn lower_triangular_matmul_into(l: &[f32], b: &[f32], k: usize, n: usize, c: &mut Vec<f32>) {
     assert_eq!(l.len(), k * k, "lower_triangular_matmul: l is not [k, k]");
     assert_eq!(b.len(), k * n, "lower_triangular_matmul: b is not [k, n]");
-    zeroed(c, k * n);
+    sized(c, k * n);
     if k == 0 || n == 0 {
         return;
     }

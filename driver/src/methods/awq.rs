@@ -14,15 +14,20 @@
 use crate::calibrate::capture::Capture;
 use crate::calibrate::inputs::{calibration_inputs, CalibrationOptions};
 use crate::calibrate::runtime::Input;
+use crate::calibrate::runtime::NamedTensor;
 use crate::calibrate::segmented::Segmented;
 use crate::error::{Error, Result};
 use crate::graph::floats::decode_floats;
 use crate::graph::model::Model;
 use crate::graph::read::{attr_int, constants};
 use crate::plan::{Candidate, Decision};
-use nibble::awq::{self, clip_search, lite_search_in, LiteScratch, LossForm};
+use nibble::awq::{self, clip_search, lite_search_in, LiteScratch, LiteSearch, LossForm};
 use nibble::{Bits, BlockSize, FloatFormat, QuantParams, QuantizedWeight, Tier};
+use rayon::prelude::*;
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 /// Which AWQ variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -328,6 +333,81 @@ pub(crate) fn group_k(by_name: &HashMap<&str, &Candidate>, gr: &Group) -> usize 
     }
 }
 
+/// Group `gi`'s activation of a wave: every sample's rows `[T, K]` one after another (moved out of
+/// `captured`, whose copies are freed as they are used).
+fn group_activation(captured: &mut [Vec<NamedTensor>], gi: usize, gr: &Group, k: usize) -> Result<Vec<f32>> {
+    let mut x: Vec<f32> = Vec::new();
+    for sample in captured.iter_mut() {
+        let t = &mut sample[gi];
+        if t.shape.last() != Some(&k) {
+            return Err(Error::Runtime(format!(
+                "activation '{}' has shape {:?}; its last dimension should be K = {k} of weight '{}'",
+                gr.activation, t.shape, gr.weights[0]
+            )));
+        }
+        x.extend_from_slice(&t.data);
+        t.data = Vec::new();
+    }
+    Ok(x)
+}
+
+/// The activation `x` as weight `w` of `format` sees it: rounded to its dtype (float32: `x` itself).
+fn rounded_activation<'x>(format: FloatFormat, x: &'x [f32], w: &str) -> Result<Cow<'x, [f32]>> {
+    if format == FloatFormat::F32 {
+        return Ok(Cow::Borrowed(x));
+    }
+    let mut v = x.to_vec();
+    nibble::kernels::round_to_format(format, &mut v).map_err(|e| Error::kernel(w, e))?;
+    Ok(Cow::Owned(v))
+}
+
+/// The AWQ-lite searches of a wave's weights, in the wave's order, up to the first group whose
+/// activation is an error (`xs[g]` is group `g`'s activation).
+///
+/// Weights are searched as many at a time as rayon has threads, each with its alphas in parallel:
+/// while one weight is in a serial part (its statistics, reference product or Gram matrix, its last
+/// alpha), the other keeps the second core busy. Each thread (lane) takes the next weight when its
+/// search ends, so at most one search per thread is in flight: besides the scratch buffers, the
+/// memory is one weight's `[K, N]` view, rounded activation and reference `[T, N]` or Gram
+/// matrix `[K, K]` per thread. Each search is the same computation as alone (results are
+/// bit-identical whichever thread runs it).
+#[allow(clippy::too_many_arguments)]
+fn lite_searches(
+    model: &Model,
+    wave: &[&Group],
+    xs: &[Result<Vec<f32>>],
+    by_name: &HashMap<&str, &Candidate>,
+    block: BlockSize,
+    zero_point: bool,
+    alphas: &[f64],
+    scratch: &LiteScratch,
+) -> Vec<Result<LiteSearch>> {
+    let tasks: Vec<(&[f32], &str)> = wave
+        .iter()
+        .zip(xs)
+        .map_while(|(gr, x)| x.as_ref().ok().map(|x| (gr, x.as_slice())))
+        .flat_map(|(gr, x)| gr.weights.iter().map(move |w| (x, w.as_str())))
+        .collect();
+    let search = |(x, w): (&[f32], &str)| -> Result<LiteSearch> {
+        let c = by_name[w];
+        let format = c.format().expect("float weight");
+        let xq = rounded_activation(format, x, w)?;
+        let (wkn, shape) = weight_kn(model, c)?;
+        let params = QuantParams { block_size: c.block(block), axis: 0, zero_point, alpha: 1.0, bits: c.bits };
+        lite_search_in(scratch, Tier::best(), format, &xq, &wkn, shape, &params, alphas, LossForm::Auto)
+            .map_err(|e| Error::kernel(w, e))
+    };
+    let done: Vec<OnceLock<Result<LiteSearch>>> = tasks.iter().map(|_| OnceLock::new()).collect();
+    let next = AtomicUsize::new(0);
+    let lanes = rayon::current_num_threads().min(tasks.len());
+    (0..lanes).into_par_iter().for_each(|_| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(&task) = tasks.get(i) else { break };
+        let _ = done[i].set(search(task));
+    });
+    done.into_iter().map(|r| r.into_inner().expect("every search ran")).collect()
+}
+
 /// Runs calibration and the searches for the planned weights.
 pub fn search(
     model: &Model,
@@ -375,24 +455,23 @@ pub fn search(
         if role == Role::Skip {
             continue;
         }
-        let captured = activations.run(i, &names, &samples)?;
+        let mut captured = activations.run(i, &names, &samples)?;
         if role == Role::Forward {
             continue;
         }
         calibration_time += wave_start.elapsed();
-        for (gi, gr) in wave.iter().enumerate() {
+        let xs: Vec<Result<Vec<f32>>> =
+            wave.iter().enumerate().map(|(gi, gr)| group_activation(&mut captured, gi, gr, k_of(gr))).collect();
+        drop(captured);
+        let mut lite = if opts.method != AwqMethod::Clip && !opts.per_subgraph {
+            lite_searches(model, &wave, &xs, &by_name, block, zero_point, &lite_alphas, &lite_scratch)
+        } else {
+            vec![]
+        }
+        .into_iter();
+        for (gr, x) in wave.iter().zip(xs) {
             let k = k_of(gr);
-            let mut x: Vec<f32> = Vec::new();
-            for sample in &captured {
-                let t = &sample[gi];
-                if t.shape.last() != Some(&k) {
-                    return Err(Error::Runtime(format!(
-                        "activation '{}' has shape {:?}; its last dimension should be K = {k} of weight '{}'",
-                        gr.activation, t.shape, gr.weights[0]
-                    )));
-                }
-                x.extend_from_slice(&t.data);
-            }
+            let x = x?;
             if opts.per_subgraph {
                 let format = by_name[gr.weights[0].as_str()].format().expect("float weight");
                 let xq: Vec<f32> = x.iter().map(|&v| format.round(v)).collect();
@@ -422,38 +501,14 @@ pub fn search(
                 continue;
             }
             let mut scales: Vec<Vec<f32>> = vec![];
-            // The activation rounded to each weight format in the group (once per format).
-            let mut rounded: Vec<(FloatFormat, Vec<f32>)> = vec![];
             for w in &gr.weights {
                 let c = by_name[w.as_str()];
                 let format = c.format().expect("float weight");
-                if format != FloatFormat::F32 && !rounded.iter().any(|(f, _)| *f == format) {
-                    let mut v = x.clone();
-                    nibble::kernels::round_to_format(format, &mut v).map_err(|e| Error::kernel(w, e))?;
-                    rounded.push((format, v));
-                }
-                let xq: &[f32] = match rounded.iter().find(|(f, _)| *f == format) {
-                    Some((_, v)) => v,
-                    None => &x,
-                };
-                let (wkn, shape) = weight_kn(model, c)?;
                 let params = QuantParams { block_size: c.block(block), axis: 0, zero_point, alpha: 1.0, bits: c.bits };
                 let kernel_err = |e| Error::kernel(w, e);
                 let mut out = WeightAwq::default();
-                let mut clip_input = None;
                 if opts.method != AwqMethod::Clip {
-                    let s = lite_search_in(
-                        &lite_scratch,
-                        tier,
-                        format,
-                        xq,
-                        &wkn,
-                        shape,
-                        &params,
-                        &lite_alphas,
-                        LossForm::Auto,
-                    )
-                    .map_err(kernel_err)?;
+                    let s = lite.next().expect("one search per weight")?;
                     if opts.verbose {
                         say(
                             &progress,
@@ -474,16 +529,16 @@ pub fn search(
                             );
                         }
                     }
-                    if opts.method == AwqMethod::Full {
-                        clip_input = Some(awq::lite::scale_rows(format, &wkn, &s.best_scale, shape[1]));
-                    }
                     scales.push(s.best_scale.clone());
                     out.scale = Some(s.best_scale);
                 }
                 if opts.method != AwqMethod::Lite {
-                    let clip_input = clip_input.as_deref().unwrap_or(&wkn);
+                    let xq = rounded_activation(format, &x, w)?;
+                    let (wkn, shape) = weight_kn(model, c)?;
+                    let scaled = out.scale.as_ref().map(|s| awq::lite::scale_rows(format, &wkn, s, shape[1]));
+                    let clip_input = scaled.as_deref().unwrap_or(&wkn);
                     let c =
-                        clip_search(tier, format, xq, clip_input, shape, &params, &clip_alphas).map_err(kernel_err)?;
+                        clip_search(tier, format, &xq, clip_input, shape, &params, &clip_alphas).map_err(kernel_err)?;
                     if opts.verbose {
                         let mean =
                             c.best_alpha.iter().map(|&a| a as f64).sum::<f64>() / c.best_alpha.len().max(1) as f64;
