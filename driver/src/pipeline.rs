@@ -298,7 +298,7 @@ pub(crate) fn write_model(
     let block_of = |c: &Candidate| if c.op == "Gather" { gather_block } else { c.block(block) };
     let opset_raised = !chosen.is_empty() && opts.format == Format::Dq && opset::check_upgrade(&model.proto)?;
     let mut names = ModelNames::of(model.proto.graph.as_ref().expect("graph"));
-    let weights = weight_initializers(&model, &candidates);
+    let weights = weight_initializers(&model, &chosen);
     let searched = search(&mut model, &chosen, block, opts, &mut names)?;
     let weight_bytes_before = chosen.iter().map(|c| c.bytes as u64).sum();
     model.inline_external_data()?;
@@ -349,15 +349,17 @@ pub(crate) fn write_model(
     })
 }
 
-/// The names of the main graph's initializers that hold a candidate weight (or the constant its
+/// The names of the main graph's initializers that hold a weight to quantize (or the constant its
 /// folded chain starts from): the ones emitting may replace, remove or keep beside a quantized form.
-fn weight_initializers(model: &Model, candidates: &[Candidate]) -> std::collections::HashSet<String> {
+/// A candidate left float (excluded, like the LM head by default, or skipped) is not one of them:
+/// emitting does not touch it, so it is written ahead with the other unchanged tensors.
+fn weight_initializers(model: &Model, chosen: &[&Candidate]) -> std::collections::HashSet<String> {
     let root = model.proto.graph.as_ref().expect("graph");
     let source = |c: &Candidate| match c.source {
         crate::graph::read::Source::Initializer(i) if c.graph.is_empty() => root.initializer.get(i)?.name.clone(),
         _ => None,
     };
-    candidates.iter().flat_map(|c| [Some(c.weight.clone()), source(c)]).flatten().collect()
+    chosen.iter().flat_map(|c| [Some(c.weight.clone()), source(c)]).flatten().collect()
 }
 
 /// `opts` with `--segment-mb auto` resolved for `model`: calibration (AWQ, GPTQ, `--target-bits`)

@@ -369,41 +369,55 @@ fn gptq_on_the_whole_graph_spills_its_finished_weights() {
     assert_eq!(snapshot(&input_dir), before, "the input changed");
 }
 
-/// The tensors that do not change (here an embedding table read by a Gather) are written to the
-/// data file ahead of the quantized weights, once, and referenced there: the model is the one the
-/// in-memory path writes, and the data file holds nothing unreferenced.
+/// The tensors that do not change (here an embedding table read by a Gather, and the LM head's
+/// weight, a candidate excluded by default) are written to the data file ahead of the quantized
+/// weights, once, and referenced there: the model is the one the in-memory path writes, and the
+/// data file holds nothing unreferenced. Both are over 1 MiB, so the writer thread writes them
+/// behind the quantized weight's tensors (which come after them in the file).
 #[test]
 fn unchanged_tensors_written_ahead_are_referenced_once() {
     let d = tmp();
-    let (h, vocab) = (64, 100);
+    let (h, vocab) = (64, 4200);
     let values = |n: usize| (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect::<Vec<f32>>();
     let graph = GraphProto {
         name: Some("ahead".into()),
         node: vec![
             node("Gather", "/embed/Gather", &["embed", "ids"], &["h"], vec![]),
             node("MatMul", "/layer/MatMul", &["h", "W"], &["y"], vec![]),
+            node("MatMul", "/lm_head/MatMul", &["y", "head"], &["logits"], vec![]),
         ],
         initializer: vec![
             init("embed", &[vocab, h], &values(vocab * h), FloatFormat::F32),
             init("W", &[h, h], &values(h * h), FloatFormat::F32),
+            init("head", &[h, vocab], &values(h * vocab), FloatFormat::F32),
         ],
         input: vec![io("ids", 7, &[None])],
-        output: vec![io("y", 1, &[None, Some(h)])],
+        output: vec![io("logits", 1, &[None, Some(vocab)])],
         ..Default::default()
     };
     let src = d.path().join("g.onnx");
     save(nibble_driver::graph::build::model(graph, 17), &src, ExternalData::Always).unwrap();
     let (held, streamed) = (d.path().join("held.onnx"), d.path().join("streamed.onnx"));
     quantize_file(&src, &held, &options(Method::RtnDq, Format::Dq, ExternalData::Always, true)).unwrap();
-    quantize_file(&src, &streamed, &options(Method::RtnDq, Format::Dq, ExternalData::Always, false)).unwrap();
+    let summary =
+        quantize_file(&src, &streamed, &options(Method::RtnDq, Format::Dq, ExternalData::Always, false)).unwrap();
+    assert_eq!(summary.quantized, 1, "only /layer/MatMul is quantized");
     assert_eq!(inlined(&held), inlined(&streamed), "tensors or graph differ");
     let size = std::fs::metadata(streamed.with_file_name("streamed.onnx_data")).unwrap().len();
     let (bytes, count) = referenced(&streamed);
-    assert!(bytes >= (vocab * h * 4) as u64, "the table is not in the data file");
+    assert!(bytes >= (2 * vocab * h * 4) as u64, "the table or the head is not in the data file");
     assert!(size <= bytes + 63 * count, "{} bytes unreferenced", size - bytes);
-    // The table was written first (ahead of the quantized weight).
+    // The table and the head were placed first, ahead of the quantized weight's tensors.
     let m = Model::load(&streamed).unwrap();
-    let embed =
-        m.proto.graph.as_ref().unwrap().initializer.iter().find(|t| t.name.as_deref() == Some("embed")).unwrap();
-    assert!(embed.external_data.iter().any(|e| e.key.as_deref() == Some("offset") && e.value.as_deref() == Some("0")));
+    let offset = |name: &str| {
+        let t = m.proto.graph.as_ref().unwrap().initializer.iter().find(|t| t.name.as_deref() == Some(name));
+        let e = t.unwrap_or_else(|| panic!("{name}")).external_data.iter().find(|e| e.key.as_deref() == Some("offset"));
+        e.and_then(|e| e.value.as_deref()?.parse::<u64>().ok()).unwrap_or_else(|| panic!("{name} is not external"))
+    };
+    let table = (vocab * h * 4) as u64;
+    assert_eq!((offset("embed"), offset("head")), (0, table), "the table and the head are not first");
+    let codes = m.proto.graph.as_ref().unwrap().initializer.iter().filter(|t| !t.external_data.is_empty());
+    for t in codes.filter(|t| !matches!(t.name.as_deref(), Some("embed" | "head"))) {
+        assert!(offset(t.name.as_deref().unwrap()) >= 2 * table, "{:?} before the unchanged tensors", t.name);
+    }
 }

@@ -5,7 +5,6 @@
 
 use crate::error::{Error, Result};
 use bytes::Bytes;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Where tensor data goes when saving.
@@ -40,8 +39,9 @@ const BUFFER: usize = 1 << 20;
 const QUEUE: usize = 4;
 
 /// A temporary file next to the output that is removed unless committed. Its bytes are written by a
-/// thread of its own, in the order given: the copies into the page cache overlap the caller's work
-/// (quantizing the next weights) instead of following it.
+/// thread of its own, each at its place in the order given (behind bytes, [`TempFile::write_behind`],
+/// when nothing else waits): the copies into the page cache overlap the caller's work (quantizing
+/// the next weights) instead of following it.
 pub(crate) struct TempFile {
     pub(crate) path: PathBuf,
     writer: Option<Writer>,
@@ -58,8 +58,75 @@ struct Writer {
 
 enum Job {
     Write(Bytes),
+    /// Bytes placed after the ones queued before it, but written only when no other job waits
+    /// ([`TempFile::write_behind`]).
+    Behind(Bytes),
     /// Answered when every write queued before it is done.
     Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Behind bytes are written this many at a time between the other jobs: a job that arrives waits
+/// for at most one such slice.
+const SLICE: usize = 4 << 20;
+
+/// The writer thread's loop: each job's bytes go at the file's end as the jobs were given
+/// (positional writes), except that behind bytes ([`Job::Behind`]) keep their place but are
+/// written a slice at a time whenever no other job waits, and all of them before a flush is
+/// answered and before the thread ends.
+fn write_jobs(file: &std::fs::File, jobs: std::sync::mpsc::Receiver<Job>) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::mpsc::TryRecvError;
+    // The file's length once every job so far is written, and the behind bytes not yet written,
+    // each with its offset.
+    let mut end = 0u64;
+    let mut behind = std::collections::VecDeque::<(u64, Bytes)>::new();
+    let write_slice = |behind: &mut std::collections::VecDeque<(u64, Bytes)>| -> std::io::Result<()> {
+        let Some((offset, bytes)) = behind.front_mut() else { return Ok(()) };
+        let n = bytes.len().min(SLICE);
+        file.write_all_at(&bytes[..n], *offset)?;
+        *offset += n as u64;
+        let _ = bytes.split_to(n);
+        if bytes.is_empty() {
+            behind.pop_front();
+        }
+        Ok(())
+    };
+    loop {
+        let job = if behind.is_empty() {
+            jobs.recv().ok()
+        } else {
+            match jobs.try_recv() {
+                Ok(job) => Some(job),
+                Err(TryRecvError::Empty) => {
+                    write_slice(&mut behind)?;
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => None,
+            }
+        };
+        match job {
+            Some(Job::Write(bytes)) => {
+                file.write_all_at(&bytes, end)?;
+                end += bytes.len() as u64;
+            }
+            Some(Job::Behind(bytes)) => {
+                let length = bytes.len() as u64;
+                behind.push_back((end, bytes));
+                end += length;
+            }
+            Some(Job::Flush(done)) => {
+                while !behind.is_empty() {
+                    write_slice(&mut behind)?;
+                }
+                let _ = done.send(());
+            }
+            None => break,
+        }
+    }
+    while !behind.is_empty() {
+        write_slice(&mut behind)?;
+    }
+    Ok(())
 }
 
 impl TempFile {
@@ -69,20 +136,13 @@ impl TempFile {
         name.push(format!(".nibble-tmp-{}", std::process::id()));
         let path = target.with_file_name(name);
         let err = |cause| Error::Write { path: path.clone(), cause };
-        let mut file = std::fs::File::create(&path).map_err(err)?;
+        let file = std::fs::File::create(&path).map_err(err)?;
         crate::cleanup::register(&path);
         let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
         let thread = std::thread::Builder::new()
             .name("nibble-writer".into())
             .spawn(move || {
-                for job in jobs {
-                    match job {
-                        Job::Write(bytes) => file.write_all(&bytes)?,
-                        Job::Flush(done) => {
-                            let _ = done.send(());
-                        }
-                    }
-                }
+                write_jobs(&file, jobs)?;
                 Ok(file)
             })
             .map_err(err);
@@ -119,6 +179,18 @@ impl TempFile {
         }
         self.send_pending()?;
         self.send(Job::Write(bytes))
+    }
+
+    /// Appends `bytes` like [`TempFile::write_bytes`], but the writer thread writes them only when
+    /// it has nothing else queued (and all of them before a flush or the end): for data that is
+    /// ready long before it is needed and costs no memory to hold (a slice of a mapped file), so
+    /// that the writes queued after it do not wait for it.
+    pub(crate) fn write_behind(&mut self, bytes: Bytes) -> Result<()> {
+        if bytes.len() < BUFFER {
+            return self.write_all(&bytes);
+        }
+        self.send_pending()?;
+        self.send(Job::Behind(bytes))
     }
 
     fn send_pending(&mut self) -> Result<()> {
@@ -200,5 +272,38 @@ impl Drop for TempFile {
             let _ = std::fs::remove_file(&self.path);
             crate::cleanup::unregister(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Behind bytes keep their place among the other writes, are all in the file when a flush
+    /// returns, and the file is the bytes given in order.
+    #[test]
+    fn behind_bytes_keep_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.bin");
+        let bytes = |seed: u8, n: usize| Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(seed)).collect::<Vec<u8>>());
+        let (a, b, c, d) = (bytes(3, 100), bytes(5, 16 * SLICE + 17), bytes(7, BUFFER + 5), bytes(11, 2 * BUFFER));
+        let mut tmp = TempFile::create(&target).unwrap();
+        tmp.write_all(&a).unwrap();
+        tmp.write_behind(b.clone()).unwrap();
+        tmp.write_bytes(c.clone()).unwrap();
+        tmp.flush().unwrap();
+        // The last bytes of the behind bytes first: the writer thread writes them front to back.
+        let mut end = vec![0u8; 4096];
+        let file = std::fs::File::open(&tmp.path).unwrap();
+        let at = (a.len() + b.len() - end.len()) as u64;
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut end, at).unwrap();
+        assert_eq!(end, b[b.len() - 4096..], "behind bytes unwritten after the flush");
+        let given = [&a[..], &b[..], &c[..]].concat();
+        assert_eq!(std::fs::read(&tmp.path).unwrap(), given, "after the flush");
+        tmp.write_behind(d.clone()).unwrap();
+        tmp.write_all(&a).unwrap();
+        tmp.finish(false).unwrap();
+        tmp.commit(&target).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), [&given[..], &d[..], &a[..]].concat(), "at the end");
     }
 }

@@ -4,8 +4,9 @@
 //! tensor is appended when it is finished ([`DataSink::put`] moves its bytes out of memory and leaves
 //! an external-data reference: `location`, `offset`, `length`, offsets aligned to 64 bytes, tensors
 //! under 1024 bytes kept inline, as ONNX's `save_model` does). The tensors that will not change are
-//! written first ([`put_unchanged`], copied from the input's memory map, so no copy of the model is
-//! held), while the weights are quantized; [`finish`] appends any other tensor and writes the
+//! placed first ([`put_unchanged`], copied from the input's memory map, so no copy of the model is
+//! held) and written behind the quantized weights' tensors, whenever the writer thread has nothing
+//! else to write, while the weights are quantized; [`finish`] appends any other tensor and writes the
 //! protobuf last, encoded field by field straight into the file ([`write_proto`]: one tensor's
 //! encoding at a time, the same bytes as prost's `encode_to_vec`). Both files are temporary files
 //! next to the output, renamed into place at the end and removed on error or Ctrl-C; the input is
@@ -101,19 +102,28 @@ impl DataSink {
             return Ok(());
         }
         let (address, length) = (raw.as_ptr() as usize, raw.len());
-        let offset = self.append(raw.clone())?;
+        let offset = self.place(length)?;
+        // Written behind: the quantized weights' writes queued after it do not wait for it.
+        self.tmp.write_behind(raw.clone())?;
         self.early.insert(name.clone(), Early { address, length, offset });
         Ok(())
     }
 
     /// Appends `raw` at the next multiple of 64 bytes; returns its offset.
     fn append(&mut self, raw: Bytes) -> Result<u64> {
+        let offset = self.place(raw.len())?;
+        self.tmp.write_bytes(raw)?;
+        Ok(offset)
+    }
+
+    /// Pads the file to the next multiple of 64 bytes and counts `length` bytes to be written
+    /// there next; returns their offset.
+    fn place(&mut self, length: usize) -> Result<u64> {
         let pad = (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
         self.tmp.write_all(&[0u8; EXTERNAL_ALIGN as usize][..pad as usize])?;
         self.offset += pad;
         let offset = self.offset;
-        self.offset += raw.len() as u64;
-        self.tmp.write_bytes(raw)?;
+        self.offset += length as u64;
         Ok(offset)
     }
 
