@@ -138,24 +138,18 @@ fn main() {
                 .unwrap()
             }),
         );
-        let mut p = vec![0u8; w.len() / 2];
-        add(
-            "quantize_packed (f16 rounding)",
-            t,
-            f32_bytes,
-            Box::new(move || {
-                quantize_packed_with(tier, FloatFormat::F16, black_box(w), cols, scale, None, &mut p).unwrap()
-            }),
-        );
-        let mut p = vec![0u8; w.len() / 2];
-        add(
-            "quantize_packed (bf16 rounding)",
-            t,
-            f32_bytes,
-            Box::new(move || {
-                quantize_packed_with(tier, FloatFormat::BF16, black_box(w), cols, scale, None, &mut p).unwrap()
-            }),
-        );
+        for (name, format) in [
+            ("quantize_packed (f16 rounding)", FloatFormat::F16),
+            ("quantize_packed (bf16 rounding)", FloatFormat::BF16),
+        ] {
+            let mut p = vec![0u8; w.len() / 2];
+            add(
+                name,
+                t,
+                f32_bytes,
+                Box::new(move || quantize_packed_with(tier, format, black_box(w), cols, scale, None, &mut p).unwrap()),
+            );
+        }
         let mut p = vec![0u8; w.len() / 2];
         add(
             "pack_nibbles (per code byte)",

@@ -13,8 +13,7 @@
 
 use crate::calibrate::capture::Capture;
 use crate::calibrate::inputs::{calibration_inputs, CalibrationOptions};
-use crate::calibrate::runtime::Input;
-use crate::calibrate::runtime::NamedTensor;
+use crate::calibrate::runtime::{Input, NamedTensor};
 use crate::calibrate::segmented::Segmented;
 use crate::error::{Error, Result};
 use crate::graph::floats::decode_floats;
@@ -381,6 +380,7 @@ fn lite_searches(
     zero_point: bool,
     alphas: &[f64],
     scratch: &LiteScratch,
+    tier: Tier,
 ) -> Vec<Result<LiteSearch>> {
     let tasks: Vec<(&[f32], &str)> = wave
         .iter()
@@ -394,7 +394,7 @@ fn lite_searches(
         let xq = rounded_activation(format, x, w)?;
         let (wkn, shape) = weight_kn(model, c)?;
         let params = QuantParams { block_size: c.block(block), axis: 0, zero_point, alpha: 1.0, bits: c.bits };
-        lite_search_in(scratch, Tier::best(), format, &xq, &wkn, shape, &params, alphas, LossForm::Auto)
+        lite_search_in(scratch, tier, format, &xq, &wkn, shape, &params, alphas, LossForm::Auto)
             .map_err(|e| Error::kernel(w, e))
     };
     let done: Vec<OnceLock<Result<LiteSearch>>> = tasks.iter().map(|_| OnceLock::new()).collect();
@@ -464,7 +464,7 @@ pub fn search(
             wave.iter().enumerate().map(|(gi, gr)| group_activation(&mut captured, gi, gr, k_of(gr))).collect();
         drop(captured);
         let mut lite = if opts.method != AwqMethod::Clip && !opts.per_subgraph {
-            lite_searches(model, &wave, &xs, &by_name, block, zero_point, &lite_alphas, &lite_scratch)
+            lite_searches(model, &wave, &xs, &by_name, block, zero_point, &lite_alphas, &lite_scratch, tier)
         } else {
             vec![]
         }
