@@ -410,8 +410,8 @@ fn axis0(
     // A single block (per channel) takes all bytes, even when K * N is odd.
     let per_block = if nb == 1 { code_bytes } else { per_block };
     let mut data = vec![0u8; code_bytes];
-    // `dequantized` is storage to reuse (its values are overwritten).
-    dequantized.clear();
+    // `dequantized` is storage to reuse: every value is overwritten below, so it is not cleared
+    // (a memset of the whole buffer per AWQ-lite alpha otherwise).
     dequantized.resize(if output == Output::Dequantized { k * n } else { 0 }, 0.0);
     if k == 0 || n == 0 {
         return Ok(Axis0 { data, dequantized, scale, zero_point, nb, n });

@@ -1,6 +1,7 @@
-//! The AWQ-lite loss through the Gram matrix of the activations (f32 weights, T > K) is the direct
-//! loss in exact arithmetic: on activations with outlier channels, at several shapes, block sizes
-//! and zero-point settings, both forms give losses within a relative 1e-4 and choose the same alpha.
+//! The AWQ-lite loss through the Gram matrix of the activations (f32 weights, T > K) and through the
+//! error matrix (`mean((x @ E)^2)`, f32 weights, T <= K) are the direct loss in exact arithmetic: on
+//! activations with outlier channels, at several shapes (T above and below K), block sizes and
+//! zero-point settings, the three forms give losses within a relative 1e-4 and choose the same alpha.
 
 use nibble::awq::{lite_alphas, lite_search_with, LossForm};
 use nibble::{Bits, BlockSize, FloatFormat, QuantParams, Tier};
@@ -18,36 +19,46 @@ fn data(n: usize, seed: u64, scale: impl Fn(usize) -> f32) -> Vec<f32> {
         .collect()
 }
 
+fn params(block: usize, zero_point: bool) -> QuantParams {
+    QuantParams { block_size: BlockSize::Blocked(block), axis: 0, zero_point, alpha: 1.0, bits: Bits::Four }
+}
+
 #[test]
 fn gram_and_direct_losses_agree() {
     let alphas = lite_alphas(0.1);
     let mut cases = 0;
-    for (t, k, n, block, zp) in
-        [(512, 64, 48, 32, false), (300, 128, 40, 128, false), (1024, 96, 64, 32, true), (257, 256, 16, 64, false)]
-    {
+    for (t, k, n, block, zp) in [
+        (512, 64, 48, 32, false),
+        (300, 128, 40, 128, false),
+        (1024, 96, 64, 32, true),
+        (257, 256, 16, 64, false),
+        (64, 256, 48, 128, false),
+        (100, 512, 24, 32, true),
+    ] {
         for seed in 1..4u64 {
             let x = data(t * k, seed, |i| if (i % k) % 13 == 0 { 8.0 } else { 1.0 });
             let w = data(k * n, seed * 7, |_| 0.2);
-            let params = QuantParams {
-                block_size: BlockSize::Blocked(block),
-                axis: 0,
-                zero_point: zp,
-                alpha: 1.0,
-                bits: Bits::Four,
-            };
+            let params = params(block, zp);
             let run = |form| {
                 lite_search_with(Tier::best(), FloatFormat::F32, &x, &w, [k, n], &params, &alphas, form).unwrap()
             };
-            let (direct, gram) = (run(LossForm::Direct), run(LossForm::Gram));
-            for (a, (d, g)) in direct.losses.iter().zip(&gram.losses).enumerate() {
-                assert!((d - g).abs() <= 1e-4 * d.abs(), "t={t} k={k} seed={seed} alpha {a}: {d} vs {g}");
+            let direct = run(LossForm::Direct);
+            for form in [LossForm::Gram, LossForm::Error] {
+                let other = run(form);
+                for (a, (d, g)) in direct.losses.iter().zip(&other.losses).enumerate() {
+                    assert!((d - g).abs() <= 1e-4 * d.abs(), "{form:?} t={t} k={k} seed={seed} alpha {a}: {d} vs {g}");
+                }
+                assert_eq!(
+                    direct.best, other.best,
+                    "{form:?} t={t} k={k} seed={seed}: {:?} vs {:?}",
+                    direct.losses, other.losses
+                );
+                assert_eq!(direct.best_scale, other.best_scale);
             }
-            assert_eq!(direct.best, gram.best, "t={t} k={k} seed={seed}: {:?} vs {:?}", direct.losses, gram.losses);
-            assert_eq!(direct.best_scale, gram.best_scale);
             cases += 1;
         }
     }
-    assert_eq!(cases, 12);
+    assert_eq!(cases, 18);
 }
 
 /// The products write into buffers kept from earlier alphas without clearing them: whatever the
@@ -67,4 +78,32 @@ fn products_ignore_what_the_buffer_held() {
         assert_eq!(c, lower_triangular_matmul(&l, &b, k, n), "triangular {k}x{n}");
         assert!(c.iter().all(|v| v.is_finite()));
     }
+}
+
+/// The fake quantization writes into a buffer kept from the previous alpha without clearing it:
+/// whatever the buffer held (NaN here, longer or shorter than the weight) must not reach the
+/// result, on every tier, with padded last blocks, zero points and f16 rounding.
+#[test]
+fn fake_quantization_ignores_what_the_buffer_held() {
+    use nibble::quantize_weight::{fake_quantize_into, fake_quantize_with};
+    let mut cases = 0;
+    for tier in Tier::available() {
+        for (k, n, block, zp, format) in [
+            (256, 48, 128, false, FloatFormat::F32),
+            (200, 40, 64, true, FloatFormat::F32),
+            (96, 33, 32, false, FloatFormat::F16),
+            (130, 16, 128, true, FloatFormat::BF16),
+        ] {
+            let w = data(k * n, 11, |_| 0.3);
+            let params = params(block, zp);
+            let want = fake_quantize_with(tier, format, &w, [k, n], &params, None).unwrap();
+            for len in [k * n, k * n / 2, k * n + 100] {
+                let mut out = vec![f32::NAN; len];
+                fake_quantize_into(tier, format, &w, [k, n], &params, None, &mut out).unwrap();
+                assert_eq!(out, want, "{tier:?} {k}x{n} block {block} zp {zp} {format:?}, buffer of {len}");
+            }
+            cases += 1;
+        }
+    }
+    assert!(cases >= 4);
 }

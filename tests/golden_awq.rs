@@ -245,12 +245,12 @@ fn awq_lite_node_matches_modelopt() {
             let allowed = if fmt == FloatFormat::F16 { 0 } else { 6 };
             assert!(worst <= allowed, "{case}: best scale off by {worst} ulp");
         }
-        // The Gram form of the loss (used for f32 weights when T > K) against ModelOpt's losses.
-        if fmt == FloatFormat::F32 {
-            let g = awq::lite_search_with(Tier::best(), fmt, &x, &w, [k, n], &params, &alphas, awq::LossForm::Gram)
-                .unwrap();
+        // The Gram form (f32 weights, T > K) and the error form (f32 weights, T <= K) of the loss
+        // against ModelOpt's losses.
+        for form in [awq::LossForm::Gram, awq::LossForm::Error].into_iter().filter(|_| fmt == FloatFormat::F32) {
+            let g = awq::lite_search_with(Tier::best(), fmt, &x, &w, [k, n], &params, &alphas, form).unwrap();
             for (g, w) in g.losses.iter().zip(&want_losses) {
-                assert!((g - w).abs() <= bound * w.abs(), "{case}: Gram loss {g} vs {w}");
+                assert!((g - w).abs() <= bound * w.abs(), "{case}: {form:?} loss {g} vs {w}");
             }
             assert!(
                 g.best == want_best

@@ -32,7 +32,11 @@
 //! rows `E_i` of E, and the pairs `i > j` and `j > i` give the same term. M is lower triangular, so
 //! `M @ E` is a triangular product of half the multiply-adds (`K (K + 1) / 2 x N`).
 //!
-//! (For f16/bf16 weights numpy rounds `x / s` to the dtype, which the Gram form cannot follow, so
+//! With float32 weights and T <= K, the same error matrix gives the loss in one product per alpha,
+//! `loss = mean((x @ E)^2)`, instead of ModelOpt's `x @ w` once and `(x / s) @ dq` per alpha (no
+//! division of the `T x K` activations per alpha, no subtraction, one product fewer per weight).
+//!
+//! (For f16/bf16 weights numpy rounds `x / s` to the dtype, which neither form can follow, so
 //! those keep the direct products.)
 
 use super::matmul::matmul_into;
@@ -124,6 +128,17 @@ fn sum_f64(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// `E = w - dq / s[:, None]` in place of `dq` (`w`, `dq: [K, N]`, `s: [K]`): the error of the fake
+/// quantization in the unscaled weight's terms (the module docs).
+fn error_into(dq: &mut [f32], w: &[f32], s: &[f32], n: usize) {
+    let n = n.max(1);
+    for ((erow, wrow), &sk) in dq.chunks_exact_mut(n).zip(w.chunks_exact(n)).zip(s) {
+        for (ev, &wv) in erow.iter_mut().zip(wrow) {
+            *ev = wv - *ev / sk;
+        }
+    }
+}
+
 /// Mean squared difference in f64.
 pub fn mse(a: &[f32], b: &[f32]) -> f64 {
     sum_f64(a, b, |p, q| (p - q) * (p - q)) / a.len().max(1) as f64
@@ -132,12 +147,14 @@ pub fn mse(a: &[f32], b: &[f32]) -> f64 {
 /// How the AWQ-lite losses are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossForm {
-    /// Gram form for f32 weights with T > K, direct products otherwise.
+    /// f32 weights: Gram form with T > K, error form otherwise; f16/bf16: direct products.
     Auto,
     /// `x @ w` and `(x / s) @ dq` per alpha, as ModelOpt computes them.
     Direct,
     /// Through `G = x^T x` (f32 weights only; see the module docs).
     Gram,
+    /// `mean((x @ E)^2)` (f32 weights only; see the module docs).
+    Error,
 }
 
 /// The buffers of one alpha's loss: the scaled weight, its fake quantization (or error matrix),
@@ -213,12 +230,12 @@ pub fn lite_search_in(
     let block = params.block_size.resolve(k);
     let act = act_scale(format, x, k);
     let wsc = weight_scale(format, w, [k, n], block);
-    let gram_form = format == FloatFormat::F32
-        && match form {
-            LossForm::Auto => t > k,
-            LossForm::Direct => false,
-            LossForm::Gram => true,
-        };
+    let form = match (format, form) {
+        (FloatFormat::F32, LossForm::Auto) if t > k => LossForm::Gram,
+        (FloatFormat::F32, LossForm::Auto) => LossForm::Error,
+        (FloatFormat::F32, form) => form,
+        _ => LossForm::Direct,
+    };
     let weight_finite = w.iter().all(|v| v.is_finite());
     // Fills `b.dq` and returns the scale; `None` when the scaled weight overflows (a finite weight
     // only: a NaN weight is the error fake_quantize_with reports).
@@ -231,39 +248,38 @@ pub fn lite_search_in(
         fake_quantize_into(tier, format, &b.scaled, [k, n], params, None, &mut b.dq)?;
         Ok(Some(s))
     };
-    let losses: Vec<Result<Option<f64>>> = if gram_form {
-        let m = super::matmul::gram_lower_doubled(x, t, k);
-        alphas
-            .par_iter()
-            .map(|&alpha| {
-                scratch.with(|b| {
-                    let Some(s) = fake_quantized(alpha, b)? else { return Ok(None) };
-                    let e = &mut b.dq;
-                    for ((erow, wrow), &sk) in e.chunks_exact_mut(n.max(1)).zip(w.chunks_exact(n.max(1))).zip(&s) {
-                        for (ev, &wv) in erow.iter_mut().zip(wrow) {
-                            *ev = wv - *ev / sk;
-                        }
-                    }
-                    super::matmul::lower_triangular_matmul_into(&m, e, k, n, &mut b.product);
-                    let sum = sum_f64(e, &b.product, |p, q| p * q);
-                    Ok(Some(sum / (t * n).max(1) as f64))
-                })
-            })
-            .collect()
-    } else {
-        let reference = super::matmul::par_matmul(x, w, t, k, n);
-        alphas
-            .par_iter()
-            .map(|&alpha| {
-                scratch.with(|b| {
-                    let Some(s) = fake_quantized(alpha, b)? else { return Ok(None) };
-                    divide_columns_into(format, x, &s, &mut b.lhs);
-                    matmul_into(&b.lhs, &b.dq, t, k, n, &mut b.product);
-                    Ok(Some(mse(&reference, &b.product)))
-                })
-            })
-            .collect()
+    // What every alpha reads: the Gram form's M, the direct form's reference `x @ w`.
+    let fixed = match form {
+        LossForm::Gram => super::matmul::gram_lower_doubled(x, t, k),
+        LossForm::Direct => super::matmul::par_matmul(x, w, t, k, n),
+        _ => vec![],
     };
+    let losses: Vec<Result<Option<f64>>> = alphas
+        .par_iter()
+        .map(|&alpha| {
+            scratch.with(|b| {
+                let Some(s) = fake_quantized(alpha, b)? else { return Ok(None) };
+                let mean = |sum: f64| sum / (t * n).max(1) as f64;
+                Ok(Some(match form {
+                    LossForm::Gram => {
+                        error_into(&mut b.dq, w, &s, n);
+                        super::matmul::lower_triangular_matmul_into(&fixed, &b.dq, k, n, &mut b.product);
+                        mean(sum_f64(&b.dq, &b.product, |p, q| p * q))
+                    }
+                    LossForm::Error => {
+                        error_into(&mut b.dq, w, &s, n);
+                        matmul_into(x, &b.dq, t, k, n, &mut b.product);
+                        mean(sum_f64(&b.product, &b.product, |p, _| p * p))
+                    }
+                    _ => {
+                        divide_columns_into(format, x, &s, &mut b.lhs);
+                        matmul_into(&b.lhs, &b.dq, t, k, n, &mut b.product);
+                        mse(&fixed, &b.product)
+                    }
+                }))
+            })
+        })
+        .collect();
     let losses = losses.into_iter().collect::<Result<Vec<Option<f64>>>>()?;
     let skipped: Vec<usize> = (0..losses.len()).filter(|&i| losses[i].is_none()).collect();
     if !alphas.is_empty() && skipped.len() == alphas.len() {
