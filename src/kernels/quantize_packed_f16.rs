@@ -1,11 +1,11 @@
-//! [`quantize_packed`](super::quantize_packed) of f16 weights with f16 scales by native
-//! AVX512-FP16 arithmetic, the sub-path of the AVX-512 tier the pipeline takes for f16 weights
+//! [`quantize_packed`](super::quantize_packed::quantize_packed) of f16 weights with f16 scales by
+//! native AVX512-FP16 arithmetic, the sub-path of the AVX-512 tier the pipeline takes for f16 weights
 //! when the CPU has AVX512-FP16 ([`native_f16`]): 32 f16 lanes per vector, the correctly rounded
 //! f16 division `x / s` (`vdivph`), clamp (`vmaxph`, `vminph`), round half to even by adding
 //! `1.5 * 2^10` (`vaddph`, which also leaves the integer in the low bits), nibble pairs narrowed by
 //! `vpmovdb`. The f32 lanes take a widening, an f32 division and the `vcvtps2ph` / `vcvtph2ps`
 //! round trip per 16 lanes instead. Why the codes are the same bit for bit is proved in
-//! [`kernels::code`](super::code) ("f16: the native division").
+//! `kernels::code` ("f16: the native division", a private module).
 //!
 //! It applies when every scale is an f16 value and every zero point an integer in 0..=15 (always
 //! so in the pipeline: the scales are rounded to the weight's format); otherwise the caller keeps
