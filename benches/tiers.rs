@@ -10,7 +10,8 @@
 //! (ROUNDS / 20 rounds, at least 5).
 //!
 //! `cargo bench --bench tiers [-- ROUNDS] [whole]` (default 300 rounds; one line per kernel and
-//! tier). With `whole`, only the whole weight, ROUNDS rounds (`RAYON_NUM_THREADS=1` for one core).
+//! tier). With `whole`, only the whole weight, ROUNDS rounds (`RAYON_NUM_THREADS=1` for one core;
+//! `NIBBLE_FP16=off` for f16 on the f32 lanes instead of the native AVX512-FP16 sub-path).
 
 mod common;
 use common::data;
@@ -44,8 +45,13 @@ fn main() {
     scales_symmetric(FloatFormat::F32, Bits::Four, &amax, 1.0, &mut scale).unwrap();
     let mut codes0 = vec![0u8; w.len()];
     quantize(FloatFormat::F32, Bits::Four, &w, cols, &scale, None, &mut codes0).unwrap();
+    // f16 scales of the f16 slab, as the pipeline computes them.
+    let w16_f32: Vec<f32> = w16.iter().map(|h| h.to_f32()).collect();
+    block_absmax(&w16_f32, cols, &mut amax).unwrap();
+    let mut scale16 = vec![0.0f32; cols];
+    scales_symmetric(FloatFormat::F16, Bits::Four, &amax, 1.0, &mut scale16).unwrap();
     let f32_bytes = w.len() * 4;
-    let (w, w16, scale, codes0) = (&w, &w16, &scale, &codes0);
+    let (w, w16, scale, scale16, codes0) = (&w, &w16, &scale, &scale16, &codes0);
     let mut cases: Vec<Case> = Vec::new();
     let mut add = |name, tier, bytes, run: Box<dyn FnMut()>| {
         cases.push(Case { name, tier, bytes, run, best: Duration::MAX });
@@ -150,6 +156,23 @@ fn main() {
                 Box::new(move || quantize_packed_with(tier, format, black_box(w), cols, scale, None, &mut p).unwrap()),
             );
         }
+        // f16 weights read as f16 with f16 scales (the pipeline's case), per f16 byte: the tier's
+        // f32 lanes, and the native f16 sub-path (AVX-512 tier of a CPU with AVX512-FP16; the
+        // f32 lanes elsewhere).
+        for (name, native) in [
+            ("quantize_packed (f16 weight, f32 lanes; per f16 byte)", false),
+            ("quantize_packed (f16 weight, native fp16; per f16 byte)", true),
+        ] {
+            let mut p = vec![0u8; w.len() / 2];
+            add(
+                name,
+                t,
+                w16.len() * 2,
+                Box::new(move || {
+                    quantize_packed_f16_with(tier, native, black_box(w16), cols, scale16, None, &mut p).unwrap()
+                }),
+            );
+        }
         let mut p = vec![0u8; w.len() / 2];
         add(
             "pack_nibbles (per code byte)",
@@ -232,6 +255,7 @@ fn whole_weight(rounds: usize) {
     let wb16: Vec<half::bf16> = w.iter().map(|&x| half::bf16::from_f32(x)).collect();
     let params = QuantParams::rtn(BlockSize::Blocked(128));
     let (w, w16, wb16, params) = (&w, &w16, &wb16, &params);
+    println!("whole weight f16 on the avx512 tier: native fp16 sub-path {}", if native_f16() { "on" } else { "off" });
     let mut cases: Vec<Case> = Vec::new();
     let mut add = |name, tier, bytes, run: Box<dyn FnMut()>| {
         cases.push(Case { name, tier, bytes, run, best: Duration::MAX });

@@ -495,7 +495,7 @@ impl BlockJob<'_> {
         };
         let dequantized = output == Output::Dequantized;
         let packing = output == Output::Packed && self.bits == Bits::Four;
-        if packing && n % 2 == 0 {
+        if packing && n.is_multiple_of(2) {
             // From the block's first row to the end of the weight: the fused pass prefetches the
             // next block's first stripe while it quantizes the block's last one.
             let from_block = row0 * n..;
@@ -641,6 +641,7 @@ impl BlockJob<'_> {
             codes_out,
             self.n / 2,
             next,
+            kernels::native_f16(),
         );
         // The overflow check reads codes; only a column whose widest code could overflow needs
         // them (rare: huge scales in f16), so they are computed again just then.

@@ -70,6 +70,19 @@ fn finite(v: &[f32]) -> bool {
     v.iter().all(|x| x.is_finite())
 }
 
+/// f16 values (exact for values of the format).
+fn f16s(v: &[f32]) -> Vec<half::f16> {
+    v.iter().map(|&x| half::f16::from_f32(x)).collect()
+}
+
+/// Which sub-path `quantize_packed_f16_with(tier, native, ..)` takes on this CPU (for messages).
+fn f16_path(tier: Tier, native: bool) -> &'static str {
+    match native && tier == Tier::Avx512 && native_f16_available() {
+        true => "native AVX512-FP16",
+        false => "f32 lanes",
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -182,6 +195,14 @@ proptest! {
                 let mut packed = vec![0x33u8; w.len() / 2];
                 quantize_packed_with(tier, format, &w, cols, &scale, zref, &mut packed).unwrap();
                 prop_assert_eq!(&packed, &reference::pack(&want_q), "quantize_packed {:?} {:?}", tier, format);
+                if format == FloatFormat::F16 {
+                    for native in [false, true] {
+                        let mut packed = vec![0x33u8; w.len() / 2];
+                        quantize_packed_f16_with(tier, native, &f16s(&w), cols, &scale, zref, &mut packed).unwrap();
+                        let path = f16_path(tier, native);
+                        prop_assert_eq!(&packed, &reference::pack(&want_q), "quantize_packed f16 {:?} {}", tier, path);
+                    }
+                }
             }
             let mut dq = vec![0.0; w.len()];
             dequantize_with(tier, format, &q, cols, &scale, zref, &mut dq).unwrap();
@@ -407,6 +428,14 @@ fn quotients_at_rounding_boundaries_match_reference() {
                             let mut packed = vec![0x33u8; w.len() / 2];
                             quantize_packed_with(tier, format, w, cols, &scale, zref, &mut packed).unwrap();
                             assert_eq!(packed, reference::pack(&want_q), "quantize_packed {tier:?} {format:?}");
+                            if format == FloatFormat::F16 {
+                                for native in [false, true] {
+                                    quantize_packed_f16_with(tier, native, &f16s(w), cols, &scale, zref, &mut packed)
+                                        .unwrap();
+                                    let path = f16_path(tier, native);
+                                    assert_eq!(packed, reference::pack(&want_q), "quantize_packed f16 {tier:?} {path}");
+                                }
+                            }
                         }
                         let mut dq = vec![0.0; w.len()];
                         qdq_error_with(tier, format, width, w, cols, &scale, zref, QdqOutput::Dequantized, &mut dq)
@@ -417,4 +446,99 @@ fn quotients_at_rounding_boundaries_match_reference() {
             }
         }
     }
+}
+
+/// Every f16 bit pattern (NaN, infinities, subnormals, both zeros) as a weight, against f16 scales
+/// from the smallest subnormal to the largest finite value (the clip minimum 1e-5 and its
+/// fifteenth, quotients that overflow or underflow f16, negative scales, zero and infinity), plus
+/// random ones, symmetric and with every zero point 0..=15 in every column, through
+/// `quantize_packed_f16_with` on every tier and both sub-paths: against the scalar reference bit
+/// for bit wherever the quotient `x / s` is not NaN (the reference and the kernels give NaN
+/// different codes; the pipeline never divides 0 / 0 or by a NaN), and the native sub-path against
+/// the f32 lanes of the AVX-512 tier everywhere, NaN quotients included. 40 columns: one vector of
+/// 32 f16 lanes and a tail. Prints which path ran.
+#[test]
+fn f16_codes_for_every_f16_weight_match_reference() {
+    let native = native_f16_available();
+    eprintln!(
+        "f16 codes: native AVX512-FP16 sub-path {}",
+        if native { "available: tested on the avx512 tier" } else { "unavailable on this CPU: f32 lanes only" }
+    );
+    let mut scales: Vec<f32> = [
+        0x0001u16, 0x0002, 0x0003, 0x01ff, 0x03ff, 0x0400, 0x0401, 0x000b, 0x00a8, 0x3c00, 0x3c01, 0x3bff, 0x3800,
+        0x4000, 0x4700, 0x2c00, 0x7bff, 0x70e4, 0x7c00, 0x0000, 0x8000, 0xbc00, 0xa1b2, 0xfc00,
+    ]
+    .iter()
+    .map(|&b| half::f16::from_bits(b).to_f32())
+    .collect();
+    scales.push(FloatFormat::F16.constant(1e-5));
+    scales.push(FloatFormat::F16.round(FloatFormat::F16.constant(1e-5) / 15.0));
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    while scales.len() < 40 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // Positive finite f16 values of every exponent.
+        scales.push(half::f16::from_bits((seed % 0x7bff) as u16 + 1).to_f32());
+    }
+    let cols = scales.len();
+    let w: Vec<f32> =
+        (0..=u16::MAX).flat_map(|b| std::iter::repeat_n(half::f16::from_bits(b).to_f32(), cols)).collect();
+    let w16 = f16s(&w);
+    assert!(w16.iter().zip(&w).all(|(h, x)| h.to_f32().to_bits() == x.to_bits() || x.is_nan()));
+    // Bytes whose two quotients are both not NaN.
+    let defined: Vec<bool> = w
+        .chunks_exact(2)
+        .enumerate()
+        .map(|(i, x)| (0..2).all(|h| !(x[h] / scales[(2 * i + h) % cols]).is_nan()))
+        .collect();
+    let nan_bytes = defined.iter().filter(|&&d| !d).count();
+    assert!(nan_bytes > 0 && nan_bytes < defined.len() / 10, "{nan_bytes} bytes with a NaN quotient");
+    for k in 0..=16 {
+        // k = 16: symmetric; else zero point (c * 5 + k) % 16 in column c.
+        let zp: Vec<f32> = (0..cols).map(|c| ((c * 5 + k) % 16) as f32).collect();
+        let zref = (k < 16).then_some(&zp[..]);
+        let want = reference::pack(&reference::quantize(FloatFormat::F16, Bits::Four, &w, cols, &scales, zref));
+        let mut lanes_avx512 = None;
+        for tier in Tier::available() {
+            for native in [false, true] {
+                let mut packed = vec![0x33u8; w.len() / 2];
+                quantize_packed_f16_with(tier, native, &w16, cols, &scales, zref, &mut packed).unwrap();
+                let path = f16_path(tier, native);
+                let bad = (0..want.len()).find(|&i| defined[i] && packed[i] != want[i]);
+                if let Some(i) = bad {
+                    let (row, col) = (2 * i / cols, 2 * i % cols);
+                    panic!(
+                        "{tier:?} {path} zp {}: byte {i} (x {:#06x}, scales {} {}) {:#04x} vs reference {:#04x}",
+                        zref.is_some(),
+                        row,
+                        scales[col],
+                        scales[col + 1],
+                        packed[i],
+                        want[i]
+                    );
+                }
+                if tier == Tier::Avx512 {
+                    match lanes_avx512.take() {
+                        None => lanes_avx512 = Some(packed),
+                        Some(lanes) => {
+                            assert!(lanes == packed, "{path} differs from the f32 lanes zp {}", zref.is_some())
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The native f16 sub-path is taken exactly when the CPU has AVX512-FP16 (and AVX-512): prints
+/// which path the f16 tests above ran.
+#[test]
+fn f16_native_sub_path_follows_the_cpu() {
+    #[cfg(target_arch = "x86_64")]
+    let has = std::arch::is_x86_feature_detected!("avx512fp16") && Tier::Avx512.is_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let has = false;
+    assert_eq!(native_f16_available(), has);
+    eprintln!("f16 codes on the avx512 tier: {}", f16_path(Tier::Avx512, true));
 }

@@ -41,7 +41,7 @@ fn column(kind: usize, i: usize, u: f64) -> f64 {
         6 => (u - 0.5) * 1e-40, // subnormal (f32)
         7 => 1e-7 * (1.0 + u),  // tiny positive
         8 => {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 0.0
             } else {
                 2.0 + u

@@ -39,7 +39,7 @@ pub fn subgraph_means(
     // Row k of the concatenation.
     let cat: Vec<f32> =
         (0..k).flat_map(|r| ws.iter().flat_map(move |(w, n)| w[r * n..(r + 1) * n].iter().copied())).collect();
-    if block == 0 || (k * m) % block != 0 {
+    if block == 0 || !(k * m).is_multiple_of(block) {
         return Err(Error::LengthMismatch {
             what: "per-subgraph weights (K * sum(N) must be a multiple of the block size)",
             expected: (k * m).div_ceil(block.max(1)) * block,

@@ -70,7 +70,7 @@ pub fn gptq_quantize_factored_with(
             return Err(Error::BadBlockSize { block_size: b as i64 });
         }
     }
-    let shape_ok = if k == 0 { weight.is_empty() } else { weight.len() % k == 0 };
+    let shape_ok = if k == 0 { weight.is_empty() } else { weight.len().is_multiple_of(k) };
     if !shape_ok {
         return Err(Error::HessianShape { hessian_k: k, weight_len: weight.len() });
     }

@@ -33,6 +33,40 @@
 //! these loops are bound by their instruction count, not by the divider (f16's rounding is two
 //! hardware conversions, cheaper than the test, and 5% of its vectors took the division). The
 //! one-lane scalar tier keeps the division for every format.
+//!
+//! # f16: the native division (AVX512-FP16)
+//!
+//! On a CPU with AVX512-FP16 the AVX-512 tier computes the codes of f16 weights with f16 scales
+//! in f16 itself ([`quantize_packed_f16`](super::quantize_packed_f16)): `y = rnd_f16(x / s)` by
+//! one correctly rounded f16 division (`vdivph`, round to nearest even by its embedded rounding,
+//! so MXCSR's rounding field plays no part), instead of `y1 = rnd_f16(rnd_f32(x / s))`.
+//!
+//! **Why `y = y1`.** Write `q = x / s` (exact). If `q` is NaN or infinite, or 0, both are the same
+//! (IEEE division by 0 or infinity, the same NaN rules). Otherwise `|q|` lies in
+//! `[2^-24 / 65504, 65504 / 2^-24]`, inside f32's normal range, so `rnd_f32(q) = q (1 + e)`,
+//! `|e| <= 2^-24`. `rnd_f16` is monotone and changes value only at the f16 midpoints (the points
+//! halfway between neighbouring f16 values, with 65520 the overflow threshold, and the multiples
+//! of 2^-25 between subnormals): `rnd_f16(rnd_f32(q)) = rnd_f16(q)` unless a midpoint `m` lies
+//! between `q` and `rnd_f32(q)` or on `rnd_f32(q)` with `q != m`. Every midpoint is
+//! `m = M 2^a` with an integer `|M| < 2^12` (11 significant bits plus one), and
+//! `x = X 2^c`, `s = S 2^b` with integers `|X|, |S| < 2^11` (subnormals included). If `q != m`,
+//! `x - m s = X 2^c - M S 2^(a + b)` is a nonzero multiple of `2^min(c, a + b)`, so
+//! `|q - m| / |m| = |x - m s| / |m s|` is at least `2^c / |M S 2^(a + b)|` (when `c <= a + b`; with
+//! `|m s|` within a factor 2 of `|x| < 2^11 2^c` that is more than `2^-12`) or `1 / |M S| > 2^-23`
+//! (when `a + b < c`). Either way `|q - m| > 2^-23 |m|`, about twice the `2^-24 |q|` that the f32
+//! rounding moves `q`: `rnd_f32(q)` stays strictly on `q`'s side of every midpoint. If `q = m`, `m`
+//! (12 bits, in f32's normal range) is an f32 value and `rnd_f32(q) = q`. This is the classic
+//! "24 >= 2 * 11 + 2" result, checked here for the subnormal grid as well. FP16 arithmetic ignores
+//! MXCSR's DAZ and FTZ (checked on the Intel host of 2026-12-04: with both set, `vdivph` still
+//! kept subnormal operands and results; Rust leaves both off anyway, as the f32 lanes require),
+//! and `tests/kernels.rs` sweeps every f16 weight against subnormal, tiny, huge, zero, negative and
+//! infinite scales, symmetric and with every zero point.
+//!
+//! The rest stays in f16: clamp to `[qmin, qmax]` (or `[-16, 16]` with a zero point) by
+//! `vmaxph` / `vminph`, which, like `vmaxps` in the f32 lanes, return the bound for a NaN
+//! quotient; then `rint` by adding `1.5 * 2^10` (exact to an integer, ties to even, for `|y| <= 512`,
+//! its bits `0x6600 + rint(y)`), the zero point added and clamped to `[0, 15]` on those biased
+//! integers (exact: all lie in [1520, 1567], where f16's step is 1). The code is the low nibble.
 
 use crate::float::{FloatFormat, Precision};
 use crate::simd::{all_lanes, rint_clamped};

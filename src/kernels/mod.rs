@@ -16,6 +16,7 @@
 //! | `quantize` (f32) | bound by the correctly rounded f32 division `w / s` (numpy's). The hand-written 8-lane AVX2 body ran below the scalar tier (8.5-8.9 vs 10.2-11.2 GiB/s) and the 16-lane AVX-512 body below LLVM's own vectorization of the scalar body: both x86 tiers now run the one-lane scalar body compiled with the tier's target features (`Tier::dispatch_autovec`), which LLVM vectorizes and unrolls (AVX2 12.4-14.0, AVX-512 13.6-14.4 GiB/s; `cargo bench --bench tiers`, three runs, BENCHMARKS.md). f16/bf16 rounding keeps the hand-written lanes (hardware conversions) |
 //! | `quantize_packed` (f32) | AVX2: the auto-vectorized scalar body (11.3-11.8 vs hand-written 10.0-10.4 GiB/s); AVX-512: the hand-written lanes (13.2-14.0 vs 12.2-12.3 GiB/s auto-vectorized, in the two runs that measured both) |
 //! | `quantize`, `quantize_packed`, `qdq_error` with bf16 rounding | the correctly rounded division and bf16's integer rounding (about 8 ops): the SIMD tiers now multiply by per-column reciprocals and round with 2 ops, taking the division only for vectors with a lane near a bf16 rounding boundary (never for bf16 weights and scales; `kernels::code` has the proof). 2026-12-04, load 5-6, best of 400 calls on a 128 x 4096 slab, 4 interleaved rounds: AVX-512 `quantize_packed` 13.8-13.9 vs 11.9-12.4 GiB/s (+13-16%), `quantize` 13.0-14.3 vs 11.9-12.2. f32 and f16 keep the division: the same idea with a half-integer test made f16 `quantize_packed` 6-13% slower (11.3-12.2 vs 12.8-13.3) and f32 no faster, these loops being bound by their instruction count, not by the divider |
+//! | `quantize_packed` of f16 weights with f16 scales (the pipeline's fused pass) | the f32 lanes widen, divide in f32 (two `vdivps` per 32 lanes) and round trip through `vcvtps2ph` / `vcvtph2ps`: on a CPU with AVX512-FP16 the AVX-512 tier now divides in f16 (`vdivph`, 32 lanes, correctly rounded, equal to numpy's double rounding: proof in `kernels::code`), clamps and rounds in f16 ([`quantize_packed_f16`]; `NIBBLE_FP16=off` turns it off). 2026-12-04 22:34-22:38 UTC, load 4.6-6.5, Intel host: whole 4096 x 4096 f16 weight on one core 2.43-2.54 vs 2.12-2.35 GiB/s (three alternated pairs, +3-20%; +4% by the means at load 3.5); `rtn_dq` on the 0.54 GB fp16 model, CPU time median 252 vs 267-269 ms at load 5 and 226 vs 238-239 ms at load 3 (10 interleaved rounds each, -5 to -6%; wall 1.98x `cat` vs main's 2.07x in the one quiet pass); the kernel alone (`tiers`, 128 x 4096) a tie: `vdivph` zmm is no faster per lane than `vdivps` zmm on this CPU, the gain is the fewer instructions around it |
 //! | `quantize` with f16 rounding | the integer-only f16 rounding (about 15 ops a vector): AVX-512 and AVX2 now use the hardware pair `vcvtps2ph` / `vcvtph2ps` (AVX2 through F16C) |
 //! | `quantize_packed` | lanes were paired through memory: now paired in registers (`v \| v >> 28` on u64 lanes, then `vpmovqb` or a byte shuffle) |
 //! | `pack_nibbles` | each output pair was stored lane by lane: now u16 lanes narrowed in registers (`vpmovwb`, or `vpackuswb` + `vpermq`). Settled 2026-12-04 (seven runs, load 3.6-5.8): AVX-512 first in 6 of 7, median 21.0 vs AVX2 19.5 GiB/s |
@@ -50,6 +51,7 @@ pub mod pack;
 pub mod qdq_error;
 pub mod quantize;
 pub mod quantize_packed;
+pub mod quantize_packed_f16;
 pub mod round;
 pub mod scales;
 pub mod widen;
@@ -61,7 +63,8 @@ pub use dequantize::{dequantize, dequantize_with};
 pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};
 pub use qdq_error::{qdq_error, qdq_error_with, QdqOutput};
 pub use quantize::{quantize, quantize_with};
-pub use quantize_packed::{quantize_packed, quantize_packed_with};
+pub use quantize_packed::{quantize_packed, quantize_packed_f16_with, quantize_packed_with};
+pub use quantize_packed_f16::{native_f16, native_f16_available};
 pub use round::{round_to_format, round_to_format_with};
 pub use scales::{
     scales_symmetric, scales_symmetric_alphas_with, scales_symmetric_with, scales_zero_point,
@@ -92,7 +95,7 @@ pub(crate) fn slab_rows(what: &'static str, len: usize, cols: usize) -> Result<u
     if cols == 0 {
         return check_len(what, 0, len).map(|_| 0);
     }
-    if len % cols != 0 {
+    if !len.is_multiple_of(cols) {
         return Err(Error::LengthMismatch { what, expected: len.div_ceil(cols) * cols, actual: len });
     }
     Ok(len / cols)

@@ -9,12 +9,14 @@
 //! weight in its own format (f16/bf16 widened in registers) and writing into the packed weight
 //! through [`quantize_packed_rows`].
 
+use super::quantize_packed_f16::{self as f16, f16_operands, native_f16_available};
 use super::{check_slab, check_tier};
 use crate::float::{Precision, BF16, F16, F32};
 use crate::kernels::code::{quantize_lanes, reciprocals, CodeBounds};
 use crate::simd::{for_each_chunk, load_f32, prefetch, store_nibble_pairs, to_int, Element};
 use crate::{Error, FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
+use std::any::TypeId;
 
 /// Quantizes the slab `w` (`rows * cols`, `cols` even) into `packed[rows * cols / 2]`.
 pub fn quantize_packed(
@@ -38,16 +40,48 @@ pub fn quantize_packed_with(
     zero_point: Option<&[f32]>,
     packed: &mut [u8],
 ) -> Result<()> {
+    checked_slab(tier, format, w, cols, scale, zero_point, packed, false)
+}
+
+/// [`quantize_packed_with`] of f16 weights read as f16 (as the pipeline reads them), rounding in
+/// f16: on the AVX-512 tier with `native` and a CPU with AVX512-FP16, the native f16 sub-path
+/// ([`quantize_packed_f16`](super::quantize_packed_f16); when its scales and zero points allow),
+/// else the tier's f32 lanes. For tests and benches that compare the two.
+#[doc(hidden)]
+pub fn quantize_packed_f16_with(
+    tier: Tier,
+    native: bool,
+    w: &[half::f16],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    packed: &mut [u8],
+) -> Result<()> {
+    checked_slab(tier, FloatFormat::F16, w, cols, scale, zero_point, packed, native)
+}
+
+/// Checks a whole slab (row stride `cols`) and quantizes it.
+#[allow(clippy::too_many_arguments)]
+fn checked_slab<E: Element>(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[E],
+    cols: usize,
+    scale: &[f32],
+    zero_point: Option<&[f32]>,
+    packed: &mut [u8],
+    native: bool,
+) -> Result<()> {
     check(tier, w, cols, scale, zero_point, packed)?;
     let rows = w.len() / cols.max(1);
-    quantize_packed_rows(tier, format, w, rows, cols, cols, scale, zero_point, packed, cols / 2, &[]);
+    quantize_packed_rows(tier, format, w, rows, cols, cols, scale, zero_point, packed, cols / 2, &[], native);
     Ok(())
 }
 
 /// The checks of [`quantize_packed_with`].
-fn check(tier: Tier, w: &[f32], cols: usize, scale: &[f32], zero_point: Option<&[f32]>, packed: &[u8]) -> Result<()> {
+fn check<E>(tier: Tier, w: &[E], cols: usize, scale: &[f32], zero_point: Option<&[f32]>, packed: &[u8]) -> Result<()> {
     check_tier(tier)?;
-    if cols % 2 != 0 {
+    if !cols.is_multiple_of(2) {
         return Err(Error::LengthMismatch {
             what: "quantize_packed columns (must be even)",
             expected: cols + 1,
@@ -68,6 +102,10 @@ fn check(tier: Tier, w: &[f32], cols: usize, scale: &[f32], zero_point: Option<&
 /// lines of `next[r * w_stride..][..cols]` (as far as `next` goes) are prefetched into L2, so the
 /// next stripe's first pass, which reads memory, finds them there while this pass, bound by the
 /// division, overlaps their loading.
+///
+/// With `native` (the pipeline passes [`native_f16`](super::native_f16)), f16 weights in f16 on the AVX-512 tier of a
+/// CPU with AVX512-FP16 take the native f16 sub-path when the scales are f16 values and the zero
+/// points integers in 0..=15 (always so in the pipeline; [`quantize_packed_f16`](super::quantize_packed_f16)).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn quantize_packed_rows<E: Element>(
     tier: Tier,
@@ -81,9 +119,19 @@ pub(crate) fn quantize_packed_rows<E: Element>(
     packed: &mut [u8],
     row_stride: usize,
     next: &[E],
+    native: bool,
 ) {
     if cols == 0 {
         return;
+    }
+    let f16_in_f16 = format == FloatFormat::F16 && TypeId::of::<E>() == TypeId::of::<half::f16>();
+    if native && f16_in_f16 && tier == Tier::Avx512 && native_f16_available() {
+        if let Some((s, zp)) = f16_operands(scale, zero_point) {
+            // E is half::f16 (equal TypeId): the casts keep every element as it is.
+            let (w, next) = (bytemuck::cast_slice(w), bytemuck::cast_slice(next));
+            f16::quantize_packed_rows(w, rows, cols, w_stride, &s, zp.as_deref(), packed, row_stride, next);
+            return;
+        }
     }
     // f32 on AVX2: the scalar body auto-vectorized with AVX2 beats the hand-written lanes (on
     // AVX-512 the hand-written lanes win; dispatch table in `kernels`).
