@@ -9,9 +9,10 @@
 //! for f32, f16 and bf16 input, beside a plain read of the same bytes, interleaved the same way
 //! (ROUNDS / 20 rounds, at least 5).
 //!
-//! `cargo bench --bench tiers [-- ROUNDS] [whole]` (default 300 rounds; one line per kernel and
-//! tier). With `whole`, only the whole weight, ROUNDS rounds (`RAYON_NUM_THREADS=1` for one core;
-//! `NIBBLE_FP16=off` for f16 on the f32 lanes instead of the native AVX512-FP16 sub-path).
+//! `cargo bench --bench tiers [-- ROUNDS] [whole | NAME]` (default 300 rounds; one line per kernel
+//! and tier). With `whole`, only the whole weight, ROUNDS rounds (`RAYON_NUM_THREADS=1` for one
+//! core; `NIBBLE_FP16=off` for f16 on the f32 lanes instead of the native AVX512-FP16 sub-path);
+//! with another word, only the kernels whose name contains it (no whole weight).
 
 mod common;
 use common::data;
@@ -216,9 +217,54 @@ fn main() {
             w.len() * 2,
             Box::new(move || widen_f16_with(tier, black_box(w16), &mut o).unwrap()),
         );
+        // The same three kernels on a 16-row slab (256 KiB of f32), called 8 times in a row: after
+        // the first call their data are in L2, so these rows show the kernels' own speed apart
+        // from the memory traffic that bounds the 128-row rows above.
+        let small = 16 * cols;
+        let mut p = vec![0u8; small / 2];
+        add(
+            "pack_nibbles (16 rows x 8, in L2)",
+            t,
+            8 * small,
+            Box::new(move || {
+                for _ in 0..8 {
+                    pack_nibbles_with(tier, black_box(&codes0[..small]), &mut p).unwrap();
+                }
+            }),
+        );
+        let mut o = vec![0.0f32; small];
+        add(
+            "dequantize (16 rows x 8, in L2)",
+            t,
+            8 * small * 4,
+            Box::new(move || {
+                for _ in 0..8 {
+                    dequantize_with(tier, FloatFormat::F32, black_box(&codes0[..small]), cols, scale, None, &mut o)
+                        .unwrap();
+                }
+            }),
+        );
+        let mut o = vec![0.0f32; small];
+        add(
+            "widen_f16 (16 rows x 8, in L2)",
+            t,
+            8 * small * 2,
+            Box::new(move || {
+                for _ in 0..8 {
+                    widen_f16_with(tier, black_box(&w16[..small]), &mut o).unwrap();
+                }
+            }),
+        );
+    }
+    // A word that is not a number or `whole` keeps only the kernels whose name contains it.
+    let only = std::env::args().skip(1).find(|a| a.parse::<usize>().is_err() && a != "whole" && a != "--bench");
+    if let Some(only) = &only {
+        cases.retain(|c| c.tier.is_none() || c.name.contains(only.as_str()));
     }
     report(&mut cases, rounds);
-    whole_weight((rounds / 20).max(5));
+    if only.is_none() {
+        whole_weight((rounds / 20).max(5));
+    }
 }
 
 /// Runs every case once per round, keeps the best, and prints one table row per name.

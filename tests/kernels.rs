@@ -334,7 +334,8 @@ fn length_mismatches_are_errors() {
 }
 
 /// Widening every f16 bit pattern (and every bf16 one) gives `half`'s exact conversion on every tier,
-/// at every length (vector bodies and tails).
+/// at every length (vector bodies and tails) and output offset (the AVX-512 body starts at the
+/// first 64-byte aligned output element).
 #[test]
 fn widen_matches_half_for_every_bit_pattern() {
     let all: Vec<u16> = (0..=u16::MAX).collect();
@@ -343,9 +344,12 @@ fn widen_matches_half_for_every_bit_pattern() {
     let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
     for tier in Tier::available() {
         for len in [0usize, 1, 15, 16, 17, 33, all.len()] {
-            let mut out = vec![0.0f32; len];
-            widen_f16_with(tier, &f16s[..len], &mut out).unwrap();
-            assert!(out.iter().zip(&f16s).all(|(&o, h)| same(o, h.to_f32())), "f16 {tier:?} len {len}");
+            for off in [0usize, 1, 7, 15] {
+                let mut buf = vec![0.0f32; off + len];
+                let out = &mut buf[off..];
+                widen_f16_with(tier, &f16s[..len], out).unwrap();
+                assert!(out.iter().zip(&f16s).all(|(&o, h)| same(o, h.to_f32())), "f16 {tier:?} len {len} off {off}");
+            }
         }
     }
     let mut out = vec![0.0f32; all.len()];

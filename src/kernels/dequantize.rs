@@ -7,7 +7,7 @@
 
 use super::check_slab;
 use crate::float::{Precision, BF16, F16, F32};
-use crate::simd::{for_each_chunk, from_int, load_bytes_ext, load_f32, store_f32};
+use crate::simd::{from_int, load_bytes_ext, load_f32, store_f32};
 use crate::{FloatFormat, Result, Tier};
 use pulp::{Simd, WithSimd};
 
@@ -63,32 +63,50 @@ struct Dequantize<'a, P> {
 impl<P: Precision> WithSimd for Dequantize<'_, P> {
     type Output = ();
 
+    /// Whole vectors of each row go through a plain zip over the row's vectors, code bytes and
+    /// scale (and zero-point) vectors: no per-run bookkeeping, no bounds checks. The row's last
+    /// `cols % LANES` columns take one partial vector.
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { codes, cols, scale, zero_point, out, _p: _ } = self;
+        let lanes = S::F32_LANES;
+        let whole = cols / lanes * lanes;
+        let (scale_v, _) = S::as_simd_f32s(scale);
+        let signed = zero_point.is_none();
         // The zero-point choice stays outside the loops, so each loop is specialized. The code
         // bytes are widened in registers (sign-extended without zero points).
-        let rows = codes.chunks_exact(cols).zip(out.chunks_exact_mut(cols));
-        match zero_point {
-            None => {
-                for (row, out) in rows {
-                    for_each_chunk::<S>(cols, |j, n| {
-                        let q = from_int(simd, load_bytes_ext(simd, &row[j..j + n], true));
-                        let dq = simd.mul_f32s(q, load_f32(simd, &scale[j..j + n]));
-                        store_f32(simd, &mut out[j..j + n], P::round_simd(simd, dq));
-                    });
+        for (row, out) in codes.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+            let (out_v, out_tail) = S::as_mut_simd_f32s(out);
+            let q = row[..whole].chunks_exact(lanes);
+            match zero_point {
+                None => {
+                    for ((o, q), &s) in out_v.iter_mut().zip(q).zip(scale_v) {
+                        *o = value::<S, P>(simd, q, true, s, None);
+                    }
+                }
+                Some(zp) => {
+                    let (zp_v, _) = S::as_simd_f32s(zp);
+                    for (((o, q), &s), &z) in out_v.iter_mut().zip(q).zip(scale_v).zip(zp_v) {
+                        *o = value::<S, P>(simd, q, false, s, Some(z));
+                    }
                 }
             }
-            Some(zp) => {
-                for (row, out) in rows {
-                    for_each_chunk::<S>(cols, |j, n| {
-                        let q = from_int(simd, load_bytes_ext(simd, &row[j..j + n], false));
-                        let steps = simd.sub_f32s(q, load_f32(simd, &zp[j..j + n]));
-                        let dq = simd.mul_f32s(steps, load_f32(simd, &scale[j..j + n]));
-                        store_f32(simd, &mut out[j..j + n], P::round_simd(simd, dq));
-                    });
-                }
+            if whole < cols {
+                let zp = zero_point.map(|z| load_f32(simd, &z[whole..]));
+                let v = value::<S, P>(simd, &row[whole..], signed, load_f32(simd, &scale[whole..]), zp);
+                store_f32(simd, out_tail, v);
             }
         }
     }
+}
+
+/// `rnd((q - zp) * s)` (or `rnd(q * s)`) for up to LANES code bytes.
+#[inline(always)]
+fn value<S: Simd, P: Precision>(simd: S, q: &[u8], signed: bool, s: S::f32s, zp: Option<S::f32s>) -> S::f32s {
+    let q = from_int(simd, load_bytes_ext(simd, q, signed));
+    let steps = match zp {
+        Some(z) => simd.sub_f32s(q, z),
+        None => q,
+    };
+    P::round_simd(simd, simd.mul_f32s(steps, s))
 }

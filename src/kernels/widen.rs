@@ -47,6 +47,13 @@ impl WithSimd for WidenF16<'_> {
         let done = src.len() / 16 * 16;
         #[cfg(target_arch = "x86_64")]
         if let Some(v4) = crate::simd::as_v4(simd) {
+            // The elements before the output's first 64-byte boundary through `half`, so that no
+            // 64-byte store crosses two cache lines (+17-22% in L2, BENCHMARKS.md).
+            let head = out.as_ptr().align_offset(64).min(src.len());
+            let (src_head, src) = src.split_at(head);
+            let (out_head, out) = out.split_at_mut(head);
+            src_head.convert_to_f32_slice(out_head);
+            let done = src.len() / 16 * 16;
             for (s, o) in src[..done].chunks_exact(16).zip(out.chunks_exact_mut(16)) {
                 let h: [u16; 16] = bytemuck::cast(<[f16; 16]>::try_from(s).expect("16 lanes"));
                 let f: [f32; 16] = bytemuck::cast(v4.avx512f._mm512_cvtph_ps(bytemuck::cast(h)));
