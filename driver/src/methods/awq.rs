@@ -615,11 +615,16 @@ pub fn quantize_candidate_awq(
     let mut v = decode_floats(format, &c.data(model)?);
     let shape = [c.dims[0] as usize, c.dims[1] as usize];
     if let Some(s) = &awq.scale {
-        let cols = shape[1];
-        for (e, x) in v.iter_mut().enumerate() {
-            // K runs along rows for axis 0, along columns for a transB=1 weight stored [N, K].
-            let k = if axis == 0 { e / cols } else { e % cols };
-            *x = format.round(*x * s[k]);
+        // K runs along rows for axis 0, along columns for a transB=1 weight stored [N, K]. Each
+        // product is rounded to the format once, after the loop (the same value as rounding each).
+        let cols = shape[1].max(1);
+        if axis == 0 {
+            v.chunks_exact_mut(cols).zip(s).for_each(|(row, &sk)| row.iter_mut().for_each(|x| *x *= sk));
+        } else {
+            v.chunks_exact_mut(cols).for_each(|row| row.iter_mut().zip(s).for_each(|(x, &sk)| *x *= sk));
+        }
+        if format != FloatFormat::F32 {
+            nibble::kernels::round_to_format(format, &mut v).map_err(|e| Error::kernel(&c.weight, e))?;
         }
     }
     let params = QuantParams { block_size: c.block(block), axis, zero_point, alpha: 1.0, bits: c.bits };
