@@ -332,12 +332,11 @@ pub(crate) fn group_k(by_name: &HashMap<&str, &Candidate>, gr: &Group) -> usize 
     }
 }
 
-/// Group `gi`'s activation of a wave: every sample's rows `[T, K]` one after another (moved out of
-/// `captured`, whose copies are freed as they are used).
-fn group_activation(captured: &mut [Vec<NamedTensor>], gi: usize, gr: &Group, k: usize) -> Result<Vec<f32>> {
-    let mut x: Vec<f32> = Vec::new();
-    for sample in captured.iter_mut() {
-        let t = &mut sample[gi];
+/// A group's activation: every sample's rows `[T, K]` one after another (`tensors`: the group's
+/// captured tensor of each sample, in sample order, freed as they are copied).
+fn group_activation(tensors: Vec<NamedTensor>, gr: &Group, k: usize) -> Result<Vec<f32>> {
+    let mut x: Vec<f32> = Vec::with_capacity(tensors.iter().map(|t| t.data.len()).sum());
+    for t in tensors {
         if t.shape.last() != Some(&k) {
             return Err(Error::Runtime(format!(
                 "activation '{}' has shape {:?}; its last dimension should be K = {k} of weight '{}'",
@@ -345,9 +344,19 @@ fn group_activation(captured: &mut [Vec<NamedTensor>], gi: usize, gr: &Group, k:
             )));
         }
         x.extend_from_slice(&t.data);
-        t.data = Vec::new();
     }
     Ok(x)
+}
+
+/// Every group's activation of a wave (`captured[sample][group]`), the groups in parallel.
+fn group_activations(captured: Vec<Vec<NamedTensor>>, wave: &[&Group], ks: &[usize]) -> Vec<Result<Vec<f32>>> {
+    let mut per_group: Vec<Vec<NamedTensor>> = wave.iter().map(|_| Vec::with_capacity(captured.len())).collect();
+    for sample in captured {
+        for (group, t) in per_group.iter_mut().zip(sample) {
+            group.push(t);
+        }
+    }
+    per_group.into_par_iter().zip(wave.par_iter().zip(ks)).map(|(ts, (gr, &k))| group_activation(ts, gr, k)).collect()
 }
 
 /// The activation `x` as weight `w` of `format` sees it: rounded to its dtype (float32: `x` itself).
@@ -455,14 +464,13 @@ pub fn search(
         if role == Role::Skip {
             continue;
         }
-        let mut captured = activations.run(i, &names, &samples)?;
+        let captured = activations.run(i, &names, &samples)?;
         if role == Role::Forward {
             continue;
         }
         calibration_time += wave_start.elapsed();
-        let xs: Vec<Result<Vec<f32>>> =
-            wave.iter().enumerate().map(|(gi, gr)| group_activation(&mut captured, gi, gr, k_of(gr))).collect();
-        drop(captured);
+        let ks: Vec<usize> = wave.iter().map(|gr| k_of(gr)).collect();
+        let xs = group_activations(captured, &wave, &ks);
         let mut lite = if opts.method != AwqMethod::Clip && !opts.per_subgraph {
             lite_searches(model, &wave, &xs, &by_name, block, zero_point, &lite_alphas, &lite_scratch, tier)
         } else {
