@@ -406,13 +406,20 @@ fn lite_searches(
         lite_search_in(scratch, tier, format, &xq, &wkn, shape, &params, alphas, LossForm::Auto)
             .map_err(|e| Error::kernel(w, e))
     };
+    // Largest weight first (every activation of a wave has the same tokens, so K x N orders the
+    // multiply-adds), so that the last searches to end are small ones and neither thread waits long
+    // for the other at the end. The stable sort keeps the wave's order between equal sizes.
+    let mut order: Vec<usize> = (0..tasks.len()).collect();
+    order.sort_by_key(|&i| {
+        std::cmp::Reverse(by_name[tasks[i].1].dims.iter().map(|&d| d.max(1) as u128).product::<u128>())
+    });
     let done: Vec<OnceLock<Result<LiteSearch>>> = tasks.iter().map(|_| OnceLock::new()).collect();
     let next = AtomicUsize::new(0);
     let lanes = rayon::current_num_threads().min(tasks.len());
-    (0..lanes).into_par_iter().for_each(|_| loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(&task) = tasks.get(i) else { break };
-        let _ = done[i].set(search(task));
+    (0..lanes).into_par_iter().for_each(|_| {
+        while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+            let _ = done[i].set(search(tasks[i]));
+        }
     });
     done.into_iter().map(|r| r.into_inner().expect("every search ran")).collect()
 }
