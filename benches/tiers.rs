@@ -220,7 +220,61 @@ fn main() {
         // The same three kernels on a 16-row slab (256 KiB of f32), called 8 times in a row: after
         // the first call their data are in L2, so these rows show the kernels' own speed apart
         // from the memory traffic that bounds the 128-row rows above.
+        let mut o = vec![0.0f32; w.len()];
+        add(
+            "scale_rows (AWQ w * s[row], f32)",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                scale_rows_with(tier, FloatFormat::F32, black_box(w), &scale[..rows], cols, &mut o).unwrap();
+            }),
+        );
+        // Row scales of 1: the error of the error stays bounded from call to call.
+        let (mut e, ones) = (w.to_vec(), vec![1.0f32; rows]);
+        add(
+            "unscaled_error (AWQ w - dq / s[row])",
+            t,
+            2 * f32_bytes,
+            Box::new(move || unscaled_error_with(tier, &mut e, black_box(w), &ones, cols).unwrap()),
+        );
+        let mut o = vec![0.0f32; w.len()];
+        add(
+            "divide_columns (AWQ x / s[col])",
+            t,
+            f32_bytes,
+            Box::new(move || divide_columns_with(tier, black_box(w), scale, &mut o).unwrap()),
+        );
+        add(
+            "sum_f64 (AWQ loss, a * b)",
+            t,
+            2 * f32_bytes,
+            Box::new(move || {
+                black_box(sum_f64_with(tier, black_box(w), w, |p, q| p * q).unwrap());
+            }),
+        );
         let small = 16 * cols;
+        let (mut e, ones) = (w[..small].to_vec(), vec![1.0f32; 16]);
+        add(
+            "unscaled_error (16 rows x 8, in L2)",
+            t,
+            8 * 2 * small * 4,
+            Box::new(move || {
+                for _ in 0..8 {
+                    unscaled_error_with(tier, &mut e, black_box(&w[..small]), &ones, cols).unwrap();
+                }
+            }),
+        );
+        let mut o = vec![0.0f32; small];
+        add(
+            "divide_columns (16 rows x 8, in L2)",
+            t,
+            8 * small * 4,
+            Box::new(move || {
+                for _ in 0..8 {
+                    divide_columns_with(tier, black_box(&w[..small]), scale, &mut o).unwrap();
+                }
+            }),
+        );
         let mut p = vec![0u8; small / 2];
         add(
             "pack_nibbles (16 rows x 8, in L2)",

@@ -297,3 +297,32 @@ pub fn block_dot(format: FloatFormat, x: &[f32], w: &[f32], [rows, cols]: [usize
     }
     out
 }
+
+/// AWQ's `w * s[:, None]` rounded to the dtype, per element, and whether every result is finite.
+pub fn scale_rows(format: FloatFormat, w: &[f32], s: &[f32], cols: usize) -> (Vec<f32>, bool) {
+    let out: Vec<f32> = w.iter().enumerate().map(|(i, &v)| format.round(v * s[i / cols])).collect();
+    let finite = out.iter().all(|v| v.is_finite());
+    (out, finite)
+}
+
+/// AWQ-lite's error `w - dq / s[:, None]`, per element.
+pub fn unscaled_error(dq: &[f32], w: &[f32], s: &[f32], cols: usize) -> Vec<f32> {
+    w.iter().zip(dq).enumerate().map(|(i, (&wv, &d))| wv - d / s[i / cols]).collect()
+}
+
+/// `x / s[None, :]`, per element.
+pub fn divide_columns(x: &[f32], s: &[f32]) -> Vec<f32> {
+    x.iter().enumerate().map(|(i, &v)| v / s[i % s.len()]).collect()
+}
+
+/// `sum(f(a[i], b[i]))` in f64: element `i` of the whole 16-element groups goes to partial sum
+/// `i mod 16` (in order), the partial sums are added in order, then the tail's sum (in order).
+pub fn sum_f64(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+    let whole = a.len() / 16 * 16;
+    let mut acc = [0.0f64; 16];
+    for i in 0..whole {
+        acc[i % 16] += f(a[i] as f64, b[i] as f64);
+    }
+    let tail: f64 = (whole..a.len()).map(|i| f(a[i] as f64, b[i] as f64)).sum();
+    acc.iter().sum::<f64>() + tail
+}

@@ -245,6 +245,56 @@ proptest! {
     }
 
     #[test]
+    fn awq_elementwise_match_reference(
+        fi in 0usize..3,
+        s0 in slab(FloatFormat::F32, 5),
+        s1 in slab(FloatFormat::F32, 5),
+        seed in proptest::collection::vec(element(), 6 + 49),
+    ) {
+        let format = FORMATS[fi];
+        let cols = s0.cols;
+        let rows = if cols == 0 { 0 } else { s0.rows };
+        let w: Vec<f32> = s0.w().iter().map(|&x| format.round(x)).collect();
+        // Per-row factors and per-column divisors (zeros and huge values included).
+        let s = &seed[..rows];
+        let d = &seed[6..6 + cols];
+        let (want_scaled, want_finite) = reference::scale_rows(format, &w, s, cols);
+        let other: Vec<f32> = s1.buf.iter().chain(&w).take(w.len()).copied().collect();
+        let want_err = reference::unscaled_error(&other, &w, s, cols);
+        let want_div = if cols > 0 { reference::divide_columns(&w, d) } else { vec![] };
+        for tier in Tier::available() {
+            let mut got = vec![f32::NAN; w.len()];
+            let finite = scale_rows_with(tier, format, &w, s, cols, &mut got).unwrap();
+            prop_assert_eq!(bits(&got), bits(&want_scaled), "scale_rows {:?} {:?}", tier, format);
+            prop_assert_eq!(finite, want_finite, "scale_rows finite {:?} {:?}", tier, format);
+            let mut got = other.clone();
+            unscaled_error_with(tier, &mut got, &w, s, cols).unwrap();
+            prop_assert_eq!(bits(&got), bits(&want_err), "unscaled_error {:?}", tier);
+            if cols > 0 {
+                let mut got = vec![f32::NAN; w.len()];
+                divide_columns_with(tier, &w, d, &mut got).unwrap();
+                prop_assert_eq!(bits(&got), bits(&want_div), "divide_columns {:?}", tier);
+            }
+        }
+    }
+
+    #[test]
+    fn sum_f64_matches_reference(
+        a in proptest::collection::vec(element(), 0..300),
+        b in proptest::collection::vec(element(), 300),
+    ) {
+        let b = &b[..a.len()];
+        let forms: [fn(f64, f64) -> f64; 3] = [|p, q| p * q, |p, _| p * p, |p, q| (p - q) * (p - q)];
+        for (i, f) in forms.into_iter().enumerate() {
+            let want = reference::sum_f64(&a, b, f);
+            for tier in Tier::available() {
+                let got = sum_f64_with(tier, &a, b, f).unwrap();
+                prop_assert_eq!(got.to_bits(), want.to_bits(), "sum_f64 form {} {:?}", i, tier);
+            }
+        }
+    }
+
+    #[test]
     fn rounding_matches_half(raw in proptest::collection::vec(any::<u32>(), 0..70), fi in 0usize..3) {
         let format = FORMATS[fi];
         let mut values: Vec<f32> = raw.iter().map(|&b| f32::from_bits(b)).filter(|x| !x.is_nan()).collect();
@@ -331,6 +381,12 @@ fn length_mismatches_are_errors() {
     assert!(quantize(FloatFormat::F32, Bits::Four, &w, 5, &[1.0; 5], None, &mut codes).is_err());
     let mut packed = vec![0u8; 4];
     assert!(pack_nibbles(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &mut packed).is_err());
+    let mut ten = vec![0.0f32; 10];
+    assert!(scale_rows(FloatFormat::F32, &w, &[1.0; 3], 5, &mut ten).is_err());
+    assert!(scale_rows(FloatFormat::F32, &w, &[1.0; 2], 5, &mut out).is_err());
+    assert!(unscaled_error(&mut ten, &w, &[1.0; 5], 5).is_err());
+    assert!(divide_columns(&w, &[1.0; 3], &mut ten).is_err());
+    assert!(sum_f64(&w, &w[1..], |p, q| p * q).is_err());
 }
 
 /// Widening every f16 bit pattern (and every bf16 one) gives `half`'s exact conversion on every tier,

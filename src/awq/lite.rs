@@ -80,20 +80,13 @@ pub fn scale_rows(format: FloatFormat, w: &[f32], s: &[f32], n: usize) -> Vec<f3
 }
 
 /// [`scale_rows`] into `out` (its allocation is reused); returns whether every value is finite.
-/// Each row is scaled, rounded and checked while it is in cache.
+/// Each row is scaled, rounded and checked while it is in cache (on the tier's SIMD:
+/// [`kernels::scale_rows`](crate::kernels::scale_rows)).
 pub fn scale_rows_into(format: FloatFormat, w: &[f32], s: &[f32], n: usize, out: &mut Vec<f32>) -> bool {
     let n = n.max(1);
     let rows = (w.len() / n).min(s.len());
     out.resize(rows * n, 0.0);
-    let mut finite = true;
-    for ((scaled, row), &sk) in out.chunks_exact_mut(n).zip(w.chunks_exact(n)).zip(s) {
-        for (o, &v) in scaled.iter_mut().zip(row) {
-            *o = v * sk;
-        }
-        round_all(format, scaled);
-        finite &= scaled.iter().fold(true, |all, v| all & v.is_finite());
-    }
-    finite
+    crate::kernels::scale_rows(format, &w[..rows * n], &s[..rows], n, out).expect("whole rows, one scale each")
 }
 
 /// `x * 1.0 / s` rounded to the format (`x: [T, K]`).
@@ -105,37 +98,23 @@ pub fn divide_columns(format: FloatFormat, x: &[f32], s: &[f32]) -> Vec<f32> {
 
 /// [`divide_columns`] into `out` (its allocation is reused).
 pub fn divide_columns_into(format: FloatFormat, x: &[f32], s: &[f32], out: &mut Vec<f32>) {
-    let k = s.len().max(1);
-    out.clear();
-    for row in x.chunks_exact(k) {
-        out.extend(row.iter().zip(s).map(|(&v, &sk)| v / sk));
-    }
+    let len = x.len().checked_div(s.len()).unwrap_or(0) * s.len();
+    out.resize(len, 0.0);
+    crate::kernels::divide_columns(&x[..len], s, out).expect("whole rows, one divisor per column");
     round_all(format, out);
 }
 
-/// `sum(f(a[i], b[i]))` in f64, in 16 interleaved partial sums (a sum in order is one chain of
-/// dependent additions, 4 cycles each; these vectorize and are no less accurate).
+/// `sum(f(a[i], b[i]))` in f64 ([`kernels::sum_f64`](crate::kernels::sum_f64): 16 interleaved
+/// partial sums on the tier's SIMD).
 fn sum_f64(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
-    const LANES: usize = 16;
-    let mut acc = [0.0f64; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&p, &q)| f(p as f64, q as f64)).sum();
-    for (pa, pb) in ca.zip(cb) {
-        for j in 0..LANES {
-            acc[j] += f(pa[j] as f64, pb[j] as f64);
-        }
-    }
-    acc.iter().sum::<f64>() + tail
+    crate::kernels::sum_f64(a, b, f).expect("equal lengths")
 }
 
 /// `E = w - dq / s[:, None]` in place of `dq` (`w`, `dq: [K, N]`, `s: [K]`): the error of the fake
 /// quantization in the unscaled weight's terms (the module docs).
 fn error_into(dq: &mut [f32], w: &[f32], s: &[f32], n: usize) {
-    let n = n.max(1);
-    for ((erow, wrow), &sk) in dq.chunks_exact_mut(n).zip(w.chunks_exact(n)).zip(s) {
-        for (ev, &wv) in erow.iter_mut().zip(wrow) {
-            *ev = wv - *ev / sk;
-        }
+    if n > 0 {
+        crate::kernels::unscaled_error(dq, w, s, n).expect("whole rows, one scale each");
     }
 }
 

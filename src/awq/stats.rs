@@ -103,21 +103,35 @@ pub fn act_scale(format: FloatFormat, x: &[f32], k: usize) -> Vec<f32> {
 }
 
 /// `get_weight_scale(w, block_size)` of `w: [K, N]`.
+///
+/// numpy's `reshape(B, -1)` has `m = (Kp / B) N` columns, a whole number of weight rows, so the
+/// divisor of `w[r, c]` is `denom[(r mod Kp / B) N + c]`: each row is divided by a contiguous row of
+/// `denom` (on the tier's SIMD, into one reused buffer) and then averaged.
 pub fn weight_scale(format: FloatFormat, w: &[f32], [k, n]: [usize; 2], block: usize) -> Vec<f32> {
-    let kp = k.div_ceil(block) * block;
-    let total = kp * n;
-    let m = total / block;
-    let at = |e: usize| if e < k * n { w[e] } else { 0.0 };
+    let blocks = k.div_ceil(block);
+    let m = blocks * n;
+    let w = &w[..k * n];
+    // The amax over the strided rows of the zero-padded weight (the padding's zeros change no
+    // maximum of absolute values).
     let mut amax = vec![0.0f32; m];
-    for i in 0..block {
-        for (j, a) in amax.iter_mut().enumerate() {
-            *a = a.max(at(i * m + j).abs());
+    for part in w.chunks(m.max(1)) {
+        for (a, &v) in amax.iter_mut().zip(part) {
+            *a = a.max(v.abs());
         }
     }
     let denom: Vec<f32> = amax.iter().map(|&a| format.round(a + tiny(format))).collect();
+    let mut row = vec![0.0f32; n];
     (0..k)
         .map(|r| {
-            let row: Vec<f32> = (0..n).map(|c| r * n + c).map(|e| format.round(at(e).abs() / denom[e % m])).collect();
+            let d = &denom[(r % blocks) * n..][..n];
+            crate::kernels::divide_columns(&w[r * n..][..n], d, &mut row).expect("one divisor per column");
+            // |w| / d = |w / d|: d > 0, and the quotient's magnitude does not depend on the signs.
+            for v in row.iter_mut() {
+                *v = v.abs();
+            }
+            if format != FloatFormat::F32 {
+                crate::kernels::round_to_format(format, &mut row).expect("lengths are the slice's own");
+            }
             contiguous_mean(format, &row)
         })
         .collect()

@@ -25,6 +25,7 @@
 //! | the whole weight (`quantize_weight`'s fused pass) | not the driving (rayon jobs, page faults: about 2%): each stripe's first pass (absmax) waited for memory and its second (the division, from L2) then ran alone. `quantize_packed_rows` now prefetches the next stripe (`simd::prefetch`) while it quantizes, and f32 uses 256 KiB stripes too: one core +24-27% for f16/bf16, +6-12% for f32 (BENCHMARKS.md, 2026-12-04) |
 //! | f16/bf16 input to the fused pass (`block_absmax`, `block_minmax`, `quantize_packed` inside `quantize_weight`) | the stripe was widened into an f32 scratch and read back twice: the three kernels now take any `simd::Element` with a row stride and widen each vector in registers (`vcvtph2ps`, or `vpmovzxwd` + shift for bf16), reading the weight in place on AVX2 and AVX-512 (scalar and NEON keep the scratch: element-by-element widening was 2.5x slower there); no speed gain shown yet beyond the load's noise (BENCHMARKS.md) |
 //! | `qdq_error`, `block_dot`, `scales_*`, `round_to_format` | the f16 rounding, as for `quantize` |
+//! | AWQ-lite's elementwise loops: `scale_rows` (`rnd(w * s[row])` and the finite check), `unscaled_error` (`w - dq / s[row]`), `divide_columns` (`x / s[col]`, also the weight statistic's `\|w\| / amax`), `sum_f64` (the losses' f64 sums, 16 interleaved partial sums) | they ran on the crate's baseline SSE code: every tier now runs the one-lane body compiled with its target features (`Tier::dispatch_autovec`; IEEE operations per lane in a fixed order, so every tier gives the scalar body's bits). `cargo bench --bench tiers -- 300 AWQ`, 2026-12-05 00:36-00:37 UTC, load 0.5-1.3, two runs, 128 x 4096 slab: `sum_f64` 52-53 (AVX-512) / 55-56 (AVX2) vs 35 GiB/s (scalar tier = the old SSE code), `scale_rows` 13.0-13.2 / 11.6-11.8 vs 10.7-10.8; `unscaled_error` and `divide_columns` tie at the memory traffic (27.5-29.4 and 14.0-14.8 on every tier); in L2 (16 rows x 8) AVX2 47 and 24, AVX-512 43 and 22, scalar 39 and 20. AVX2 is 5-10% ahead of AVX-512 on three of the four: not settled, the loops are now below 1% of AWQ-lite's samples. End to end (awq_lite, 48M model) -6% CPU with the weight statistic's change (BENCHMARKS.md) |
 //! | every kernel looping with `simd::for_each_chunk` | issue #20 split its loop into full runs and a tail at two call sites to drop about 25 scalar instructions of bookkeeping per vector; the kernels' closures then stopped being inlined and ran without the tier's target features (SIMD tiers 10-30x below scalar): back to one call site, see BENCHMARKS.md |
 //!
 //! Deciding runs (`cargo bench --bench tiers -- 1000`: every kernel and tier interleaved, best of
@@ -53,29 +54,37 @@ pub mod block_dot;
 pub mod block_minmax;
 pub(crate) mod code;
 pub mod dequantize;
+pub mod divide_columns;
 pub mod pack;
 pub mod qdq_error;
 pub mod quantize;
 pub mod quantize_packed;
 pub mod quantize_packed_f16;
 pub mod round;
+pub mod scale_rows;
 pub mod scales;
+pub mod sum_f64;
+pub mod unscaled_error;
 pub mod widen;
 
 pub use block_absmax::{block_absmax, block_absmax_with};
 pub use block_dot::{block_dot, block_dot_with};
 pub use block_minmax::{block_minmax, block_minmax_with};
 pub use dequantize::{dequantize, dequantize_with};
+pub use divide_columns::{divide_columns, divide_columns_with};
 pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};
 pub use qdq_error::{qdq_error, qdq_error_with, QdqOutput};
 pub use quantize::{quantize, quantize_with};
 pub use quantize_packed::{quantize_packed, quantize_packed_f16_with, quantize_packed_with};
 pub use quantize_packed_f16::{native_f16, native_f16_available};
 pub use round::{round_to_format, round_to_format_with};
+pub use scale_rows::{scale_rows, scale_rows_with};
 pub use scales::{
     scales_symmetric, scales_symmetric_alphas_with, scales_symmetric_with, scales_zero_point,
     scales_zero_point_alphas_with, scales_zero_point_with,
 };
+pub use sum_f64::{sum_f64, sum_f64_with};
+pub use unscaled_error::{unscaled_error, unscaled_error_with};
 pub use widen::{widen_bf16, widen_f16, widen_f16_with};
 
 use crate::{Error, Result, Tier};
