@@ -132,22 +132,58 @@ pub struct AwqResult {
     pub plain: Vec<(String, String)>,
 }
 
+/// A planned weight's `[K, N]` values as f32 ([`weight_kn`]): the model's own bytes when the weight
+/// is stored as f32 in that layout at an aligned address (no copy), else a decoded copy.
+pub enum WeightKn {
+    /// f32 little-endian bytes of the model (its mapping), 4-byte aligned.
+    Mapped(bytes::Bytes),
+    /// Decoded (f16/bf16), transposed (`transB=1`) or unaligned values.
+    Decoded(Vec<f32>),
+}
+
+impl std::ops::Deref for WeightKn {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            WeightKn::Mapped(b) => bytemuck::try_cast_slice(b).expect("checked when made"),
+            WeightKn::Decoded(v) => v,
+        }
+    }
+}
+
+impl WeightKn {
+    /// The values as an owned vector (a copy when mapped).
+    pub fn into_vec(self) -> Vec<f32> {
+        match self {
+            WeightKn::Mapped(_) => self.to_vec(),
+            WeightKn::Decoded(v) => v,
+        }
+    }
+}
+
 /// The `[K, N]` view of a planned weight as f32 values of its format.
-pub fn weight_kn(model: &Model, c: &Candidate) -> Result<(Vec<f32>, [usize; 2])> {
+pub fn weight_kn(model: &Model, c: &Candidate) -> Result<(WeightKn, [usize; 2])> {
     let format = c.format().expect("float weight");
-    let v = decode_floats(format, &c.data(model)?);
+    let bytes = c.data(model)?;
     let (r, cols) = (c.dims[0] as usize, c.dims[1] as usize);
     match c.decision {
         Decision::Quantize { axis: 1 } => {
+            let v = decode_floats(format, &bytes);
             let mut t = vec![0.0f32; v.len()];
             for i in 0..r {
                 for j in 0..cols {
                     t[j * r + i] = v[i * cols + j];
                 }
             }
-            Ok((t, [cols, r]))
+            Ok((WeightKn::Decoded(t), [cols, r]))
         }
-        _ => Ok((v, [r, cols])),
+        _ if format == FloatFormat::F32
+            && cfg!(target_endian = "little")
+            && bytemuck::try_cast_slice::<u8, f32>(&bytes).is_ok() =>
+        {
+            Ok((WeightKn::Mapped(bytes), [r, cols]))
+        }
+        _ => Ok((WeightKn::Decoded(decode_floats(format, &bytes)), [r, cols])),
     }
 }
 
@@ -490,9 +526,9 @@ pub fn search(
             if opts.per_subgraph {
                 let format = by_name[gr.weights[0].as_str()].format().expect("float weight");
                 let xq: Vec<f32> = x.iter().map(|&v| format.round(v)).collect();
-                let views: Vec<(Vec<f32>, [usize; 2])> =
+                let views: Vec<(WeightKn, [usize; 2])> =
                     gr.weights.iter().map(|w| weight_kn(model, by_name[w.as_str()])).collect::<Result<_>>()?;
-                let ws: Vec<(&[f32], usize)> = views.iter().map(|(v, s)| (v.as_slice(), s[1])).collect();
+                let ws: Vec<(&[f32], usize)> = views.iter().map(|(v, s)| (&v[..], s[1])).collect();
                 let params = QuantParams { block_size: block, axis: 0, zero_point, alpha: 1.0, bits: Bits::Four };
                 debug_assert!(gr.weights.iter().all(|w| by_name[w.as_str()].bits == Bits::Four));
                 let s = awq::subgraph_search(format, &xq, k, &ws, &params, &lite_alphas)

@@ -480,7 +480,7 @@ fn quantize_weight(
     let (kn, [_, n]) = weight_kn(model, c)?;
     let kn = match s {
         Some(s) => nibble::awq::lite::scale_rows(format, &kn, s, n),
-        None => kn,
+        None => kn.into_vec(),
     };
     let data = super::OwnedWeight::new(format, kn);
     let params = GptqParams {
