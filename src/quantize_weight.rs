@@ -324,6 +324,32 @@ pub fn fake_quantize_into(
     Ok(())
 }
 
+/// One block of [`fake_quantize_into`] alone, on the calling thread (no rayon work): `w` holds the
+/// rows of block `b` (`w.len() / n` of them, rows `b * block ..` of a `[k, n]` weight whose blocks
+/// are `block = params.block_size.resolve(k)` rows), dequantized into `out` (as long as `w`). The
+/// values, and the error of a non-finite value, are those the whole-weight call gives for these
+/// rows: a search can quantize a weight band by band while each band is in cache.
+pub fn fake_quantize_block_into(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    n: usize,
+    [b, block]: [usize; 2],
+    params: &QuantParams,
+    out: &mut [f32],
+) -> Result<()> {
+    kernels::check_tier(tier)?;
+    kernels::check_len("block output", w.len(), out.len())?;
+    let rows = w.len().checked_div(n).unwrap_or(0);
+    kernels::check_len("block", rows * n, w.len())?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let alphas = vec![format.constant(params.alpha); n];
+    let job = BlockJob::new(tier, format, params, n, [b, block, rows], &alphas);
+    job.stripe(w, 0, &mut vec![0.0; n], None, &mut [], out, Output::Dequantized)
+}
+
 fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
     let mut t = vec![T::default(); v.len()];
     for i in 0..rows {
@@ -440,17 +466,7 @@ fn axis0(
         .map(|(b, (((codes, dq), scale), zp))| {
             let rows = block.min(k - b * block);
             let alphas = alphas.map_or(&default_alphas[..], |a| &a[b * n..(b + 1) * n]);
-            let job = BlockJob {
-                tier,
-                format,
-                bits: params.bits,
-                n,
-                padded: rows < block,
-                zero_point: params.zero_point,
-                b,
-                block,
-                alphas,
-            };
+            let job = BlockJob::new(tier, format, params, n, [b, block, rows], alphas);
             job.run(source, rows, scale, zp.as_deref_mut(), codes, dq, output)
         })
         .collect();
@@ -471,7 +487,20 @@ struct BlockJob<'a> {
     alphas: &'a [f32],
 }
 
-impl BlockJob<'_> {
+impl<'a> BlockJob<'a> {
+    /// Block `b` (`rows` of them, fewer than `block` for a short last block) of an `n`-column weight.
+    fn new(
+        tier: Tier,
+        format: FloatFormat,
+        params: &QuantParams,
+        n: usize,
+        [b, block, rows]: [usize; 3],
+        alphas: &'a [f32],
+    ) -> BlockJob<'a> {
+        let (bits, zero_point, padded) = (params.bits, params.zero_point, rows < block);
+        BlockJob { tier, format, bits, n, padded, zero_point, b, block, alphas }
+    }
+
     /// Quantizes rows `b * block ..` (`rows` of them) of `source`, stripe by stripe.
     #[allow(clippy::too_many_arguments)]
     fn run(

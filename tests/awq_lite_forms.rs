@@ -107,3 +107,66 @@ fn fake_quantization_ignores_what_the_buffer_held() {
     }
     assert!(cases >= 4);
 }
+
+/// AWQ-lite's error matrix computed band by band of block rows (`error_matrix_into`) is bit for bit
+/// the three passes over the whole weight it replaces (scale the rows, fake-quantize, `w - dq / s`),
+/// on every tier: K a multiple of the block or not (a short last band), per-channel blocks, zero
+/// point on and off, N odd and even, 4-bit and INT8 codes, buffers holding garbage.
+#[test]
+fn error_matrix_by_bands_is_the_three_passes() {
+    use nibble::awq::lite::{error_matrix_into, scale_rows};
+    use nibble::quantize_weight::fake_quantize_with;
+    let mut cases = 0;
+    for tier in Tier::available() {
+        for (k, n, block, zp, bits) in [
+            (256, 48, Some(128), false, Bits::Four),
+            (200, 33, Some(64), true, Bits::Four),
+            (130, 16, Some(128), false, Bits::Four),
+            (96, 40, None, true, Bits::Four),
+            (97, 7, None, false, Bits::Four),
+            (300, 24, Some(32), false, Bits::Eight),
+            (70, 9, Some(16), true, Bits::Eight),
+        ] {
+            let block_size = block.map_or(BlockSize::PerChannel, BlockSize::Blocked);
+            let params = QuantParams { block_size, axis: 0, zero_point: zp, alpha: 1.0, bits };
+            // Mostly positive, so a short last block's padding zero changes its minimum.
+            let w: Vec<f32> =
+                data(k * n, k as u64, |i| if i % 29 == 0 { 3.0 } else { 0.2 }).iter().map(|v| v + 0.25).collect();
+            let s: Vec<f32> =
+                data(k, n as u64, |i| if i % 11 == 0 { 6.0 } else { 1.5 }).iter().map(|v| v.abs() + 0.1).collect();
+            let scaled = scale_rows(FloatFormat::F32, &w, &s, n);
+            let mut want = fake_quantize_with(tier, FloatFormat::F32, &scaled, [k, n], &params, None).unwrap();
+            nibble::kernels::unscaled_error(&mut want, &w, &s, n).unwrap();
+            let (mut band, mut e) = (vec![f32::NAN; 5], vec![f32::NAN; k * n / 2 + 3]);
+            let ok = error_matrix_into(tier, FloatFormat::F32, &w, &s, [k, n], &params, true, &mut band, &mut e);
+            assert_eq!(ok, Ok(true));
+            let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits_of(&e), bits_of(&want), "{tier:?} {k}x{n} block {block:?} zp {zp} {bits:?}");
+            cases += 1;
+        }
+    }
+    assert!(cases >= 7);
+}
+
+/// The band-by-band error matrix keeps the search's rules: a finite weight whose scaled value
+/// overflows skips the alpha (`Ok(false)`), and a non-finite weight is the error the whole-weight
+/// fake quantization reports (same block, column and rows).
+#[test]
+fn error_matrix_by_bands_skips_and_fails_as_before() {
+    use nibble::awq::lite::{error_matrix_into, scale_rows};
+    use nibble::quantize_weight::fake_quantize_with;
+    let (k, n) = (200, 12);
+    let params = params(64, false);
+    let s = vec![2.0f32; k];
+    let mut w = data(k * n, 5, |_| 0.2);
+    let run = |w: &[f32], finite: bool| {
+        error_matrix_into(Tier::best(), FloatFormat::F32, w, &s, [k, n], &params, finite, &mut vec![], &mut vec![])
+    };
+    w[150 * n + 3] = 3e38;
+    assert_eq!(run(&w, true), Ok(false));
+    w[150 * n + 3] = f32::NAN;
+    let scaled = scale_rows(FloatFormat::F32, &w, &s, n);
+    let want = fake_quantize_with(Tier::best(), FloatFormat::F32, &scaled, [k, n], &params, None).unwrap_err();
+    assert!(matches!(want, nibble::Error::NonFinite { block: 2, column: 3, .. }), "{want:?}");
+    assert_eq!(run(&w, false), Err(want));
+}

@@ -41,7 +41,7 @@
 
 use super::matmul::matmul_into;
 use super::stats::{act_scale, awq_scale, weight_scale};
-use crate::quantize_weight::{fake_quantize_into, QuantParams};
+use crate::quantize_weight::{fake_quantize_block_into, fake_quantize_into, QuantParams};
 use crate::{FloatFormat, Result, Tier};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -116,6 +116,46 @@ fn error_into(dq: &mut [f32], w: &[f32], s: &[f32], n: usize) {
     if n > 0 {
         crate::kernels::unscaled_error(dq, w, s, n).expect("whole rows, one scale each");
     }
+}
+
+/// The error matrix `E = w - dq(q(rnd(w * s[:, None]))) / s[:, None]` of `w: [K, N]` into `e`
+/// (resized to `K * N`), one quantization block's band of rows at a time: the band is scaled into
+/// `scaled` (one band long, so it stays in L2), fake-quantized into its rows of `e`
+/// ([`fake_quantize_block_into`]) and turned into its error there, while those rows are in cache.
+/// The same values as [`scale_rows_into`], [`fake_quantize_into`] and `E = w - dq / s` over the
+/// whole weight (blocks run along axis 0, so bands are independent), in one pass over memory
+/// instead of three. `Ok(false)` when a scaled value is not finite while every weight is
+/// (`weight_finite`: the alpha is skipped; `e` is then partly written); a non-finite weight is the
+/// error [`fake_quantize_into`] reports.
+#[allow(clippy::too_many_arguments)]
+pub fn error_matrix_into(
+    tier: Tier,
+    format: FloatFormat,
+    w: &[f32],
+    s: &[f32],
+    [k, n]: [usize; 2],
+    params: &QuantParams,
+    weight_finite: bool,
+    scaled: &mut Vec<f32>,
+    e: &mut Vec<f32>,
+) -> Result<bool> {
+    crate::kernels::check_len("weight", k * n, w.len())?;
+    crate::kernels::check_len("scale", k, s.len())?;
+    e.resize(k * n, 0.0);
+    if n == 0 {
+        return Ok(true);
+    }
+    let block = params.block_size.resolve(k);
+    for (b, (wb, eb)) in w.chunks(block * n).zip(e.chunks_mut(block * n)).enumerate() {
+        let sb = &s[b * block..b * block + wb.len() / n];
+        let finite = scale_rows_into(format, wb, sb, n, scaled);
+        if weight_finite && !finite {
+            return Ok(false);
+        }
+        fake_quantize_block_into(tier, format, scaled, n, [b, block], params, eb)?;
+        error_into(eb, wb, sb, n);
+    }
+    Ok(true)
 }
 
 /// Mean squared difference in f64.
@@ -216,10 +256,15 @@ pub fn lite_search_in(
         _ => LossForm::Direct,
     };
     let weight_finite = w.iter().all(|v| v.is_finite());
-    // Fills `b.dq` and returns the scale; `None` when the scaled weight overflows (a finite weight
+    // Fills `b.dq` (the error matrix E in the Gram and error forms, the fake-quantized weight in the
+    // direct one) and returns the scale; `None` when the scaled weight overflows (a finite weight
     // only: a NaN weight is the error fake_quantize_with reports).
     let fake_quantized = |alpha: f64, b: &mut Buffers| -> Result<Option<Vec<f32>>> {
         let s = awq_scale(format, &act, &wsc, alpha);
+        if matches!(form, LossForm::Gram | LossForm::Error) {
+            let ok = error_matrix_into(tier, format, w, &s, [k, n], params, weight_finite, &mut b.scaled, &mut b.dq)?;
+            return Ok(ok.then_some(s));
+        }
         let finite = scale_rows_into(format, w, &s, n, &mut b.scaled);
         if weight_finite && !finite {
             return Ok(None);
@@ -241,12 +286,10 @@ pub fn lite_search_in(
                 let mean = |sum: f64| sum / (t * n).max(1) as f64;
                 Ok(Some(match form {
                     LossForm::Gram => {
-                        error_into(&mut b.dq, w, &s, n);
                         super::matmul::lower_triangular_matmul_into(&fixed, &b.dq, k, n, &mut b.product);
                         mean(sum_f64(&b.dq, &b.product, |p, q| p * q))
                     }
                     LossForm::Error => {
-                        error_into(&mut b.dq, w, &s, n);
                         matmul_into(x, &b.dq, t, k, n, &mut b.product);
                         mean(sum_f64(&b.product, &b.product, |p, _| p * p))
                     }
