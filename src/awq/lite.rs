@@ -120,7 +120,7 @@ fn error_into(dq: &mut [f32], w: &[f32], s: &[f32], n: usize) {
 
 /// The error matrix `E = w - dq(q(rnd(w * s[:, None]))) / s[:, None]` of `w: [K, N]` into `e`
 /// (resized to `K * N`), one quantization block's band of rows at a time: the band is scaled into
-/// `scaled` (one band long, so it stays in L2), fake-quantized into its rows of `e`
+/// `scaled` (one band long and reused: 384 KiB for 128 x 768), fake-quantized into its rows of `e`
 /// ([`fake_quantize_block_into`]) and turned into its error there, while those rows are in cache.
 /// The same values as [`scale_rows_into`], [`fake_quantize_into`] and `E = w - dq / s` over the
 /// whole weight (blocks run along axis 0, so bands are independent), in one pass over memory
