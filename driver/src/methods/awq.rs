@@ -663,21 +663,27 @@ pub fn quantize_candidate_awq(
     if let Some(s) = &awq.scale64 {
         return quantize_scaled_f64(model, c, block, zero_point, s, axis);
     }
-    let mut v = decode_floats(format, &c.data(model)?);
     let shape = [c.dims[0] as usize, c.dims[1] as usize];
-    if let Some(s) = &awq.scale {
-        // K runs along rows for axis 0, along columns for a transB=1 weight stored [N, K]. Each
-        // product is rounded to the format once, after the loop (the same value as rounding each).
-        let cols = shape[1].max(1);
-        if axis == 0 {
-            v.chunks_exact_mut(cols).zip(s).for_each(|(row, &sk)| row.iter_mut().for_each(|x| *x *= sk));
-        } else {
-            v.chunks_exact_mut(cols).for_each(|row| row.iter_mut().zip(s).for_each(|(x, &sk)| *x *= sk));
+    let v = match (&awq.scale, axis) {
+        // One pass from the model's values (f32: its mapping) to `rnd(w * s[k])`, row k scaled by s[k].
+        (Some(s), 0) => {
+            let (w, [_, n]) = weight_kn(model, c)?;
+            let mut v = Vec::new();
+            let _finite = nibble::awq::lite::scale_rows_into(format, &w, s, n, &mut v);
+            v
         }
-        if format != FloatFormat::F32 {
-            nibble::kernels::round_to_format(format, &mut v).map_err(|e| Error::kernel(&c.weight, e))?;
+        // A transB=1 weight stored [N, K]: K runs along each row. Each product is rounded to the
+        // format once, after the loop (the same value as rounding each).
+        (Some(s), _) => {
+            let mut v = decode_floats(format, &c.data(model)?);
+            v.chunks_exact_mut(shape[1].max(1)).for_each(|row| row.iter_mut().zip(s).for_each(|(x, &sk)| *x *= sk));
+            if format != FloatFormat::F32 {
+                nibble::kernels::round_to_format(format, &mut v).map_err(|e| Error::kernel(&c.weight, e))?;
+            }
+            v
         }
-    }
+        (None, _) => decode_floats(format, &c.data(model)?),
+    };
     let params = QuantParams { block_size: c.block(block), axis, zero_point, alpha: 1.0, bits: c.bits };
     let data = super::OwnedWeight::new(format, v);
     nibble::quantize_weight::quantize_weight_alphas_with(
