@@ -388,6 +388,9 @@ fn group_activation(tensors: Vec<NamedTensor>, gr: &Group, k: usize) -> Result<V
 fn group_activations(captured: Vec<Vec<NamedTensor>>, wave: &[&Group], ks: &[usize]) -> Vec<Result<Vec<f32>>> {
     let mut per_group: Vec<Vec<NamedTensor>> = wave.iter().map(|_| Vec::with_capacity(captured.len())).collect();
     for sample in captured {
+        // The capture returns one tensor per requested name, that is per group (as the indexing
+        // this replaced required).
+        assert_eq!(sample.len(), per_group.len(), "one captured tensor per group of the wave");
         for (group, t) in per_group.iter_mut().zip(sample) {
             group.push(t);
         }
