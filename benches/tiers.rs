@@ -5,6 +5,11 @@
 //! other jobs on a shared machine, so this is the run that decides the dispatch table in
 //! `src/kernels/mod.rs`.
 //!
+//! `pack_nibbles` and `dequantize` also run on a whole 4096 x 4096 weight's codes (their pipeline
+//! case; with these rows in the rounds the 128-row slab no longer stays in cache between calls)
+//! and, 8 calls in a row, on a 16-row slab that stays in L2 (their own speed). Identical code can
+//! come out up to about 10% apart in two tiers' columns (BENCHMARKS.md, branch pack).
+//!
 //! Then the whole 4096 x 4096 weight (`quantize_weight`, block 128, RTN, all cores) on each tier
 //! for f32, f16 and bf16 input, beside a plain read of the same bytes, interleaved the same way
 //! (ROUNDS / 20 rounds, at least 5).
@@ -52,7 +57,9 @@ fn main() {
     let mut scale16 = vec![0.0f32; cols];
     scales_symmetric(FloatFormat::F16, Bits::Four, &amax, 1.0, &mut scale16).unwrap();
     let f32_bytes = w.len() * 4;
-    let (w, w16, scale, scale16, codes0) = (&w, &w16, &scale, &scale16, &codes0);
+    // A whole 4096 x 4096 weight's codes (the slab's codes 32 times), as the pipeline packs them.
+    let big: Vec<u8> = codes0.iter().copied().cycle().take(32 * codes0.len()).collect();
+    let (w, w16, scale, scale16, codes0, big) = (&w, &w16, &scale, &scale16, &codes0, &big);
     let mut cases: Vec<Case> = Vec::new();
     let mut add = |name, tier, bytes, run: Box<dyn FnMut()>| {
         cases.push(Case { name, tier, bytes, run, best: Duration::MAX });
@@ -295,6 +302,28 @@ fn main() {
                 for _ in 0..8 {
                     dequantize_with(tier, FloatFormat::F32, black_box(&codes0[..small]), cols, scale, None, &mut o)
                         .unwrap();
+                }
+            }),
+        );
+        // The whole weight's codes, as `quantize_weight` (axis 1, odd column counts), GPTQ and the
+        // scale search pack them (16 MiB read, 8 MiB written per call) and as
+        // `QuantizedWeight::dequantize_axis0` dequantizes them, one 128-row block at a time into
+        // the whole output (64 MiB written per call).
+        let mut p = vec![0u8; big.len() / 2];
+        add(
+            "pack_nibbles (4096 x 4096 codes, a whole weight)",
+            t,
+            big.len(),
+            Box::new(move || pack_nibbles_with(tier, black_box(big), &mut p).unwrap()),
+        );
+        let mut o = vec![0.0f32; big.len()];
+        add(
+            "dequantize (4096 x 4096 codes by 128-row blocks; per f32 written)",
+            t,
+            big.len() * 4,
+            Box::new(move || {
+                for (c, o) in big.chunks_exact(rows * cols).zip(o.chunks_exact_mut(rows * cols)) {
+                    dequantize_with(tier, FloatFormat::F32, black_box(c), cols, scale, None, o).unwrap();
                 }
             }),
         );

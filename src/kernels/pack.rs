@@ -12,7 +12,7 @@ use crate::simd::lanes_u32;
 use crate::simd::{as_v3, as_v4};
 use crate::{Result, Tier};
 #[cfg(target_arch = "x86_64")]
-use core::arch::x86_64::{__m256i, __m512i};
+use core::arch::x86_64::__m256i;
 use pulp::{Simd, WithSimd};
 
 /// Packs the low nibble of each code byte; `out.len() == codes.len().div_ceil(2)`.
@@ -55,24 +55,34 @@ impl WithSimd for Pack<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { codes, out } = self;
-        // AVX-512 and AVX2: 64 codes at a time as u16 lanes `c0 | c1 << 8`, `(x | x >> 4)` leaves
-        // the byte `c0 | c1 << 4` in each lane's low half, narrowed by `vpmovwb` (AVX-512) or a
-        // saturating pack of the masked lanes and a lane permute (AVX2).
-        let whole = codes.len() / 64 * 64;
+        // AVX-512: 128 codes at a time. `vpmaddubsw` of the masked codes by bytes `1, 16` leaves
+        // `c0 + 16 * c1` (at most 255) in each u16 lane; one `vpackuswb` narrows two such vectors
+        // (interleaved by 128-bit lane) and one `vpermq` puts their quarters in order: two
+        // shuffles per 64 output bytes.
         #[cfg(target_arch = "x86_64")]
         if let Some(v4) = as_v4(simd) {
+            let whole = codes.len() / 128 * 128;
             let low = v4.avx512f._mm512_set1_epi8(0x0f);
-            for (c, o) in codes[..whole].chunks_exact(64).zip(out.chunks_exact_mut(32)) {
-                let x: __m512i = bytemuck::cast(<[u8; 64]>::try_from(c).expect("64 codes"));
-                let x = v4.avx512f._mm512_and_si512(x, low);
-                let x = v4.avx512f._mm512_or_si512(x, v4.avx512bw._mm512_srli_epi16::<4>(x));
-                let bytes: [u8; 32] = bytemuck::cast(v4.avx512bw._mm512_cvtepi16_epi8(x));
+            let weights = v4.avx512f._mm512_set1_epi16(0x1001);
+            let order = v4.avx512f._mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
+            let pairs = |x: [u8; 64]| {
+                let x = v4.avx512f._mm512_and_si512(bytemuck::cast(x), low);
+                v4.avx512bw._mm512_maddubs_epi16(x, weights)
+            };
+            for (c, o) in codes[..whole].chunks_exact(128).zip(out.chunks_exact_mut(64)) {
+                let [a, b]: [[u8; 64]; 2] = bytemuck::cast(<[u8; 128]>::try_from(c).expect("128 codes"));
+                let x = v4.avx512bw._mm512_packus_epi16(pairs(a), pairs(b));
+                let bytes: [u8; 64] = bytemuck::cast(v4.avx512f._mm512_permutexvar_epi64(order, x));
                 o.copy_from_slice(&bytes);
             }
             return swar(simd, &codes[whole..], &mut out[whole / 2..]);
         }
+        // AVX2: 64 codes at a time as u16 lanes `c0 | c1 << 8`, `(x | x >> 4)` leaves the byte
+        // `c0 | c1 << 4` in each lane's low half, narrowed by a saturating pack of the masked lanes
+        // and a lane permute.
         #[cfg(target_arch = "x86_64")]
         if let Some(v3) = as_v3(simd) {
+            let whole = codes.len() / 64 * 64;
             let low = v3.avx._mm256_set1_epi8(0x0f);
             let byte = v3.avx._mm256_set1_epi16(0xff);
             let pairs = |x: __m256i| {
