@@ -186,7 +186,7 @@ pub fn error_matrix_into(
             }
             crate::kernels::scales_symmetric_alphas_with(tier, format, params.bits, amax, &alphas[..cols], scale)?;
             let (wc, ec) = (&wb[c0..], &mut eb[c0..]);
-            crate::kernels::qdq_error::qdq_unscaled_error_rows(
+            crate::kernels::qdq_unscaled_error::qdq_unscaled_error_rows(
                 tier,
                 format,
                 params.bits,
