@@ -259,7 +259,54 @@ fn main() {
                 black_box(sum_f64_with(tier, black_box(w), w, |p, q| p * q).unwrap());
             }),
         );
+        // AWQ-lite's error matrix from the weight, row factors 0.75 (scales of the unscaled slab:
+        // codes in range): the one-pass kernel, and the three passes it replaces.
+        let (mut e, rt) = (vec![0.0f32; w.len()], vec![0.75f32; rows]);
+        add(
+            "AWQ E in one pass: qdq_unscaled_error",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                qdq_unscaled_error_with(
+                    tier,
+                    FloatFormat::F32,
+                    Bits::Four,
+                    black_box(w),
+                    cols,
+                    &rt,
+                    scale,
+                    None,
+                    &mut e,
+                )
+                .unwrap()
+            }),
+        );
+        let (mut scaled, mut e, rt) = (vec![0.0f32; w.len()], vec![0.0f32; w.len()], vec![0.75f32; rows]);
+        add(
+            "AWQ E in three passes: scale_rows + qdq_error + unscaled_error",
+            t,
+            f32_bytes,
+            Box::new(move || {
+                scale_rows_with(tier, FloatFormat::F32, black_box(w), &rt, cols, &mut scaled).unwrap();
+                let dq = QdqOutput::Dequantized;
+                qdq_error_with(tier, FloatFormat::F32, Bits::Four, &scaled, cols, scale, None, dq, &mut e).unwrap();
+                unscaled_error_with(tier, &mut e, w, &rt, cols).unwrap();
+            }),
+        );
         let small = 16 * cols;
+        let (mut e, rt) = (vec![0.0f32; small], vec![0.75f32; 16]);
+        add(
+            "AWQ E in one pass (16 rows x 8, in L2)",
+            t,
+            8 * small * 4,
+            Box::new(move || {
+                for _ in 0..8 {
+                    let w = black_box(&w[..small]);
+                    qdq_unscaled_error_with(tier, FloatFormat::F32, Bits::Four, w, cols, &rt, scale, None, &mut e)
+                        .unwrap();
+                }
+            }),
+        );
         let (mut e, ones) = (w[..small].to_vec(), vec![1.0f32; 16]);
         add(
             "unscaled_error (16 rows x 8, in L2)",

@@ -370,7 +370,7 @@ const STRIPE_BYTES: usize = 256 << 10;
 /// Columns per stripe for blocks of `rows` rows and `n` columns of `elem_bytes`-byte elements: a
 /// multiple of 16 (whole vectors, and even, so each row's codes of a stripe start on a byte), or all
 /// of them when `n` is odd.
-fn stripe_width(rows: usize, n: usize, elem_bytes: usize) -> usize {
+pub(crate) fn stripe_width(rows: usize, n: usize, elem_bytes: usize) -> usize {
     if n % 2 == 1 {
         return n.max(1);
     }

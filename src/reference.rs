@@ -310,6 +310,23 @@ pub fn unscaled_error(dq: &[f32], w: &[f32], s: &[f32], cols: usize) -> Vec<f32>
     w.iter().zip(dq).enumerate().map(|(i, (&wv, &d))| wv - d / s[i / cols]).collect()
 }
 
+/// AWQ-lite's error matrix of a slab: `w - dq(q(rnd(w * t[:, None]))) / t[:, None]` with the
+/// column scales (and zero points) given, composed of the references above.
+#[allow(clippy::too_many_arguments)]
+pub fn qdq_unscaled_error(
+    format: FloatFormat,
+    bits: Bits,
+    w: &[f32],
+    cols: usize,
+    t: &[f32],
+    scale: &[f32],
+    zp: Option<&[f32]>,
+) -> Vec<f32> {
+    let (x, _) = scale_rows(format, w, t, cols);
+    let dq = dequantize(format, &quantize(format, bits, &x, cols, scale, zp), cols, scale, zp);
+    unscaled_error(&dq, w, t, cols)
+}
+
 /// `x / s[None, :]`, per element.
 pub fn divide_columns(x: &[f32], s: &[f32]) -> Vec<f32> {
     x.iter().enumerate().map(|(i, &v)| v / s[i % s.len()]).collect()

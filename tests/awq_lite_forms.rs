@@ -118,14 +118,20 @@ fn error_matrix_by_bands_is_the_three_passes() {
     use nibble::quantize_weight::fake_quantize_with;
     let mut cases = 0;
     for tier in Tier::available() {
-        for (k, n, block, zp, bits) in [
-            (256, 48, Some(128), false, Bits::Four),
-            (200, 33, Some(64), true, Bits::Four),
-            (130, 16, Some(128), false, Bits::Four),
-            (96, 40, None, true, Bits::Four),
-            (97, 7, None, false, Bits::Four),
-            (300, 24, Some(32), false, Bits::Eight),
-            (70, 9, Some(16), true, Bits::Eight),
+        for (k, n, block, zp, bits, format) in [
+            (256, 48, Some(128), false, Bits::Four, FloatFormat::F32),
+            (200, 33, Some(64), true, Bits::Four, FloatFormat::F32),
+            (130, 16, Some(128), false, Bits::Four, FloatFormat::F32),
+            (96, 40, None, true, Bits::Four, FloatFormat::F32),
+            (97, 7, None, false, Bits::Four, FloatFormat::F32),
+            (300, 24, Some(32), false, Bits::Eight, FloatFormat::F32),
+            (70, 9, Some(16), true, Bits::Eight, FloatFormat::F32),
+            // Wider than one column stripe (512 columns for 128-row blocks), a narrower last one.
+            (200, 1100, Some(128), false, Bits::Four, FloatFormat::F32),
+            (64, 2100, None, false, Bits::Eight, FloatFormat::F32),
+            (100, 36, Some(32), false, Bits::Four, FloatFormat::F16),
+            (90, 20, Some(64), true, Bits::Four, FloatFormat::BF16),
+            (64, 700, Some(32), false, Bits::Four, FloatFormat::BF16),
         ] {
             let block_size = block.map_or(BlockSize::PerChannel, BlockSize::Blocked);
             let params = QuantParams { block_size, axis: 0, zero_point: zp, alpha: 1.0, bits };
@@ -134,18 +140,24 @@ fn error_matrix_by_bands_is_the_three_passes() {
                 data(k * n, k as u64, |i| if i % 29 == 0 { 3.0 } else { 0.2 }).iter().map(|v| v + 0.25).collect();
             let s: Vec<f32> =
                 data(k, n as u64, |i| if i % 11 == 0 { 6.0 } else { 1.5 }).iter().map(|v| v.abs() + 0.1).collect();
-            let scaled = scale_rows(FloatFormat::F32, &w, &s, n);
-            let mut want = fake_quantize_with(tier, FloatFormat::F32, &scaled, [k, n], &params, None).unwrap();
+            let (w, s) = (rounded(format, &w), rounded(format, &s));
+            let scaled = scale_rows(format, &w, &s, n);
+            let mut want = fake_quantize_with(tier, format, &scaled, [k, n], &params, None).unwrap();
             nibble::kernels::unscaled_error(&mut want, &w, &s, n).unwrap();
             let (mut band, mut e) = (vec![f32::NAN; 5], vec![f32::NAN; k * n / 2 + 3]);
-            let ok = error_matrix_into(tier, FloatFormat::F32, &w, &s, [k, n], &params, true, &mut band, &mut e);
+            let ok = error_matrix_into(tier, format, &w, &s, [k, n], &params, true, &mut band, &mut e);
             assert_eq!(ok, Ok(true));
             let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-            assert_eq!(bits_of(&e), bits_of(&want), "{tier:?} {k}x{n} block {block:?} zp {zp} {bits:?}");
+            assert_eq!(bits_of(&e), bits_of(&want), "{tier:?} {k}x{n} block {block:?} zp {zp} {bits:?} {format:?}");
             cases += 1;
         }
     }
-    assert!(cases >= 7);
+    assert!(cases >= 12);
+}
+
+/// `v` rounded to `format`.
+fn rounded(format: FloatFormat, v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| format.round(x)).collect()
 }
 
 /// The band-by-band error matrix keeps the search's rules: a finite weight whose scaled value
@@ -168,5 +180,21 @@ fn error_matrix_by_bands_skips_and_fails_as_before() {
     let scaled = scale_rows(FloatFormat::F32, &w, &s, n);
     let want = fake_quantize_with(Tier::best(), FloatFormat::F32, &scaled, [k, n], &params, None).unwrap_err();
     assert!(matches!(want, nibble::Error::NonFinite { block: 2, column: 3, .. }), "{want:?}");
+    assert_eq!(run(&w, false), Err(want));
+    // Past the first column stripe of a band (1024 columns for 64-row blocks of f32): a NaN in the
+    // second stripe, and an overflow there while the band's first stripe is finite.
+    let (k, n) = (130, 1300);
+    let s = vec![2.0f32; k];
+    let mut w = data(k * n, 6, |_| 0.2);
+    let run = |w: &[f32], finite: bool| {
+        error_matrix_into(Tier::best(), FloatFormat::F32, w, &s, [k, n], &params, finite, &mut vec![], &mut vec![])
+    };
+    w[70 * n + 1200] = 3e38;
+    assert_eq!(run(&w, true), Ok(false));
+    w[70 * n + 1200] = f32::INFINITY;
+    w[100 * n + 1100] = f32::NAN;
+    let scaled = scale_rows(FloatFormat::F32, &w, &s, n);
+    let want = fake_quantize_with(Tier::best(), FloatFormat::F32, &scaled, [k, n], &params, None).unwrap_err();
+    assert!(matches!(want, nibble::Error::NonFinite { block: 1, column: 1100, .. }), "{want:?}");
     assert_eq!(run(&w, false), Err(want));
 }

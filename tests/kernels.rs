@@ -70,6 +70,27 @@ fn finite(v: &[f32]) -> bool {
     v.iter().all(|x| x.is_finite())
 }
 
+/// The scales (and zero points) of the slab `w` (`cols` columns) with clip ratio `a`, as the
+/// pipeline computes them (non-finite minima and maxima taken as 0).
+fn slab_scales(
+    format: FloatFormat,
+    width: Bits,
+    w: &[f32],
+    cols: usize,
+    a: f64,
+    zp: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    if zp {
+        let (lo, hi) = reference::block_minmax(w, cols, false);
+        let lo: Vec<f32> = lo.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect();
+        let hi: Vec<f32> = hi.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect();
+        let (s, z) = reference::scales_zero_point(format, width, &lo, &hi, a);
+        (s, Some(z))
+    } else {
+        (reference::scales_symmetric(format, width, &reference::block_absmax(w, cols), a), None)
+    }
+}
+
 /// f16 values (exact for values of the format).
 fn f16s(v: &[f32]) -> Vec<half::f16> {
     v.iter().map(|&x| half::f16::from_f32(x)).collect()
@@ -174,15 +195,7 @@ proptest! {
         prop_assume!(finite(&w));
         let cols = s0.cols;
         // Realistic scales from the slab itself, and (alpha < 1) clipped ones.
-        let (scale, zero) = if zp {
-            let (lo, hi) = reference::block_minmax(&w, cols, false);
-            let lo: Vec<f32> = lo.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect();
-            let hi: Vec<f32> = hi.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect();
-            let (s, z) = reference::scales_zero_point(format, width, &lo, &hi, a);
-            (s, Some(z))
-        } else {
-            (reference::scales_symmetric(format, width, &reference::block_absmax(&w, cols), a), None)
-        };
+        let (scale, zero) = slab_scales(format, width, &w, cols, a, zp);
         let zref = zero.as_deref();
         let want_q = reference::quantize(format, width, &w, cols, &scale, zref);
         let want_dq = reference::dequantize(format, &want_q, cols, &scale, zref);
@@ -275,6 +288,33 @@ proptest! {
                 divide_columns_with(tier, &w, d, &mut got).unwrap();
                 prop_assert_eq!(bits(&got), bits(&want_div), "divide_columns {:?}", tier);
             }
+        }
+    }
+
+    #[test]
+    fn qdq_unscaled_error_matches_reference(
+        fi in 0usize..3,
+        bi in 0usize..2,
+        s0 in slab(FloatFormat::F32, 5),
+        t in proptest::collection::vec(element(), 5),
+        a in alpha(),
+        zp: bool,
+    ) {
+        let (format, width) = (FORMATS[fi], WIDTHS[bi]);
+        let w: Vec<f32> = s0.w().iter().map(|&x| format.round(x)).collect();
+        let cols = s0.cols;
+        let rows = if cols == 0 { 0 } else { s0.rows };
+        let t: Vec<f32> = t[..rows].iter().map(|&x| format.round(x)).collect();
+        // The scales of the scaled slab, as AWQ-lite computes them (finite slabs only, as there).
+        let (x, x_finite) = reference::scale_rows(format, &w, &t, cols);
+        prop_assume!(x_finite);
+        let (scale, zero) = slab_scales(format, width, &x, cols, a, zp);
+        let zref = zero.as_deref();
+        let want = reference::qdq_unscaled_error(format, width, &w, cols, &t, &scale, zref);
+        for tier in Tier::available() {
+            let mut got = vec![f32::NAN; w.len()];
+            qdq_unscaled_error_with(tier, format, width, &w, cols, &t, &scale, zref, &mut got).unwrap();
+            prop_assert_eq!(bits(&got), bits(&want), "qdq_unscaled_error {:?} {:?} {:?}", tier, format, width);
         }
     }
 

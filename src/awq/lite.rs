@@ -41,7 +41,7 @@
 
 use super::matmul::matmul_into;
 use super::stats::{act_scale, awq_scale, weight_scale};
-use crate::quantize_weight::{fake_quantize_block_into, fake_quantize_into, QuantParams};
+use crate::quantize_weight::{fake_quantize_block_into, fake_quantize_into, stripe_width, QuantParams};
 use crate::{FloatFormat, Result, Tier};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -119,14 +119,20 @@ fn error_into(dq: &mut [f32], w: &[f32], s: &[f32], n: usize) {
 }
 
 /// The error matrix `E = w - dq(q(rnd(w * s[:, None]))) / s[:, None]` of `w: [K, N]` into `e`
-/// (resized to `K * N`), one quantization block's band of rows at a time: the band is scaled into
-/// `scaled` (one band long and reused: 384 KiB for 128 x 768), fake-quantized into its rows of `e`
-/// ([`fake_quantize_block_into`]) and turned into its error there, while those rows are in cache.
-/// The same values as [`scale_rows_into`], [`fake_quantize_into`] and `E = w - dq / s` over the
-/// whole weight (blocks run along axis 0, so bands are independent), in one pass over memory
-/// instead of three. `Ok(false)` when a scaled value is not finite while every weight is
-/// (`weight_finite`: the alpha is skipped; `e` is then partly written); a non-finite weight is the
-/// error [`fake_quantize_into`] reports.
+/// (resized to `K * N`), one quantization block's band of rows at a time. The same values as
+/// [`scale_rows_into`], [`fake_quantize_into`] and `E = w - dq / s` over the whole weight (blocks
+/// run along axis 0, so bands are independent), in one pass over memory instead of three.
+/// `Ok(false)` when a scaled value is not finite while every weight is (`weight_finite`: the alpha
+/// is skipped; `e` is then partly written); a non-finite weight is the error
+/// [`fake_quantize_into`] reports.
+///
+/// Symmetric blocks go column stripe by column stripe of each band (about 256 KiB of `w`, which
+/// stays in L2 between the two passes): the absmax of the scaled stripe, with the finite check
+/// ([`block_absmax_scaled_rows`](crate::kernels::block_absmax)), the scales, then the error straight
+/// from `w` ([`qdq_unscaled_error`](crate::kernels::qdq_unscaled_error)): the scaled weight is
+/// computed in registers twice and never stored, and `e` is written once. Zero-point blocks scale
+/// the band into `scaled` (one band long and reused), fake-quantize it into its rows of `e`
+/// ([`fake_quantize_block_into`]) and turn those into the error.
 #[allow(clippy::too_many_arguments)]
 pub fn error_matrix_into(
     tier: Tier,
@@ -139,6 +145,7 @@ pub fn error_matrix_into(
     scaled: &mut Vec<f32>,
     e: &mut Vec<f32>,
 ) -> Result<bool> {
+    crate::kernels::check_tier(tier)?;
     crate::kernels::check_len("weight", k * n, w.len())?;
     crate::kernels::check_len("scale", k, s.len())?;
     e.resize(k * n, 0.0);
@@ -146,14 +153,51 @@ pub fn error_matrix_into(
         return Ok(true);
     }
     let block = params.block_size.resolve(k);
-    for (b, (wb, eb)) in w.chunks(block * n).zip(e.chunks_mut(block * n)).enumerate() {
-        let sb = &s[b * block..b * block + wb.len() / n];
-        let finite = scale_rows_into(format, wb, sb, n, scaled);
-        if weight_finite && !finite {
-            return Ok(false);
+    let bands = w.chunks(block * n).zip(e.chunks_mut(block * n)).enumerate();
+    if params.zero_point {
+        for (b, (wb, eb)) in bands {
+            let sb = &s[b * block..b * block + wb.len() / n];
+            let finite = scale_rows_into(format, wb, sb, n, scaled);
+            if weight_finite && !finite {
+                return Ok(false);
+            }
+            fake_quantize_block_into(tier, format, scaled, n, [b, block], params, eb)?;
+            error_into(eb, wb, sb, n);
         }
-        fake_quantize_block_into(tier, format, scaled, n, [b, block], params, eb)?;
-        error_into(eb, wb, sb, n);
+        return Ok(true);
+    }
+    let width = stripe_width(block.min(k), n, 4);
+    let alphas = vec![format.constant(params.alpha); width];
+    let (mut amax, mut scale) = (vec![0.0f32; width], vec![0.0f32; width]);
+    for (b, (wb, eb)) in bands {
+        let rows = wb.len() / n;
+        let sb = &s[b * block..b * block + rows];
+        for c0 in (0..n).step_by(width) {
+            let cols = width.min(n - c0);
+            let (amax, scale) = (&mut amax[..cols], &mut scale[..cols]);
+            crate::kernels::block_absmax::block_absmax_scaled_rows(tier, &wb[c0..], sb, cols, n, amax);
+            round_all(format, amax);
+            if let Some(c) = amax.iter().position(|a| !a.is_finite()) {
+                if weight_finite {
+                    return Ok(false);
+                }
+                let end = b * block + rows;
+                return Err(crate::Error::NonFinite { block: b, column: c0 + c, start: b * block, end });
+            }
+            crate::kernels::scales_symmetric_alphas_with(tier, format, params.bits, amax, &alphas[..cols], scale)?;
+            let (wc, ec) = (&wb[c0..], &mut eb[c0..]);
+            crate::kernels::qdq_unscaled_error::qdq_unscaled_error_rows(
+                tier,
+                format,
+                params.bits,
+                wc,
+                [cols, n],
+                sb,
+                scale,
+                None,
+                ec,
+            );
+        }
     }
     Ok(true)
 }

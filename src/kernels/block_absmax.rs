@@ -36,7 +36,15 @@ pub(crate) fn block_absmax_rows<E: Element>(
     stride: usize,
     amax: &mut [f32],
 ) {
-    tier.dispatch(BlockAbsmax { w, rows, cols, stride, amax });
+    tier.dispatch(BlockAbsmax { w, rows, cols, stride, t: None, amax });
+}
+
+/// [`block_absmax_rows`] of the slab scaled by one factor per row, `amax[n] = max over rows r of
+/// |w[r * stride + n] * t[r]|` (the products in f32, in registers; `t.len()` rows). This is also
+/// the absmax of `rnd(w * t[:, None])` once rounded to the format (rounding is monotone and odd),
+/// and it is finite exactly when every product is (NaN wins, as above): AWQ-lite's finite check.
+pub(crate) fn block_absmax_scaled_rows(tier: Tier, w: &[f32], t: &[f32], cols: usize, stride: usize, amax: &mut [f32]) {
+    tier.dispatch(BlockAbsmax { w, rows: t.len(), cols, stride, t: Some(t), amax });
 }
 
 struct BlockAbsmax<'a, E> {
@@ -44,6 +52,7 @@ struct BlockAbsmax<'a, E> {
     rows: usize,
     cols: usize,
     stride: usize,
+    t: Option<&'a [f32]>,
     amax: &'a mut [f32],
 }
 
@@ -52,7 +61,7 @@ impl<E: Element> WithSimd for BlockAbsmax<'_, E> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, rows, cols, stride, amax } = self;
+        let Self { w, rows, cols, stride, t, amax } = self;
         let acc: &mut [u32] = bytemuck::cast_slice_mut(amax);
         acc.fill(0);
         if cols == 0 {
@@ -61,8 +70,11 @@ impl<E: Element> WithSimd for BlockAbsmax<'_, E> {
         let mask = simd.splat_u32s(0x7fff_ffff);
         for r in 0..rows {
             let row = &w[r * stride..r * stride + cols];
+            let tr = t.map(|t| simd.splat_f32s(t[r]));
             for_each_chunk::<S>(cols, |j, n| {
-                let x = simd.and_u32s(pulp::cast(E::load(simd, &row[j..j + n])), mask);
+                let v = E::load(simd, &row[j..j + n]);
+                let v = tr.map_or(v, |tr| simd.mul_f32s(v, tr));
+                let x = simd.and_u32s(pulp::cast(v), mask);
                 let a = load_u32(simd, &acc[j..j + n]);
                 store_u32(simd, &mut acc[j..j + n], simd.max_u32s(a, x));
             });

@@ -26,6 +26,7 @@
 //! | f16/bf16 input to the fused pass (`block_absmax`, `block_minmax`, `quantize_packed` inside `quantize_weight`) | the stripe was widened into an f32 scratch and read back twice: the three kernels now take any `simd::Element` with a row stride and widen each vector in registers (`vcvtph2ps`, or `vpmovzxwd` + shift for bf16), reading the weight in place on AVX2 and AVX-512 (scalar and NEON keep the scratch: element-by-element widening was 2.5x slower there); no speed gain shown yet beyond the load's noise (BENCHMARKS.md) |
 //! | `qdq_error`, `block_dot`, `scales_*`, `round_to_format` | the f16 rounding, as for `quantize` |
 //! | AWQ-lite's elementwise loops: `scale_rows` (`rnd(w * s[row])` and the finite check), `unscaled_error` (`w - dq / s[row]`), `divide_columns` (`x / s[col]`, also the weight statistic's `\|w\| / amax`), `sum_f64` (the losses' f64 sums, 16 interleaved partial sums) | they ran on the crate's baseline SSE code: every tier now runs the one-lane body compiled with its target features (`Tier::dispatch_autovec`; IEEE operations per lane in a fixed order, so every tier gives the scalar body's bits). `cargo bench --bench tiers -- 300 AWQ`, 2026-12-05 00:36-00:37 UTC, load 0.5-1.3, two runs, 128 x 4096 slab: `sum_f64` 52-53 (AVX-512) / 55-56 (AVX2) vs 35 GiB/s (scalar tier = the old SSE code), `scale_rows` 13.0-13.2 / 11.6-11.8 vs 10.7-10.8; `unscaled_error` and `divide_columns` tie at the memory traffic (27.5-29.4 and 14.0-14.8 on every tier); in L2 (16 rows x 8) AVX2 47 and 24, AVX-512 43 and 22, scalar 39 and 20. AVX2 is 5-10% ahead of AVX-512 on three of the four: not settled, the loops are now below 1% of AWQ-lite's samples. End to end (awq_lite, 48M model) -6% CPU with the weight statistic's change (BENCHMARKS.md) |
+//! | `qdq_unscaled_error` (AWQ-lite's error matrix `w - dq(q(rnd(w * t[row]))) / t[row]`, the symmetric search's only pass over a stripe after its absmax) | replaces `scale_rows`, `qdq_error` and `unscaled_error` (three stores per element, two re-reads): the scaled value is recomputed in registers. 2026-12-05 03:47-03:50 UTC, `tiers -- 300 AWQ`, 128 x 4096 slab: 9.8-10.1 GiB/s on AVX2 and AVX-512 against 4.0-4.4 for the three kernels in turn (2.3x), 8.4-8.6 scalar; in L2 AVX2 11.6, AVX-512 11.0: bound by its two correctly rounded divisions, a tie between the SIMD tiers (AVX-512 dispatched, as `qdq_error`). Its row loop is a plain loop: through `for_each_chunk` from two inlined call sites the closure was not inlined and ran without the tier's target features (the 48M model's searches 1.5x slower) |
 //! | every kernel looping with `simd::for_each_chunk` | issue #20 split its loop into full runs and a tail at two call sites to drop about 25 scalar instructions of bookkeeping per vector; the kernels' closures then stopped being inlined and ran without the tier's target features (SIMD tiers 10-30x below scalar): back to one call site, see BENCHMARKS.md |
 //!
 //! Deciding runs (`cargo bench --bench tiers -- 1000`: every kernel and tier interleaved, best of
@@ -60,6 +61,7 @@ pub mod dequantize;
 pub mod divide_columns;
 pub mod pack;
 pub mod qdq_error;
+pub mod qdq_unscaled_error;
 pub mod quantize;
 pub mod quantize_packed;
 pub mod quantize_packed_f16;
@@ -77,6 +79,7 @@ pub use dequantize::{dequantize, dequantize_with};
 pub use divide_columns::{divide_columns, divide_columns_with};
 pub use pack::{pack_nibbles, pack_nibbles_with, unpack_nibbles};
 pub use qdq_error::{qdq_error, qdq_error_with, QdqOutput};
+pub use qdq_unscaled_error::{qdq_unscaled_error, qdq_unscaled_error_with};
 pub use quantize::{quantize, quantize_with};
 pub use quantize_packed::{quantize_packed, quantize_packed_f16_with, quantize_packed_with};
 pub use quantize_packed_f16::{native_f16, native_f16_available};

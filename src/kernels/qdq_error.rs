@@ -106,18 +106,34 @@ impl<P: Precision> Qdq<'_, P> {
         for (row, out) in w.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
             for_each_chunk::<S>(cols, |j, n| {
                 let x = load_f32(simd, &row[j..j + n]);
-                let s = load_f32(simd, &scale[j..j + n]);
-                let r = load_f32(simd, &recip[j..j + n]);
-                let zp = zero_point.map(|z| load_f32(simd, &z[j..j + n]));
-                let q = quantize_lanes::<S, P>(simd, &bounds, x, s, r, zp);
-                let dq = match zp {
-                    None => simd.mul_f32s(q, s),
-                    Some(zp) => simd.mul_f32s(simd.sub_f32s(q, zp), s),
-                };
-                let dq = P::round_simd(simd, dq);
+                let dq = fake_quantize_lanes::<S, P>(simd, &bounds, x, j, n, scale, &recip, zero_point);
                 let v = if error { simd.sub_f32s(x, dq) } else { dq };
                 store_f32(simd, &mut out[j..j + n], v);
             });
         }
     }
+}
+
+/// `dq = rnd(code(x) * s)` (or `rnd((code(x) - zp) * s)`) of the lanes `x` of columns `j..j + n`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn fake_quantize_lanes<S: Simd, P: Precision>(
+    simd: S,
+    bounds: &CodeBounds<S>,
+    x: S::f32s,
+    j: usize,
+    n: usize,
+    scale: &[f32],
+    recip: &[f32],
+    zero_point: Option<&[f32]>,
+) -> S::f32s {
+    let s = load_f32(simd, &scale[j..j + n]);
+    let r = load_f32(simd, &recip[j..j + n]);
+    let zp = zero_point.map(|z| load_f32(simd, &z[j..j + n]));
+    let q = quantize_lanes::<S, P>(simd, bounds, x, s, r, zp);
+    let dq = match zp {
+        None => simd.mul_f32s(q, s),
+        Some(zp) => simd.mul_f32s(simd.sub_f32s(q, zp), s),
+    };
+    P::round_simd(simd, dq)
 }
