@@ -12,6 +12,7 @@ pub mod build;
 pub mod edit;
 pub mod floats;
 pub mod fold;
+pub mod mapped;
 pub mod model;
 #[rustfmt::skip]
 pub mod onnx;

@@ -74,15 +74,7 @@ impl Model {
             return Err(read_err(std::io::Error::other("is a directory, not an .onnx file")));
         }
         let file = std::fs::File::open(path).map_err(read_err)?;
-        let len = file.metadata().map_err(read_err)?.len();
-        let bytes = if len == 0 {
-            Bytes::new()
-        } else {
-            // SAFETY: the mapping is read-only and private; nibble never writes to its input, and the
-            // model file is not expected to change while it is read (as for every mmap-based reader).
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
-            Bytes::from_owner(map)
-        };
+        let bytes = crate::graph::mapped::map_file(file).map_err(read_err)?;
         let proto =
             ModelProto::decode(bytes).map_err(|e| Error::Parse { path: path.to_path_buf(), why: e.to_string() })?;
         if proto.graph.is_none() {
@@ -255,13 +247,7 @@ impl Model {
         if let Some(b) = cache.get(real) {
             return Ok(b.clone());
         }
-        let file = std::fs::File::open(real)?;
-        let bytes = if file.metadata()?.len() == 0 {
-            Bytes::new()
-        } else {
-            // SAFETY: read-only private mapping of an input file nibble never writes (see `load`).
-            Bytes::from_owner(unsafe { memmap2::Mmap::map(&file) }?)
-        };
+        let bytes = crate::graph::mapped::map_file(std::fs::File::open(real)?)?;
         cache.insert(real.to_path_buf(), bytes.clone());
         Ok(bytes)
     }

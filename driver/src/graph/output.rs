@@ -69,12 +69,33 @@ enum Job {
 /// for at most one such slice.
 const SLICE: usize = 4 << 20;
 
+/// Writes `bytes` at `offset` of `file`. Bytes that are a range of a mapped file
+/// ([`file_range_of`](crate::graph::mapped::file_range_of): an unchanged tensor of the input) are
+/// copied from that file in the kernel (`copy_file_range(2)`): the input's pages are never faulted
+/// into this process nor copied through user memory. Where the kernel cannot copy between the two
+/// files (another file system, an old kernel), the rest is written from memory.
+fn write_at(file: &std::fs::File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0usize;
+    if let Some((source, from)) = crate::graph::mapped::file_range_of(bytes) {
+        let (mut from, mut to) = (from, offset);
+        while done < bytes.len() {
+            match rustix::fs::copy_file_range(&*source, Some(&mut from), file, Some(&mut to), bytes.len() - done) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    file.write_all_at(&bytes[done..], offset + done as u64)
+}
+
 /// The writer thread's loop: each job's bytes go at the file's end as the jobs were given
 /// (positional writes), except that behind bytes ([`Job::Behind`]) keep their place but are
 /// written a slice at a time whenever no other job waits, and all of them before a flush is
 /// answered and before the thread ends.
 fn write_jobs(file: &std::fs::File, jobs: std::sync::mpsc::Receiver<Job>) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
     use std::sync::mpsc::TryRecvError;
     // The file's length once every job so far is written, and the behind bytes not yet written,
     // each with its offset.
@@ -83,7 +104,7 @@ fn write_jobs(file: &std::fs::File, jobs: std::sync::mpsc::Receiver<Job>) -> std
     let write_slice = |behind: &mut std::collections::VecDeque<(u64, Bytes)>| -> std::io::Result<()> {
         let Some((offset, bytes)) = behind.front_mut() else { return Ok(()) };
         let n = bytes.len().min(SLICE);
-        file.write_all_at(&bytes[..n], *offset)?;
+        write_at(file, &bytes[..n], *offset)?;
         *offset += n as u64;
         let _ = bytes.split_to(n);
         if bytes.is_empty() {
@@ -106,7 +127,7 @@ fn write_jobs(file: &std::fs::File, jobs: std::sync::mpsc::Receiver<Job>) -> std
         };
         match job {
             Some(Job::Write(bytes)) => {
-                file.write_all_at(&bytes, end)?;
+                write_at(file, &bytes, end)?;
                 end += bytes.len() as u64;
             }
             Some(Job::Behind(bytes)) => {
@@ -305,5 +326,35 @@ mod tests {
         tmp.finish(false).unwrap();
         tmp.commit(&target).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), [&given[..], &d[..], &a[..]].concat(), "at the end");
+    }
+
+    /// Slices of a mapped file (copied file to file by the kernel) and of memory land at their
+    /// places, in both kinds of write, whether the source is on the output's file system or on
+    /// another one (`/dev/shm`, where the kernel may refuse and the rest is written from memory).
+    #[test]
+    fn slices_of_mapped_files_are_copied_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir_in("/dev/shm").ok();
+        for source_dir in [Some(dir.path()), other.as_ref().map(|d| d.path())].into_iter().flatten() {
+            let path = source_dir.join("input.bin");
+            let input: Vec<u8> = (0..3 * SLICE as u32 + 4099).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&path, &input).unwrap();
+            let mapped = crate::graph::mapped::map_file(std::fs::File::open(&path).unwrap()).unwrap();
+            let (a, b, c) = (mapped.slice(7..BUFFER + 7), mapped.slice(BUFFER + 100..), mapped.slice(3..BUFFER + 9));
+            assert!(crate::graph::mapped::file_range_of(&b).is_some());
+            let memory = Bytes::from(vec![9u8; 2 * BUFFER + 1]);
+            let target = dir.path().join("out.bin");
+            let mut tmp = TempFile::create(&target).unwrap();
+            tmp.write_all(b"head").unwrap();
+            tmp.write_bytes(a.clone()).unwrap();
+            tmp.write_behind(b.clone()).unwrap();
+            tmp.write_bytes(memory.clone()).unwrap();
+            tmp.write_bytes(c.clone()).unwrap();
+            tmp.finish(false).unwrap();
+            tmp.commit(&target).unwrap();
+            let want = [&b"head"[..], &a[..], &b[..], &memory[..], &c[..]].concat();
+            assert!(std::fs::read(&target).unwrap() == want, "from {}", source_dir.display());
+            assert_eq!(std::fs::read(&path).unwrap(), input, "the input is unchanged");
+        }
     }
 }

@@ -202,13 +202,8 @@ pub fn put_unchanged(
 /// [`Error::Read`] naming the file when it cannot be opened or mapped.
 pub fn map_appended(path: &Path) -> Result<Bytes> {
     let read = |cause| Error::Read { path: path.to_path_buf(), cause };
-    let file = std::fs::File::open(path).map_err(read)?;
-    if file.metadata().map_err(read)?.len() == 0 {
-        return Ok(Bytes::new());
-    }
-    // SAFETY: a read-only private mapping of nibble's own temporary file, whose bytes written so
-    // far are flushed and are never rewritten (the file is only appended to).
-    Ok(Bytes::from_owner(unsafe { memmap2::Mmap::map(&file) }.map_err(read)?))
+    // A temporary file only appended to, whose bytes so far are flushed: they never change.
+    crate::graph::mapped::map_file(std::fs::File::open(path).map_err(read)?).map_err(read)
 }
 
 /// Writes the model `proto` to `out`, its external data (if any) to `data_path` through `sink` (which
