@@ -551,19 +551,10 @@ fn quotients_at_rounding_boundaries_match_reference() {
 /// Every f16 bit pattern (NaN, infinities, subnormals, both zeros) as a weight, against f16 scales
 /// from the smallest subnormal to the largest finite value (the clip minimum 1e-5 and its
 /// fifteenth, quotients that overflow or underflow f16, negative scales, zero and infinity), plus
-/// random ones, symmetric and with every zero point 0..=15 in every column, through
-/// `quantize_packed_f16_with` on every tier and both sub-paths: against the scalar reference bit
-/// for bit wherever the quotient `x / s` is not NaN (the reference and the kernels give NaN
-/// different codes; the pipeline never divides 0 / 0 or by a NaN), and the native sub-path against
-/// the f32 lanes of the AVX-512 tier everywhere, NaN quotients included. 40 columns: one vector of
-/// 32 f16 lanes and a tail. Prints which path ran.
+/// random ones, through [`check_every_f16_weight`]. 40 columns: one vector of 32 f16 lanes and a
+/// tail.
 #[test]
 fn f16_codes_for_every_f16_weight_match_reference() {
-    let native = native_f16_available();
-    eprintln!(
-        "f16 codes: native AVX512-FP16 sub-path {}",
-        if native { "available: tested on the avx512 tier" } else { "unavailable on this CPU: f32 lanes only" }
-    );
     let mut scales: Vec<f32> = [
         0x0001u16, 0x0002, 0x0003, 0x01ff, 0x03ff, 0x0400, 0x0401, 0x000b, 0x00a8, 0x3c00, 0x3c01, 0x3bff, 0x3800,
         0x4000, 0x4700, 0x2c00, 0x7bff, 0x70e4, 0x7c00, 0x0000, 0x8000, 0xbc00, 0xa1b2, 0xfc00,
@@ -581,6 +572,60 @@ fn f16_codes_for_every_f16_weight_match_reference() {
         // Positive finite f16 values of every exponent.
         scales.push(half::f16::from_bits((seed % 0x7bff) as u16 + 1).to_f32());
     }
+    check_every_f16_weight(&scales);
+}
+
+/// Every f16 bit pattern as a weight against the scales that test the native sub-path's
+/// reciprocal (`kernels::code`, "f16: the reciprocal") hardest, through [`check_every_f16_weight`]:
+/// significands whose products `fl(x * fl(1 / s))` land nearest the f16 rounding midpoints (found
+/// by a scan of all 2^20 significand pairs, at several exponents and signs), odd significands
+/// (3, 5, ..., 15 and 2047) whose reciprocals are inexact and whose quotients hit half-integers
+/// and f16 values exactly, powers of two (exact reciprocals), subnormal scales, the largest and
+/// zero and infinite scales, and `f16(x / (k + 0.5))` for random `x` and `k` in 0..16 (quotients
+/// near the ties of `rint`). 72 columns (two vectors of 32 f16 lanes and a tail), then each scale
+/// again beside a neutral scale 1 (`x * 1` is never near a midpoint): one lane near a midpoint
+/// sends its whole vector to the division, which would hide a wrong product in the other lanes.
+#[test]
+fn f16_codes_for_every_f16_weight_at_midpoint_scales_match_reference() {
+    let mut scales: Vec<f32> = [
+        0x3f7bu16, 0x2ee3, 0x4f0d, 0x1ea7, 0xbecf, 0x3323, 0x0fc5, 0x5fc1, 0x4200, 0x4500, 0x4700, 0x4880, 0x4980,
+        0xca80, 0x4b80, 0x3a00, 0x2e00, 0x3bff, 0x0001, 0x0400, 0x3800, 0x3c00, 0x4c00, 0x7800, 0x0003, 0x0155, 0x03ff,
+        0x8007, 0x7bff, 0xfbff, 0x0000, 0x8000, 0x7c00, 0xfc00,
+    ]
+    .iter()
+    .map(|&b| half::f16::from_bits(b).to_f32())
+    .collect();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    while scales.len() < 72 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // x a positive normal f16 below 256, k + 0.5 in 0.5..16.
+        let x = half::f16::from_bits((seed % 0x5800) as u16 + 0x0400).to_f32();
+        let k = ((seed >> 32) % 16) as f32;
+        let s = FloatFormat::F16.round(x / (k + 0.5));
+        if s.is_finite() && s != 0.0 {
+            scales.push(s);
+        }
+    }
+    check_every_f16_weight(&scales);
+    for &s in &scales {
+        check_every_f16_weight(&[s, 1.0]);
+    }
+}
+
+/// Every f16 bit pattern (one row each) against `scales` (one column each), symmetric and with
+/// every zero point 0..=15 in every column, through `quantize_packed_f16_with` on every tier and
+/// both sub-paths: against the scalar reference bit for bit wherever the quotient `x / s` is not
+/// NaN (the reference and the kernels give NaN different codes; the pipeline never divides 0 / 0
+/// or by a NaN), and the native sub-path against the f32 lanes of the AVX-512 tier everywhere, NaN
+/// quotients included. Prints which path ran.
+fn check_every_f16_weight(scales: &[f32]) {
+    let native = native_f16_available();
+    eprintln!(
+        "f16 codes: native AVX512-FP16 sub-path {}",
+        if native { "available: tested on the avx512 tier" } else { "unavailable on this CPU: f32 lanes only" }
+    );
     let cols = scales.len();
     let w: Vec<f32> =
         (0..=u16::MAX).flat_map(|b| std::iter::repeat_n(half::f16::from_bits(b).to_f32(), cols)).collect();
@@ -598,12 +643,12 @@ fn f16_codes_for_every_f16_weight_match_reference() {
         // k = 16: symmetric; else zero point (c * 5 + k) % 16 in column c.
         let zp: Vec<f32> = (0..cols).map(|c| ((c * 5 + k) % 16) as f32).collect();
         let zref = (k < 16).then_some(&zp[..]);
-        let want = reference::pack(&reference::quantize(FloatFormat::F16, Bits::Four, &w, cols, &scales, zref));
+        let want = reference::pack(&reference::quantize(FloatFormat::F16, Bits::Four, &w, cols, scales, zref));
         let mut lanes_avx512 = None;
         for tier in Tier::available() {
             for native in [false, true] {
                 let mut packed = vec![0x33u8; w.len() / 2];
-                quantize_packed_f16_with(tier, native, &w16, cols, &scales, zref, &mut packed).unwrap();
+                quantize_packed_f16_with(tier, native, &w16, cols, scales, zref, &mut packed).unwrap();
                 let path = f16_path(tier, native);
                 let bad = (0..want.len()).find(|&i| defined[i] && packed[i] != want[i]);
                 if let Some(i) = bad {
@@ -629,6 +674,26 @@ fn f16_codes_for_every_f16_weight_match_reference() {
             }
         }
     }
+}
+
+/// The fact behind the remark at the end of `kernels::code`'s "f16: the reciprocal": for every
+/// pair of f16 significands (x and s in [1, 2), so x / s in (1/2, 2), both binades; every pair of
+/// f16 values whose quotient is in f16's normal range is one of these times a power of two),
+/// `rnd_f16(fl(x * fl(1 / s)))` equals `rnd_f16(x / s)` (the f64 quotient, correctly rounded,
+/// then rounded to f16: no double-rounding error, 53 >= 2 * 11 + 2). So for f16 operands the
+/// native sub-path's fallback to the division never changes a result; it is there for the proof.
+#[test]
+fn f16_reciprocal_product_rounds_like_the_division() {
+    let mut differ = 0;
+    for xs in 1024u16..2048 {
+        for ss in 1024u16..2048 {
+            let (x, s) = (f32::from(xs) / 1024.0, f32::from(ss) / 1024.0);
+            let product = half::f16::from_f32(x * (1.0 / s));
+            let division = half::f16::from_f64(f64::from(x) / f64::from(s));
+            differ += usize::from(product.to_bits() != division.to_bits());
+        }
+    }
+    assert_eq!(differ, 0, "pairs whose product rounds otherwise than the division");
 }
 
 /// The native f16 sub-path is taken exactly when the CPU has AVX512-FP16 (and AVX-512): prints

@@ -27,12 +27,13 @@
 //! quotient of two 8-bit significands is never within 2^-17 of a 9-bit midpoint, 64 f32 steps).
 //!
 //! Measured (BENCHMARKS.md, "The division off the hot path"): bf16 `quantize_packed` +13-16% on
-//! AVX-512. f32 and f16 keep the division: the same idea with a half-integer test
+//! AVX-512. f32 and f16 in these f32 lanes keep the division: the same idea with a half-integer test
 //! (`e + |y'| (2^-p + 2^-20) < 1/2`, `e` the distance of `y'` to its nearest integer) made f16
 //! 6-15% slower and f32 no faster, because
 //! these loops are bound by their instruction count, not by the divider (f16's rounding is two
 //! hardware conversions, cheaper than the test, and 5% of its vectors took the division). The
-//! one-lane scalar tier keeps the division for every format.
+//! one-lane scalar tier keeps the division for every format. (The native f16 sub-path below
+//! multiplies by the reciprocal too: see "f16: the reciprocal".)
 //!
 //! # f16: the native division (AVX512-FP16)
 //!
@@ -67,6 +68,52 @@
 //! quotient; then `rint` by adding `1.5 * 2^10` (exact to an integer, ties to even, for `|y| <= 512`,
 //! its bits `0x6600 + rint(y)`), the zero point added and clamped to `[0, 15]` on those biased
 //! integers (exact: all lie in [1520, 1567], where f16's step is 1). The code is the low nibble.
+//!
+//! # f16: the reciprocal (native sub-path)
+//!
+//! `vdivph` bounded the native sub-path, so it computes `y = rnd_f16(x / s)` by a product
+//! instead: `r = fl(1 / s)` in f32 once per column and call (`f16_operands`), then per 32 lanes
+//! `x` widened to f32 (`vcvtph2ps`, exact), `p = fl(x * r)` (`vmulps`, round to nearest even by
+//! its embedded rounding) and `y' = rnd_f16(p)` (`vcvtps2ph`, the same); a vector in which some
+//! lane's `p` has its 13 low bits within `0x1000 - 4 ..= 0x1000 + 3` takes the division above
+//! instead, for all 32 lanes. The rest (clamp, `rint`, zero point, pack) is unchanged.
+//!
+//! **Why the codes are the same.** Write `q = x / s` (exact) and `u = 2^-24`.
+//! *Special operands.* `s = +-0`: `r = +-inf`, so `p = +-inf = q` for finite nonzero or infinite
+//! `x`, and `p = NaN = q` for `x = +-0` (0 * inf, 0 / 0). `s = +-inf`: `r = +-0`, `p = q = +-0`
+//! (same sign) for finite `x`, `p = q = NaN` for infinite `x`. `s` NaN: `r`, `p`, `q` all NaN.
+//! `x` NaN: `p`, `q` NaN; `x = +-inf`, `s` finite nonzero: `p = q = +-inf`; `x = +-0`: `p = q`, a
+//! zero. `vcvtps2ph` keeps infinities, zeros and NaNs, and the clamp sends every NaN to the lower
+//! bound on both paths (`vmaxph` returns its second operand), whatever its sign and payload; the
+//! two zeros give the same code.
+//! *Finite nonzero operands.* `|s|` lies in `[2^-24, 65504]`, so `1 / s` is in f32's normal range:
+//! `r = (1 / s)(1 + a)`, `|a| <= u`; `|x * r|` lies in `[2^-24 * 2^-16, 65504 * 2^24]`, also
+//! normal (no f32 subnormal ever appears, so DAZ and FTZ could not matter): `p = x r (1 + b)`,
+//! `|b| <= u`, and `|p - q| <= (2u + u^2) |q|`.
+//! *Small quotients.* If `|q| < 2^-14` or `|p| < 2^-14`, both are below `2^-14 (1 + 3u) < 1/2`,
+//! so both `rnd_f16` results are at most `1/2` in magnitude and `rint` makes both 0 (ties to
+//! even): the same code.
+//! *The rest* (`|q|, |p| >= 2^-14`). `rnd_f16` is monotone and constant between consecutive
+//! rounding boundaries, which here are the midpoints between neighbouring normal f16 values and
+//! 65520 (the overflow threshold; RNE sends it to infinity, `p` and `q` above it both round to
+//! infinity). So `y' = y` unless a boundary `m` lies in the closed interval between `q` and `p`.
+//! Each `m` has the form `(2k + 1) 2^(e - 11)` with `2^e <= |m| < 2^(e + 1)`, so as an f32 value
+//! its 13 low bits are exactly `0x1000` (sign apart), and it lies at least `2^(e - 11)` inside its
+//! binade. `q` and `p` are within `(2u + u^2) |q|`, far less, of `m`, so all three share `m`'s
+//! binade, whose f32 step is `2^(e - 23)`; then `|p - m| <= |p - q| < (2u + u^2) 2^(e + 1)`,
+//! just over 2 steps, so, `p` and `m` both being f32 values of that binade, their bits are at
+//! most 2 apart: `p`'s 13 low bits within `0x1000 +- 2`, inside the window above, and the vector
+//! takes the division. Otherwise no boundary separates `p` from `q` and `y' = y`; the codes are
+//! then equal since they are the same function of `y`.
+//!
+//! The window's margin (`-4 ..= +3` for the `+-2` needed) makes it a test of one add and one
+//! `vptestnmd` per 16 lanes. For f16 operands the product never actually rounds otherwise than
+//! the division: `tests/kernels.rs` (`f16_reciprocal_product_rounds_like_the_division`) checks all
+//! 2^20 pairs of significands, which, by scaling, is every pair of f16 values with a quotient in
+//! f16's normal range. The fallback keeps the proof free of that enumeration; it sends about
+//! 2% of the vectors of uniformly spread f16 pairs to the division, and dropping it made the
+//! kernel 20% faster in isolation but the pipeline no faster (BENCHMARKS.md, "Issue #20, sixth
+//! session: f16 codes without the division").
 
 use crate::float::{FloatFormat, Precision};
 use crate::simd::{all_lanes, rint_clamped};

@@ -126,10 +126,10 @@ pub(crate) fn quantize_packed_rows<E: Element>(
     }
     let f16_in_f16 = format == FloatFormat::F16 && TypeId::of::<E>() == TypeId::of::<half::f16>();
     if native && f16_in_f16 && tier == Tier::Avx512 && native_f16_available() {
-        if let Some((s, zp)) = f16_operands(scale, zero_point) {
+        if let Some(operands) = f16_operands(scale, zero_point) {
             // E is half::f16 (equal TypeId): the casts keep every element as it is.
             let (w, next) = (bytemuck::cast_slice(w), bytemuck::cast_slice(next));
-            f16::quantize_packed_rows(w, rows, cols, w_stride, &s, zp.as_deref(), packed, row_stride, next);
+            f16::quantize_packed_rows(w, rows, cols, w_stride, &operands, packed, row_stride, next);
             return;
         }
     }

@@ -1,11 +1,14 @@
 //! [`quantize_packed`](super::quantize_packed::quantize_packed) of f16 weights with f16 scales by
 //! native AVX512-FP16 arithmetic, the sub-path of the AVX-512 tier the pipeline takes for f16 weights
 //! when the CPU has AVX512-FP16 ([`native_f16`]): 32 f16 lanes per vector, the correctly rounded
-//! f16 division `x / s` (`vdivph`), clamp (`vmaxph`, `vminph`), round half to even by adding
-//! `1.5 * 2^10` (`vaddph`, which also leaves the integer in the low bits), nibble pairs narrowed by
-//! `vpmovdb`. The f32 lanes take a widening, an f32 division and the `vcvtps2ph` / `vcvtph2ps`
-//! round trip per 16 lanes instead. Why the codes are the same bit for bit is proved in
-//! `kernels::code` ("f16: the native division", a private module).
+//! f16 quotient `x / s`, computed as the f32 product by the column's reciprocal rounded to f16
+//! (`vcvtph2ps`, `vmulps`, `vcvtps2ph`) or, for the rare vector with a product near an f16
+//! rounding midpoint, by the f16 division (`vdivph`); clamp (`vmaxph`, `vminph`), round half to
+//! even by adding `1.5 * 2^10` (`vaddph`, which also leaves the integer in the low bits), nibble
+//! pairs narrowed by `vpmovdb`. The f32 lanes take a widening, an f32 division and the
+//! `vcvtps2ph` / `vcvtph2ps` round trip per 16 lanes instead. Why the codes are the same bit for
+//! bit is proved in `kernels::code` ("f16: the native division" and "f16: the reciprocal", a
+//! private module).
 //!
 //! It applies when every scale is an f16 value and every zero point an integer in 0..=15 (always
 //! so in the pipeline: the scales are rounded to the weight's format); otherwise the caller keeps
@@ -39,8 +42,8 @@ pub fn native_f16_available() -> bool {
 /// The scales (and zero points) as f16 bits, padded with a whole vector's worth of neutral lanes
 /// (scale 1, zero point 0) so the last run of columns loads a full vector, when every scale is
 /// an f16 value (its bits survive the round trip) and every zero point an integer in 0..=15; else
-/// `None` (the f32 lanes run).
-pub(crate) fn f16_operands(scale: &[f32], zero_point: Option<&[f32]>) -> Option<(Vec<u16>, Option<Vec<u16>>)> {
+/// `None` (the f32 lanes run). Also the reciprocals `fl(1 / s)` in f32, padded with 1.
+pub(crate) fn f16_operands(scale: &[f32], zero_point: Option<&[f32]>) -> Option<F16Operands> {
     use half::slice::HalfFloatSliceExt;
     let pad = |mut v: Vec<u16>, with: u16| {
         v.resize(v.len() + LANES, with);
@@ -63,7 +66,18 @@ pub(crate) fn f16_operands(scale: &[f32], zero_point: Option<&[f32]>) -> Option<
             Some(pad(ok.then_some(z)?, 0))
         }
     };
-    Some((pad(s, half::f16::ONE.to_bits()), zp))
+    // `1 / s` rounded to f32 (`s` is an f32 value): the reciprocals `kernels::code` multiplies by.
+    let mut recip: Vec<f32> = scale.iter().map(|&s| 1.0 / s).collect();
+    recip.resize(scale.len() + LANES, 1.0);
+    Some(F16Operands { scale: pad(s, half::f16::ONE.to_bits()), recip, zero_point: zp })
+}
+
+/// [`f16_operands`]' result: the scales as f16 bits, their f32 reciprocals and the zero points as
+/// f16 bits, each padded with `LANES` neutral lanes.
+pub(crate) struct F16Operands {
+    pub(crate) scale: Vec<u16>,
+    pub(crate) recip: Vec<f32>,
+    pub(crate) zero_point: Option<Vec<u16>>,
 }
 
 /// f16 lanes per vector.
@@ -78,19 +92,25 @@ pub(crate) fn quantize_packed_rows(
     rows: usize,
     cols: usize,
     w_stride: usize,
-    scale: &[u16],
-    zero_point: Option<&[u16]>,
+    operands: &F16Operands,
     packed: &mut [u8],
     row_stride: usize,
     next: &[half::f16],
 ) {
+    let F16Operands { scale, recip, zero_point } = operands;
+    let zero_point = zero_point.as_deref();
     assert!(native_f16_available(), "AVX512-FP16 unavailable");
-    assert!(scale.len() >= cols + LANES && zero_point.is_none_or(|z| z.len() >= cols + LANES), "padded operands");
+    assert!(
+        scale.len() >= cols + LANES
+            && recip.len() >= cols + LANES
+            && zero_point.is_none_or(|z| z.len() >= cols + LANES),
+        "padded operands"
+    );
     let w: &[u16] = bytemuck::cast_slice(w);
     let next: &[u16] = bytemuck::cast_slice(next);
     #[cfg(target_arch = "x86_64")]
     {
-        let job = Rows { w, rows, cols, w_stride, scale, packed, row_stride, next };
+        let job = Rows { w, rows, cols, w_stride, scale, recip, packed, row_stride, next };
         // SAFETY: `native_f16_available` (asserted above) checked AVX512-FP16 and pulp's V4 token,
         // which cover every feature `native::rows` enables.
         unsafe {
@@ -112,6 +132,7 @@ struct Rows<'a> {
     cols: usize,
     w_stride: usize,
     scale: &'a [u16],
+    recip: &'a [f32],
     packed: &'a mut [u8],
     row_stride: usize,
     next: &'a [u16],
@@ -130,7 +151,7 @@ mod native {
         enable = "avx512fp16,avx512f,avx512bw,avx512cd,avx512dq,avx512vl,avx,avx2,fma,f16c,bmi1,bmi2,lzcnt,popcnt"
     )]
     pub(super) unsafe fn rows<const ZP: bool>(job: Rows<'_>, zero_point: &[u16]) {
-        let Rows { w, rows, cols, w_stride, scale, packed, row_stride, next } = job;
+        let Rows { w, rows, cols, w_stride, scale, recip, packed, row_stride, next } = job;
         for r in 0..rows {
             let row = &w[r * w_stride..r * w_stride + cols];
             let out = &mut packed[r * row_stride..r * row_stride + cols / 2];
@@ -146,12 +167,14 @@ mod native {
                     }
                 };
                 let s = load(scale[j..j + LANES].try_into().expect("padded scales"));
+                let r: &[f32; LANES] = recip[j..j + LANES].try_into().expect("padded reciprocals");
+                let r = bytemuck::cast::<_, [__m512; 2]>(*r);
                 let zp = if ZP {
                     Some(load(zero_point[j..j + LANES].try_into().expect("padded zero points")))
                 } else {
                     None
                 };
-                let bytes = code_pairs(x, s, zp);
+                let bytes = code_pairs(x, s, r, zp);
                 // m is even (cols is): m / 2 whole bytes (a constant 16 but for the last run, so
                 // the usual store is one instruction, not a call to memcpy).
                 match <&mut [u8; LANES / 2]>::try_from(&mut out[j / 2..(j + m) / 2]) {
@@ -171,16 +194,41 @@ mod native {
         _mm512_castsi512_ph(bytemuck::cast::<_, __m512i>(*v))
     }
 
+    /// Round to nearest, ties to even, whatever MXCSR says, exceptions suppressed.
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+    /// `rnd_f16(x / s)` of 32 lanes, `r` the lanes' f32 reciprocals of `s` (low 16 lanes, then
+    /// high): `rnd_f16(fl(x * r))` unless a lane's product lies within 4 f32 steps of an f16
+    /// rounding midpoint (its 13 low bits within 4 of `0x1000`), then the division `vdivph` for
+    /// the whole vector (`kernels::code`, "f16: the reciprocal").
+    #[inline]
+    #[target_feature(enable = "avx512fp16,avx512f,avx512bw,avx512dq")]
+    fn quotient(x: __m512h, s: __m512h, r: [__m512; 2]) -> __m512h {
+        let xi = _mm512_castph_si512(x);
+        let lo = _mm512_mul_round_ps::<NEAREST>(_mm512_cvtph_ps(_mm512_castsi512_si256(xi)), r[0]);
+        let hi = _mm512_mul_round_ps::<NEAREST>(_mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(xi)), r[1]);
+        // Low 13 bits in 0x1000 - 4 ..= 0x1000 + 3: (bits + 4 - 0x1000) mod 2^13 in 0..=7.
+        let near = |p: __m512| {
+            let shifted = _mm512_add_epi32(_mm512_castps_si512(p), _mm512_set1_epi32(4 - 0x1000));
+            _mm512_testn_epi32_mask(shifted, _mm512_set1_epi32(0x1ff8))
+        };
+        if near(lo) | near(hi) != 0 {
+            return _mm512_div_round_ph::<NEAREST>(x, s);
+        }
+        let lo = _mm512_cvt_roundps_ph::<NEAREST>(lo);
+        let hi = _mm512_cvt_roundps_ph::<NEAREST>(hi);
+        _mm512_castsi512_ph(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi))
+    }
+
     /// The nibble pairs of 32 lanes: byte `i` holds the codes of lanes `2i` (low nibble) and
     /// `2i + 1`, each `clip(rint(x / s), -8, 7)`, or with zero points
     /// `clip(rint(clip(x / s, -16, 16)) + zp, 0, 15)`, the division in f16 (`kernels::code`).
     #[inline]
-    #[target_feature(enable = "avx512fp16,avx512f,avx512bw")]
-    fn code_pairs(x: __m512h, s: __m512h, zp: Option<__m512h>) -> [u8; 16] {
-        const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    #[target_feature(enable = "avx512fp16,avx512f,avx512bw,avx512dq")]
+    fn code_pairs(x: __m512h, s: __m512h, r: [__m512; 2], zp: Option<__m512h>) -> [u8; 16] {
         let splat = |bits: u16| _mm512_castsi512_ph(_mm512_set1_epi16(bits as i16));
         let magic = splat(MAGIC_BITS);
-        let y = _mm512_div_round_ph::<NEAREST>(x, s);
+        let y = quotient(x, s, r);
         // vmaxph / vminph return the second operand when one is NaN, as `vmaxps` does in the
         // f32 lanes' clamp: a NaN quotient becomes the lower bound on both paths.
         let biased = match zp {
